@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Create an isolated environment, install everything the tests need, run them.
+#   bash scripts/test.sh [pytest args]
+# Environment: VENV (default .venv) - where the environment goes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+    python3 -m venv "$VENV"
+fi
+# torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+"$VENV/bin/python" -m pip install -q "torch==2.13.0"
+"$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+exec "$VENV/bin/python" -m pytest "$@"

@@ -1,0 +1,217 @@
+"""The compiled layout (layer 2): what kernels read, built once per layout and cached.
+
+A layout ``[H, nb_q, nb_k]`` of ``block``-token blocks is compiled for a kernel tile of
+``tile_m x tile_n`` tokens. The tile may be larger than the block (tensor-core tiles over a
+block-16 layout) or smaller (64-wide tiles over a block-128 layout). Both are expressed at
+the *sub-block* granularity ``g = gcd(block, tile_m, tile_n)``: a tile holds
+``(tile_m // g) x (tile_n // g)`` sub-blocks, and a 64-bit mask records which of them the
+layout keeps. A tile is
+
+* **absent** when none of its sub-blocks is kept (never loaded by a kernel), or when
+  ``causal`` and every key lies after every query of the tile;
+* **full** when all its sub-blocks are kept, it lies inside the sequence, and (with
+  ``causal``) no key lies after a query of the tile: no element mask is needed;
+* **partial** otherwise: the kernel masks elements with the sub-block bits, the causal
+  diagonal and the sequence end.
+
+Two orderings of the kept tiles are stored: row-major ``(h, i, j)`` with row offsets (CSR,
+the forward walk and DeepSpeed's compressed-format order when ``tile == block``), and
+column-major ``(h, j, i)`` with column offsets (CSC, the backward walk over query tiles).
+
+Building is vectorised torch on the layout's device, O(nnz) memory: no Python loop over
+blocks and no token-level tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass
+
+import torch
+
+from ._errors import bad_argument, describe
+
+MAX_SUB_BLOCKS = 64  # bits in the per-tile mask
+
+
+@dataclass(frozen=True)
+class SparseIndex:
+    """A layout compiled for one tile shape. Offsets are ``int32``, bits ``int64``.
+
+    Attributes:
+        heads: layout heads (1 means the layout is shared by all heads).
+        block: layout block size in tokens.
+        q_len, k_len: sequence lengths in tokens.
+        tile_m, tile_n: kernel tile in tokens (queries x keys).
+        sub: sub-block size ``gcd(block, tile_m, tile_n)``.
+        causal: whether token-level causality was folded in.
+        row_tiles, col_tiles: tiles along queries and keys.
+        row_ptr: ``[heads * row_tiles + 1]`` start of each (head, query tile) in the CSR lists.
+        row_idx: ``[nnz]`` key-tile index of each kept tile, CSR order.
+        row_bits: ``[nnz]`` sub-block mask of each tile, CSR order (bit ``a * (tile_n//sub) + b``
+            is sub-block row ``a``, column ``b``).
+        row_partial: ``[nnz]`` 1 where the tile needs element masking, CSR order.
+        col_ptr, col_idx, col_bits, col_partial: the same tiles in CSC order (per key tile,
+            the query tiles).
+        max_row_len, max_col_len: longest row / column list.
+    """
+
+    heads: int
+    block: int
+    q_len: int
+    k_len: int
+    tile_m: int
+    tile_n: int
+    sub: int
+    causal: bool
+    row_tiles: int
+    col_tiles: int
+    row_ptr: torch.Tensor
+    row_idx: torch.Tensor
+    row_bits: torch.Tensor
+    row_partial: torch.Tensor
+    col_ptr: torch.Tensor
+    col_idx: torch.Tensor
+    col_bits: torch.Tensor
+    col_partial: torch.Tensor
+    max_row_len: int
+    max_col_len: int
+
+    @property
+    def nnz(self) -> int:
+        """Number of kept tiles over all heads."""
+        return int(self.row_idx.numel())
+
+    @property
+    def device(self) -> torch.device:
+        return self.row_ptr.device
+
+    def to_layout(self) -> torch.Tensor:
+        """Rebuild the kept sub-blocks as a bool ``[heads, q_len // sub, k_len // sub]`` grid
+        (inverse of :func:`build_index` for ``causal=False``)."""
+        sm, sn = self.tile_m // self.sub, self.tile_n // self.sub
+        grid = torch.zeros((self.heads, self.row_tiles * sm, self.col_tiles * sn),
+                           dtype=torch.bool, device=self.device)
+        counts = self.row_ptr[1:] - self.row_ptr[:-1]
+        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=self.device),
+                                        counts.long())
+        h, ti, tj = owner // self.row_tiles, owner % self.row_tiles, self.row_idx.long()
+        bit = torch.arange(sm * sn, device=self.device)
+        on = ((self.row_bits[:, None] >> bit) & 1).bool()  # [nnz, sm*sn]
+        t, b = on.nonzero(as_tuple=True)
+        grid[h[t], ti[t] * sm + b // sn, tj[t] * sn + b % sn] = True
+        return grid[:, : self.q_len // self.sub, : self.k_len // self.sub]
+
+
+def _as_bool_layout(layout: torch.Tensor, where: str) -> torch.Tensor:
+    if not isinstance(layout, torch.Tensor):
+        raise bad_argument(where, "layout", "a torch.Tensor [H, nb_q, nb_k]", describe(layout))
+    if layout.dim() == 2:
+        layout = layout.unsqueeze(0)
+    if layout.dim() != 3:
+        raise bad_argument(where, "layout", "a 3-D tensor [H, nb_q, nb_k] (or 2-D [nb_q, nb_k])",
+                           describe(layout))
+    if layout.dtype.is_floating_point or layout.dtype.is_complex:
+        raise bad_argument(where, "layout", "an integer or bool tensor", describe(layout),
+                           "convert with layout.to(torch.int64) (non-zero means 'attend').")
+    return layout != 0
+
+
+def sub_block_size(block: int, tile_m: int, tile_n: int) -> int:
+    return math.gcd(block, math.gcd(tile_m, tile_n))
+
+
+def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
+                k_len: int | None = None, tile_m: int | None = None, tile_n: int | None = None,
+                causal: bool = False) -> SparseIndex:
+    """Compile ``layout`` (``[H, nb_q, nb_k]``, non-zero = attend) for ``tile_m x tile_n``
+    tiles (default: the block). ``q_len``/``k_len`` default to ``nb * block``. ``causal``
+    drops tiles wholly after the diagonal (top-left aligned: key ``c`` is visible from query
+    ``r`` when ``c <= r``) and marks the diagonal's tiles partial. Runs on the layout's device.
+    """
+    where = "build_index"
+    grid = _as_bool_layout(layout, where)
+    H, nbq, nbk = grid.shape
+    q_len = nbq * block if q_len is None else q_len
+    k_len = nbk * block if k_len is None else k_len
+    tile_m = block if tile_m is None else tile_m
+    tile_n = block if tile_n is None else tile_n
+    if q_len != nbq * block or k_len != nbk * block:
+        raise bad_argument(where, "layout", f"of shape [H, {q_len} // {block}, {k_len} // {block}]",
+                           f"shape {tuple(grid.shape)}",
+                           "make the layout for these sequence lengths and this block.")
+    g = sub_block_size(block, tile_m, tile_n)
+    sm, sn = tile_m // g, tile_n // g
+    if sm * sn > MAX_SUB_BLOCKS:
+        raise bad_argument(where, "tile_m x tile_n",
+                           f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
+                           f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
+                           "use a smaller tile for this block.")
+    dev = grid.device
+    rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
+
+    h, i, j = grid.nonzero(as_tuple=True)
+    e = block // g
+    if e > 1:  # split each block into e x e sub-blocks
+        d = torch.arange(e, device=dev)
+        i = (i[:, None, None] * e + d[None, :, None]).expand(-1, e, e).reshape(-1)
+        j = (j[:, None, None] * e + d[None, None, :]).expand(-1, e, e).reshape(-1)
+        h = h[:, None].expand(-1, e * e).reshape(-1)
+    ti, tj = i // sm, j // sn
+    bit = (i % sm) * sn + (j % sn)
+    key = (h * rt + ti) * ct + tj
+    tiles, inverse = torch.unique(key, sorted=True, return_inverse=True)
+    n = tiles.numel()
+    # bits are distinct within a tile, so their sum is their bitwise or
+    bits = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
+        0, inverse, torch.ones_like(bit) << bit)
+    kept = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
+        0, inverse, torch.ones_like(bit))
+    th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
+    partial = kept < sm * sn
+    if causal:
+        row_lo = ti * tile_m
+        row_hi = torch.clamp(row_lo + tile_m, max=q_len) - 1
+        col_lo, col_hi = tj * tile_n, tj * tile_n + tile_n - 1
+        visible = col_lo <= row_hi
+        partial = partial | (col_hi > row_lo)
+        th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
+    partial = partial.to(torch.int32)
+
+    row_counts = torch.bincount(th * rt + ti, minlength=H * rt)
+    col_order = torch.argsort((th * ct + tj) * rt + ti)
+    col_counts = torch.bincount(th * ct + tj, minlength=H * ct)
+    zero = torch.zeros(1, dtype=torch.int32, device=dev)
+    return SparseIndex(
+        heads=H, block=block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, sub=g,
+        causal=causal, row_tiles=rt, col_tiles=ct,
+        row_ptr=torch.cat([zero, row_counts.cumsum(0).to(torch.int32)]),
+        row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
+        col_ptr=torch.cat([zero, col_counts.cumsum(0).to(torch.int32)]),
+        col_idx=ti[col_order].to(torch.int32), col_bits=bits[col_order],
+        col_partial=partial[col_order],
+        max_row_len=int(row_counts.max()) if row_counts.numel() else 0,
+        max_col_len=int(col_counts.max()) if col_counts.numel() else 0,
+    )
+
+
+_CACHE: dict[tuple, tuple[weakref.ref, int, SparseIndex]] = {}
+
+
+def get_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
+              k_len: int | None = None, tile_m: int | None = None, tile_n: int | None = None,
+              causal: bool = False, device: torch.device | str | None = None) -> SparseIndex:
+    """:func:`build_index` with a cache keyed by the layout tensor's identity and version
+    (an in-place edit of the layout rebuilds), the block, the tile, ``causal`` and the
+    device the index is wanted on. The entry goes when the layout tensor is freed."""
+    device = torch.device(device) if device is not None else layout.device
+    key = (id(layout), block, q_len, k_len, tile_m, tile_n, causal, str(device))
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2]
+    index = build_index(layout.to(device), block, q_len=q_len, k_len=k_len, tile_m=tile_m,
+                        tile_n=tile_n, causal=causal)
+    ref = weakref.ref(layout, lambda _, k=key: _CACHE.pop(k, None))
+    _CACHE[key] = (ref, layout._version, index)
+    return index

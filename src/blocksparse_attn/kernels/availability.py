@@ -1,0 +1,45 @@
+"""Can the Triton kernels run here? Reasons, never a silent answer."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU
+    tensors, slowly, for testing."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_version() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
+    """Why the Triton kernels cannot run on tensors of ``device`` (empty list: they can)."""
+    device = torch.device(device)
+    reasons = []
+    version = triton_version()
+    if version is None:
+        reasons.append("Triton is not installed (pip install 'triton>=3.2')")
+    elif tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (3, 2):
+        reasons.append(f"Triton {version} is older than 3.2")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            reasons.append("CUDA is not available")
+    elif device.type == "cpu":
+        if not interpreting():
+            reasons.append("tensors are on the CPU and Triton's interpreter is off "
+                           "(the kernels need a CUDA GPU, or TRITON_INTERPRET=1 for testing)")
+    else:
+        reasons.append(f"device type {device.type!r} is not supported by the kernels (CUDA only)")
+    return reasons

@@ -1,0 +1,69 @@
+"""Reference attention (layer 3): dense PyTorch math with the exact mask semantics.
+
+The oracle of every kernel test and the backend on machines without a GPU. It builds the
+``[B, H, L_q, L_k]`` score matrix, so its memory is O(L^2): use it for small problems.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._inputs import additive, check_attention_inputs
+
+
+def token_mask(layout: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
+    """Bool ``[H_l, L_q, L_k]``: which (query, key) pairs the layout (and ``causal``) keep."""
+    keep = (layout != 0).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    if causal:
+        keep = keep & torch.ones(keep.shape[1:], dtype=torch.bool, device=keep.device).tril()
+    return keep
+
+
+def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
+                        *, block: int, scale: float | None = None, causal: bool = False,
+                        rpe: torch.Tensor | None = None,
+                        key_padding_mask: torch.Tensor | None = None,
+                        attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
+                        attn_mask_mode: str = "mul", return_lse: bool = False):
+    """Block-sparse attention computed densely, with DeepSpeed's semantics.
+
+    For each batch ``b``, head ``h``, query ``i`` and key ``j`` kept by the layout
+    (``layout[h, i // block, j // block] != 0``, and ``j <= i`` when ``causal``):
+
+        s = scale * q·k + rpe + key_padding_mask + attn_mask      (masks in additive form)
+        out = softmax(s over kept j) @ v
+
+    Shapes: ``q [B, H, L_q, D]``, ``k, v [B, H, L_k, D]``, ``layout [1 or H, L_q/block,
+    L_k/block]``, ``rpe`` broadcastable to ``[B, H, L_q, L_k]``, ``key_padding_mask
+    [B, L_k]`` (BERT's ``[B, 1, 1, L_k]`` accepted), ``attn_mask [L_q, L_k]``. Mask modes:
+    ``'add'`` adds the value; ``'mul'`` keeps non-zero entries and masks zeros.
+
+    Computed in float32 (float64 for float64 inputs) and returned in the input dtype. A
+    query with nothing to attend gets a zero output and zero gradients (its log-sum-exp is
+    ``-inf``). Gradients flow to ``q``, ``k``, ``v`` and ``rpe``.
+
+    Returns ``out`` or, with ``return_lse``, ``(out, lse)`` with ``lse [B, H, L_q]`` float32
+    (float64 for float64 inputs), the natural-log sum of ``exp(s)`` over kept keys.
+    """
+    x = check_attention_inputs("reference_attention", q, k, v, layout, block=block, scale=scale,
+                               causal=causal, rpe=rpe, key_padding_mask=key_padding_mask,
+                               attn_mask=attn_mask, key_padding_mask_mode=key_padding_mask_mode,
+                               attn_mask_mode=attn_mask_mode)
+    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * x.scale
+    if x.rpe is not None:
+        s = s + x.rpe.to(ct)
+    if x.key_padding_mask is not None:
+        s = s + additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :]
+    if x.attn_mask is not None:
+        s = s + additive(x.attn_mask, x.attn_mask_mode, ct)
+    s = s.masked_fill(~token_mask(x.layout, block, x.causal), float("-inf"))
+    m = s.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
+    p = torch.exp(s - m)
+    denom = p.sum(-1, keepdim=True)
+    out = torch.matmul(p, v.to(ct)) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    out = out.to(q.dtype)
+    if not return_lse:
+        return out
+    return out, (m + torch.log(denom)).squeeze(-1)

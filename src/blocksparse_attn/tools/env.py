@@ -1,0 +1,42 @@
+"""``blocksparse-attn env``: versions and whether the kernels will run, for bug reports."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from .._version import __version__
+from ..kernels.availability import interpreting, kernel_unavailable_reasons, triton_version
+
+
+def env_report() -> str:
+    import numpy
+
+    lines = [
+        f"blocksparse-attn {__version__}",
+        f"python           {platform.python_version()} ({platform.machine()})",
+        f"torch            {torch.__version__}",
+        f"triton           {triton_version() or 'not installed'}",
+        f"numpy            {numpy.__version__}",
+        f"TRITON_INTERPRET {'on' if interpreting() else 'off'}",
+    ]
+    if torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        cap = torch.cuda.get_device_capability(i)
+        lines.append(f"gpu              {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), "
+                     f"CUDA {torch.version.cuda}")
+        device = "cuda"
+    else:
+        lines.append("gpu              none (CUDA not available)")
+        device = "cpu"
+    reasons = kernel_unavailable_reasons(device)
+    if reasons:
+        lines.append("kernels          will not run here: " + "; ".join(reasons))
+        lines.append("backend='auto'   uses the PyTorch reference (exact, O(L^2) memory)")
+    else:
+        lines.append(f"kernels          will run on {device}"
+                     + (" (interpreted: slow, for testing)" if device == "cpu" else ""))
+        lines.append("backend='auto'   uses the fused Triton kernel on CUDA tensors, "
+                     "the PyTorch reference on CPU tensors")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The command line: layout and env."""
+
+import subprocess
+import sys
+
+import pytest
+
+from blocksparse_attn.tools.cli import main
+
+
+def test_layout_prints_grid_and_density(capsys):
+    assert main(["layout", "--pattern", "fixed", "--seq-len", "128", "--block", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "FixedSparsityConfig(num_heads=1, block=16" in out
+    assert "40 blocks kept of 64 (density 0.6250)" in out
+    assert "XXXX...X\n...XXXXX" in out
+
+
+def test_layout_downsampled_with_legend(capsys):
+    main(["layout", "--pattern", "sliding", "--seq-len", "4096", "--block", "16",
+          "--attention", "bidirectional"])
+    out = capsys.readouterr().out
+    assert "each cell is 4x4 blocks" in out
+    assert "\n++" + "." * 62 + "\n+++" + "." * 61 + "\n" in out
+
+
+def test_layout_png(tmp_path, capsys):
+    path = tmp_path / "layout.png"
+    main(["layout", "--pattern", "bigbird", "--seq-len", "512", "--heads", "2",
+          "--different-layout-per-head", "--seed", "3", "--png", str(path), "--all-heads"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    out = capsys.readouterr().out
+    assert "head 1:" in out
+
+
+def test_layout_rejects_option_of_other_pattern():
+    with pytest.raises(SystemExit, match="--num-local-blocks not used by --pattern bigbird"):
+        main(["layout", "--pattern", "bigbird", "--seq-len", "128", "--num-local-blocks", "3"])
+
+
+def test_layout_reports_config_errors():
+    with pytest.raises(SystemExit, match="Sequence Length, 100"):
+        main(["layout", "--pattern", "dense", "--seq-len", "100"])
+
+
+def test_env(capsys):
+    main(["env"])
+    out = capsys.readouterr().out
+    for word in ("torch", "triton", "numpy", "kernels", "backend='auto'"):
+        assert word in out
+
+
+def test_console_script_entry_point():
+    r = subprocess.run([sys.executable, "-m", "blocksparse_attn.tools.cli", "--help"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "layout" in r.stdout

@@ -1,0 +1,134 @@
+"""The compiled layout: round trips, orderings, counts, causal classification, cache."""
+
+import gc
+
+import pytest
+import torch
+
+from blocksparse_attn.index import _CACHE, build_index, get_index
+
+
+def random_layout(h, nq, nk, density):
+    lay = (torch.rand(h, nq, nk) < density).to(torch.int64)
+    if nq > 2:
+        lay[:, 1] = 0  # an empty row
+    if h > 1:
+        lay[-1] = 0  # an empty head
+    return lay
+
+
+@pytest.mark.parametrize("block, tile_m, tile_n", [
+    (16, 16, 16), (16, 64, 64), (16, 128, 64), (32, 64, 32), (64, 128, 64), (128, 64, 64),
+    (128, 128, 128), (8, 64, 64),
+])
+@pytest.mark.parametrize("shape, density", [((3, 8, 6), 0.3), ((1, 7, 7), 0.8), ((2, 5, 9), 0.0)])
+def test_round_trip(block, tile_m, tile_n, shape, density):
+    layout = random_layout(*shape, density)
+    idx = build_index(layout, block, tile_m=tile_m, tile_n=tile_n)
+    e = block // idx.sub
+    expected = (layout != 0).repeat_interleave(e, 1).repeat_interleave(e, 2)
+    assert torch.equal(idx.to_layout(), expected)
+    # offsets and counts
+    assert idx.row_ptr.dtype == torch.int32 and idx.row_ptr[0] == 0
+    assert int(idx.row_ptr[-1]) == idx.nnz == int(idx.col_ptr[-1])
+    assert idx.row_ptr.numel() == shape[0] * idx.row_tiles + 1
+    assert idx.col_ptr.numel() == shape[0] * idx.col_tiles + 1
+    # each list is sorted, and CSC is the transpose of CSR
+    csr, csc = set(), set()
+    for r in range(shape[0] * idx.row_tiles):
+        cols = idx.row_idx[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
+        assert cols == sorted(cols)
+        bits = idx.row_bits[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
+        part = idx.row_partial[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
+        csr |= {(r // idx.row_tiles, r % idx.row_tiles, c, b, p)
+                for c, b, p in zip(cols, bits, part)}
+    for c in range(shape[0] * idx.col_tiles):
+        rows = idx.col_idx[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
+        assert rows == sorted(rows)
+        bits = idx.col_bits[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
+        part = idx.col_partial[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
+        csc |= {(c // idx.col_tiles, r, c % idx.col_tiles, b, p) for r, b, p in zip(rows, bits, part)}
+    assert csr == csc
+    assert idx.max_row_len == max((idx.row_ptr[1:] - idx.row_ptr[:-1]).tolist())
+
+
+def test_compressed_order_is_layout_nonzero():
+    layout = random_layout(3, 6, 6, 0.5)
+    idx = build_index(layout, 32)
+    nz = layout.nonzero()
+    assert torch.equal(idx.row_idx.long(), nz[:, 2])
+    rows = torch.repeat_interleave(torch.arange(3 * 6), (idx.row_ptr[1:] - idx.row_ptr[:-1]).long())
+    assert torch.equal(rows, nz[:, 0] * 6 + nz[:, 1])
+
+
+def test_full_and_partial_tiles():
+    # block 16 under 32x32 tiles: a tile is full only when its four sub-blocks are kept
+    layout = torch.tensor([[[1, 1, 1, 0], [1, 1, 0, 0], [0, 0, 1, 1], [0, 0, 1, 1]]])
+    idx = build_index(layout, 16, tile_m=32, tile_n=32)
+    assert idx.row_ptr.tolist() == [0, 2, 3]
+    assert idx.row_idx.tolist() == [0, 1, 1]
+    assert idx.row_partial.tolist() == [0, 1, 0]
+    assert idx.row_bits.tolist() == [0b1111, 0b0001, 0b1111]
+
+
+def test_causal_tiles():
+    idx = build_index(torch.ones(1, 4, 4, dtype=torch.int64), 16, causal=True)
+    assert idx.row_ptr.tolist() == [0, 1, 3, 6, 10]
+    assert idx.row_idx.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 2, 3]
+    assert idx.row_partial.tolist() == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1]  # diagonal partial
+    assert idx.col_idx.tolist() == [0, 1, 2, 3, 1, 2, 3, 2, 3, 3]
+    # 32x16 tiles: tile (0, 2) lies after the diagonal and is dropped
+    idx = build_index(torch.ones(1, 4, 4, dtype=torch.int64), 16, tile_m=32, tile_n=16, causal=True)
+    assert idx.row_idx.tolist() == [0, 1, 0, 1, 2, 3]
+    assert idx.row_partial.tolist() == [1, 1, 0, 0, 1, 1]  # every tile touching the diagonal
+
+
+def test_ragged_tiles_are_partial():
+    # L = 80 = 5 blocks of 16 under 64-token tiles: the last tile hangs over the end
+    idx = build_index(torch.ones(1, 5, 5, dtype=torch.int64), 16, tile_m=64, tile_n=64)
+    assert idx.row_tiles == 2 and idx.col_tiles == 2
+    assert idx.row_partial.tolist() == [0, 1, 1, 1]
+
+
+def test_rectangular():
+    layout = torch.ones(2, 3, 7, dtype=torch.int64)
+    idx = build_index(layout, 32, q_len=96, k_len=224, tile_m=64, tile_n=64)
+    assert idx.row_tiles == 2 and idx.col_tiles == 4 and idx.nnz == 16
+
+
+def test_no_token_level_tensor():
+    # L = 1M tokens, block 128, window of 3 blocks: built from the non-zero blocks only
+    nb = 8192
+    r = torch.arange(nb)
+    layout = ((r[:, None] - r[None, :]).abs() <= 1).unsqueeze(0)
+    idx = build_index(layout, 128, tile_m=128, tile_n=64)
+    assert idx.nnz == (3 * nb - 2) * 2
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    ({"layout": torch.ones(1, 4, 4), "block": 16}, ["layout", "integer or bool"]),
+    ({"layout": torch.ones(4, dtype=torch.int64), "block": 16}, ["3-D tensor"]),
+    ({"layout": torch.ones(1, 4, 4, dtype=torch.int64), "block": 16, "q_len": 48},
+     ["layout", "[H, 48 // 16, 64 // 16]"]),
+    ({"layout": torch.ones(1, 4, 4, dtype=torch.int64), "block": 8, "tile_m": 128, "tile_n": 128},
+     ["at most 64 sub-blocks", "128x128 over block 8"]),
+])
+def test_errors(kwargs, words):
+    with pytest.raises(ValueError) as e:
+        build_index(**kwargs)
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_cache_hits_rebuilds_and_evicts():
+    layout = torch.ones(1, 4, 4, dtype=torch.int64)
+    a = get_index(layout, 16, tile_m=32, tile_n=32)
+    assert get_index(layout, 16, tile_m=32, tile_n=32) is a
+    assert get_index(layout, 16, tile_m=16, tile_n=16) is not a
+    layout[0, 0, 3] = 0  # in-place edit bumps the version: rebuilt
+    b = get_index(layout, 16, tile_m=32, tile_n=32)
+    assert b is not a and b.nnz == a.nnz and int(b.row_bits[1]) != int(a.row_bits[1])
+    n = len(_CACHE)
+    del layout
+    gc.collect()
+    assert len(_CACHE) == n - 2
