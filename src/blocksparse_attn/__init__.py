@@ -25,6 +25,7 @@ _EXPORTS = {
     "build_index": ".index",
     "get_index": ".index",
     "reference_attention": ".reference",
+    "block_sparse_attention": ".functional",
 }
 
 __all__ = ["__version__", *_EXPORTS]

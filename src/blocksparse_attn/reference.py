@@ -24,7 +24,8 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
                         rpe: torch.Tensor | None = None,
                         key_padding_mask: torch.Tensor | None = None,
                         attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
-                        attn_mask_mode: str = "mul", return_lse: bool = False):
+                        attn_mask_mode: str = "mul", return_lse: bool = False,
+                        compute_dtype: torch.dtype | None = None):
     """Block-sparse attention computed densely, with DeepSpeed's semantics.
 
     For each batch ``b``, head ``h``, query ``i`` and key ``j`` kept by the layout
@@ -38,18 +39,19 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     [B, L_k]`` (BERT's ``[B, 1, 1, L_k]`` accepted), ``attn_mask [L_q, L_k]``. Mask modes:
     ``'add'`` adds the value; ``'mul'`` keeps non-zero entries and masks zeros.
 
-    Computed in float32 (float64 for float64 inputs) and returned in the input dtype. A
+    Computed in ``compute_dtype`` (default float32, float64 for float64 inputs; the input
+    dtype measures plain low-precision error in tests) and returned in the input dtype. A
     query with nothing to attend gets a zero output and zero gradients (its log-sum-exp is
     ``-inf``). Gradients flow to ``q``, ``k``, ``v`` and ``rpe``.
 
-    Returns ``out`` or, with ``return_lse``, ``(out, lse)`` with ``lse [B, H, L_q]`` float32
-    (float64 for float64 inputs), the natural-log sum of ``exp(s)`` over kept keys.
+    Returns ``out`` or, with ``return_lse``, ``(out, lse)`` with ``lse [B, H, L_q]`` in the
+    compute dtype, the natural-log sum of ``exp(s)`` over kept keys.
     """
     x = check_attention_inputs("reference_attention", q, k, v, layout, block=block, scale=scale,
                                causal=causal, rpe=rpe, key_padding_mask=key_padding_mask,
                                attn_mask=attn_mask, key_padding_mask_mode=key_padding_mask_mode,
                                attn_mask_mode=attn_mask_mode)
-    ct = torch.float64 if q.dtype == torch.float64 else torch.float32
+    ct = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * x.scale
     if x.rpe is not None:
         s = s + x.rpe.to(ct)

@@ -1,0 +1,62 @@
+"""Kernel tile shapes and launch configurations, keyed by head dim, block and dtype.
+
+The tile shape fixes the compiled index (:mod:`blocksparse_attn.index`), so it is chosen
+here, not by the autotuner; the autotuner picks ``num_warps``/``num_stages`` on a GPU.
+Under Triton's interpreter a single configuration is used (autotuning needs a GPU).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..index import MAX_SUB_BLOCKS, sub_block_size
+from .availability import interpreting
+
+SUPPORTED_HEAD_DIMS_FWD = (16, 32, 64, 96, 128, 256)
+SUPPORTED_HEAD_DIMS_BWD = (16, 32, 64, 96, 128)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    m: int  # query rows per program
+    n: int  # keys per step
+
+
+def _fits(block: int, m: int, n: int) -> bool:
+    g = sub_block_size(block, m, n)
+    return (m // g) * (n // g) <= MAX_SUB_BLOCKS
+
+
+def _shrink(block: int, m: int, n: int) -> Tiles:
+    """Largest tiles not above ``m x n`` whose sub-block mask fits in 64 bits."""
+    while not _fits(block, m, n):
+        if m >= n:
+            m //= 2
+        else:
+            n //= 2
+    return Tiles(m, n)
+
+
+def forward_tiles(head_dim: int, block: int) -> Tiles:
+    if interpreting():
+        return _shrink(block, 64, 64)
+    if head_dim > 128:
+        return _shrink(block, 64, 32)
+    return _shrink(block, 128, 64)
+
+
+def backward_tiles(head_dim: int, block: int) -> Tiles:
+    if interpreting():
+        return _shrink(block, 64, 64)
+    return _shrink(block, 64, 64)
+
+
+def launch_configs(kind: str):
+    """``triton.Config`` list for the autotuner (one entry under the interpreter)."""
+    import triton
+
+    if interpreting():
+        return [triton.Config({}, num_warps=4, num_stages=1)]
+    if kind == "fwd":
+        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]

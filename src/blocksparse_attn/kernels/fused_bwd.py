@@ -1,0 +1,207 @@
+"""Fused block-sparse flash attention, backward. Deterministic, no atomics:
+
+* ``delta = rowsum(dO * O)`` per query;
+* dK/dV: one program per (key tile, batch x head) walks the tile's query tiles (the
+  index's column lists), recomputing the probabilities from the saved log-sum-exp;
+* dQ: one program per (query tile, batch x head) walks the tile's key tiles (row lists);
+  it also writes the score gradient to ``drpe`` when ``rpe`` needs a gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import get_index
+from ._common import LOG2E, _dot, _score_tile, empty, input_precision, mask_args, unit_last_stride
+from ._common import upcast_dots
+from .configs import Tiles, backward_tiles, launch_configs
+
+_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
+
+
+@triton.jit
+def _probabilities(s, lse):
+    """``exp(score - lse)`` from base-2 scores; rows with nothing to attend (lse = -inf)
+    give 0, not NaN."""
+    LOG2E_: tl.constexpr = 1.4426950408889634
+    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_)
+    return tl.math.exp2(s - lse2[:, None])
+
+
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY)
+@triton.jit
+def _bsa_bwd_dkdv_kernel(
+        Q, K, V, DO, LSE, DELTA, DK, DV,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
+        s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
+        col_ptr, col_idx, col_bits, col_partial,
+        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+        H, Lq, Lk, col_tiles, layout_head_step, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
+        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    n_ok = offs_n < Lk
+    nd_ok = n_ok[:, None] & d_ok[None, :]
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
+                mask=nd_ok, other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
+                mask=nd_ok, other=0.0)
+    q_base = Q + b * s_qb + h * s_qh
+    do_base = DO + b * s_dob + h * s_doh
+    row_base = pid_bh.to(tl.int64) * Lq
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+
+    col = h * layout_head_step * col_tiles + pid_n
+    start = tl.load(col_ptr + col)
+    end = tl.load(col_ptr + col + 1)
+    for t in range(start, end):
+        i = tl.load(col_idx + t)
+        bits = tl.load(col_bits + t)
+        partial = tl.load(col_partial + t)
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        md_ok = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=md_ok, other=0.0)
+        do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :], mask=md_ok, other=0.0)
+        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
+                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
+                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        p = _probabilities(s, lse)
+        dv += _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST)
+        dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dk += _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST)
+    dk = dk * scale
+    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
+             dk.to(DK.dtype.element_ty), mask=nd_ok)
+    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
+             dv.to(DV.dtype.element_ty), mask=nd_ok)
+
+
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"])
+@triton.jit
+def _bsa_bwd_dq_kernel(
+        Q, K, V, DO, LSE, DELTA, DQ, DS,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
+        s_dqb, s_dqh, s_dqm,
+        row_ptr, row_idx, row_bits, row_partial,
+        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+        H, Lq, Lk, row_tiles, layout_head_step, qk_scale, scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
+        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, STORE_DS: tl.constexpr,
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+    md_ok = m_ok[:, None] & d_ok[None, :]
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                mask=md_ok, other=0.0)
+    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :],
+                 mask=md_ok, other=0.0)
+    row_base = pid_bh.to(tl.int64) * Lq
+    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row = h * layout_head_step * row_tiles + pid_m
+    start = tl.load(row_ptr + row)
+    end = tl.load(row_ptr + row + 1)
+    for t in range(start, end):
+        j = tl.load(row_idx + t)
+        bits = tl.load(row_bits + t)
+        partial = tl.load(row_partial + t)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
+                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
+                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        p = _probabilities(s, lse)
+        dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        if STORE_DS:
+            ds_ptr = DS + (row_base + offs_m[:, None]) * Lk + offs_n[None, :]
+            tl.store(ds_ptr, ds, mask=m_ok[:, None] & n_ok[None, :])
+        dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST)
+    dq = dq * scale
+    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
+             dq.to(DQ.dtype.element_ty), mask=md_ok)
+
+
+def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             layout: torch.Tensor, *, block: int, scale: float,
+                             causal: bool = False, rpe: torch.Tensor | None = None,
+                             key_padding_mask: torch.Tensor | None = None,
+                             attn_mask: torch.Tensor | None = None,
+                             key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
+                             rpe_grad: bool = False, tiles: Tiles | None = None):
+    """Gradients of the fused forward. Returns ``(dq, dk, dv, drpe)``; ``drpe`` is the
+    score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the layout) summed to the
+    shape of ``rpe`` when ``rpe_grad``, else ``None``."""
+    q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    tiles = tiles or backward_tiles(D, block)
+    index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
+                      causal=causal, device=q.device)
+    delta = (out.float() * grad_out.float()).sum(-1)
+    lse = lse.contiguous()
+    dq = empty((B, H, Lq, D), q.dtype, q.device)
+    dk = empty((B, H, Lk, D), k.dtype, k.device)
+    dv = empty((B, H, Lk, D), v.dtype, v.device)
+    ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if rpe_grad else q
+    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
+                             attn_mask_mode, B, H, Lq, Lk, q)
+    common = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
+                  BLOCK_N=tiles.n, SUB=index.sub,
+                  HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1, CAUSAL=causal,
+                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype), **flags)
+    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+               v.stride(0), v.stride(1), v.stride(2),
+               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    head_step = 1 if index.heads > 1 else 0
+    _bsa_bwd_dkdv_kernel[(index.col_tiles, B * H)](
+        q, k, v, grad_out, lse, delta, dk, dv, *strides,
+        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
+        index.col_ptr, index.col_idx, index.col_bits, index.col_partial, *extra,
+        H, Lq, Lk, index.col_tiles, head_step, scale * LOG2E, scale, **common)
+    _bsa_bwd_dq_kernel[(index.row_tiles, B * H)](
+        q, k, v, grad_out, lse, delta, dq, ds, *strides,
+        dq.stride(0), dq.stride(1), dq.stride(2),
+        index.row_ptr, index.row_idx, index.row_bits, index.row_partial, *extra,
+        H, Lq, Lk, index.row_tiles, head_step, scale * LOG2E, scale, STORE_DS=rpe_grad,
+        **common)
+    drpe = None
+    if rpe_grad:
+        dims = [d for d in range(4) if rpe.shape[d] == 1 and ds.shape[d] != 1]
+        drpe = (ds.sum(dim=dims, keepdim=True) if dims else ds).to(rpe.dtype)
+    return dq, dk, dv, drpe

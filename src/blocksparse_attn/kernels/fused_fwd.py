@@ -1,0 +1,117 @@
+"""Fused block-sparse flash attention, forward: one program per (query tile, batch x head)
+walks that tile's key tiles from the index with an online softmax (base 2, scale folded),
+and writes the output and the log-sum-exp. Scores never reach memory."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..index import get_index
+from ._common import LOG2E, _dot, _score_tile, empty, input_precision, mask_args, unit_last_stride
+from ._common import upcast_dots
+from .configs import Tiles, forward_tiles, launch_configs
+
+_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
+
+
+@triton.autotune(configs=launch_configs("fwd"), key=_KEY)
+@triton.jit
+def _bsa_fwd_kernel(
+        Q, K, V, O, LSE,
+        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
+        row_ptr, row_idx, row_bits, row_partial,
+        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+        H, Lq, Lk, row_tiles, layout_head_step, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
+        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
+        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+        UPCAST: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b * s_kb + h * s_kh
+    v_base = V + b * s_vb + h * s_vh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    row = h * layout_head_step * row_tiles + pid_m
+    start = tl.load(row_ptr + row)
+    end = tl.load(row_ptr + row + 1)
+    for t in range(start, end):
+        j = tl.load(row_idx + t)
+        bits = tl.load(row_bits + t)
+        partial = tl.load(row_partial + t)
+        offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < Lk
+        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :],
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
+                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
+                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
+                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST)
+        m_i = m_new
+
+    has = l_i > 0
+    out = acc / tl.where(has, l_i, 1.0)[:, None]
+    LN2: tl.constexpr = 0.6931471805599453
+    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
+    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+
+
+def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            layout: torch.Tensor, *, block: int, scale: float,
+                            causal: bool = False, rpe: torch.Tensor | None = None,
+                            key_padding_mask: torch.Tensor | None = None,
+                            attn_mask: torch.Tensor | None = None,
+                            key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
+                            tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel on checked inputs (see ``block_sparse_attention``).
+
+    Returns ``out [B, H, L_q, D]`` in the input dtype and ``lse [B, H, L_q]`` float32
+    (natural log; ``-inf`` for queries with nothing to attend)."""
+    q, k, v = (unit_last_stride(t) for t in (q, k, v))
+    B, H, Lq, D = q.shape
+    Lk = k.shape[2]
+    tiles = tiles or forward_tiles(D, block)
+    index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
+                      causal=causal, device=q.device)
+    out = empty((B, H, Lq, D), q.dtype, q.device)
+    lse = empty((B, H, Lq), torch.float32, q.device)
+    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
+                             attn_mask_mode, B, H, Lq, Lk, q)
+    grid = (index.row_tiles, B * H)
+    _bsa_fwd_kernel[grid](
+        q, k, v, out, lse,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        index.row_ptr, index.row_idx, index.row_bits, index.row_partial,
+        *extra,
+        H, Lq, Lk, index.row_tiles, 1 if index.heads > 1 else 0, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
+        BLOCK_N=tiles.n, SUB=index.sub, HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1,
+        CAUSAL=causal, INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
+        **flags)
+    return out, lse

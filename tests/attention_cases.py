@@ -1,0 +1,98 @@
+"""Shared helpers for kernel tests: random problems, fp64 references and the error rule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from blocksparse_attn import reference_attention
+
+
+def random_layout(h, nq, nk, density, *, empty_row=True, empty_head=False, device="cpu"):
+    lay = (torch.rand(h, nq, nk, device=device) < density).to(torch.int64)
+    if empty_row and nq > 2:
+        lay[:, 1] = 0
+    if empty_head and h > 1:
+        lay[-1] = 0
+    return lay
+
+
+def make_problem(B, H, Lq, Lk, D, dtype, device, *, block, density=0.5, layout_heads=None,
+                 causal=False, rpe=None, kpm=None, am=None, empty_row=True, empty_head=False):
+    """Fresh random inputs. ``rpe``: None, 'full' or 'broadcast'; ``kpm``/``am``: None,
+    'add' or 'mul'."""
+    g = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
+    q, k, v = g(B, H, Lq, D), g(B, H, Lk, D), g(B, H, Lk, D)
+    lh = H if layout_heads is None else layout_heads
+    layout = random_layout(lh, Lq // block, Lk // block, density, empty_row=empty_row,
+                           empty_head=empty_head)
+    kw = dict(block=block, causal=causal)
+    if rpe == "full":
+        kw["rpe"] = torch.randn(B, H, Lq, Lk, device=device, dtype=dtype)
+    elif rpe == "broadcast":
+        kw["rpe"] = torch.randn(1, H, Lq, Lk, device=device, dtype=dtype)
+    if kpm == "add":
+        m = torch.zeros(B, Lk, device=device)
+        m[:, -Lk // 5:] = float("-inf")
+        m[0, : Lk // 3] = -2.0
+        kw["key_padding_mask"], kw["key_padding_mask_mode"] = m, "add"
+    elif kpm == "mul":
+        kw["key_padding_mask"] = (torch.rand(B, Lk, device=device) < 0.8).to(torch.int64)
+        kw["key_padding_mask_mode"] = "mul"
+    if am == "add":
+        kw["attn_mask"] = torch.randn(Lq, Lk, device=device).clamp(max=0.5)
+        kw["attn_mask_mode"] = "add"
+    elif am == "mul":
+        kw["attn_mask"] = torch.rand(Lq, Lk, device=device) < 0.85
+        kw["attn_mask_mode"] = "mul"
+    return q, k, v, layout, kw
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def references(q, k, v, layout, kw, grad_out=None):
+    """(fp64 reference, plain low-precision PyTorch) outputs and, with ``grad_out``,
+    gradients of q, k, v (and rpe)."""
+    results = []
+    for ct in (torch.float64, q.dtype):
+        leaves = [t.detach().to(ct if ct == torch.float64 else q.dtype).requires_grad_()
+                  for t in (q, k, v)]
+        kw2 = dict(kw)
+        if "rpe" in kw2:
+            kw2["rpe"] = kw2["rpe"].detach().to(ct if ct == torch.float64 else q.dtype)
+            kw2["rpe"].requires_grad_()
+            leaves.append(kw2["rpe"])
+        out = reference_attention(*leaves[:3], layout, compute_dtype=ct, **kw2)
+        grads = []
+        if grad_out is not None:
+            grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+        results.append((out.detach(), grads))
+    return results
+
+
+def assert_within_rule(name, got, ref64, lowp, factor=2.0, floor=None):
+    """FlashAttention's rule: the kernel's error against fp64 stays within ``factor`` x the
+    error of plain PyTorch math in the same dtype, plus a small floor; never NaN."""
+    assert not torch.isnan(got).any(), f"{name}: NaN in kernel output"
+    if floor is None:
+        floor = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[got.dtype]
+        floor *= max(1.0, ref64.abs().max().item())
+    err = max_err(got, ref64)
+    base = max_err(lowp, ref64)
+    assert err <= factor * base + floor, (
+        f"{name}: kernel error {err:.3e} > {factor} x PyTorch {got.dtype} error {base:.3e} "
+        f"+ {floor:.1e}")
+
+
+def poison(monkeypatch):
+    """NaN-fill every kernel output buffer before launch, so an unwritten element fails."""
+    from blocksparse_attn.kernels import fused_bwd, fused_fwd
+
+    def nan_empty(shape, dtype, device):
+        return torch.full(shape, math.nan, dtype=dtype, device=device)
+
+    monkeypatch.setattr(fused_fwd, "empty", nan_empty)
+    monkeypatch.setattr(fused_bwd, "empty", nan_empty)

@@ -1,0 +1,244 @@
+"""The fused Triton kernel (forward and backward) against the fp64 reference.
+
+On CPU the kernels run under Triton's interpreter (small shapes, fp32 and fp16); on a GPU
+the ``gpu`` grid adds bf16, every head dim and block size, and long sequences."""
+
+import pytest
+import torch
+from attention_cases import assert_within_rule, make_problem, poison, references
+from conftest import DEVICE, ON_GPU
+
+from blocksparse_attn import block_sparse_attention
+from blocksparse_attn.kernels.configs import Tiles
+
+pytestmark = pytest.mark.interpreter
+
+CPU_DTYPES = [torch.float32, torch.float16]
+
+
+def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, tiles=None,
+                  **problem):
+    poison(monkeypatch)
+    if tiles is not None:
+        from blocksparse_attn.kernels import configs, fused_bwd, fused_fwd
+
+        monkeypatch.setattr(fused_fwd, "forward_tiles", lambda d, b: tiles)
+        monkeypatch.setattr(fused_bwd, "backward_tiles", lambda d, b: tiles)
+        del configs
+    q, k, v, layout, kw = make_problem(B, H, Lq, Lk, D, dtype, DEVICE, block=block, **problem)
+    leaves = [q, k, v] + ([kw["rpe"]] if "rpe" in kw else [])
+    if backward:
+        for t in leaves:
+            t.requires_grad_()
+    out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
+    grad_out = torch.randn_like(out) if backward else None
+    (ref64, g64), (lowp, glow) = references(q, k, v, layout, kw, grad_out)
+    assert_within_rule("out", out, ref64, lowp)
+    assert lse.dtype == torch.float32 and not torch.isnan(lse).any()
+    if backward:
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        for name, g, r, lo in zip(("dq", "dk", "dv", "drpe"), grads, g64, glow):
+            assert g.shape == r.shape and g.dtype == lo.dtype
+            assert_within_rule(name, g, r, lo)
+    return out
+
+
+# --- CPU (interpreter) and GPU: the core cases --------------------------------------------
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("density", [0.15, 0.5, 1.0])
+@pytest.mark.parametrize("causal", [False, True])
+def test_random_layouts(monkeypatch, dtype, density, causal):
+    run_and_check(monkeypatch, 2, 3, 128, 128, 32, dtype, block=16, density=density,
+                  causal=causal, empty_head=True)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("rpe, kpm, am", [
+    ("full", "add", "mul"), ("broadcast", "mul", "add"), (None, "add", None), ("full", None, None),
+])
+def test_masks_and_rpe(monkeypatch, dtype, rpe, kpm, am):
+    run_and_check(monkeypatch, 2, 2, 128, 128, 16, dtype, block=32, rpe=rpe, kpm=kpm, am=am,
+                  causal=am is None)
+
+
+@pytest.mark.parametrize("block, D", [(16, 64), (32, 16), (64, 32), (128, 16)])
+def test_blocks_and_head_dims(monkeypatch, block, D):
+    run_and_check(monkeypatch, 1, 2, 256, 256, D, torch.float16, block=block, density=0.6)
+
+
+@pytest.mark.parametrize("tiles", [Tiles(64, 32), Tiles(32, 64), Tiles(16, 16)])
+def test_tile_shapes_over_small_blocks(monkeypatch, tiles):
+    run_and_check(monkeypatch, 1, 2, 128, 128, 16, torch.float32, block=16, causal=True,
+                  tiles=tiles, kpm="add")
+
+
+def test_rectangular_cross_attention(monkeypatch):
+    run_and_check(monkeypatch, 2, 1, 64, 192, 32, torch.float32, block=32, density=0.7)
+
+
+def test_ragged_length_and_odd_head_dim(monkeypatch):
+    # L = 80 is a multiple of the block (16) but not of the 64-token tile; D = 40 is padded
+    run_and_check(monkeypatch, 3, 1, 80, 80, 40, torch.float16, block=16, causal=True)
+
+
+def test_layout_shared_by_heads(monkeypatch):
+    run_and_check(monkeypatch, 1, 3, 128, 128, 16, torch.float32, block=32, layout_heads=1)
+
+
+def test_fully_masked_rows_are_zero_not_nan(monkeypatch):
+    poison(monkeypatch)
+    q, k, v, layout, kw = make_problem(1, 2, 64, 64, 16, torch.float32, DEVICE, block=16)
+    layout.fill_(1)
+    layout[0, 2] = 0  # block-row 2 of head 0 attends nothing
+    kpm = torch.zeros(1, 64, device=DEVICE)
+    kpm[0, :] = float("-inf")
+    for t in (q, k, v):
+        t.requires_grad_()
+    out, lse = block_sparse_attention(q, k, v, layout, block=16, backend="fused", return_lse=True)
+    assert bool((out[0, 0, 32:48] == 0).all()) and bool(torch.isneginf(lse[0, 0, 32:48]).all())
+    out.sum().backward()
+    assert bool((q.grad[0, 0, 32:48] == 0).all())
+    for t in (q, k, v):
+        t.grad = None
+    out = block_sparse_attention(q, k, v, layout, block=16, backend="fused", key_padding_mask=kpm)
+    assert bool((out == 0).all())
+    out.sum().backward()
+    for t in (q, k, v):
+        assert not torch.isnan(t.grad).any() and bool((t.grad == 0).all())
+
+
+def test_noncontiguous_inputs(monkeypatch):
+    poison(monkeypatch)
+    x = torch.randn(2, 64, 3, 3, 16, device=DEVICE)  # [B, L, 3, H, D] packed qkv
+    q, k, v = (x[:, :, i].transpose(1, 2) for i in range(3))
+    layout = torch.ones(3, 4, 4, dtype=torch.int64)
+    out = block_sparse_attention(q, k, v, layout, block=16, backend="fused")
+    ref = block_sparse_attention(q, k, v, layout, block=16, backend="reference")
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# --- backend choice and errors --------------------------------------------------------------
+def test_auto_backend_on_cpu_is_reference():
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float64, "cpu", block=16)
+    out = block_sparse_attention(q, k, v, layout, **kw)
+    assert out.dtype == torch.float64
+
+
+def test_fused_refuses_with_every_reason():
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 512, torch.float64, DEVICE, block=16)
+    with pytest.raises(NotImplementedError) as e:
+        block_sparse_attention(q, k, v, layout, backend="fused", **kw)
+    msg = str(e.value)
+    assert "backend='fused' cannot run" in msg
+    assert "dtype torch.float64 is not supported" in msg and "head dim 512 > 256" in msg
+    assert "backend='reference'" in msg
+
+
+def test_fused_refuses_backward_head_dim():
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 256, torch.float16, DEVICE, block=16)
+    q.requires_grad_()
+    with pytest.raises(NotImplementedError, match="head dim 256 > 128 needs a gradient"):
+        block_sparse_attention(q, k, v, layout, backend="fused", **kw)
+
+
+def test_fused_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float32, "cpu", block=16)
+    with pytest.raises(NotImplementedError, match="Triton's interpreter is off"):
+        block_sparse_attention(q, k, v, layout, backend="fused", **kw)
+
+
+def test_unknown_backend():
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float32, "cpu", block=16)
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference'"):
+        block_sparse_attention(q, k, v, layout, backend="triton", **kw)
+
+
+def test_custom_op_registered_with_fake():
+    import blocksparse_attn.ops.fused_attention  # noqa: F401
+
+    op = torch.ops.blocksparse_attn.fused_attention_fwd
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = torch.empty(2, 3, 64, 16, dtype=torch.float16)
+        layout = torch.ones(3, 4, 4, dtype=torch.int64)
+        out, lse = op(q, q, q, layout, None, None, None, 16, 0.25, False, False, True)
+        assert out.shape == (2, 3, 64, 16) and out.dtype == torch.float16
+        assert lse.shape == (2, 3, 64) and lse.dtype == torch.float32
+    torch.library.opcheck(op, (torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16),
+                               torch.randn(1, 1, 32, 16), torch.ones(1, 2, 2, dtype=torch.int64),
+                               None, None, None, 16, 0.25, False, False, True),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+# --- GPU grid -------------------------------------------------------------------------------
+GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("D", [16, 32, 64, 96, 128])
+@pytest.mark.parametrize("block", [16, 32, 64, 128])
+def test_gpu_grid(monkeypatch, dtype, D, block):
+    run_and_check(monkeypatch, 3, 5, 512, 512, D, dtype, block=block, density=0.4,
+                  causal=block in (16, 64), kpm="add" if block == 32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("block", [16, 64, 128])
+def test_gpu_head_dim_256_forward(monkeypatch, dtype, block):
+    run_and_check(monkeypatch, 1, 3, 512, 512, 256, dtype, block=block, backward=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("L, block, causal", [(2048, 64, True), (8192, 128, False),
+                                              (4096, 16, True)])
+def test_gpu_long_sequences(monkeypatch, dtype, L, block, causal):
+    run_and_check(monkeypatch, 1, 3, L, L, 64, dtype, block=block, density=0.1, causal=causal,
+                  layout_heads=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_masks_rpe_rectangular(monkeypatch, dtype):
+    run_and_check(monkeypatch, 3, 3, 384, 640, 64, dtype, block=64, rpe="broadcast", kpm="mul",
+                  am="add")
+
+
+@pytest.mark.gpu
+def test_gpu_backward_is_deterministic():
+    q, k, v, layout, kw = make_problem(2, 4, 1024, 1024, 64, torch.bfloat16, "cuda", block=64,
+                                       density=0.3, rpe="broadcast")
+    leaves = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
+              kw["rpe"].requires_grad_()]
+    grad_out = torch.randn_like(q)
+    runs = []
+    for _ in range(2):
+        out = block_sparse_attention(q, k, v, layout, backend="fused", **kw)
+        runs.append(torch.autograd.grad(out, leaves, grad_out))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    q, k, v, layout, kw = make_problem(2, 4, 512, 512, 64, torch.float16, "cuda", block=64,
+                                       density=0.5, causal=True)
+    layout = layout.cuda()
+
+    def f(q, k, v):
+        return block_sparse_attention(q, k, v, layout, backend="fused", **kw).float().square().sum()
+
+    compiled = torch.compile(f, fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    eager_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    loss_c = compiled(*leaves)
+    loss_e = f(*eager_leaves)
+    torch.testing.assert_close(loss_c, loss_e)
+    loss_c.backward()
+    loss_e.backward()
+    for a, b in zip(leaves, eager_leaves):
+        torch.testing.assert_close(a.grad, b.grad)
