@@ -1,5 +1,4 @@
-"""The ``blocksparse-attn`` command: ``layout``, ``env`` (and the commands added by later
-layers). ``blocksparse-attn COMMAND --help`` lists each command's options."""
+"""The ``blocksparse-attn`` command: ``layout``, ``bench``, ``env``. ``blocksparse-attn COMMAND --help`` lists each command's options."""
 
 from __future__ import annotations
 
@@ -79,6 +78,12 @@ def _cmd_env(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench import bench_main
+
+    return bench_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blocksparse-attn",
@@ -96,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=64, help="widest text grid (default 64)")
     p.add_argument("--png", metavar="FILE", help="also draw every head into a PNG file")
     p.set_defaults(func=_cmd_layout)
+
+    p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
+    p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
+    p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
+    p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
+    p.add_argument("--backends", nargs="+",
+                   choices=["fused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+                   default=["fused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"])
+    p.add_argument("--out", metavar="DIR", help="write bench.json and bench.md here")
+    p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("env", help="versions and whether the Triton kernels will run")
     p.set_defaults(func=_cmd_env)

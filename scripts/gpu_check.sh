@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The GPU check: the whole test suite on the GPU, then the benchmark beside FlexAttention and
+# SDPA. Run from the repository root on a CUDA machine (no install needed):
+#   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [bench args...]
+# Logs go to $OUT (or ./gpu-check) as tests.log, bench.log, bench.json, bench.md.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT="${OUT:-gpu-check}"
+mkdir -p "$OUT"
+TEST_SECONDS="${1:-330}"
+BENCH_SECONDS="${2:-240}"
+shift 2 2>/dev/null || shift $#
+export PYTHONPATH=src PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -m blocksparse_attn.tools.cli env | tee -a "$OUT/gpu.txt"
+# one launch config per kernel in tests: compile time, not speed, matters there
+BLOCKSPARSE_ATTN_AUTOTUNE=0 timeout "$TEST_SECONDS" python3 -m pytest tests -q -n 8 \
+    -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40
+echo "tests exit: ${PIPESTATUS[0]}"
+if [ "$BENCH_SECONDS" -gt 0 ]; then
+    timeout "$BENCH_SECONDS" python3 -m blocksparse_attn.tools.cli bench --out "$OUT" "$@" \
+        2>&1 | tee "$OUT/bench.log" | tail -60
+    echo "bench exit: ${PIPESTATUS[0]}"
+fi

@@ -1,0 +1,101 @@
+"""Benchmark cases: the PERF.md anchor patterns and problem sizes, and FLOP counting."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from ..patterns import FixedSparsityConfig
+
+PATTERNS = ("dense", "causal_dense", "window_global", "causal_fixed")
+
+
+@dataclass(frozen=True)
+class Case:
+    pattern: str
+    seq_len: int
+    batch: int
+    heads: int
+    head_dim: int
+    block: int
+    causal: bool = False  # token-level causal inside diagonal blocks
+
+    @property
+    def name(self) -> str:
+        c = "+causal" if self.causal else ""
+        return (f"{self.pattern}{c} L{self.seq_len} B{self.batch} H{self.heads} "
+                f"D{self.head_dim} block{self.block}")
+
+    def as_dict(self) -> dict:
+        return asdict(self) | {"name": self.name}
+
+
+def pattern_layout(pattern: str, seq_len: int, block: int) -> torch.Tensor:
+    """One layout ``[1, nb, nb]`` shared by all heads.
+
+    * ``dense``: every block;
+    * ``causal_dense``: blocks on or below the diagonal;
+    * ``window_global``: a bidirectional window of 256 tokens each side plus 128 global
+      tokens (dense rows and columns);
+    * ``causal_fixed``: Sparse Transformer "fixed", unidirectional, 512-token windows with
+      the last block of each window as a summary column.
+    """
+    if seq_len % block:
+        raise ValueError(f"pattern_layout: seq_len must be a multiple of block={block}, "
+                         f"got {seq_len}.")
+    nb = seq_len // block
+    if pattern == "dense":
+        return torch.ones(1, nb, nb, dtype=torch.int64)
+    if pattern == "causal_dense":
+        return torch.ones(1, nb, nb, dtype=torch.int64).tril()
+    if pattern == "window_global":
+        r = torch.arange(nb)
+        half = max(1, 256 // block)
+        lay = (r[:, None] - r[None, :]).abs() <= half
+        g = max(1, 128 // block)
+        lay[:g, :] = True
+        lay[:, :g] = True
+        return lay.to(torch.int64).unsqueeze(0)
+    if pattern == "causal_fixed":
+        window = max(1, 512 // block)
+        cfg = FixedSparsityConfig(1, block=block, num_local_blocks=window,
+                                  attention="unidirectional")
+        return cfg.make_layout(seq_len)
+    raise ValueError(f"pattern_layout: pattern must be one of {', '.join(PATTERNS)}, "
+                     f"got {pattern!r}.")
+
+
+def flops(case: Case, layout: torch.Tensor, mode: str) -> float:
+    """FLOPs on computed blocks: forward ``4 * B * nnz * block^2 * D`` (nnz over all heads),
+    forward+backward 3.5x that."""
+    nnz = int((layout != 0).sum()) * (case.heads if layout.shape[0] == 1 else 1)
+    f = 4.0 * case.batch * nnz * case.block ** 2 * case.head_dim
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def dense_flops(case: Case, mode: str) -> float:
+    f = 4.0 * case.batch * case.heads * case.seq_len ** 2 * case.head_dim
+    return f * (3.5 if mode == "fwd+bwd" else 1.0)
+
+
+def anchor_cases() -> list[Case]:
+    """Every row of PERF.md's anchor table, plus token-causal dense rows."""
+    return [
+        Case("dense", 8192, 4, 8, 128, 128),
+        Case("causal_dense", 8192, 4, 8, 128, 128),
+        Case("causal_dense", 8192, 4, 8, 128, 128, causal=True),
+        Case("window_global", 16384, 2, 8, 128, 128),
+        Case("window_global", 16384, 2, 8, 128, 64),
+        Case("window_global", 16384, 2, 8, 128, 32),
+        Case("causal_fixed", 16384, 2, 8, 128, 64, causal=True),
+        Case("window_global", 4096, 8, 8, 128, 64),
+        Case("dense", 8192, 4, 16, 64, 128),
+        Case("causal_dense", 8192, 4, 16, 64, 128),
+        Case("window_global", 4096, 8, 16, 64, 64),
+    ]
+
+
+def quick_cases() -> list[Case]:
+    return [Case("window_global", 1024, 1, 2, 64, 64), Case("causal_fixed", 1024, 1, 2, 64, 64,
+                                                             causal=True)]
