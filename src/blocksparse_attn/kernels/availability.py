@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import functools
-import importlib.util
+import importlib.metadata
 import os
 
 import torch
@@ -15,20 +14,25 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
-@functools.lru_cache(maxsize=None)
-def triton_version() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+def _installed_triton() -> str | None:
+    try:  # read the installed version without importing triton
+        return importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
         return None
-    import triton
 
-    return triton.__version__
+
+TRITON_VERSION = _installed_triton()
+
+
+def triton_version() -> str | None:
+    return TRITON_VERSION
 
 
 def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
     """Why the Triton kernels cannot run on tensors of ``device`` (empty list: they can)."""
     device = torch.device(device)
     reasons = []
-    version = triton_version()
+    version = TRITON_VERSION
     if version is None:
         reasons.append("Triton is not installed (pip install 'triton>=3.2')")
     elif tuple(int(p) for p in version.split(".")[:2] if p.isdigit()) < (3, 2):
