@@ -6,7 +6,7 @@ the ``gpu`` grid adds bf16, every head dim and block size, and long sequences.""
 import pytest
 import torch
 from attention_cases import assert_within_rule, make_problem, poison, references
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE
 
 from blocksparse_attn import block_sparse_attention
 from blocksparse_attn.kernels.configs import Tiles
@@ -166,8 +166,8 @@ def test_custom_op_registered_with_fake():
         out, lse = op(q, q, q, layout, None, None, None, 16, 0.25, False, False, True)
         assert out.shape == (2, 3, 64, 16) and out.dtype == torch.float16
         assert lse.shape == (2, 3, 64) and lse.dtype == torch.float32
-    torch.library.opcheck(op, (torch.randn(1, 1, 32, 16), torch.randn(1, 1, 32, 16),
-                               torch.randn(1, 1, 32, 16), torch.ones(1, 2, 2, dtype=torch.int64),
+    x = [torch.randn(1, 1, 32, 16, device=DEVICE) for _ in range(3)]
+    torch.library.opcheck(op, (*x, torch.ones(1, 2, 2, dtype=torch.int64, device=DEVICE),
                                None, None, None, 16, 0.25, False, False, True),
                           test_utils=("test_schema", "test_faketensor"))
 

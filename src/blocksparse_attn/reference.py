@@ -59,7 +59,7 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
         s = s + additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :]
     if x.attn_mask is not None:
         s = s + additive(x.attn_mask, x.attn_mask_mode, ct)
-    s = s.masked_fill(~token_mask(x.layout, block, x.causal), float("-inf"))
+    s = s.masked_fill(~token_mask(x.layout.to(q.device), block, x.causal), float("-inf"))
     m = s.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)

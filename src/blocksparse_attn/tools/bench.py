@@ -61,6 +61,8 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
         from ..flex_block_mask import layout_to_block_mask
 
         bm = layout_to_block_mask(layout, case.block, causal=case.causal, device=device)
+        # a fresh compile per case: past dynamo's recompile limit flex would run eagerly
+        torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v: flex(q, k, v, block_mask=bm)
     if backend in ("sdpa_cudnn", "sdpa_flash"):
