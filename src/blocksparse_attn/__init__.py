@@ -26,6 +26,9 @@ _EXPORTS = {
     "get_index": ".index",
     "reference_attention": ".reference",
     "block_sparse_attention": ".functional",
+    "SparseSelfAttention": ".modules",
+    "BertSparseSelfAttention": ".modules",
+    "SparseAttentionUtils": ".modules",
 }
 
 __all__ = ["__version__", *_EXPORTS]

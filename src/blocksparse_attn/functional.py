@@ -86,8 +86,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise NotImplementedError(
                 f"{where}: backend='fused' cannot run these inputs: " + "; ".join(reasons)
                 + ". Fix: use backend='reference' (exact, O(L^2) memory) or change the inputs.")
-        if backend == "auto":
-            backend = "reference" if reasons else "fused"
+        if backend == "auto":  # the kernel on CUDA; CPU tensors (even interpreted) use PyTorch
+            backend = "fused" if q.device.type == "cuda" and not reasons else "reference"
             if reasons and q.device.type == "cuda":
                 warnings.warn(f"{where}: the fused kernel cannot run these inputs ("
                               + "; ".join(reasons) + "); using the PyTorch reference "

@@ -1,4 +1,4 @@
-"""The ``blocksparse-attn`` command: ``layout``, ``bench``, ``env``. ``blocksparse-attn COMMAND --help`` lists each command's options."""
+"""The ``blocksparse-attn`` command: ``demo``, ``layout``, ``bench``, ``env``. ``blocksparse-attn COMMAND --help`` lists each command's options."""
 
 from __future__ import annotations
 
@@ -78,6 +78,13 @@ def _cmd_env(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import demo_main
+
+    demo_main(args)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import bench_main
 
@@ -101,6 +108,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-width", type=int, default=64, help="widest text grid (default 64)")
     p.add_argument("--png", metavar="FILE", help="also draw every head into a PNG file")
     p.set_defaults(func=_cmd_layout)
+
+    p = sub.add_parser("demo", help="train a small sparse-attention language model (main job)")
+    p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 400 on GPU)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default 256 CPU, 8192 GPU)")
+    p.add_argument("--block", type=int, help="layout block (default 16 CPU, 64 GPU)")
+    p.add_argument("--window", type=int, default=4, help="Fixed window in blocks (default 4)")
+    p.add_argument("--batch", type=int, help="sequences per step (default 16 CPU, 8 GPU)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--queries", type=int, default=32, help="answers per sequence")
+    p.add_argument("--keys", type=int, default=8, help="key->value pairs in the table")
+    p.add_argument("--lr", type=float, default=5e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    p.add_argument("--no-dense", action="store_true", help="skip the dense comparison run")
+    p.add_argument("--png", metavar="FILE", help="also draw the layout into a PNG file")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
