@@ -17,14 +17,13 @@ CPU_DTYPES = [torch.float32, torch.float16]
 
 
 def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, tiles=None,
-                  **problem):
+                  bwd_tiles=None, **problem):
     poison(monkeypatch)
     if tiles is not None:
-        from blocksparse_attn.kernels import configs, fused_bwd, fused_fwd
+        from blocksparse_attn.kernels import fused_bwd, fused_fwd
 
         monkeypatch.setattr(fused_fwd, "forward_tiles", lambda d, b: tiles)
-        monkeypatch.setattr(fused_bwd, "backward_tiles", lambda d, b: tiles)
-        del configs
+        monkeypatch.setattr(fused_bwd, "backward_tiles", lambda d, b: bwd_tiles or (tiles, tiles))
     q, k, v, layout, kw = make_problem(B, H, Lq, Lk, D, dtype, DEVICE, block=block, **problem)
     leaves = [q, k, v] + ([kw["rpe"]] if "rpe" in kw else [])
     if backward:
@@ -66,10 +65,13 @@ def test_blocks_and_head_dims(monkeypatch, block, D):
     run_and_check(monkeypatch, 1, 2, 256, 256, D, torch.float16, block=block, density=0.6)
 
 
-@pytest.mark.parametrize("tiles", [Tiles(64, 32), Tiles(32, 64), Tiles(16, 16)])
-def test_tile_shapes_over_small_blocks(monkeypatch, tiles):
+@pytest.mark.parametrize("tiles, bwd_tiles", [
+    (Tiles(64, 32), None), (Tiles(32, 64), None), (Tiles(16, 16), None),
+    (Tiles(64, 32), (Tiles(32, 64), Tiles(64, 32))),
+])
+def test_tile_shapes_over_small_blocks(monkeypatch, tiles, bwd_tiles):
     run_and_check(monkeypatch, 1, 2, 128, 128, 16, torch.float32, block=16, causal=True,
-                  tiles=tiles, kpm="add")
+                  tiles=tiles, bwd_tiles=bwd_tiles, kpm="add")
 
 
 def test_rectangular_cross_attention(monkeypatch):

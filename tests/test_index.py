@@ -49,7 +49,14 @@ def test_round_trip(block, tile_m, tile_n, shape, density):
         part = idx.col_partial[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
         csc |= {(c // idx.col_tiles, r, c % idx.col_tiles, b, p) for r, b, p in zip(rows, bits, part)}
     assert csr == csc
-    assert idx.max_row_len == max((idx.row_ptr[1:] - idx.row_ptr[:-1]).tolist())
+    row_len = (idx.row_ptr[1:] - idx.row_ptr[:-1]).tolist()
+    col_len = (idx.col_ptr[1:] - idx.col_ptr[:-1]).tolist()
+    assert idx.max_row_len == max(row_len)
+    # the orders are permutations, longest first
+    assert sorted(idx.row_order.tolist()) == list(range(len(row_len)))
+    assert sorted(idx.col_order.tolist()) == list(range(len(col_len)))
+    assert [row_len[r] for r in idx.row_order.tolist()] == sorted(row_len, reverse=True)
+    assert [col_len[c] for c in idx.col_order.tolist()] == sorted(col_len, reverse=True)
 
 
 def test_compressed_order_is_layout_nonzero():

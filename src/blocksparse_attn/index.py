@@ -55,6 +55,9 @@ class SparseIndex:
         col_ptr, col_idx, col_bits, col_partial: the same tiles in CSC order (per key tile,
             the query tiles).
         max_row_len, max_col_len: longest row / column list.
+        row_order, col_order: ``[heads * row_tiles]`` / ``[heads * col_tiles]`` the (head,
+            tile) lists sorted longest first (``head * tiles + tile``): kernels start the long
+            rows first so they do not finish last.
     """
 
     heads: int
@@ -77,6 +80,8 @@ class SparseIndex:
     col_partial: torch.Tensor
     max_row_len: int
     max_col_len: int
+    row_order: torch.Tensor
+    col_order: torch.Tensor
 
     @property
     def nnz(self) -> int:
@@ -193,6 +198,8 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
         col_partial=partial[col_order],
         max_row_len=int(row_counts.max()) if row_counts.numel() else 0,
         max_col_len=int(col_counts.max()) if col_counts.numel() else 0,
+        row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
+        col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
     )
 
 

@@ -64,6 +64,31 @@ def _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
     return s
 
 
+@triton.jit
+def _schedule(ORDER, heads_per_layout_head, batch, tiles):
+    """Map this program to (list id, tile, batch, head). Lists are visited longest first
+    (``ORDER``, from the index); the programs of one list (every batch, and every head
+    sharing the layout) are adjacent."""
+    rep = batch * heads_per_layout_head
+    pid = tl.program_id(0)
+    entry = pid // rep
+    k = pid % rep
+    list_id = tl.load(ORDER + entry)
+    tile = list_id % tiles
+    h = list_id // tiles + k % heads_per_layout_head
+    b = k // heads_per_layout_head
+    return list_id, tile, b.to(tl.int64), h.to(tl.int64)
+
+
+def launch(kernel, grid, args, kwargs, config: dict | None):
+    """Launch an autotuned kernel, or its plain function with an explicit
+    ``{"num_warps": .., "num_stages": ..}`` (benchmark sweeps)."""
+    if config is None:
+        kernel[grid](*args, **kwargs)
+    else:
+        kernel.fn[grid](*args, **kwargs, **config)
+
+
 def input_precision(dtype: torch.dtype) -> str:
     """fp32 inputs use exact fp32 products unless the caller allowed TF32 through
     ``torch.backends.cuda.matmul.allow_tf32``."""

@@ -46,10 +46,12 @@ def forward_tiles(head_dim: int, block: int) -> Tiles:
     return _shrink(block, 128, 64)
 
 
-def backward_tiles(head_dim: int, block: int) -> Tiles:
+def backward_tiles(head_dim: int, block: int) -> tuple[Tiles, Tiles]:
+    """(dK/dV tiles, dQ tiles): dK/dV programs own ``n`` keys and step over ``m`` queries;
+    dQ programs own ``m`` queries and step over ``n`` keys."""
     if interpreting():
-        return _shrink(block, 64, 64)
-    return _shrink(block, 64, 64)
+        return _shrink(block, 64, 64), _shrink(block, 64, 64)
+    return _shrink(block, 64, 64), _shrink(block, 64, 64)
 
 
 def launch_configs(kind: str):

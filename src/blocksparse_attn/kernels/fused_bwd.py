@@ -14,11 +14,31 @@ import triton
 import triton.language as tl
 
 from ..index import get_index
-from ._common import LOG2E, _dot, _score_tile, empty, input_precision, mask_args, unit_last_stride
-from ._common import upcast_dots
+from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
+from ._common import mask_args, unit_last_stride, upcast_dots
 from .configs import Tiles, backward_tiles, launch_configs
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
+
+
+@triton.jit
+def _bsa_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H, Lq,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                          BLOCK_M: tl.constexpr):
+    """``delta = rowsum(dO * O)`` in fp32, ``[B, H, L_q]``."""
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1).to(tl.int64)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    ok = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok,
+                other=0.0)
+    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :],
+                 mask=ok, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
 
 @triton.jit
@@ -36,18 +56,15 @@ def _bsa_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
         s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-        col_ptr, col_idx, col_bits, col_partial,
+        col_ptr, col_idx, col_bits, col_partial, col_order,
         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        H, Lq, Lk, col_tiles, layout_head_step, qk_scale, scale,
+        B, H, Lq, Lk, col_tiles, heads_per_layout_head, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -59,11 +76,10 @@ def _bsa_bwd_dkdv_kernel(
                 mask=nd_ok, other=0.0)
     q_base = Q + b * s_qb + h * s_qh
     do_base = DO + b * s_dob + h * s_doh
-    row_base = pid_bh.to(tl.int64) * Lq
+    row_base = (b * H + h) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    col = h * layout_head_step * col_tiles + pid_n
     start = tl.load(col_ptr + col)
     end = tl.load(col_ptr + col + 1)
     for t in range(start, end):
@@ -99,18 +115,15 @@ def _bsa_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DS,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
         s_dqb, s_dqh, s_dqm,
-        row_ptr, row_idx, row_bits, row_partial,
+        row_ptr, row_idx, row_bits, row_partial, row_order,
         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        H, Lq, Lk, row_tiles, layout_head_step, qk_scale, scale,
+        B, H, Lq, Lk, row_tiles, heads_per_layout_head, qk_scale, scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, STORE_DS: tl.constexpr,
         INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -120,14 +133,13 @@ def _bsa_bwd_dq_kernel(
                 mask=md_ok, other=0.0)
     do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :],
                  mask=md_ok, other=0.0)
-    row_base = pid_bh.to(tl.int64) * Lq
+    row_base = (b * H + h) * Lq
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     k_base = K + b * s_kb + h * s_kh
     v_base = V + b * s_vb + h * s_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    row = h * layout_head_step * row_tiles + pid_m
     start = tl.load(row_ptr + row)
     end = tl.load(row_ptr + row + 1)
     for t in range(start, end):
@@ -163,17 +175,26 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
                              key_padding_mask: torch.Tensor | None = None,
                              attn_mask: torch.Tensor | None = None,
                              key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                             rpe_grad: bool = False, tiles: Tiles | None = None):
+                             rpe_grad: bool = False,
+                             tiles: tuple[Tiles, Tiles] | None = None,
+                             configs: tuple[dict, dict] | None = None):
     """Gradients of the fused forward. Returns ``(dq, dk, dv, drpe)``; ``drpe`` is the
     score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the layout) summed to the
-    shape of ``rpe`` when ``rpe_grad``, else ``None``."""
+    shape of ``rpe`` when ``rpe_grad``, else ``None``. ``tiles`` (dK/dV, dQ) and
+    ``configs`` (``num_warps``/``num_stages`` each) override the tuned choice."""
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    tiles = tiles or backward_tiles(D, block)
-    index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
-                      causal=causal, device=q.device)
-    delta = (out.float() * grad_out.float()).sum(-1)
+    kv_tiles, q_tiles = tiles or backward_tiles(D, block)
+    kv_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=kv_tiles.m,
+                         tile_n=kv_tiles.n, causal=causal, device=q.device)
+    q_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=q_tiles.m, tile_n=q_tiles.n,
+                        causal=causal, device=q.device)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    delta = empty((B, H, Lq), torch.float32, q.device)
+    _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0),
+        grad_out.stride(1), grad_out.stride(2), H, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
     lse = lse.contiguous()
     dq = empty((B, H, Lq, D), q.dtype, q.device)
     dk = empty((B, H, Lk, D), k.dtype, k.device)
@@ -181,25 +202,29 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if rpe_grad else q
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, B, H, Lq, Lk, q)
-    common = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
-                  BLOCK_N=tiles.n, SUB=index.sub,
-                  HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1, CAUSAL=causal,
+    common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal,
                   INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype), **flags)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
-    head_step = 1 if index.heads > 1 else 0
-    _bsa_bwd_dkdv_kernel[(index.col_tiles, B * H)](
+    kv_config, q_config = configs or (None, None)
+    idx = kv_index
+    launch(_bsa_bwd_dkdv_kernel, (idx.col_tiles * B * H,), (
         q, k, v, grad_out, lse, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        index.col_ptr, index.col_idx, index.col_bits, index.col_partial, *extra,
-        H, Lq, Lk, index.col_tiles, head_step, scale * LOG2E, scale, **common)
-    _bsa_bwd_dq_kernel[(index.row_tiles, B * H)](
+        idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order, *extra,
+        B, H, Lq, Lk, idx.col_tiles, H // idx.heads, scale * LOG2E, scale),
+        dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub,
+             HAS_SUB=(kv_tiles.m // idx.sub) * (kv_tiles.n // idx.sub) > 1), kv_config)
+    idx = q_index
+    launch(_bsa_bwd_dq_kernel, (idx.row_tiles * B * H,), (
         q, k, v, grad_out, lse, delta, dq, ds, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
-        index.row_ptr, index.row_idx, index.row_bits, index.row_partial, *extra,
-        H, Lq, Lk, index.row_tiles, head_step, scale * LOG2E, scale, STORE_DS=rpe_grad,
-        **common)
+        idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order, *extra,
+        B, H, Lq, Lk, idx.row_tiles, H // idx.heads, scale * LOG2E, scale),
+        dict(common, BLOCK_M=q_tiles.m, BLOCK_N=q_tiles.n, SUB=idx.sub,
+             HAS_SUB=(q_tiles.m // idx.sub) * (q_tiles.n // idx.sub) > 1, STORE_DS=rpe_grad),
+        q_config)
     drpe = None
     if rpe_grad:
         dims = [d for d in range(4) if rpe.shape[d] == 1 and ds.shape[d] != 1]

@@ -9,8 +9,8 @@ import triton
 import triton.language as tl
 
 from ..index import get_index
-from ._common import LOG2E, _dot, _score_tile, empty, input_precision, mask_args, unit_last_stride
-from ._common import upcast_dots
+from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
+from ._common import mask_args, unit_last_stride, upcast_dots
 from .configs import Tiles, forward_tiles, launch_configs
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
@@ -21,18 +21,15 @@ _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM",
 def _bsa_fwd_kernel(
         Q, K, V, O, LSE,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-        row_ptr, row_idx, row_bits, row_partial,
+        row_ptr, row_idx, row_bits, row_partial, row_order,
         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        H, Lq, Lk, row_tiles, layout_head_step, qk_scale,
+        B, H, Lq, Lk, row_tiles, heads_per_layout_head, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
         UPCAST: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -47,7 +44,6 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    row = h * layout_head_step * row_tiles + pid_m
     start = tl.load(row_ptr + row)
     end = tl.load(row_ptr + row + 1)
     for t in range(start, end):
@@ -78,7 +74,7 @@ def _bsa_fwd_kernel(
     lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + pid_bh.to(tl.int64) * Lq + offs_m, lse, mask=m_ok)
+    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
 
 
 def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,8 +83,10 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             key_padding_mask: torch.Tensor | None = None,
                             attn_mask: torch.Tensor | None = None,
                             key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                            tiles: Tiles | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                            tiles: Tiles | None = None, config: dict | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on checked inputs (see ``block_sparse_attention``).
+    ``tiles`` and ``config`` (``num_warps``/``num_stages``) override the tuned choice.
 
     Returns ``out [B, H, L_q, D]`` in the input dtype and ``lse [B, H, L_q]`` float32
     (natural log; ``-inf`` for queries with nothing to attend)."""
@@ -102,16 +100,15 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     lse = empty((B, H, Lq), torch.float32, q.device)
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, B, H, Lq, Lk, q)
-    grid = (index.row_tiles, B * H)
-    _bsa_fwd_kernel[grid](
-        q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-        index.row_ptr, index.row_idx, index.row_bits, index.row_partial,
-        *extra,
-        H, Lq, Lk, index.row_tiles, 1 if index.heads > 1 else 0, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
-        BLOCK_N=tiles.n, SUB=index.sub, HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1,
-        CAUSAL=causal, INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-        **flags)
+    grid = (index.row_tiles * B * H,)
+    args = (q, k, v, out, lse,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+            index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_order,
+            *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads, scale * LOG2E)
+    kwargs = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
+                  BLOCK_N=tiles.n, SUB=index.sub,
+                  HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1, CAUSAL=causal,
+                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype), **flags)
+    launch(_bsa_fwd_kernel, grid, args, kwargs, config)
     return out, lse
