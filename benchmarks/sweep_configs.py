@@ -65,7 +65,7 @@ def sweep_bwd(case, rows):
     layout, q, k, v, do, kw = problem(case)
     out, lse = fused_attention_forward(q, k, v, layout, **kw)
     f = flops(case, layout.cpu(), "fwd+bwd") - flops(case, layout.cpu(), "fwd")
-    default_kv, default_q = backward_tiles(case.head_dim, case.block)
+    default_kv, default_q = backward_tiles(case.head_dim, case.block, 0.0)
     default_cfg = dict(num_warps=4, num_stages=2)
     for which, tile_set in (("dkdv", KV_TILES), ("dq", Q_TILES)):
         for tiles, cfg in itertools.product(tile_set, LAUNCH):

@@ -5,7 +5,7 @@ import gc
 import pytest
 import torch
 
-from blocksparse_attn.index import _CACHE, build_index, get_index
+from blocksparse_attn.index import _CACHE, build_index, get_density, get_index
 
 
 def random_layout(h, nq, nk, density):
@@ -135,8 +135,9 @@ def test_cache_hits_rebuilds_and_evicts():
     layout[0, 0, 3] = 0  # in-place edit bumps the version: rebuilt
     b = get_index(layout, 16, tile_m=32, tile_n=32)
     assert b is not a and b.nnz == a.nnz and int(b.row_bits[1]) != int(a.row_bits[1])
+    assert get_density(layout) == 15 / 16
     mine = [key for key in _CACHE if key[0] == id(layout)]
-    assert len(mine) == 2  # the rebuilt entry replaced the first one
+    assert len(mine) == 3  # two indexes (the rebuilt one replaced the first) and the density
     del layout
     gc.collect()
     assert not any(key in _CACHE for key in mine)

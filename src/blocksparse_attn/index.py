@@ -203,22 +203,33 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     )
 
 
-_CACHE: dict[tuple, tuple[weakref.ref, int, SparseIndex]] = {}
+_CACHE: dict[tuple, tuple[weakref.ref, int, object]] = {}
+
+
+def _cached(layout: torch.Tensor, key: tuple, build):
+    """``build()`` cached by the layout tensor's identity and version (an in-place edit of
+    the layout rebuilds) plus ``key``; the entry goes when the layout tensor is freed."""
+    key = (id(layout), *key)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
+        return hit[2]
+    value = build()
+    ref = weakref.ref(layout, lambda _, k=key: _CACHE.pop(k, None))
+    _CACHE[key] = (ref, layout._version, value)
+    return value
 
 
 def get_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
               k_len: int | None = None, tile_m: int | None = None, tile_n: int | None = None,
               causal: bool = False, device: torch.device | str | None = None) -> SparseIndex:
-    """:func:`build_index` with a cache keyed by the layout tensor's identity and version
-    (an in-place edit of the layout rebuilds), the block, the tile, ``causal`` and the
-    device the index is wanted on. The entry goes when the layout tensor is freed."""
+    """:func:`build_index`, cached per layout tensor (see :func:`_cached`), block, tile,
+    ``causal`` and the device the index is wanted on."""
     device = torch.device(device) if device is not None else layout.device
-    key = (id(layout), block, q_len, k_len, tile_m, tile_n, causal, str(device))
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is layout and hit[1] == layout._version:
-        return hit[2]
-    index = build_index(layout.to(device), block, q_len=q_len, k_len=k_len, tile_m=tile_m,
-                        tile_n=tile_n, causal=causal)
-    ref = weakref.ref(layout, lambda _, k=key: _CACHE.pop(k, None))
-    _CACHE[key] = (ref, layout._version, index)
-    return index
+    return _cached(layout, ("index", block, q_len, k_len, tile_m, tile_n, causal, str(device)),
+                   lambda: build_index(layout.to(device), block, q_len=q_len, k_len=k_len,
+                                       tile_m=tile_m, tile_n=tile_n, causal=causal))
+
+
+def get_density(layout: torch.Tensor) -> float:
+    """Fraction of kept blocks, cached per layout tensor."""
+    return _cached(layout, ("density",), lambda: float((layout != 0).float().mean()))

@@ -38,20 +38,28 @@ def _shrink(block: int, m: int, n: int) -> Tiles:
     return Tiles(m, n)
 
 
-def forward_tiles(head_dim: int, block: int) -> Tiles:
+# Layouts at least this dense use large forward tiles (more reuse per program); sparser ones
+# use 64x64 tiles, which shortens the longest row's program (the critical path when a few
+# global rows attend everything). Measured on an H100: benchmarks/NOTES.md, v2 sweep.
+DENSE_LAYOUT = 0.3
+
+
+def forward_tiles(head_dim: int, block: int, density: float = 1.0) -> Tiles:
     if interpreting():
         return _shrink(block, 64, 64)
     if head_dim > 128:
         return _shrink(block, 64, 32)
-    return _shrink(block, 128, 64)
+    if density >= DENSE_LAYOUT:
+        return _shrink(block, 128, 128)
+    return _shrink(block, 64, 64)
 
 
-def backward_tiles(head_dim: int, block: int) -> tuple[Tiles, Tiles]:
+def backward_tiles(head_dim: int, block: int, density: float = 1.0) -> tuple[Tiles, Tiles]:
     """(dK/dV tiles, dQ tiles): dK/dV programs own ``n`` keys and step over ``m`` queries;
     dQ programs own ``m`` queries and step over ``n`` keys."""
     if interpreting():
         return _shrink(block, 64, 64), _shrink(block, 64, 64)
-    return _shrink(block, 64, 64), _shrink(block, 64, 64)
+    return _shrink(block, 64, 64), _shrink(block, 128, 64)
 
 
 def launch_configs(kind: str):
@@ -62,6 +70,5 @@ def launch_configs(kind: str):
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: compile one config
         return [triton.Config({}, num_warps=4, num_stages=2)]
-    if kind == "fwd":
-        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (1, 2)]
+    # the combinations that won somewhere in the v2 sweep (benchmarks/NOTES.md)
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import get_index
+from ..index import get_density, get_index
 from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
 from ._common import mask_args, unit_last_stride, upcast_dots
 from .configs import Tiles, backward_tiles, launch_configs
@@ -185,7 +185,7 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kv_tiles, q_tiles = tiles or backward_tiles(D, block)
+    kv_tiles, q_tiles = tiles or backward_tiles(D, block, get_density(layout))
     kv_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=kv_tiles.m,
                          tile_n=kv_tiles.n, causal=causal, device=q.device)
     q_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=q_tiles.m, tile_n=q_tiles.n,

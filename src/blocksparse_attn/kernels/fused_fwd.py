@@ -8,7 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..index import get_index
+from ..index import get_density, get_index
 from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
 from ._common import mask_args, unit_last_stride, upcast_dots
 from .configs import Tiles, forward_tiles, launch_configs
@@ -93,7 +93,7 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    tiles = tiles or forward_tiles(D, block)
+    tiles = tiles or forward_tiles(D, block, get_density(layout))
     index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
                       causal=causal, device=q.device)
     out = empty((B, H, Lq, D), q.dtype, q.device)
