@@ -15,13 +15,18 @@ export PYTHONPATH=src PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 python3 -m blocksparse_attn.tools.cli env | tee -a "$OUT/gpu.txt"
 # one launch config per kernel in tests: compile time, not speed, matters there
-BLOCKSPARSE_ATTN_AUTOTUNE=0 timeout "$TEST_SECONDS" python3 -m pytest tests -q -n 8 \
-    -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -40
-echo "tests exit: ${PIPESTATUS[0]}"
+BLOCKSPARSE_ATTN_AUTOTUNE=0 timeout "$TEST_SECONDS" python3 -m pytest tests -v -n 8 \
+    -p no:cacheprovider -W ignore::DeprecationWarning 2>&1 > "$OUT/tests.log"
+echo "tests exit: $?"
+grep -E "(FAILED|ERROR) tests/|^E   " "$OUT/tests.log" | head -40
+grep -E "[0-9]+ (passed|failed)" "$OUT/tests.log" | tail -1
 if [ "$BENCH_SECONDS" -gt 0 ]; then
     timeout "$BENCH_SECONDS" python3 -m blocksparse_attn.tools.cli bench --out "$OUT" "$@" \
         2>&1 | tee "$OUT/bench.log" | tail -60
     echo "bench exit: ${PIPESTATUS[0]}"
+fi
+if [ "${EXTRA_SECONDS:-0}" -gt 0 ]; then
+    timeout "$EXTRA_SECONDS" python3 benchmarks/long_and_index.py 2>&1 | tee "$OUT/long_and_index.log"
 fi
 if [ "${DEMO_SECONDS:-0}" -gt 0 ]; then
     timeout "$DEMO_SECONDS" python3 -m blocksparse_attn.tools.cli demo 2>&1 | tee "$OUT/demo.log" \

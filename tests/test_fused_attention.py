@@ -22,9 +22,8 @@ def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, 
     if tiles is not None:
         from blocksparse_attn.kernels import fused_bwd, fused_fwd
 
-        monkeypatch.setattr(fused_fwd, "forward_tiles", lambda d, b, density: tiles)
-        monkeypatch.setattr(fused_bwd, "backward_tiles",
-                            lambda d, b, density: bwd_tiles or (tiles, tiles))
+        monkeypatch.setattr(fused_fwd, "forward_tiles", lambda *_: tiles)
+        monkeypatch.setattr(fused_bwd, "backward_tiles", lambda *_: bwd_tiles or (tiles, tiles))
     q, k, v, layout, kw = make_problem(B, H, Lq, Lk, D, dtype, DEVICE, block=block, **problem)
     leaves = [q, k, v] + ([kw["rpe"]] if "rpe" in kw else [])
     if backward:

@@ -44,20 +44,25 @@ def _shrink(block: int, m: int, n: int) -> Tiles:
 DENSE_LAYOUT = 0.3
 
 
-def forward_tiles(head_dim: int, block: int, density: float = 1.0) -> Tiles:
+def forward_tiles(head_dim: int, block: int, density: float = 1.0, itemsize: int = 2) -> Tiles:
+    """Forward tiles. Four-byte inputs (fp32) take the smaller tiles: 128x128 fp32 tiles at
+    head dim 128 exceed a Hopper SM's shared memory."""
     if interpreting():
         return _shrink(block, 64, 64)
     if head_dim > 128:
         return _shrink(block, 64, 32)
-    if density >= DENSE_LAYOUT:
+    if density >= DENSE_LAYOUT and itemsize <= 2:
         return _shrink(block, 128, 128)
     return _shrink(block, 64, 64)
 
 
-def backward_tiles(head_dim: int, block: int, density: float = 1.0) -> tuple[Tiles, Tiles]:
+def backward_tiles(head_dim: int, block: int, density: float = 1.0,
+                   itemsize: int = 2) -> tuple[Tiles, Tiles]:
     """(dK/dV tiles, dQ tiles): dK/dV programs own ``n`` keys and step over ``m`` queries;
     dQ programs own ``m`` queries and step over ``n`` keys."""
     if interpreting():
+        return _shrink(block, 64, 64), _shrink(block, 64, 64)
+    if itemsize > 2:
         return _shrink(block, 64, 64), _shrink(block, 64, 64)
     return _shrink(block, 64, 64), _shrink(block, 128, 64)
 

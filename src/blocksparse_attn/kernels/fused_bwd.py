@@ -185,7 +185,7 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kv_tiles, q_tiles = tiles or backward_tiles(D, block, get_density(layout))
+    kv_tiles, q_tiles = tiles or backward_tiles(D, block, get_density(layout), q.element_size())
     kv_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=kv_tiles.m,
                          tile_n=kv_tiles.n, causal=causal, device=q.device)
     q_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=q_tiles.m, tile_n=q_tiles.n,

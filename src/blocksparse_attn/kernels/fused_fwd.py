@@ -93,7 +93,7 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    tiles = tiles or forward_tiles(D, block, get_density(layout))
+    tiles = tiles or forward_tiles(D, block, get_density(layout), q.element_size())
     index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
                       causal=causal, device=q.device)
     out = empty((B, H, Lq, D), q.dtype, q.device)
