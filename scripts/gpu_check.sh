@@ -2,8 +2,8 @@
 # The GPU check: the whole test suite on the GPU, then the benchmark beside FlexAttention and
 # SDPA. Run from the repository root on a CUDA machine (no install needed):
 #   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [bench args...]
-# Logs go to $OUT (or ./gpu-check) as tests.log, bench.log, bench.json, bench.md (and
-# demo.log when DEMO_SECONDS > 0).
+# Logs go to $OUT (or ./gpu-check) as tests.log, bench.log, bench.json, bench.md; with
+# EXTRA_SECONDS > 0 also long_and_index.log, with DEMO_SECONDS > 0 also demo.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"
