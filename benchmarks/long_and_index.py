@@ -5,7 +5,7 @@
 * forward+backward at L = 1,048,576 tokens (B1 H16 D64, window_global, one layout shared by
   all heads, block 128).
 
-    PYTHONPATH=src python3 benchmarks/long_and_index.py
+    PYTHONPATH=src python3 benchmarks/long_and_index.py [--flex]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from blocksparse_attn.kernels.configs import forward_tiles
 from blocksparse_attn.tools.bench_cases import Case, flops, pattern_layout
 
 
-def index_build():
+def index_build(with_flex: bool):
     L, H, block = 16384, 16, 64
     layout = pattern_layout("window_global", L, block).expand(H, -1, -1).contiguous().cuda()
     tiles = forward_tiles(64, block, 0.05)
@@ -29,6 +29,8 @@ def index_build():
     ms = do_bench(fn, warmup=5, rep=50, return_mode="median")
     print(f"index build, L={L} H={H} block {block} window_global (layout on GPU, "
           f"{tiles.m}x{tiles.n} tiles): {ms:.3f} ms")
+    if not with_flex:
+        return
     try:
         from torch.nn.attention.flex_attention import create_block_mask
 
@@ -81,6 +83,8 @@ def million_tokens():
 
 
 if __name__ == "__main__":
+    import sys
+
     print(torch.cuda.get_device_name())
-    index_build()
+    index_build(with_flex="--flex" in sys.argv)  # FlexAttention's compile takes a minute
     million_tokens()

@@ -54,7 +54,6 @@ class SparseIndex:
         row_partial: ``[nnz]`` 1 where the tile needs element masking, CSR order.
         col_ptr, col_idx, col_bits, col_partial: the same tiles in CSC order (per key tile,
             the query tiles).
-        max_row_len, max_col_len: longest row / column list.
         row_order, col_order: ``[heads * row_tiles]`` / ``[heads * col_tiles]`` the (head,
             tile) lists sorted longest first (``head * tiles + tile``): kernels start the long
             rows first so they do not finish last.
@@ -78,8 +77,6 @@ class SparseIndex:
     col_idx: torch.Tensor
     col_bits: torch.Tensor
     col_partial: torch.Tensor
-    max_row_len: int
-    max_col_len: int
     row_order: torch.Tensor
     col_order: torch.Tensor
 
@@ -158,23 +155,29 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
 
     h, i, j = grid.nonzero(as_tuple=True)
     e = block // g
-    if e > 1:  # split each block into e x e sub-blocks
-        d = torch.arange(e, device=dev)
-        i = (i[:, None, None] * e + d[None, :, None]).expand(-1, e, e).reshape(-1)
-        j = (j[:, None, None] * e + d[None, None, :]).expand(-1, e, e).reshape(-1)
-        h = h[:, None].expand(-1, e * e).reshape(-1)
-    ti, tj = i // sm, j // sn
-    bit = (i % sm) * sn + (j % sn)
-    key = (h * rt + ti) * ct + tj
-    tiles, inverse = torch.unique(key, sorted=True, return_inverse=True)
-    n = tiles.numel()
-    # bits are distinct within a tile, so their sum is their bitwise or
-    bits = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
-        0, inverse, torch.ones_like(bit) << bit)
-    kept = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
-        0, inverse, torch.ones_like(bit))
-    th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
-    partial = kept < sm * sn
+    if e == 1 and sm == 1 and sn == 1:  # tile == block: one tile per kept block, already sorted
+        th, ti, tj = h, i, j
+        bits = torch.ones_like(h)
+        partial = torch.zeros_like(h, dtype=torch.bool)
+    else:
+        if e > 1:  # split each block into e x e sub-blocks
+            d = torch.arange(e, device=dev)
+            i = (i[:, None, None] * e + d[None, :, None]).expand(-1, e, e).reshape(-1)
+            j = (j[:, None, None] * e + d[None, None, :]).expand(-1, e, e).reshape(-1)
+            h = h[:, None].expand(-1, e * e).reshape(-1)
+        key = (h * rt + i // sm) * ct + j // sn
+        bit = (i % sm) * sn + (j % sn)
+        tiles, inverse = torch.unique(key, sorted=True, return_inverse=True)
+        n = tiles.numel()
+        # bits are distinct within a tile, so their sum is their bitwise or
+        bits = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
+            0, inverse, torch.ones_like(bit) << bit)
+        kept = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
+            0, inverse, torch.ones_like(bit))
+        th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
+        partial = kept < sm * sn
+    # ragged ends: a tile reaching past the sequence needs element masks
+    partial = partial | ((ti + 1) * tile_m > q_len) | ((tj + 1) * tile_n > k_len)
     if causal:
         row_lo = ti * tile_m
         row_hi = torch.clamp(row_lo + tile_m, max=q_len) - 1
@@ -184,20 +187,20 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
         th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
     partial = partial.to(torch.int32)
 
-    row_counts = torch.bincount(th * rt + ti, minlength=H * rt)
-    col_order = torch.argsort((th * ct + tj) * rt + ti)
-    col_counts = torch.bincount(th * ct + tj, minlength=H * ct)
-    zero = torch.zeros(1, dtype=torch.int32, device=dev)
+    # offsets by binary search over the sorted list keys: no host synchronisation
+    rows = th * rt + ti
+    row_ptr = torch.searchsorted(rows, torch.arange(H * rt + 1, device=dev)).to(torch.int32)
+    cols = th * ct + tj
+    col_order = torch.argsort(cols * rt + ti)
+    sorted_cols = cols[col_order]
+    col_ptr = torch.searchsorted(sorted_cols, torch.arange(H * ct + 1, device=dev))
+    row_counts, col_counts = row_ptr[1:] - row_ptr[:-1], col_ptr[1:] - col_ptr[:-1]
     return SparseIndex(
         heads=H, block=block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, sub=g,
         causal=causal, row_tiles=rt, col_tiles=ct,
-        row_ptr=torch.cat([zero, row_counts.cumsum(0).to(torch.int32)]),
-        row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
-        col_ptr=torch.cat([zero, col_counts.cumsum(0).to(torch.int32)]),
-        col_idx=ti[col_order].to(torch.int32), col_bits=bits[col_order],
-        col_partial=partial[col_order],
-        max_row_len=int(row_counts.max()) if row_counts.numel() else 0,
-        max_col_len=int(col_counts.max()) if col_counts.numel() else 0,
+        row_ptr=row_ptr, row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
+        col_ptr=col_ptr.to(torch.int32), col_idx=ti[col_order].to(torch.int32),
+        col_bits=bits[col_order], col_partial=partial[col_order],
         row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
         col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
     )
