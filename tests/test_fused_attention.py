@@ -152,7 +152,7 @@ def test_fused_refuses_cpu_without_interpreter(monkeypatch):
 
 def test_unknown_backend():
     q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float32, "cpu", block=16)
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'reference'"):
+    with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'unfused', 'reference'"):
         block_sparse_attention(q, k, v, layout, backend="triton", **kw)
 
 

@@ -48,6 +48,10 @@ def test_round_trip(block, tile_m, tile_n, shape, density):
         bits = idx.col_bits[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
         part = idx.col_partial[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
         csc |= {(c // idx.col_tiles, r, c % idx.col_tiles, b, p) for r, b, p in zip(rows, bits, part)}
+        for e in range(int(idx.col_ptr[c]), int(idx.col_ptr[c + 1])):  # col_pos points back
+            t = int(idx.col_pos[e])
+            assert int(idx.row_idx[t]) == c % idx.col_tiles
+            assert int(idx.row_bits[t]) == int(idx.col_bits[e])
     assert csr == csc
     row_len = (idx.row_ptr[1:] - idx.row_ptr[:-1]).tolist()
     col_len = (idx.col_ptr[1:] - idx.col_ptr[:-1]).tolist()

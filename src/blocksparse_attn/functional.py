@@ -9,7 +9,7 @@ import torch
 from ._errors import bad_argument
 from ._inputs import AttentionInputs, check_attention_inputs
 
-BACKENDS = ("auto", "fused", "reference")
+BACKENDS = ("auto", "fused", "unfused", "reference")
 FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 FUSED_MAX_HEAD_DIM_FWD = 256
 FUSED_MAX_HEAD_DIM_BWD = 128
@@ -35,6 +35,38 @@ def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]
     return reasons
 
 
+def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[str]:
+    """Why the unfused SDD -> softmax -> DSD backend cannot run these inputs."""
+    from .kernels.availability import kernel_unavailable_reasons
+    from .ops.matmul import BLOCKS
+
+    reasons = kernel_unavailable_reasons(x.q.device)
+    if x.q.dtype not in FUSED_DTYPES:
+        reasons.append(f"dtype {x.q.dtype} is not supported (float16, bfloat16, float32)")
+    if x.block not in BLOCKS:
+        reasons.append(f"block {x.block} is not one of {', '.join(map(str, BLOCKS))}")
+    if return_lse:
+        reasons.append("return_lse=True: the unfused path does not form the log-sum-exp")
+    return reasons
+
+
+def _unfused_ops(layout: torch.Tensor, block: int, heads: int, causal: bool):
+    """SDD, softmax and DSD operators for ``layout`` over ``heads`` heads, cached per layout
+    tensor. With ``causal`` the blocks wholly after the diagonal are dropped."""
+    from .index import _cached
+    from .ops.matmul import MatMul
+    from .ops.softmax import Softmax
+
+    def build():
+        lay = (layout != 0).expand(heads, -1, -1)
+        if causal:
+            lay = lay & torch.ones(lay.shape[1:], dtype=torch.bool, device=lay.device).tril()
+        return (MatMul(lay, block, "sdd", trans_b=True), Softmax(lay, block),
+                MatMul(lay, block, "dsd"))
+
+    return _cached(layout, ("unfused", block, heads, causal), build)
+
+
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            layout: torch.Tensor, *, block: int, scale: float | None = None,
                            causal: bool = False, rpe: torch.Tensor | None = None,
@@ -58,8 +90,9 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         attn_mask: ``[L_q, L_k]``, shared by batches and heads.
         key_padding_mask_mode, attn_mask_mode: ``'add'`` (added to the scores: 0 keeps,
             ``-inf`` masks) or ``'mul'`` (non-zero keeps, 0 masks).
-        backend: ``'fused'`` (Triton flash kernel), ``'reference'`` (dense PyTorch, exact,
-            O(L^2) memory) or ``'auto'``: fused for CUDA tensors it supports, else the
+        backend: ``'fused'`` (Triton flash kernel), ``'unfused'`` (Triton SDD -> softmax ->
+            DSD on the compressed format, O(B*nnz*block^2) memory; DeepSpeed's algorithm),
+            ``'reference'`` (dense PyTorch, exact, O(L^2) memory) or ``'auto'``: fused for CUDA tensors it supports, else the
             reference (with a warning when CUDA inputs cannot use the kernel). A backend asked
             for by name that cannot run raises ``NotImplementedError`` listing every reason.
         return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log).
@@ -78,6 +111,17 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
                                key_padding_mask_mode=key_padding_mask_mode,
                                attn_mask_mode=attn_mask_mode)
+    if backend == "unfused":
+        reasons = unfused_unavailable_reasons(x, return_lse)
+        if reasons:
+            raise NotImplementedError(
+                f"{where}: backend='unfused' cannot run these inputs: " + "; ".join(reasons)
+                + ". Fix: use backend='fused' or 'reference', or change the inputs.")
+        sdd, softmax, dsd = _unfused_ops(x.layout, x.block, q.shape[1], x.causal)
+        scores = sdd(x.q, x.k)
+        probs = softmax(scores, x.scale, x.rpe, x.key_padding_mask, x.attn_mask,
+                        x.key_padding_mask_mode, x.attn_mask_mode, causal=x.causal)
+        return dsd(probs, x.v)
     if backend != "reference":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rpe))

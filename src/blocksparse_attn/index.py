@@ -54,6 +54,8 @@ class SparseIndex:
         row_partial: ``[nnz]`` 1 where the tile needs element masking, CSR order.
         col_ptr, col_idx, col_bits, col_partial: the same tiles in CSC order (per key tile,
             the query tiles).
+        col_pos: ``[nnz]`` position in the CSR order of each CSC entry (with ``tile ==
+            block``: its index in the compressed format).
         row_order, col_order: ``[heads * row_tiles]`` / ``[heads * col_tiles]`` the (head,
             tile) lists sorted longest first (``head * tiles + tile``): kernels start the long
             rows first so they do not finish last.
@@ -77,6 +79,7 @@ class SparseIndex:
     col_idx: torch.Tensor
     col_bits: torch.Tensor
     col_partial: torch.Tensor
+    col_pos: torch.Tensor
     row_order: torch.Tensor
     col_order: torch.Tensor
 
@@ -201,6 +204,7 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
         row_ptr=row_ptr, row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
         col_ptr=col_ptr.to(torch.int32), col_idx=ti[col_order].to(torch.int32),
         col_bits=bits[col_order], col_partial=partial[col_order],
+        col_pos=col_order.to(torch.int32),
         row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
         col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
     )

@@ -22,7 +22,7 @@ class SparseSelfAttention(nn.Module):
             its top-left crop (as DeepSpeed does), longer ones are an error.
         causal: token-level causal masking inside diagonal blocks. ``None`` (default) means
             ``True`` when the config's ``attention`` is ``'unidirectional'``.
-        backend: ``'auto'``, ``'fused'`` or ``'reference'``
+        backend: ``'auto'``, ``'fused'``, ``'unfused'`` or ``'reference'``
             (see :func:`~blocksparse_attn.block_sparse_attention`).
 
     The layout is the buffer ``master_layout`` (saved in ``state_dict``, moved by ``.to()``).
@@ -45,8 +45,9 @@ class SparseSelfAttention(nn.Module):
                            ("attn_mask_mode", attn_mask_mode)):
             if mode not in MASK_MODES:
                 raise bad_argument(where, name, "'add' or 'mul'", repr(mode))
-        if backend not in ("auto", "fused", "reference"):
-            raise bad_argument(where, "backend", "'auto', 'fused' or 'reference'", repr(backend))
+        if backend not in ("auto", "fused", "unfused", "reference"):
+            raise bad_argument(where, "backend", "'auto', 'fused', 'unfused' or 'reference'",
+                               repr(backend))
         self.sparsity_config = sparsity_config
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
@@ -58,6 +59,7 @@ class SparseSelfAttention(nn.Module):
         self.register_buffer("master_layout", sparsity_config.make_layout(max_seq_length))
         self._need_layout_synchronization = True
         self._layouts: dict[int, torch.Tensor] = {}
+        self._ops: dict[tuple, tuple] = {}
 
     @property
     def block(self) -> int:
@@ -96,6 +98,24 @@ class SparseSelfAttention(nn.Module):
             cached = self.master_layout[:, :nb, :nb]
             self._layouts[L] = cached
         return cached
+
+    def get_ops(self, H: int, L: int):
+        """DeepSpeed's operator triple for length ``L``: ``(sdd_nt, dsd_nn, softmax)`` =
+        ``MatMul(layout, block, 'sdd', trans_b=True)``, ``MatMul(layout, block, 'dsd')`` and
+        ``Softmax(layout, block)`` on this instance's layout crop (cached per instance)."""
+        from ..ops.matmul import MatMul
+        from ..ops.softmax import Softmax
+
+        if H != self.sparsity_config.num_heads:
+            raise bad_argument("SparseSelfAttention.get_ops", "H",
+                               f"sparsity_config.num_heads = {self.sparsity_config.num_heads}", H)
+        layout = self.get_layout(L)
+        key = (L, str(layout.device), layout._version)
+        if key not in self._ops:
+            self._ops[key] = (MatMul(layout, self.block, "sdd", trans_a=False, trans_b=True),
+                              MatMul(layout, self.block, "dsd", trans_a=False, trans_b=False),
+                              Softmax(layout, self.block))
+        return self._ops[key]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 rpe: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,

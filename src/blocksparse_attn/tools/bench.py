@@ -19,7 +19,7 @@ import torch
 
 from .bench_cases import Case, anchor_cases, dense_flops, flops, pattern_layout, quick_cases
 
-BACKENDS = ("fused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
+BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
 MODES = ("fwd", "fwd+bwd")
 MASK_LIMIT_BYTES = 4 << 30  # dense boolean masks larger than this are not tried
 
@@ -49,12 +49,12 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if backend == "fused":
+    if backend in ("fused", "unfused"):
         from ..functional import block_sparse_attention
 
         lay = layout.to(device)
         return lambda q, k, v: block_sparse_attention(q, k, v, lay, block=case.block,
-                                                      causal=case.causal, backend="fused")
+                                                      causal=case.causal, backend=backend)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 

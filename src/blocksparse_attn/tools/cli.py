@@ -132,8 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
     p.add_argument("--backends", nargs="+",
-                   choices=["fused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
-                   default=["fused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"])
+                   choices=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+                   default=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"])
     p.add_argument("--out", metavar="DIR", help="write bench.json and bench.md here")
     p.set_defaults(func=_cmd_bench)
 

@@ -1,0 +1,115 @@
+"""``Softmax``: DeepSpeed's block-sparse softmax with autograd (gradients for ``x`` and
+``rpe``)."""
+
+from __future__ import annotations
+
+import torch
+
+from .._errors import bad_argument, describe
+from .._inputs import MASK_MODES, _squeeze_except_first
+from ..compressed import to_dense
+from .matmul import _Operand, check_layout
+
+
+class _SoftmaxFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal):
+        from ..kernels.blocksparse_softmax import softmax_forward
+
+        index, _ = operand.on(x.device)
+        y = softmax_forward(x.contiguous(), index, operand.block, scale, rpe, kpm, am,
+                            kpm_mode, am_mode, causal)
+        ctx.save_for_backward(y)
+        ctx.config = (operand, scale, None if rpe is None else rpe.shape)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        from ..kernels.blocksparse_softmax import softmax_backward
+
+        (y,) = ctx.saved_tensors
+        operand, scale, rpe_shape = ctx.config
+        index, _ = operand.on(y.device)
+        rpe_grad = rpe_shape is not None and ctx.needs_input_grad[1]
+        dx, ds = softmax_backward(y, dy, index, operand.block, scale, rpe_grad)
+        drpe = None
+        if rpe_grad:
+            full = to_dense(ds, operand.layout, operand.block)  # [Z, H, L_q, L_k], 0 outside
+            dims = [d for d in range(4) if rpe_shape[d] == 1 and full.shape[d] != 1]
+            drpe = full.sum(dim=dims, keepdim=True) if dims else full
+        return dx, drpe, None, None, None, None, None, None, None
+
+
+class Softmax:
+    """Block-sparse softmax on the compressed format (DeepSpeed's ``Softmax``).
+
+    ``softmax(x, scale=1.0, rpe=None, key_padding_mask=None, attn_mask=None,
+    key_padding_mask_mode='add', attn_mask_mode='add', *, causal=False)`` computes, per row
+    of the layout, ``softmax(x * scale + rpe + key_padding_mask + attn_mask)`` over the
+    row's kept blocks, in fp32; a row with nothing to attend gives 0. ``x``:
+    ``[Z, nnz, block, block]``; ``rpe`` broadcastable to ``[Z, H, L_q, L_k]`` (gets a
+    gradient); ``key_padding_mask [Z, L_k]`` (BERT's ``[Z, 1, 1, L_k]`` accepted);
+    ``attn_mask [L_q, L_k]``; ``causal`` masks keys after the query (our extension).
+
+    Unlike DeepSpeed's, it works out of place: the result is a new ``[Z, nnz, block,
+    block]`` tensor (one more such tensor of memory), and ``x`` is left unchanged.
+    """
+
+    def __init__(self, layout: torch.Tensor, block: int):
+        self.layout = check_layout("Softmax", layout, block)
+        self.block = block
+        self.spdims = tuple(self.layout.shape)
+        self._operand = _Operand(self.layout, block)
+
+    def __call__(self, x: torch.Tensor, scale: float = 1.0, rpe: torch.Tensor | None = None,
+                 key_padding_mask: torch.Tensor | None = None,
+                 attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
+                 attn_mask_mode: str = "add", *, causal: bool = False) -> torch.Tensor:
+        from ..kernels.availability import kernel_unavailable_reasons
+
+        where = "Softmax"
+        H, R, C = self.spdims
+        bl = self.block
+        Lq, Lk = R * bl, C * bl
+        nnz = self._operand.nnz
+        if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (nnz, bl, bl):
+            raise bad_argument(where, "x", f"a compressed tensor [Z, {nnz}, {bl}, {bl}]",
+                               describe(x))
+        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise bad_argument(where, "x", "float16, bfloat16 or float32", describe(x))
+        reasons = kernel_unavailable_reasons(x.device)
+        if reasons:
+            raise bad_argument(where, "x", "a tensor the Triton kernels can run on",
+                               f"a tensor on {x.device}", "; ".join(reasons))
+        Z = x.shape[0]
+        for name, mode in (("key_padding_mask_mode", key_padding_mask_mode),
+                           ("attn_mask_mode", attn_mask_mode)):
+            if mode not in MASK_MODES:
+                raise bad_argument(where, name, "'add' or 'mul'", repr(mode))
+        if rpe is not None:
+            rpe4 = rpe.reshape((1,) * (4 - rpe.dim()) + tuple(rpe.shape)) if rpe.dim() <= 4 else rpe
+            ok = rpe4.dim() == 4 and tuple(rpe4.shape[2:]) == (Lq, Lk) and all(
+                s in (1, f) for s, f in zip(rpe4.shape[:2], (Z, H)))
+            if not ok:
+                raise bad_argument(where, "rpe", f"broadcastable to [Z, H, L_q, L_k] = "
+                                   f"[{Z}, {H}, {Lq}, {Lk}]", describe(rpe))
+            rpe = rpe4
+        if key_padding_mask is not None:
+            if key_padding_mask.dim() > 2:
+                key_padding_mask = _squeeze_except_first(key_padding_mask)
+            if tuple(key_padding_mask.shape) != (Z, Lk):
+                raise bad_argument(where, "key_padding_mask", f"of shape [Z, L_k] = [{Z}, {Lk}]",
+                                   describe(key_padding_mask))
+        if attn_mask is not None:
+            if attn_mask.dim() > 2:
+                attn_mask = attn_mask.reshape(attn_mask.shape[-2:])
+            if tuple(attn_mask.shape) != (Lq, Lk):
+                raise bad_argument(where, "attn_mask", f"of shape [L_q, L_k] = [{Lq}, {Lk}]",
+                                   describe(attn_mask))
+        for name, t in (("rpe", rpe), ("key_padding_mask", key_padding_mask),
+                        ("attn_mask", attn_mask)):
+            if t is not None and t.device != x.device:
+                raise bad_argument(where, name, f"on x's device ({x.device})", describe(t))
+        return _SoftmaxFunction.apply(x, rpe, key_padding_mask, attn_mask, self._operand,
+                                      float(scale), key_padding_mask_mode, attn_mask_mode,
+                                      bool(causal))
