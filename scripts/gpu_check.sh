@@ -2,8 +2,8 @@
 # The GPU check: the whole test suite on the GPU, then the benchmark beside FlexAttention and
 # SDPA. Run from the repository root on a CUDA machine (no install needed):
 #   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [bench args...]
-# Logs go to $OUT (or ./gpu-check) as tests.log, bench.log, bench.json, bench.md; with
-# EXTRA_SECONDS > 0 also long_and_index.log, with DEMO_SECONDS > 0 also demo.log.
+# Logs go to $OUT (or ./gpu-check) as tests.log, bench.log, bench.json, bench.md and the
+# plots; with DEMO_SECONDS > 0 also demo.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-gpu-check}"
@@ -24,9 +24,6 @@ if [ "$BENCH_SECONDS" -gt 0 ]; then
     timeout "$BENCH_SECONDS" python3 -m blocksparse_attn.tools.cli bench --out "$OUT" "$@" \
         2>&1 | tee "$OUT/bench.log" | tail -60
     echo "bench exit: ${PIPESTATUS[0]}"
-fi
-if [ "${EXTRA_SECONDS:-0}" -gt 0 ]; then
-    timeout "$EXTRA_SECONDS" python3 benchmarks/long_and_index.py 2>&1 | tee "$OUT/long_and_index.log"
 fi
 if [ "${DEMO_SECONDS:-0}" -gt 0 ]; then
     timeout "$DEMO_SECONDS" python3 -m blocksparse_attn.tools.cli demo 2>&1 | tee "$OUT/demo.log" \

@@ -13,11 +13,10 @@ import math
 import platform
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from .bench_cases import Case, anchor_cases, dense_flops, flops, pattern_layout, quick_cases
+from .bench_cases import Case, anchor_cases, dense_flops, density_cases, flops, quick_cases
 
 BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
 MODES = ("fwd", "fwd+bwd")
@@ -114,10 +113,12 @@ def time_backend(backend: str, case: Case, layout: torch.Tensor, mode: str, dtyp
         step()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
+        peak_total = torch.cuda.max_memory_allocated()
         ms = do_bench(step, warmup=25, rep=100, return_mode="median")
         work = dense_flops(case, mode) if backend.startswith("sdpa_") and backend != "sdpa_mask" \
             else flops(case, layout, mode)
-        row.update(ms=ms, tflops=work / ms / 1e9, peak_mib=peak / 2**20)
+        row.update(ms=ms, tflops=work / ms / 1e9, peak_mib=peak / 2**20,
+                   peak_total_mib=peak_total / 2**20)
     except Exception as e:  # a backend that cannot run this case: record why
         row.update(ms=None, tflops=None, peak_mib=None,
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
@@ -133,7 +134,7 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
     total = len(cases) * len(dtypes) * len(modes)
     n = 0
     for case in cases:
-        layout = pattern_layout(case.pattern, case.seq_len, case.block)
+        layout = case.layout()
         density = float((layout != 0).float().mean())
         for dtype in dtypes:
             for mode in modes:
@@ -155,6 +156,74 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
     return {"env": environment(), "results": results}
 
 
+def max_length_search(backends=("fused", "flex", "sdpa_cudnn"), start: int = 65536,
+                      stop: int = 1 << 22, progress: bool = True) -> list[dict]:
+    """Per backend, forward+backward at doubling lengths (window_global, B1 H16 D64,
+    block 128, bf16) until it fails or needs more than 80% of the GPU's memory."""
+    limit = 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**20
+    rows = []
+    for backend in backends:
+        L = start
+        while L <= stop:
+            case = Case("window_global", L, 1, 16, 64, 128)
+            row = time_backend(backend, case, case.layout(), "fwd+bwd", torch.bfloat16)
+            row.update(case.as_dict(), suite="max_length")
+            row["fits"] = row["ms"] is not None and row["peak_total_mib"] <= limit
+            rows.append(row)
+            if progress:
+                state = f"{row['ms']:.2f} ms, {row['peak_total_mib']:,.0f} MiB" if row["ms"] \
+                    else row["error"]
+                print(f"[max length] {backend} L={L:,}: {state}", file=sys.stderr, flush=True)
+            if not row["fits"]:
+                break
+            L *= 2
+    return rows
+
+
+def index_cost(lengths=(4096, 16384, 65536, 262144), heads: int = 16, block: int = 64,
+               progress: bool = True) -> list[dict]:
+    """Median ms to compile a window_global layout (one per head) into our index, beside
+    FlexAttention's ``create_block_mask`` (compiled) for the same pattern."""
+    from triton.testing import do_bench
+
+    from ..index import build_index
+    from ..kernels.configs import forward_tiles
+
+    rows = []
+    for L in lengths:
+        layout = Case("window_global", L, 1, heads, 64, block).layout().expand(heads, -1, -1)
+        layout = layout.contiguous().cuda()
+        tiles = forward_tiles(64, block, 0.0)
+        ours = do_bench(lambda: build_index(layout, block, tile_m=tiles.m, tile_n=tiles.n),
+                        warmup=5, rep=50, return_mode="median")
+        row = {"suite": "index_cost", "seq_len": L, "heads": heads, "block": block,
+               "ours_ms": ours, "flex_ms": None}
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            grid = layout[0]
+
+            def mask_mod(b, h, q, k):
+                return grid[q // block, k // block]
+
+            make = torch.compile(create_block_mask)
+            make(mask_mod, 1, heads, L, L, device="cuda")
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            make(mask_mod, 1, heads, L, L, device="cuda")
+            torch.cuda.synchronize()
+            row["flex_ms"] = (time.perf_counter() - t) * 1e3
+        except Exception as e:  # record why FlexAttention could not build it
+            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        finally:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if progress:
+            flex = f"{row['flex_ms']:.2f} ms" if row["flex_ms"] is not None else row["flex_error"]
+            print(f"[index] L={L:,}: ours {ours:.3f} ms, flex {flex}", file=sys.stderr, flush=True)
+    return rows
+
+
 def markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
@@ -163,6 +232,8 @@ def markdown(report: dict) -> str:
              "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
+        if r.get("suite") in ("max_length", "index_cost"):
+            continue
         if r["ms"] is None:
             lines.append(f"| {r['name']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
                          f"{r['error']} | | | |")
@@ -170,27 +241,142 @@ def markdown(report: dict) -> str:
         ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
         lines.append(f"| {r['name']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
                      f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} | {ratio} |")
+    search = [r for r in report["results"] if r.get("suite") == "max_length"]
+    if search:
+        lines += ["", "Longest window_global length that runs forward+backward in 80% of GPU "
+                  "memory (B1 H16 D64, block 128, bf16):", "",
+                  "| backend | longest L | ms there | peak MiB | stopped by |", "|---|---|---|---|---|"]
+        for backend in dict.fromkeys(r["backend"] for r in search):
+            rows = [r for r in search if r["backend"] == backend]
+            ok = [r for r in rows if r["fits"]]
+            last = rows[-1]
+            why = "search end" if last["fits"] else (last.get("error") or "memory > 80%")
+            best = ok[-1] if ok else None
+            lines.append(f"| {backend} | {best['seq_len']:,} | {best['ms']:.2f} | "
+                         f"{best['peak_total_mib']:,.0f} | {why} |" if best else
+                         f"| {backend} | none | | | {why} |")
+    index = [r for r in report["results"] if r.get("suite") == "index_cost"]
+    if index:
+        lines += ["", "Layout compile time, window_global, one layout per head:", "",
+                  "| L | heads | block | ours ms | FlexAttention create_block_mask ms |",
+                  "|---|---|---|---|---|"]
+        for r in index:
+            flex = f"{r['flex_ms']:.2f}" if r["flex_ms"] is not None else r.get("flex_error", "")
+            lines.append(f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | "
+                         f"{r['ours_ms']:.3f} | {flex} |")
     return "\n".join(lines)
+
+
+def plots(report: dict, out_dir: str) -> list[str]:
+    """PNG plots: forward+backward time against sequence length per backend (from the
+    max-length search) and our speedup over FlexAttention and SDPA against density (from the
+    density sweep). Returns the files written."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = report["env"]
+    title = f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}"
+    written = []
+    search = [r for r in report["results"] if r.get("suite") == "max_length" and r["ms"]]
+    if search:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for backend in dict.fromkeys(r["backend"] for r in search):
+            rows = [r for r in search if r["backend"] == backend]
+            ax.plot([r["seq_len"] for r in rows], [r["ms"] for r in rows], "o-", label=backend)
+        ax.set(xscale="log", yscale="log", xlabel="sequence length", ylabel="fwd+bwd ms",
+               title=f"window_global B1 H16 D64\n{title}")
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, "time_vs_length.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    sweep = [r for r in report["results"] if r.get("pattern") == "random" and r.get("ms")]
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for block in sorted({r["block"] for r in sweep}):
+            for other in ("flex", "sdpa_cudnn"):
+                pts = []
+                for d in sorted({r["density"] for r in sweep}):
+                    ms = {r["backend"]: r["ms"] for r in sweep if r["block"] == block
+                          and r["density"] == d and r["mode"] == "fwd+bwd"}
+                    if "fused" in ms and other in ms:
+                        pts.append((d, ms[other] / ms["fused"]))
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=f"over {other}, block {block}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(xscale="log", xlabel="layout density", ylabel="speedup of fused (fwd+bwd)",
+               title=f"random layouts L8192 B2 H8 D128\n{title}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "speedup_vs_density.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def print_table(report: dict) -> None:
+    """The main results as a rich table when rich is installed, else markdown."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown(report))
+        return
+    table = Table(title=f"{report['env'].get('gpu', 'CPU')} - flex/this > 1: faster than Flex")
+    for col in ("case", "dtype", "mode", "backend", "ms", "TF", "peak MiB", "flex/this"):
+        table.add_column(col)
+    for r in report["results"]:
+        if r.get("suite") in ("max_length", "index_cost"):
+            continue
+        if r["ms"] is None:
+            table.add_row(r["name"], r["dtype"], r["mode"], r["backend"], r["error"], "", "", "")
+        else:
+            ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
+            table.add_row(r["name"], r["dtype"], r["mode"], r["backend"], f"{r['ms']:.3f}",
+                          f"{r['tflops']:.0f}", f"{r['peak_mib']:.0f}", ratio)
+    Console().print(table)
+
+
+def write_report(report: dict, out_dir: str) -> list[str]:
+    """bench.json (every figure and the environment), bench.md and the plots."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(markdown(report) + "\n")
+    return [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md"),
+            *plots(report, out_dir)]
 
 
 def bench_main(args) -> int:
     if not torch.cuda.is_available():
         return _cpu_quick(args)
     dtypes = tuple(getattr(torch, d) for d in args.dtype)
-    cases = quick_cases() if args.quick else anchor_cases()
     modes = MODES if args.mode == "both" else (args.mode,)
+    suites = ["anchors"] if args.quick else args.suite
+    cases = quick_cases() if args.quick else []
+    if not args.quick:
+        if "anchors" in suites:
+            cases += anchor_cases()
+        if "density" in suites:
+            cases += density_cases()
     report = run(cases, tuple(args.backends), modes, dtypes)
-    text = markdown(report)
-    print(text)
+    if "max-length" in suites and not args.quick:
+        report["results"] += max_length_search()
+    if "index" in suites and not args.quick:
+        report["results"] += index_cost()
+    print_table(report)
     if args.out:
-        import os
-
-        os.makedirs(args.out, exist_ok=True)
-        with open(os.path.join(args.out, "bench.json"), "w") as f:
-            json.dump(report, f, indent=1)
-        with open(os.path.join(args.out, "bench.md"), "w") as f:
-            f.write(text + "\n")
-        print(f"wrote {args.out}/bench.json and bench.md", file=sys.stderr)
+        for path in write_report(report, args.out):
+            print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
@@ -200,7 +386,7 @@ def _cpu_quick(args) -> int:
     print("No CUDA GPU: GPU figures (fused kernel, FlexAttention, SDPA) need CUDA. "
           "Timing the PyTorch reference backend on a tiny CPU case instead.")
     case = quick_cases()[0]
-    layout = pattern_layout(case.pattern, case.seq_len, case.block)
+    layout = case.layout()
     q, k, v = (torch.randn(case.batch, case.heads, case.seq_len, case.head_dim) for _ in range(3))
     block_sparse_attention(q, k, v, layout, block=case.block, backend="reference")
     t = time.perf_counter()
@@ -208,6 +394,7 @@ def _cpu_quick(args) -> int:
     for _ in range(reps):
         block_sparse_attention(q, k, v, layout, block=case.block, backend="reference")
     ms = (time.perf_counter() - t) / reps * 1e3
+    layout = case.layout()
     print(f"{case.name}: reference fwd {ms:.2f} ms on CPU "
           f"({flops(case, layout, 'fwd') / ms / 1e9:.3f} effective TFLOP/s)")
     return 0

@@ -8,7 +8,8 @@ import torch
 
 from ..patterns import FixedSparsityConfig
 
-PATTERNS = ("dense", "causal_dense", "window_global", "causal_fixed")
+PATTERNS = ("dense", "causal_dense", "window_global", "causal_fixed", "random")
+DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -20,18 +21,24 @@ class Case:
     head_dim: int
     block: int
     causal: bool = False  # token-level causal inside diagonal blocks
+    density: float | None = None  # for the 'random' pattern
 
     @property
     def name(self) -> str:
         c = "+causal" if self.causal else ""
-        return (f"{self.pattern}{c} L{self.seq_len} B{self.batch} H{self.heads} "
+        d = f"{self.density:g}" if self.pattern == "random" else ""
+        return (f"{self.pattern}{d}{c} L{self.seq_len} B{self.batch} H{self.heads} "
                 f"D{self.head_dim} block{self.block}")
+
+    def layout(self) -> torch.Tensor:
+        return pattern_layout(self.pattern, self.seq_len, self.block, self.density)
 
     def as_dict(self) -> dict:
         return asdict(self) | {"name": self.name}
 
 
-def pattern_layout(pattern: str, seq_len: int, block: int) -> torch.Tensor:
+def pattern_layout(pattern: str, seq_len: int, block: int,
+                   density: float | None = None) -> torch.Tensor:
     """One layout ``[1, nb, nb]`` shared by all heads.
 
     * ``dense``: every block;
@@ -39,7 +46,8 @@ def pattern_layout(pattern: str, seq_len: int, block: int) -> torch.Tensor:
     * ``window_global``: a bidirectional window of 256 tokens each side plus 128 global
       tokens (dense rows and columns);
     * ``causal_fixed``: Sparse Transformer "fixed", unidirectional, 512-token windows with
-      the last block of each window as a summary column.
+      the last block of each window as a summary column;
+    * ``random``: each block kept with probability ``density`` (seeded), plus the diagonal.
     """
     if seq_len % block:
         raise ValueError(f"pattern_layout: seq_len must be a multiple of block={block}, "
@@ -49,19 +57,26 @@ def pattern_layout(pattern: str, seq_len: int, block: int) -> torch.Tensor:
         return torch.ones(1, nb, nb, dtype=torch.int64)
     if pattern == "causal_dense":
         return torch.ones(1, nb, nb, dtype=torch.int64).tril()
-    if pattern == "window_global":
-        r = torch.arange(nb)
+    if pattern == "window_global":  # bool: at a million tokens an int64 grid is 0.5 GB
         half = max(1, 256 // block)
-        lay = (r[:, None] - r[None, :]).abs() <= half
+        lay = torch.ones(nb, nb, dtype=torch.bool).triu(-half).tril(half)
         g = max(1, 128 // block)
         lay[:g, :] = True
         lay[:, :g] = True
-        return lay.to(torch.int64).unsqueeze(0)
+        return lay.unsqueeze(0)
     if pattern == "causal_fixed":
         window = max(1, 512 // block)
         cfg = FixedSparsityConfig(1, block=block, num_local_blocks=window,
                                   attention="unidirectional")
         return cfg.make_layout(seq_len)
+    if pattern == "random":
+        if density is None or not 0 < density <= 1:
+            raise ValueError(f"pattern_layout: the random pattern needs 0 < density <= 1, "
+                             f"got {density!r}.")
+        g = torch.Generator().manual_seed(0)
+        lay = torch.rand(nb, nb, generator=g) < density
+        lay |= torch.eye(nb, dtype=torch.bool)
+        return lay.to(torch.int64).unsqueeze(0)
     raise ValueError(f"pattern_layout: pattern must be one of {', '.join(PATTERNS)}, "
                      f"got {pattern!r}.")
 
@@ -94,6 +109,12 @@ def anchor_cases() -> list[Case]:
         Case("causal_dense", 8192, 4, 16, 64, 128),
         Case("window_global", 4096, 8, 16, 64, 64),
     ]
+
+
+def density_cases() -> list[Case]:
+    """Random layouts from 1% to 100% density at blocks 64 and 128."""
+    return [Case("random", 8192, 2, 8, 128, block, density=d)
+            for block in (64, 128) for d in DENSITIES]
 
 
 def quick_cases() -> list[Case]:

@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
+    p.add_argument("--suite", nargs="+", choices=["anchors", "density", "max-length", "index"],
+                   default=["anchors", "density", "max-length", "index"],
+                   help="what to run (default: all)")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
     p.add_argument("--backends", nargs="+",

@@ -1,0 +1,109 @@
+"""The benchmark harness on CPU: cases, FLOP counting, report files, plots, failure rows.
+No timing is asserted."""
+
+import json
+
+import pytest
+import torch
+
+from blocksparse_attn.tools.bench import markdown, plots, time_backend, write_report
+from blocksparse_attn.tools.bench_cases import (
+    Case,
+    anchor_cases,
+    dense_flops,
+    density_cases,
+    flops,
+    pattern_layout,
+)
+
+
+def test_anchor_cases_reproduce_perf_md_densities():
+    # densities from PERF.md's anchor table
+    expected = {("window_global", 16384, 128): 0.054, ("window_global", 16384, 64): 0.050,
+                ("window_global", 16384, 32): 0.048, ("causal_fixed", 16384, 64): 0.078,
+                ("window_global", 4096, 64): 0.193, ("causal_dense", 8192, 128): 0.51,
+                ("dense", 8192, 128): 1.0}
+    cases = anchor_cases()
+    assert len(cases) == 11 and len({c.name for c in cases}) == 11
+    for c in cases:
+        d = float((c.layout() != 0).float().mean())
+        assert d == pytest.approx(expected[(c.pattern, c.seq_len, c.block)], abs=0.005)
+
+
+def test_density_cases():
+    cases = density_cases()
+    assert {c.block for c in cases} == {64, 128} and len(cases) == 14
+    low = next(c for c in cases if c.block == 128 and c.density == 0.01)
+    assert 0.01 <= float(low.layout().float().mean()) < 0.03  # 1% plus the diagonal
+    assert torch.equal(low.layout(), low.layout())  # seeded
+
+
+def test_flops_by_hand():
+    # 3 kept blocks of 16 x 16, B=2, H=4 (layout shared by the heads), D=8
+    case = Case("dense", 32, 2, 4, 8, 16)
+    layout = torch.tensor([[[1, 1], [0, 1]]])
+    assert flops(case, layout, "fwd") == 4 * 2 * (3 * 4) * 16 * 16 * 8
+    assert flops(case, layout, "fwd+bwd") == 3.5 * 4 * 2 * 12 * 256 * 8
+    per_head = torch.ones(4, 2, 2, dtype=torch.long)
+    assert flops(case, per_head, "fwd") == 4 * 2 * 16 * 256 * 8 == dense_flops(case, "fwd")
+
+
+def test_pattern_errors():
+    with pytest.raises(ValueError, match="multiple of block=64"):
+        pattern_layout("dense", 100, 64)
+    with pytest.raises(ValueError, match="pattern must be one of"):
+        pattern_layout("zigzag", 128, 64)
+    with pytest.raises(ValueError, match="needs 0 < density <= 1"):
+        pattern_layout("random", 128, 64)
+
+
+def synthetic_report():
+    case = Case("random", 8192, 2, 8, 128, 64, density=0.1)
+    rows = []
+    for backend, ms in (("fused", 1.0), ("flex", 2.0), ("sdpa_cudnn", 3.0)):
+        rows.append(dict(case.as_dict(), backend=backend, mode="fwd+bwd", dtype="bfloat16",
+                         ms=ms, tflops=100.0 / ms, peak_mib=64.0, peak_total_mib=200.0,
+                         density=0.1, flex_over_this=2.0 / ms))
+    rows.append(dict(case.as_dict(), backend="sdpa_mask", mode="fwd+bwd", dtype="bfloat16",
+                     ms=None, tflops=None, peak_mib=None, density=0.1, flex_over_this=None,
+                     error="RuntimeError: dense mask too large"))
+    for L, ms, fits in ((65536, 5.0, True), (131072, 11.0, False)):
+        rows.append(dict(Case("window_global", L, 1, 16, 64, 128).as_dict(), backend="fused",
+                         mode="fwd+bwd", dtype="bfloat16", ms=ms, tflops=1.0, peak_mib=1.0,
+                         peak_total_mib=100.0 * L / 65536, suite="max_length", fits=fits))
+    rows.append(dict(suite="index_cost", seq_len=4096, heads=16, block=64, ours_ms=0.5,
+                     flex_ms=None, flex_error="OutOfMemoryError: 32 GiB"))
+    env = {"torch": "2.13.0", "triton": "3.6.0", "python": "3.11", "date": "2026-11-26",
+           "gpu": "test card"}
+    return {"env": env, "results": rows}
+
+
+def test_markdown_rendering():
+    text = markdown(synthetic_report())
+    assert "test card, torch 2.13.0, triton 3.6.0, 2026-11-26" in text
+    assert "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 | 2.00 |" in text
+    assert "RuntimeError: dense mask too large" in text
+    assert "| fused | 65,536 | 5.00 | 100 | memory > 80% |" in text
+    assert "| 4,096 | 16 | 64 | 0.500 | OutOfMemoryError: 32 GiB |" in text
+
+
+def test_report_files_and_plots(tmp_path):
+    written = write_report(synthetic_report(), str(tmp_path))
+    names = sorted(p.split("/")[-1] for p in written)
+    assert names == ["bench.json", "bench.md", "speedup_vs_density.png", "time_vs_length.png"]
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert set(data) == {"env", "results"}
+    required = {"backend", "mode", "dtype", "ms", "tflops", "peak_mib", "name", "seq_len", "block"}
+    assert all(required <= set(r) for r in data["results"] if "suite" not in r)
+    for png in ("speedup_vs_density.png", "time_vs_length.png"):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plots({"env": synthetic_report()["env"], "results": []}, str(tmp_path)) == []
+
+
+def test_unsupported_backend_reason_is_recorded():
+    case = Case("dense", 65536, 1, 16, 64, 128)
+    row = time_backend("sdpa_mask", case, torch.ones(1, 1, 1, dtype=torch.bool).expand(16, 512, 512),
+                       "fwd", torch.bfloat16, device="cpu")
+    assert row["ms"] is None and "exceeds the 4 GiB limit" in row["error"]
+    row = time_backend("nope", case, torch.ones(1, 2, 2), "fwd", torch.bfloat16, device="cpu")
+    assert row["ms"] is None and "backend must be one of" in row["error"]
