@@ -1,2 +1,3 @@
 """Autograd wiring (layer 5): the fused attention as ``torch.library`` custom ops with fake
-implementations, so ``torch.compile`` traces it without graph breaks."""
+implementations (``fused_attention.py``), and DeepSpeed's ``MatMul`` (``matmul.py``) and
+``Softmax`` (``softmax.py``) on the compressed format."""
