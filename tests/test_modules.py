@@ -1,6 +1,5 @@
 """SparseSelfAttention and BertSparseSelfAttention: DeepSpeed's behaviour, our fixes."""
 
-import random
 
 import pytest
 import torch

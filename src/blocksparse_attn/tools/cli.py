@@ -58,7 +58,7 @@ def _cmd_layout(args) -> int:
         config = make_config(args.pattern, args.heads, args.block, options)
         layout = config.make_layout(args.seq_len)
     except (ValueError, NotImplementedError) as e:
-        raise SystemExit(f"blocksparse-attn layout: {e}")
+        raise SystemExit(f"blocksparse-attn layout: {e}") from None
     print(config)
     print(layout_summary(layout))
     shown = range(layout.shape[0]) if args.all_heads else range(1)
