@@ -1,6 +1,5 @@
 """SparseSelfAttention and BertSparseSelfAttention: DeepSpeed's behaviour, our fixes."""
 
-
 import pytest
 import torch
 from conftest import DEVICE
