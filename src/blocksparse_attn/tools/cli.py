@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_layout)
 
     p = sub.add_parser("demo", help="train a small sparse-attention language model (main job)")
-    p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 1000 on GPU)")
+    p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 3000 on GPU)")
     p.add_argument("--seq-len", type=int, help="sequence length (default 256 CPU, 4096 GPU)")
     p.add_argument("--block", type=int, help="layout block (default 16 CPU, 64 GPU)")
     p.add_argument("--window", type=int, default=4, help="Fixed window in blocks (default 4)")

@@ -159,7 +159,7 @@ def demo_main(args) -> int:
     if args.block is None:
         args.block = 64 if gpu else 16
     if args.steps is None:
-        args.steps = 1000 if gpu else 250
+        args.steps = 3000 if gpu else 250
     if args.batch is None:
         args.batch = 16
     dtype = torch.bfloat16 if gpu else torch.float32
