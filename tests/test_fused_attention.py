@@ -109,6 +109,19 @@ def test_fully_masked_rows_are_zero_not_nan(monkeypatch):
         assert not torch.isnan(t.grad).any() and bool((t.grad == 0).all())
 
 
+def test_two_dimensional_layout_is_compiled_once():
+    from blocksparse_attn.index import _CACHE
+
+    q, k, v, _, _ = make_problem(1, 2, 64, 64, 16, torch.float32, DEVICE, block=16)
+    layout = (torch.rand(4, 4) < 0.7).long()  # [nb_q, nb_k]: one layout for every head
+    layout[0, 0] = 1
+    outs = [block_sparse_attention(q, k, v, layout, block=16, backend=b)
+            for b in ("fused", "fused", "unfused", "unfused", "reference")]
+    assert len([key for key in _CACHE if key[0] == id(layout)]) == 3  # density, index, ops
+    for out in outs[:4]:
+        torch.testing.assert_close(out, outs[4], atol=2e-5, rtol=1e-4)
+
+
 def test_noncontiguous_inputs(monkeypatch):
     poison(monkeypatch)
     x = torch.randn(2, 64, 3, 3, 16, device=DEVICE)  # [B, L, 3, H, D] packed qkv

@@ -117,7 +117,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise NotImplementedError(
                 f"{where}: backend='unfused' cannot run these inputs: " + "; ".join(reasons)
                 + ". Fix: use backend='fused' or 'reference', or change the inputs.")
-        sdd, softmax, dsd = _unfused_ops(x.layout, x.block, q.shape[1], x.causal)
+        # the caller's tensor, not a reshaped copy: the compiled layout is cached per tensor
+        sdd, softmax, dsd = _unfused_ops(layout, x.block, q.shape[1], x.causal)
         scores = sdd(x.q, x.k)
         probs = softmax(scores, x.scale, x.rpe, x.key_padding_mask, x.attn_mask,
                         x.key_padding_mask_mode, x.attn_mask_mode, causal=x.causal)
@@ -140,7 +141,7 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if backend == "fused":
         from .ops.fused_attention import fused_attention
 
-        out, lse = fused_attention(x.q, x.k, x.v, x.layout, block=x.block, scale=x.scale,
+        out, lse = fused_attention(x.q, x.k, x.v, layout, block=x.block, scale=x.scale,
                                    causal=x.causal, rpe=x.rpe,
                                    key_padding_mask=x.key_padding_mask, attn_mask=x.attn_mask,
                                    key_padding_mask_mode=x.key_padding_mask_mode,
