@@ -28,10 +28,6 @@ def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]
     elif needs_grad and D > FUSED_MAX_HEAD_DIM_BWD:
         reasons.append(f"head dim {D} > {FUSED_MAX_HEAD_DIM_BWD} needs a gradient "
                        f"(the backward kernel supports up to {FUSED_MAX_HEAD_DIM_BWD})")
-    for name in ("layout", "rpe", "key_padding_mask", "attn_mask"):
-        t = getattr(x, name)
-        if t is not None and name != "layout" and t.device != x.q.device:
-            reasons.append(f"{name} is on {t.device}, the inputs on {x.q.device}")
     return reasons
 
 
@@ -92,9 +88,10 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             ``-inf`` masks) or ``'mul'`` (non-zero keeps, 0 masks).
         backend: ``'fused'`` (Triton flash kernel), ``'unfused'`` (Triton SDD -> softmax ->
             DSD on the compressed format, O(B*nnz*block^2) memory; DeepSpeed's algorithm),
-            ``'reference'`` (dense PyTorch, exact, O(L^2) memory) or ``'auto'``: fused for CUDA tensors it supports, else the
-            reference (with a warning when CUDA inputs cannot use the kernel). A backend asked
-            for by name that cannot run raises ``NotImplementedError`` listing every reason.
+            ``'reference'`` (dense PyTorch, exact, O(L^2) memory) or ``'auto'``: fused for
+            CUDA tensors it supports, else the reference (with a warning when CUDA inputs
+            cannot use the kernel). A backend asked for by name that cannot run raises
+            ``NotImplementedError`` listing every reason.
         return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log).
 
     Returns ``out [B, H, L_q, D]`` in the input dtype (and ``lse``). A query with nothing
