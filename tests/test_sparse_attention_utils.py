@@ -161,3 +161,10 @@ def test_hf_layer_rejects_cache_and_cross_attention():
         layer(x, encoder_hidden_states=x)
     with pytest.raises(NotImplementedError, match="output_attentions"):
         layer(x, output_attentions=True)
+    # transformers 4.x call: (hidden, mask, head_mask, enc_hidden, enc_mask, past, output_attn)
+    out4, _ = layer(x, None, None, None, None, None, False)
+    torch.testing.assert_close(out4, out)
+    with pytest.raises(NotImplementedError, match="positional arguments"):
+        layer(x, None, torch.ones(2))
+    with pytest.raises(NotImplementedError, match="head_mask is not supported"):
+        layer(x, head_mask=torch.ones(2))

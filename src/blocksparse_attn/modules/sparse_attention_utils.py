@@ -47,7 +47,15 @@ class HFBertSparseSelfAttention(BertSparseSelfAttention):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 *args, **kwargs):
-        for name in ("encoder_hidden_states", "past_key_value", "past_key_values", "cache"):
+        # transformers 4.x passes (head_mask, encoder_hidden_states, encoder_attention_mask,
+        # past_key_value, output_attentions) positionally: each must be unset here
+        if any(a is not None and a is not False for a in args):
+            raise NotImplementedError(
+                "HFBertSparseSelfAttention: head_mask, cross-attention inputs, a KV cache and "
+                "output_attentions are not supported; got positional arguments "
+                f"{[type(a).__name__ for a in args]}.")
+        for name in ("head_mask", "encoder_hidden_states", "past_key_value", "past_key_values",
+                     "cache"):
             if kwargs.get(name) is not None:
                 raise NotImplementedError(
                     f"HFBertSparseSelfAttention: {name} is not supported (block-sparse "
