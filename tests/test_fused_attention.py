@@ -257,3 +257,10 @@ def test_gpu_torch_compile_fullgraph():
     loss_e.backward()
     for a, b in zip(leaves, eager_leaves):
         torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_availability_reasons_name_the_device():
+    from blocksparse_attn.kernels.availability import kernel_unavailable_reasons
+
+    assert "device type 'meta' is not supported by the kernels (CUDA only)" in \
+        kernel_unavailable_reasons("meta")
