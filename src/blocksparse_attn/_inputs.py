@@ -34,7 +34,7 @@ class AttentionInputs:
     attn_mask_mode: str
 
 
-def _check_mode(where: str, name: str, mode: object) -> None:
+def check_mode(where: str, name: str, mode: object) -> None:
     if mode not in MASK_MODES:
         raise bad_argument(where, name, "'add' or 'mul'", repr(mode),
                            "'add' adds the mask to the scores (0 keeps, -inf masks); "
@@ -110,8 +110,8 @@ def check_attention_inputs(where: str, q, k, v, layout, *, block, scale=None, ca
         scale = D ** -0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise bad_argument(where, "scale", "a float or None (1/sqrt(D))", repr(scale))
-    _check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
-    _check_mode(where, "attn_mask_mode", attn_mask_mode)
+    check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
+    check_mode(where, "attn_mask_mode", attn_mask_mode)
     if rpe is not None:
         if not isinstance(rpe, torch.Tensor) or rpe.dim() > 4:
             raise bad_argument(where, "rpe", "a tensor broadcastable to [B, H, L_q, L_k]",

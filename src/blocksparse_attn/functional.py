@@ -15,13 +15,19 @@ FUSED_MAX_HEAD_DIM_FWD = 256
 FUSED_MAX_HEAD_DIM_BWD = 128
 
 
-def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]:
-    """Why the fused Triton backend cannot run these inputs (empty: it can)."""
+def _triton_reasons(x: AttentionInputs) -> list[str]:
+    """Reasons both Triton backends share: the device and the dtype."""
     from .kernels.availability import kernel_unavailable_reasons
 
     reasons = kernel_unavailable_reasons(x.q.device)
     if x.q.dtype not in FUSED_DTYPES:
         reasons.append(f"dtype {x.q.dtype} is not supported (float16, bfloat16, float32)")
+    return reasons
+
+
+def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]:
+    """Why the fused Triton backend cannot run these inputs (empty: it can)."""
+    reasons = _triton_reasons(x)
     D = x.q.shape[-1]
     if D > FUSED_MAX_HEAD_DIM_FWD:
         reasons.append(f"head dim {D} > {FUSED_MAX_HEAD_DIM_FWD}")
@@ -33,12 +39,9 @@ def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]
 
 def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[str]:
     """Why the unfused SDD -> softmax -> DSD backend cannot run these inputs."""
-    from .kernels.availability import kernel_unavailable_reasons
     from .ops.matmul import BLOCKS
 
-    reasons = kernel_unavailable_reasons(x.q.device)
-    if x.q.dtype not in FUSED_DTYPES:
-        reasons.append(f"dtype {x.q.dtype} is not supported (float16, bfloat16, float32)")
+    reasons = _triton_reasons(x)
     if x.block not in BLOCKS:
         reasons.append(f"block {x.block} is not one of {', '.join(map(str, BLOCKS))}")
     if return_lse:

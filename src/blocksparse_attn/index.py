@@ -109,7 +109,9 @@ class SparseIndex:
         return grid[:, : self.q_len // self.sub, : self.k_len // self.sub]
 
 
-def _as_bool_layout(layout: torch.Tensor, where: str) -> torch.Tensor:
+def as_bool_layout(layout: torch.Tensor, where: str) -> torch.Tensor:
+    """``layout`` as a bool ``[H, nb_q, nb_k]`` tensor (2-D means one head); rejects
+    non-tensors, other ranks and floating-point layouts with an error naming ``where``."""
     if not isinstance(layout, torch.Tensor):
         raise bad_argument(where, "layout", "a torch.Tensor [H, nb_q, nb_k]", describe(layout))
     if layout.dim() == 2:
@@ -136,7 +138,7 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     ``r`` when ``c <= r``) and marks the diagonal's tiles partial. Runs on the layout's device.
     """
     where = "build_index"
-    grid = _as_bool_layout(layout, where)
+    grid = as_bool_layout(layout, where)
     H, nbq, nbk = grid.shape
     q_len = nbq * block if q_len is None else q_len
     k_len = nbk * block if k_len is None else k_len

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from .._errors import bad_argument, describe
-from .._inputs import MASK_MODES
+from .._inputs import check_mode
+from ..functional import BACKENDS
 from ..patterns import SparsityConfig
 
 
@@ -41,12 +42,10 @@ class SparseSelfAttention(nn.Module):
             raise bad_argument(where, "sparsity_config", "a SparsityConfig subclass instance",
                                describe(sparsity_config),
                                "pass e.g. FixedSparsityConfig(num_heads=...).")
-        for name, mode in (("key_padding_mask_mode", key_padding_mask_mode),
-                           ("attn_mask_mode", attn_mask_mode)):
-            if mode not in MASK_MODES:
-                raise bad_argument(where, name, "'add' or 'mul'", repr(mode))
-        if backend not in ("auto", "fused", "unfused", "reference"):
-            raise bad_argument(where, "backend", "'auto', 'fused', 'unfused' or 'reference'",
+        check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
+        check_mode(where, "attn_mask_mode", attn_mask_mode)
+        if backend not in BACKENDS:
+            raise bad_argument(where, "backend", "one of " + ", ".join(map(repr, BACKENDS)),
                                repr(backend))
         self.sparsity_config = sparsity_config
         self.key_padding_mask_mode = key_padding_mask_mode

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from .._errors import bad_argument, describe
-from ..index import build_index
+from ..index import as_bool_layout, build_index
 
 MODES = ("sdd", "dsd", "dds")
 BLOCKS = (16, 32, 64, 128)
@@ -15,12 +15,7 @@ def check_layout(where: str, layout, block) -> torch.Tensor:
     if block not in BLOCKS:
         raise bad_argument(where, "block", "one of 16, 32, 64, 128", repr(block),
                            "the kernels' tensor-core tiles need at least 16.")
-    if not isinstance(layout, torch.Tensor) or layout.dim() not in (2, 3):
-        raise bad_argument(where, "layout", "a [H, rows, cols] (or [rows, cols]) tensor",
-                           describe(layout))
-    if layout.dtype.is_floating_point or layout.dtype.is_complex:
-        raise bad_argument(where, "layout", "an integer or bool tensor", describe(layout))
-    return (layout if layout.dim() == 3 else layout.unsqueeze(0)).long()
+    return as_bool_layout(layout, where).long()
 
 
 class _Operand:

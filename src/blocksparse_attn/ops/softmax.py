@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .._errors import bad_argument, describe
-from .._inputs import MASK_MODES, _squeeze_except_first
+from .._inputs import _squeeze_except_first, check_mode
 from ..compressed import to_dense
 from .matmul import _Operand, check_layout
 
@@ -82,10 +82,8 @@ class Softmax:
             raise bad_argument(where, "x", "a tensor the Triton kernels can run on",
                                f"a tensor on {x.device}", "; ".join(reasons))
         Z = x.shape[0]
-        for name, mode in (("key_padding_mask_mode", key_padding_mask_mode),
-                           ("attn_mask_mode", attn_mask_mode)):
-            if mode not in MASK_MODES:
-                raise bad_argument(where, name, "'add' or 'mul'", repr(mode))
+        check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
+        check_mode(where, "attn_mask_mode", attn_mask_mode)
         if rpe is not None:
             rpe4 = rpe.reshape((1,) * (4 - rpe.dim()) + tuple(rpe.shape)) if rpe.dim() <= 4 else rpe
             ok = rpe4.dim() == 4 and tuple(rpe4.shape[2:]) == (Lq, Lk) and all(

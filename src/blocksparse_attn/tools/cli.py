@@ -1,4 +1,5 @@
-"""The ``blocksparse-attn`` command: ``demo``, ``layout``, ``bench``, ``env``. ``blocksparse-attn COMMAND --help`` lists each command's options."""
+"""The ``blocksparse-attn`` command: ``demo``, ``layout``, ``bench``, ``env``.
+``blocksparse-attn COMMAND --help`` lists each command's options."""
 
 from __future__ import annotations
 

@@ -112,9 +112,8 @@ class Progress:
 def train(name: str, config, args, device, dtype) -> dict:
     gen = torch.Generator().manual_seed(args.seed)
     torch.manual_seed(args.seed)
-    backend = "auto"
     vocab = vocab_size(args.keys)
-    model = TinyLM(config, args.seq_len, args.dim, args.layers, vocab, backend).to(device)
+    model = TinyLM(config, args.seq_len, args.dim, args.layers, vocab, "auto").to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
