@@ -71,6 +71,12 @@ def synthetic_report():
         rows.append(dict(Case("window_global", L, 1, 16, 64, 128).as_dict(), backend="fused",
                          mode="fwd+bwd", dtype="bfloat16", ms=ms, tflops=1.0, peak_mib=1.0,
                          peak_total_mib=100.0 * L / 65536, suite="max_length", fits=fits))
+    rows.append(dict(Case("window_global", 65536, 1, 16, 64, 128).as_dict(), backend="sdpa_cudnn",
+                     mode="fwd+bwd", dtype="bfloat16", ms=2500.0, tflops=1.0, peak_mib=1.0,
+                     peak_total_mib=50.0, suite="max_length", fits=True, stop="step > 2 s"))
+    rows.append(dict(suite="matmul", op="dsd", seq_len=8192, batch=2, heads=8, head_dim=128,
+                     block=64, density=0.1, dtype="bfloat16", ms=0.5, tflops=300.0,
+                     dense_ms=2.0, dense_tflops=600.0, of_dense=0.5))
     rows.append(dict(suite="index_cost", seq_len=4096, heads=16, block=64, ours_ms=0.5,
                      flex_ms=None, flex_error="OutOfMemoryError: 32 GiB"))
     env = {"torch": "2.13.0", "triton": "3.6.0", "python": "3.11", "date": "2026-11-26",
@@ -85,6 +91,9 @@ def test_markdown_rendering():
     assert "RuntimeError: dense mask too large" in text
     assert "| fused | 65,536 | 5.00 | 100 | memory > 80% |" in text
     assert "| 4,096 | 16 | 64 | 0.500 | OutOfMemoryError: 32 GiB |" in text
+    assert "| sdpa_cudnn | 65,536 | 2500.00 | 50 | step > 2 s |" in text
+    assert "density 0.10, L8192 B2 H8 D128, bfloat16" in text
+    assert "| dsd | 64 | 0.500 | 300 | 600 | 50% |" in text
 
 
 def test_report_files_and_plots(tmp_path):

@@ -29,8 +29,10 @@ def test_short_run_with_dense_comparison(capsys):
 
 
 def test_bad_length():
-    with pytest.raises(SystemExit, match="multiple of window\\*block = 64"):
+    with pytest.raises(SystemExit, match="multiple of 4\\*block = 64 \\(four windows\\)"):
         run_demo(["--seq-len", "100", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="multiple of window\\*block = 48"):
+        run_demo(["--seq-len", "128", "--window", "3", "--device", "cpu"])
 
 
 def test_recall_batch():
@@ -39,11 +41,13 @@ def test_recall_batch():
     g = torch.Generator().manual_seed(0)
     tokens, targets = recall_batch(3, 128, 16, 4, 8, 8, g, "cpu")
     assert tokens.shape == targets.shape == (3, 128)
-    assert bool((targets[:, :-8] == -100).all()) and bool((targets[:, -8:] < 8).all())
-    pairs = tokens[:, 48:56] - (64 + 8)
+    pairs = tokens[:, 48:64] - (64 + 8)  # the whole summary block of window 0: the table twice
     assert bool((pairs >= 0).all()) and int(tokens.max()) < vocab_size(8)
+    assert bool((pairs[:, :8] == pairs[:, 8:]).all())
+    assert bool((tokens[:, :48] < 64).all()) and bool((tokens[:, 64:].lt(64).sum(1) == 56).all())
+    assert bool((targets[:, 64:72] < 8).all()) and int((targets != -100).sum()) == 3 * 8
     # each query's target is the value stored with its key in the memory block
     for b in range(3):
         table = {int(p) // 8: int(p) % 8 for p in pairs[b]}
-        for key, value in zip(tokens[b, -8:] - 64, targets[b, -8:]):
+        for key, value in zip(tokens[b, 64:72] - 64, targets[b, 64:72]):
             assert table[int(key)] == int(value)

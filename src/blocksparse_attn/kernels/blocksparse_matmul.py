@@ -18,8 +18,10 @@ import triton
 import triton.language as tl
 
 from ._common import _dot, empty, input_precision, upcast_dots
+from .configs import launch_configs, matmul_tile
 
 
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_K"])
 @triton.jit
 def _sdd_kernel(A, B, C, s_az, s_ah, s_am, s_ak, s_bz, s_bh, s_bk, s_bn, s_cz, s_cb,
                 blk_h, blk_i, blk_j, K,
@@ -43,6 +45,7 @@ def _sdd_kernel(A, B, C, s_az, s_ah, s_am, s_ak, s_bz, s_bh, s_bk, s_bn, s_cz, s
              acc.to(C.dtype.element_ty))
 
 
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_N"])
 @triton.jit
 def _dsd_kernel(S, D, C, s_sz, s_sb, S_ROW, S_COL, s_dz, s_dh, s_dk, s_dn,
                 s_cz, s_ch, s_cm, s_cn, ptr, other, pos, lists_per_head, N,
@@ -71,6 +74,7 @@ def _dsd_kernel(S, D, C, s_sz, s_sb, S_ROW, S_COL, s_dz, s_dh, s_dk, s_dn,
              acc.to(C.dtype.element_ty), mask=offs_n[None, :] < N)
 
 
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_M"])
 @triton.jit
 def _dds_kernel(D, S, C, s_dz, s_dh, s_dm, s_dk, s_sz, s_sb, S_ROW, S_COL,
                 s_cz, s_ch, s_cm, s_cn, ptr, other, pos, lists_per_head, M,
@@ -117,9 +121,8 @@ def sdd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, blocks: 
     _sdd_kernel[(nnz, Z)](
         a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3),
         b.stride(0), b.stride(1), b.stride(2), b.stride(3), c.stride(0), c.stride(1),
-        h, i, j, K, BLOCK=block, BLOCK_K=max(16, min(64, triton.next_power_of_2(K))),
-        INPUT_PRECISION=input_precision(a.dtype), UPCAST=upcast_dots(a.dtype),
-        num_warps=4)
+        h, i, j, K, BLOCK=block, BLOCK_K=matmul_tile(K, block, a.element_size(), widest=64),
+        INPUT_PRECISION=input_precision(a.dtype), UPCAST=upcast_dots(a.dtype))
     return c
 
 
@@ -140,12 +143,12 @@ def dsd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     ptr, other, pos, lists = _lists(index, by_rows=not trans_a)
     c = empty((Z, H, lists * block, N), b.dtype, b.device)
     rs, cs = (1, block) if trans_a else (block, 1)
-    BLOCK_N = max(16, min(64, triton.next_power_of_2(N)))
+    BLOCK_N = matmul_tile(N, block, b.element_size())
     _dsd_kernel[(H * lists, triton.cdiv(N, BLOCK_N), Z)](
         a, b, c, a.stride(0), a.stride(1), rs, cs, b.stride(0), b.stride(1), b.stride(2),
         b.stride(3), c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos,
         lists, N, BLOCK=block, BLOCK_N=BLOCK_N, INPUT_PRECISION=input_precision(b.dtype),
-        UPCAST=upcast_dots(b.dtype), num_warps=4)
+        UPCAST=upcast_dots(b.dtype))
     return c
 
 
@@ -158,10 +161,10 @@ def dds(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     ptr, other, pos, lists = _lists(index, by_rows=trans_b)
     c = empty((Z, H, M, lists * block), a.dtype, a.device)
     rs, cs = (1, block) if trans_b else (block, 1)
-    BLOCK_M = max(16, min(64, triton.next_power_of_2(M)))
+    BLOCK_M = matmul_tile(M, block, a.element_size())
     _dds_kernel[(H * lists, triton.cdiv(M, BLOCK_M), Z)](
         a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1),
         rs, cs, c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos, lists, M,
         BLOCK=block, BLOCK_M=BLOCK_M, INPUT_PRECISION=input_precision(a.dtype),
-        UPCAST=upcast_dots(a.dtype), num_warps=4)
+        UPCAST=upcast_dots(a.dtype))
     return c

@@ -75,5 +75,20 @@ def launch_configs(kind: str):
         return [triton.Config({}, num_warps=4, num_stages=1)]
     if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: compile one config
         return [triton.Config({}, num_warps=4, num_stages=2)]
-    # the combinations that won somewhere in the v2 sweep (benchmarks/NOTES.md)
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3)]
+    # attention: the combinations that won somewhere in the v2 sweep (benchmarks/NOTES.md);
+    # the block-sparse matmuls walk one operand pair per step, deeper pipelines can pay there
+    stages = (2, 3, 4) if kind == "matmul" else (2, 3)
+    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
+
+
+def matmul_tile(size: int, block: int, itemsize: int, widest: int = 128) -> int:
+    """Width of a block-sparse matmul's dense tile (the inner K of ``sdd``, the N of
+    ``dsd``, the M of ``dds``): up to ``widest``, halved while a two-stage pipeline of one
+    ``block x block`` operand and one ``block x tile`` operand would pass 200 KB of shared
+    memory. ``sdd`` passes ``widest=64``: its tile is the reduction step, and a reduction of
+    one step leaves nothing to pipeline (measured on the H100: 124 against 203 TF/s at
+    block 128, K 128)."""
+    tile = max(16, min(widest, 1 << max(0, size - 1).bit_length()))
+    while tile > 16 and 2 * itemsize * block * (block + tile) > 200 * 1024:
+        tile //= 2
+    return tile

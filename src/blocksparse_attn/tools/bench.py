@@ -21,6 +21,8 @@ from .bench_cases import Case, anchor_cases, dense_flops, density_cases, flops, 
 BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
 MODES = ("fwd", "fwd+bwd")
 MASK_LIMIT_BYTES = 4 << 30  # dense boolean masks larger than this are not tried
+DENSITY_BACKENDS = ("fused", "flex", "sdpa_cudnn")  # the density sweep's comparison
+SECTIONS = ("max_length", "index_cost", "matmul")  # result rows outside the case table
 
 
 def environment() -> dict:
@@ -131,6 +133,7 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
         progress=True) -> dict:
     """Time every (case, dtype, mode, backend); returns ``{"env":..., "results": [...]}``."""
     results = []
+    start = time.perf_counter()
     total = len(cases) * len(dtypes) * len(modes)
     n = 0
     for case in cases:
@@ -147,7 +150,7 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
                 results.extend(rows)
                 if progress:
                     ours = next((r for r in rows if r["backend"] == "fused"), {})
-                    msg = f"[{n}/{total}] {case.name} {mode} {rows[0]['dtype']}: " + ", ".join(
+                    msg = f"[{n}/{total} {time.perf_counter() - start:.0f}s] {case.name} {mode} {rows[0]['dtype']}: " + ", ".join(
                         f"{r['backend']} {r['ms']:.3f} ms" if r["ms"] else f"{r['backend']} -"
                         for r in rows)
                     if ours.get("flex_over_this"):
@@ -157,9 +160,12 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
 
 
 def max_length_search(backends=("fused", "flex", "sdpa_cudnn"), start: int = 65536,
-                      stop: int = 1 << 22, progress: bool = True) -> list[dict]:
+                      stop: int = 1 << 22, time_limit_ms: float = 2000.0,
+                      progress: bool = True) -> list[dict]:
     """Per backend, forward+backward at doubling lengths (window_global, B1 H16 D64,
-    block 128, bf16) until it fails or needs more than 80% of the GPU's memory."""
+    block 128, bf16) until it fails or needs more than 80% of the GPU's memory. A backend
+    whose step takes longer than ``time_limit_ms`` (dense attention is quadratic in L) stops
+    there too, with that reason, so the suite keeps its time budget."""
     limit = 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**20
     rows = []
     for backend in backends:
@@ -169,12 +175,14 @@ def max_length_search(backends=("fused", "flex", "sdpa_cudnn"), start: int = 655
             row = time_backend(backend, case, case.layout(), "fwd+bwd", torch.bfloat16)
             row.update(case.as_dict(), suite="max_length")
             row["fits"] = row["ms"] is not None and row["peak_total_mib"] <= limit
+            if row["fits"] and row["ms"] > time_limit_ms:
+                row["stop"] = f"step > {time_limit_ms / 1e3:g} s"
             rows.append(row)
             if progress:
                 state = f"{row['ms']:.2f} ms, {row['peak_total_mib']:,.0f} MiB" if row["ms"] \
                     else row["error"]
                 print(f"[max length] {backend} L={L:,}: {state}", file=sys.stderr, flush=True)
-            if not row["fits"]:
+            if not row["fits"] or "stop" in row:
                 break
             L *= 2
     return rows
@@ -224,6 +232,55 @@ def index_cost(lengths=(4096, 16384, 65536, 262144), heads: int = 16, block: int
     return rows
 
 
+def matmul_throughput(blocks=(64, 128), seq_len: int = 8192, batch: int = 2, heads: int = 8,
+                      head_dim: int = 128, density: float = 0.1, dtype=torch.bfloat16,
+                      device="cuda", progress: bool = True) -> list[dict]:
+    """The three block-sparse products of the unfused path on a random layout, each beside
+    ``torch.matmul`` on the dense product of the same shapes: TFLOP/s per computed block
+    against dense TFLOP/s. ``sdd`` is ``Q K^T`` ([L, D] x [D, L]), ``dsd`` is ``P V``
+    ([L, L] x [L, D]), ``dds`` is ``A P`` ([D, L] x [L, L])."""
+    from triton.testing import do_bench
+
+    from ..ops.matmul import MatMul
+
+    rows = []
+    for block in blocks:
+        case = Case("random", seq_len, batch, heads, head_dim, block, density=density)
+        layout = case.layout().expand(heads, -1, -1).contiguous()
+        nnz = int(layout.sum())
+        q, k, at = (torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+                    for _ in range(3))
+        a = at.transpose(-1, -2).contiguous()  # [Z, H, D, L]
+        sdd = MatMul(layout, block, "sdd", trans_b=True)
+        p = sdd(q, k)
+        products = {"sdd": (sdd, q, k), "dsd": (MatMul(layout, block, "dsd"), p, k),
+                    "dds": (MatMul(layout, block, "dds"), a, p)}
+        dense_p = torch.randn(batch, heads, seq_len, seq_len, device=device, dtype=dtype)
+        dense = {"sdd": (q, k.transpose(-1, -2)), "dsd": (dense_p, k), "dds": (a, dense_p)}
+        work = 2.0 * batch * nnz * block * block * head_dim
+        dense_work = 2.0 * batch * heads * seq_len * seq_len * head_dim
+        for mode, (op, x, y) in products.items():
+            ms = do_bench(lambda: op(x, y), warmup=25, rep=100, return_mode="median")
+            dx, dy = dense[mode]
+            dense_ms = do_bench(lambda: torch.matmul(dx, dy), warmup=25, rep=100,
+                                return_mode="median")
+            row = {"suite": "matmul", "op": mode, "seq_len": seq_len, "batch": batch,
+                   "heads": heads, "head_dim": head_dim, "block": block,
+                   "density": nnz / layout.numel(), "dtype": str(dtype).replace("torch.", ""),
+                   "ms": ms, "tflops": work / ms / 1e9, "dense_ms": dense_ms,
+                   "dense_tflops": dense_work / dense_ms / 1e9}
+            row["of_dense"] = row["tflops"] / row["dense_tflops"]
+            rows.append(row)
+            if progress:
+                print(f"[matmul] {mode} block {block}: {ms:.3f} ms, {row['tflops']:.0f} TF "
+                      f"= {row['of_dense']:.0%} of dense torch.matmul ({row['dense_tflops']:.0f} "
+                      "TF)", file=sys.stderr, flush=True)
+        del dense_p, p
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
 def markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
@@ -232,7 +289,7 @@ def markdown(report: dict) -> str:
              "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
              "|---|---|---|---|---|---|---|---|"]
     for r in report["results"]:
-        if r.get("suite") in ("max_length", "index_cost"):
+        if r.get("suite") in SECTIONS:
             continue
         if r["ms"] is None:
             lines.append(f"| {r['name']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
@@ -250,7 +307,8 @@ def markdown(report: dict) -> str:
             rows = [r for r in search if r["backend"] == backend]
             ok = [r for r in rows if r["fits"]]
             last = rows[-1]
-            why = "search end" if last["fits"] else (last.get("error") or "memory > 80%")
+            why = last.get("stop", "search end") if last["fits"] else (
+                last.get("error") or "memory > 80%")
             best = ok[-1] if ok else None
             lines.append(f"| {backend} | {best['seq_len']:,} | {best['ms']:.2f} | "
                          f"{best['peak_total_mib']:,.0f} | {why} |" if best else
@@ -264,6 +322,17 @@ def markdown(report: dict) -> str:
             flex = f"{r['flex_ms']:.2f}" if r["flex_ms"] is not None else r.get("flex_error", "")
             lines.append(f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | "
                          f"{r['ours_ms']:.3f} | {flex} |")
+    products = [r for r in report["results"] if r.get("suite") == "matmul"]
+    if products:
+        r0 = products[0]
+        lines += ["", f"Block-sparse products of the unfused path (random layout, density "
+                  f"{r0['density']:.2f}, L{r0['seq_len']} B{r0['batch']} H{r0['heads']} "
+                  f"D{r0['head_dim']}, {r0['dtype']}) beside dense torch.matmul:", "",
+                  "| op | block | ms | TF on computed blocks | dense matmul TF | of dense |",
+                  "|---|---|---|---|---|---|"]
+        for r in products:
+            lines.append(f"| {r['op']} | {r['block']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                         f"{r['dense_tflops']:.0f} | {r['of_dense']:.0%} |")
     return "\n".join(lines)
 
 
@@ -332,7 +401,7 @@ def print_table(report: dict) -> None:
     for col in ("case", "dtype", "mode", "backend", "ms", "TF", "peak MiB", "flex/this"):
         table.add_column(col)
     for r in report["results"]:
-        if r.get("suite") in ("max_length", "index_cost"):
+        if r.get("suite") in SECTIONS:
             continue
         if r["ms"] is None:
             table.add_row(r["name"], r["dtype"], r["mode"], r["backend"], r["error"], "", "", "")
@@ -362,18 +431,26 @@ def bench_main(args) -> int:
     dtypes = tuple(getattr(torch, d) for d in args.dtype)
     modes = MODES if args.mode == "both" else (args.mode,)
     suites = ["anchors"] if args.quick else args.suite
-    cases = quick_cases() if args.quick else []
-    if not args.quick:
-        if "anchors" in suites:
-            cases += anchor_cases()
-        if "density" in suites:
-            cases += density_cases()
-    report = run(cases, tuple(args.backends), modes, dtypes)
+    start = time.perf_counter()
+    if args.quick:
+        report = run(quick_cases(), tuple(args.backends), modes, dtypes)
+    else:
+        report = run(anchor_cases() if "anchors" in suites else [], tuple(args.backends),
+                     modes, dtypes)
+    if "density" in suites and not args.quick:
+        # dense SDPA does not depend on the density: one SDPA backend is enough there
+        backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
+        report["results"] += run(density_cases(), backends, modes, dtypes)["results"]
+    if "matmul" in suites and not args.quick:
+        report["results"] += matmul_throughput()
     if "max-length" in suites and not args.quick:
         report["results"] += max_length_search()
     if "index" in suites and not args.quick:
         report["results"] += index_cost()
+    report["env"]["seconds"] = round(time.perf_counter() - start, 1)
     print_table(report)
+    print(f"bench: {len(report['results'])} rows in {report['env']['seconds']:.0f} s",
+          file=sys.stderr)
     if args.out:
         for path in write_report(report, args.out):
             print(f"wrote {path}", file=sys.stderr)

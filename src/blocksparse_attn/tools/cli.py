@@ -111,10 +111,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_layout)
 
     p = sub.add_parser("demo", help="train a small sparse-attention language model (main job)")
-    p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 3000 on GPU)")
-    p.add_argument("--seq-len", type=int, help="sequence length (default 256 CPU, 4096 GPU)")
+    p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 1000 on GPU)")
+    p.add_argument("--seq-len", type=int, help="sequence length (default 256 CPU, 8192 GPU)")
     p.add_argument("--block", type=int, help="layout block (default 16 CPU, 64 GPU)")
-    p.add_argument("--window", type=int, default=4, help="Fixed window in blocks (default 4)")
+    p.add_argument("--window", type=int,
+                   help="Fixed window in blocks (default: a quarter of the sequence)")
     p.add_argument("--batch", type=int, help="sequences per step (default 16)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -130,8 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
-    p.add_argument("--suite", nargs="+", choices=["anchors", "density", "max-length", "index"],
-                   default=["anchors", "density", "max-length", "index"],
+    suites = ["anchors", "density", "matmul", "max-length", "index"]
+    p.add_argument("--suite", nargs="+", choices=suites, default=suites,
                    help="what to run (default: all)")
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])

@@ -2,11 +2,13 @@
 ``SparseSelfAttention`` (Fixed pattern, unidirectional) on a long-range recall task, then the
 same model with dense attention at the same length.
 
-The task, generated on the fly: a table of key->value pairs (one token per pair) sits in
-the summary block of the first window; after a long stretch of noise, the sequence ends
-with queried keys, and the model must output each key's value. In the Fixed pattern every
-later row attends that summary block (its global column), so the answer is one hop away
-from any distance; loss is measured on the answers only.
+The task, generated on the fly: the sequence is four windows of the Fixed pattern (unless
+``--window`` says otherwise). A table of key->value pairs (one token per pair, repeated to
+fill the block) sits in the summary block of the first window; the last window opens with
+queried keys, and the model must output each key's value; everything else is noise. In the
+Fixed pattern a row attends its own window and the summary blocks (global columns) of the
+earlier windows, so the answer is one hop away, thousands of tokens back on a GPU; loss is
+measured on the answers only.
 """
 
 from __future__ import annotations
@@ -33,19 +35,21 @@ def vocab_size(n_keys: int) -> int:
 def recall_batch(batch: int, seq_len: int, block: int, window: int, queries: int, n_keys: int,
                  generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens, targets)`` of shape ``[batch, seq_len]``; targets are -100 except at the
-    final ``queries`` positions, whose target is the queried key's value."""
+    first ``queries`` positions of the last window, whose target is the queried key's
+    value."""
     key0, pair0 = N_NOISE, N_NOISE + n_keys
     tokens = torch.randint(0, N_NOISE, (batch, seq_len), generator=generator)
     targets = torch.full((batch, seq_len), -100, dtype=torch.long)
     memory = (window - 1) * block  # the summary (global) block of window 0
     values = torch.randint(0, n_keys, (batch, n_keys), generator=generator)
-    slots = min(block, n_keys)
-    keys = torch.argsort(torch.rand(batch, n_keys, generator=generator), dim=1)[:, :slots]
-    tokens[:, memory:memory + slots] = pair0 + keys * n_keys + values.gather(1, keys)
-    pick = torch.randint(0, slots, (batch, queries), generator=generator)
-    asked = keys.gather(1, pick)
-    tokens[:, seq_len - queries:] = key0 + asked
-    targets[:, seq_len - queries:] = values.gather(1, asked)
+    order = torch.argsort(torch.rand(batch, n_keys, generator=generator), dim=1)
+    stored = min(block, n_keys)  # keys in the table; it repeats to fill the block
+    keys = order[:, torch.arange(block) % stored]
+    tokens[:, memory:memory + block] = pair0 + keys * n_keys + values.gather(1, keys)
+    asked = order.gather(1, torch.randint(0, stored, (batch, queries), generator=generator))
+    ask = seq_len - window * block  # the queries open the last window
+    tokens[:, ask:ask + queries] = key0 + asked
+    targets[:, ask:ask + queries] = values.gather(1, asked)
     return tokens.to(device), targets.to(device)
 
 
@@ -154,13 +158,19 @@ def demo_main(args) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     gpu = device.type == "cuda"
     if args.seq_len is None:
-        args.seq_len = 4096 if gpu else 256
+        args.seq_len = 8192 if gpu else 256
     if args.block is None:
         args.block = 64 if gpu else 16
     if args.steps is None:
-        args.steps = 3000 if gpu else 250
+        args.steps = 1000 if gpu else 250
     if args.batch is None:
         args.batch = 16
+    if args.window is None:
+        if args.seq_len % (4 * args.block):
+            raise SystemExit(f"blocksparse-attn demo: --seq-len must be a multiple of "
+                             f"4*block = {4 * args.block} (four windows), got {args.seq_len}; "
+                             "or give --window.")
+        args.window = args.seq_len // (4 * args.block)
     dtype = torch.bfloat16 if gpu else torch.float32
     span = args.window * args.block
     if args.seq_len % span or args.seq_len < 2 * span:
@@ -172,7 +182,8 @@ def demo_main(args) -> int:
     layout = sparse.make_layout(args.seq_len)
     density = layout[0].float().mean().item()
     print(f"blocksparse-attn demo on {device} ({'fused Triton kernel' if gpu else 'PyTorch reference backend'}, {str(dtype).replace('torch.', '')})")
-    print(f"task: recall the value of a key stored {args.seq_len - span} tokens earlier; "
+    distance = args.seq_len - span - (args.window - 1) * args.block
+    print(f"task: recall the value of a key stored {distance:,} tokens earlier; "
           f"chance loss ln({args.keys}) = {math.log(args.keys):.2f}")
     print(f"model: {args.layers} layers, dim {args.dim}, {heads} heads; sequence {args.seq_len}, "
           f"batch {args.batch}, {args.steps} steps")
