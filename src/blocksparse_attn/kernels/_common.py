@@ -80,13 +80,31 @@ def _schedule(ORDER, heads_per_layout_head, batch, tiles):
     return list_id, tile, b.to(tl.int64), h.to(tl.int64)
 
 
-def launch(kernel, grid, args, kwargs, config: dict | None):
+_TUNED: dict[tuple, dict] = {}  # (kernel, dtype, device, tuning key) -> launch options
+
+
+def launch(kernel, grid, args, kwargs, config: dict | None = None):
     """Launch an autotuned kernel, or its plain function with an explicit
-    ``{"num_warps": .., "num_stages": ..}`` (benchmark sweeps)."""
-    if config is None:
-        kernel[grid](*args, **kwargs)
-    else:
+    ``{"num_warps": .., "num_stages": ..}`` (benchmark sweeps).
+
+    The autotuner picks a configuration the first time it sees a key (its ``key`` names,
+    which must be keyword arguments here, the first argument's dtype and device); later
+    launches with that key go straight to the compiled function with the chosen options.
+    Triton's ``Autotuner.run`` rebuilds its key from every argument on each call, which
+    costs more host time than a short kernel runs (``benchmarks/NOTES.md``, v3)."""
+    if config is not None:
         kernel.fn[grid](*args, **kwargs, **config)
+        return
+    if interpreting() or not hasattr(kernel, "keys"):
+        kernel[grid](*args, **kwargs)
+        return
+    key = (kernel, args[0].dtype, args[0].device, *(kwargs[name] for name in kernel.keys))
+    options = _TUNED.get(key)
+    if options is None:
+        kernel[grid](*args, **kwargs)  # tunes on the first sight of this key, then runs
+        _TUNED[key] = kernel.best_config.all_kwargs()
+    else:
+        kernel.fn[grid](*args, **kwargs, **options)
 
 
 def input_precision(dtype: torch.dtype) -> str:

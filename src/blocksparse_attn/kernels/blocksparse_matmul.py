@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _dot, empty, input_precision, upcast_dots
+from ._common import _dot, empty, input_precision, launch, upcast_dots
 from .configs import launch_configs, matmul_tile
 
 
@@ -118,11 +118,11 @@ def sdd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, blocks: 
     if nnz == 0:
         return c
     h, i, j = (blocks[:, d].contiguous() for d in range(3))
-    _sdd_kernel[(nnz, Z)](
+    launch(_sdd_kernel, (nnz, Z), (
         a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3),
         b.stride(0), b.stride(1), b.stride(2), b.stride(3), c.stride(0), c.stride(1),
-        h, i, j, K, BLOCK=block, BLOCK_K=matmul_tile(K, block, a.element_size(), widest=64),
-        INPUT_PRECISION=input_precision(a.dtype), UPCAST=upcast_dots(a.dtype))
+        h, i, j, K), dict(BLOCK=block, BLOCK_K=matmul_tile(K, block, a.element_size(), widest=64),
+                          INPUT_PRECISION=input_precision(a.dtype), UPCAST=upcast_dots(a.dtype)))
     return c
 
 
@@ -144,11 +144,11 @@ def dsd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     c = empty((Z, H, lists * block, N), b.dtype, b.device)
     rs, cs = (1, block) if trans_a else (block, 1)
     BLOCK_N = matmul_tile(N, block, b.element_size())
-    _dsd_kernel[(H * lists, triton.cdiv(N, BLOCK_N), Z)](
+    launch(_dsd_kernel, (H * lists, triton.cdiv(N, BLOCK_N), Z), (
         a, b, c, a.stride(0), a.stride(1), rs, cs, b.stride(0), b.stride(1), b.stride(2),
         b.stride(3), c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos,
-        lists, N, BLOCK=block, BLOCK_N=BLOCK_N, INPUT_PRECISION=input_precision(b.dtype),
-        UPCAST=upcast_dots(b.dtype))
+        lists, N), dict(BLOCK=block, BLOCK_N=BLOCK_N, INPUT_PRECISION=input_precision(b.dtype),
+                        UPCAST=upcast_dots(b.dtype)))
     return c
 
 
@@ -162,9 +162,9 @@ def dds(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     c = empty((Z, H, M, lists * block), a.dtype, a.device)
     rs, cs = (1, block) if trans_b else (block, 1)
     BLOCK_M = matmul_tile(M, block, a.element_size())
-    _dds_kernel[(H * lists, triton.cdiv(M, BLOCK_M), Z)](
+    launch(_dds_kernel, (H * lists, triton.cdiv(M, BLOCK_M), Z), (
         a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1),
-        rs, cs, c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos, lists, M,
-        BLOCK=block, BLOCK_M=BLOCK_M, INPUT_PRECISION=input_precision(a.dtype),
-        UPCAST=upcast_dots(a.dtype))
+        rs, cs, c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos, lists, M),
+        dict(BLOCK=block, BLOCK_M=BLOCK_M, INPUT_PRECISION=input_precision(a.dtype),
+             UPCAST=upcast_dots(a.dtype)))
     return c

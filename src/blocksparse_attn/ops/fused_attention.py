@@ -16,17 +16,33 @@ def _mode(mul: bool) -> str:
     return "mul" if mul else "add"
 
 
-@torch.library.custom_op("blocksparse_attn::fused_attention_fwd", mutates_args=())
-def fused_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, rpe: Optional[Tensor],
-                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                        block: int, scale: float, causal: bool, kpm_mul: bool,
-                        am_mul: bool) -> tuple[Tensor, Tensor]:
+def _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul,
+             am_mul):
     from ..kernels.fused_fwd import fused_attention_forward
 
     return fused_attention_forward(q, k, v, layout, block=block, scale=scale, causal=causal,
                                    rpe=rpe, key_padding_mask=key_padding_mask,
                                    attn_mask=attn_mask, key_padding_mask_mode=_mode(kpm_mul),
                                    attn_mask_mode=_mode(am_mul))
+
+
+def _backward_kernels(grad_out, q, k, v, out, lse, layout, rpe, key_padding_mask, attn_mask,
+                      block, scale, causal, kpm_mul, am_mul, rpe_grad):
+    from ..kernels.fused_bwd import fused_attention_backward
+
+    return fused_attention_backward(
+        grad_out, q, k, v, out, lse, layout, block=block, scale=scale, causal=causal, rpe=rpe,
+        key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+        key_padding_mask_mode=_mode(kpm_mul), attn_mask_mode=_mode(am_mul), rpe_grad=rpe_grad)
+
+
+@torch.library.custom_op("blocksparse_attn::fused_attention_fwd", mutates_args=())
+def fused_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, rpe: Optional[Tensor],
+                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
+                        block: int, scale: float, causal: bool, kpm_mul: bool,
+                        am_mul: bool) -> tuple[Tensor, Tensor]:
+    return _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
+                    kpm_mul, am_mul)
 
 
 @fused_attention_fwd.register_fake
@@ -41,12 +57,9 @@ def fused_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: 
                         key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                         block: int, scale: float, causal: bool, kpm_mul: bool, am_mul: bool,
                         rpe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from ..kernels.fused_bwd import fused_attention_backward
-
-    dq, dk, dv, drpe = fused_attention_backward(
-        grad_out, q, k, v, out, lse, layout, block=block, scale=scale, causal=causal, rpe=rpe,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        key_padding_mask_mode=_mode(kpm_mul), attn_mask_mode=_mode(am_mul), rpe_grad=rpe_grad)
+    dq, dk, dv, drpe = _backward_kernels(grad_out, q, k, v, out, lse, layout, rpe,
+                                         key_padding_mask, attn_mask, block, scale, causal,
+                                         kpm_mul, am_mul, rpe_grad)
     return dq, dk, dv, (drpe if drpe is not None else q.new_empty(0))
 
 
@@ -77,8 +90,38 @@ def _backward(ctx, grad_out, grad_lse):
 fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _EagerFusedAttention(torch.autograd.Function):
+    """The same kernels and gradients as the custom ops, for eager mode: a custom op's
+    Python dispatch and autograd wrapper cost a few hundred microseconds of host time per
+    call, which a short kernel cannot hide (``benchmarks/NOTES.md``, v3)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul):
+        out, lse = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
+                            am_mul)
+        _setup_context(ctx, (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
+                             am_mul), (out, lse))
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse):
+        q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
+        block, scale, causal, kpm_mul, am_mul = ctx.options
+        rpe_grad = rpe is not None and ctx.needs_input_grad[4]
+        dq, dk, dv, drpe = _backward_kernels(grad_out.contiguous(), q, k, v, out, lse, layout,
+                                             rpe, kpm, am, block, scale, causal, kpm_mul,
+                                             am_mul, rpe_grad)
+        return (dq, dk, dv, None, (drpe if rpe_grad else None), None, None, None, None, None,
+                None, None)
+
+
 def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_mask, attn_mask,
                     key_padding_mask_mode, attn_mask_mode) -> tuple[Tensor, Tensor]:
-    """Differentiable fused attention on checked inputs: ``(out, lse)``."""
-    return fused_attention_fwd(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale,
-                               causal, key_padding_mask_mode == "mul", attn_mask_mode == "mul")
+    """Differentiable fused attention on checked inputs: ``(out, lse)``. Under
+    ``torch.compile`` the custom ops (opaque to the compiler, with fake implementations);
+    in eager mode a plain ``autograd.Function`` over the same implementations."""
+    args = (q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
+            key_padding_mask_mode == "mul", attn_mask_mode == "mul")
+    if torch.compiler.is_compiling():
+        return fused_attention_fwd(*args)
+    return _EagerFusedAttention.apply(*args)

@@ -432,28 +432,34 @@ def bench_main(args) -> int:
     modes = MODES if args.mode == "both" else (args.mode,)
     suites = ["anchors"] if args.quick else args.suite
     start = time.perf_counter()
+
+    def save(report):  # after every section: an interrupted run keeps what it measured
+        report["env"]["seconds"] = round(time.perf_counter() - start, 1)
+        if args.out:
+            write_report(report, args.out)
+
     if args.quick:
         report = run(quick_cases(), tuple(args.backends), modes, dtypes)
     else:
         report = run(anchor_cases() if "anchors" in suites else [], tuple(args.backends),
                      modes, dtypes)
+    save(report)
     if "density" in suites and not args.quick:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
         report["results"] += run(density_cases(), backends, modes, dtypes)["results"]
-    if "matmul" in suites and not args.quick:
-        report["results"] += matmul_throughput()
-    if "max-length" in suites and not args.quick:
-        report["results"] += max_length_search()
-    if "index" in suites and not args.quick:
-        report["results"] += index_cost()
-    report["env"]["seconds"] = round(time.perf_counter() - start, 1)
+        save(report)
+    for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
+                          ("index", index_cost)):
+        if name in suites and not args.quick:
+            report["results"] += section()
+            save(report)
     print_table(report)
-    print(f"bench: {len(report['results'])} rows in {report['env']['seconds']:.0f} s",
-          file=sys.stderr)
     if args.out:
         for path in write_report(report, args.out):
             print(f"wrote {path}", file=sys.stderr)
+    print(f"bench: {len(report['results'])} rows in {report['env']['seconds']:.0f} s",
+          file=sys.stderr)
     return 0
 
 
