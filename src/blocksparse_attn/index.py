@@ -182,7 +182,10 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
         th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
         partial = kept < sm * sn
     # ragged ends: a tile reaching past the sequence needs element masks
-    partial = partial | ((ti + 1) * tile_m > q_len) | ((tj + 1) * tile_n > k_len)
+    if q_len % tile_m:
+        partial = partial | (ti == rt - 1)
+    if k_len % tile_n:
+        partial = partial | (tj == ct - 1)
     if causal:
         row_lo = ti * tile_m
         row_hi = torch.clamp(row_lo + tile_m, max=q_len) - 1
@@ -199,7 +202,7 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     col_order = torch.argsort(cols * rt + ti)
     sorted_cols = cols[col_order]
     col_ptr = torch.searchsorted(sorted_cols, torch.arange(H * ct + 1, device=dev))
-    row_counts, col_counts = row_ptr[1:] - row_ptr[:-1], col_ptr[1:] - col_ptr[:-1]
+    row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
     return SparseIndex(
         heads=H, block=block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, sub=g,
         causal=causal, row_tiles=rt, col_tiles=ct,
