@@ -203,6 +203,9 @@ def test_eager_function_matches_custom_op():
         results.append((out, *grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    for fn in (fused_attention_fwd, _EagerFusedAttention.apply):
+        out, lse = fn(*leaves, layout, None, None, None, 16, 0.25, False, False, True)
+        assert out.requires_grad and not lse.requires_grad
 
 
 # --- GPU grid -------------------------------------------------------------------------------

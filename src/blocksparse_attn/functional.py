@@ -95,7 +95,8 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             CUDA tensors it supports, else the reference (with a warning when CUDA inputs
             cannot use the kernel). A backend asked for by name that cannot run raises
             ``NotImplementedError`` listing every reason.
-        return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log).
+        return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log);
+            with the fused backend it carries no gradient (``requires_grad=False``).
 
     Returns ``out [B, H, L_q, D]`` in the input dtype (and ``lse``). A query with nothing
     to attend gets zeros (and zero gradients), never NaN; its ``lse`` is ``-inf``.

@@ -75,9 +75,18 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, layout, rpe, kpm, am)
     ctx.options = (block, scale, causal, kpm_mul, am_mul)
+    # lse carries no gradient; and no zero tensor is made for its absent gradient (that
+    # allocation and fill cost more host time than the backward kernels' launches)
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
+
+
+_NO_GRADS = (None,) * 12  # one per forward input
 
 
 def _backward(ctx, grad_out, grad_lse):
+    if grad_out is None:  # only lse was used: nothing flows back
+        return _NO_GRADS
     q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
     block, scale, causal, kpm_mul, am_mul = ctx.options
     rpe_grad = rpe is not None and ctx.needs_input_grad[4]
@@ -105,6 +114,8 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
+        if grad_out is None:
+            return _NO_GRADS
         q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
         block, scale, causal, kpm_mul, am_mul = ctx.options
         rpe_grad = rpe is not None and ctx.needs_input_grad[4]
