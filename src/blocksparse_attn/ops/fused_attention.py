@@ -84,16 +84,21 @@ def _setup_context(ctx, inputs, output):
 _NO_GRADS = (None,) * 12  # one per forward input
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _gradients(ctx, grad_out, backward):
+    """Input gradients from the saved forward; ``backward`` is the custom op (traced by
+    ``torch.compile``) or the plain implementation (eager)."""
     if grad_out is None:  # only lse was used: nothing flows back
         return _NO_GRADS
     q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
     block, scale, causal, kpm_mul, am_mul = ctx.options
     rpe_grad = rpe is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, drpe = fused_attention_bwd(grad_out.contiguous(), q, k, v, out, lse, layout, rpe,
-                                           kpm, am, block, scale, causal, kpm_mul, am_mul,
-                                           rpe_grad)
+    dq, dk, dv, drpe = backward(grad_out.contiguous(), q, k, v, out, lse, layout, rpe, kpm, am,
+                                block, scale, causal, kpm_mul, am_mul, rpe_grad)
     return dq, dk, dv, None, (drpe if rpe_grad else None), None, None, None, None, None, None, None
+
+
+def _backward(ctx, grad_out, grad_lse):
+    return _gradients(ctx, grad_out, fused_attention_bwd)
 
 
 fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -114,16 +119,7 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse):
-        if grad_out is None:
-            return _NO_GRADS
-        q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
-        block, scale, causal, kpm_mul, am_mul = ctx.options
-        rpe_grad = rpe is not None and ctx.needs_input_grad[4]
-        dq, dk, dv, drpe = _backward_kernels(grad_out.contiguous(), q, k, v, out, lse, layout,
-                                             rpe, kpm, am, block, scale, causal, kpm_mul,
-                                             am_mul, rpe_grad)
-        return (dq, dk, dv, None, (drpe if rpe_grad else None), None, None, None, None, None,
-                None, None)
+        return _gradients(ctx, grad_out, _backward_kernels)
 
 
 def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_mask, attn_mask,

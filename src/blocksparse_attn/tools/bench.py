@@ -150,9 +150,10 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
                 results.extend(rows)
                 if progress:
                     ours = next((r for r in rows if r["backend"] == "fused"), {})
-                    msg = f"[{n}/{total} {time.perf_counter() - start:.0f}s] {case.name} {mode} {rows[0]['dtype']}: " + ", ".join(
-                        f"{r['backend']} {r['ms']:.3f} ms" if r["ms"] else f"{r['backend']} -"
-                        for r in rows)
+                    elapsed = time.perf_counter() - start
+                    msg = (f"[{n}/{total} {elapsed:.0f}s] {case.name} {mode} {rows[0]['dtype']}: "
+                           + ", ".join(f"{r['backend']} {r['ms']:.3f} ms" if r["ms"]
+                                       else f"{r['backend']} -" for r in rows))
                     if ours.get("flex_over_this"):
                         msg += f" | fused vs flex {ours['flex_over_this']:.2f}x"
                     print(msg, file=sys.stderr, flush=True)
@@ -433,31 +434,29 @@ def bench_main(args) -> int:
     suites = ["anchors"] if args.quick else args.suite
     start = time.perf_counter()
 
-    def save(report):  # after every section: an interrupted run keeps what it measured
+    def save(report) -> list[str]:  # after every section: an interrupted run keeps its rows
         report["env"]["seconds"] = round(time.perf_counter() - start, 1)
-        if args.out:
-            write_report(report, args.out)
+        return write_report(report, args.out) if args.out else []
 
     if args.quick:
         report = run(quick_cases(), tuple(args.backends), modes, dtypes)
     else:
         report = run(anchor_cases() if "anchors" in suites else [], tuple(args.backends),
                      modes, dtypes)
-    save(report)
+    written = save(report)
     if "density" in suites and not args.quick:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
         report["results"] += run(density_cases(), backends, modes, dtypes)["results"]
-        save(report)
+        written = save(report)
     for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
                           ("index", index_cost)):
         if name in suites and not args.quick:
             report["results"] += section()
-            save(report)
+            written = save(report)
     print_table(report)
-    if args.out:
-        for path in write_report(report, args.out):
-            print(f"wrote {path}", file=sys.stderr)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
     print(f"bench: {len(report['results'])} rows in {report['env']['seconds']:.0f} s",
           file=sys.stderr)
     return 0
