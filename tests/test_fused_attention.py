@@ -17,8 +17,17 @@ CPU_DTYPES = [torch.float32, torch.float16]
 
 
 def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, tiles=None,
-                  bwd_tiles=None, **problem):
+                  bwd_tiles=None, desc=False, **problem):
+    """``desc`` forces every attention kernel onto its tensor-descriptor path."""
     poison(monkeypatch)
+    if desc:
+        from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
+
+        def launch(kernel, grid, args, kwargs, config=None):
+            _common.launch(kernel, grid, args, kwargs, {"num_warps": 4, "num_stages": 2,
+                                                        "DESC": 1})
+        monkeypatch.setattr(fused_fwd, "launch", launch)
+        monkeypatch.setattr(fused_bwd, "launch", launch)
     if tiles is not None:
         from blocksparse_attn.kernels import fused_bwd, fused_fwd
 
@@ -72,6 +81,27 @@ def test_blocks_and_head_dims(monkeypatch, block, D):
 def test_tile_shapes_over_small_blocks(monkeypatch, tiles, bwd_tiles):
     run_and_check(monkeypatch, 1, 2, 128, 128, 16, torch.float32, block=16, causal=True,
                   tiles=tiles, bwd_tiles=bwd_tiles, kpm="add")
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize("Lq, D, causal, kpm", [
+    (128, 32, True, None), (208, 48, False, "mul"), (96, 64, False, None),
+])
+def test_tensor_descriptor_path(monkeypatch, dtype, Lq, D, causal, kpm):
+    # ragged ends and a head dim below the tile width are the descriptors' zero fill
+    run_and_check(monkeypatch, 2, 2, Lq, Lq, D, dtype, block=16 if Lq % 32 else 32,
+                  density=0.5, causal=causal, kpm=kpm, desc=True)
+
+
+@pytest.mark.parametrize("layout_heads", [None, 1])
+def test_programs_in_groups_cover_every_tile(monkeypatch, layout_heads):
+    # groups of 4 lists over 6 (a short last group), and over 2 lists shared by 3 heads
+    from blocksparse_attn.kernels import fused_bwd, fused_fwd
+
+    monkeypatch.setattr(fused_fwd, "PROGRAM_GROUP", 4)
+    monkeypatch.setattr(fused_bwd, "PROGRAM_GROUP", 4)
+    run_and_check(monkeypatch, 2, 3, 128, 128, 16, torch.float32, block=16, density=0.6,
+                  layout_heads=layout_heads, empty_row=False)
 
 
 def test_rectangular_cross_attention(monkeypatch):
@@ -219,6 +249,15 @@ GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 def test_gpu_grid(monkeypatch, dtype, D, block):
     run_and_check(monkeypatch, 3, 5, 512, 512, D, dtype, block=block, density=0.4,
                   causal=block in (16, 64), kpm="add" if block == 32 else None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", GPU_DTYPES)
+@pytest.mark.parametrize("D", [32, 96, 128])
+@pytest.mark.parametrize("block", [16, 128])
+def test_gpu_tensor_descriptor_grid(monkeypatch, dtype, D, block):
+    run_and_check(monkeypatch, 2, 3, 640, 640, D, dtype, block=block, density=0.4,
+                  causal=block == 16, desc=True)
 
 
 @pytest.mark.gpu

@@ -42,6 +42,7 @@ def test_round_trip(block, tile_m, tile_n, shape, density):
         part = idx.row_partial[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
         csr |= {(r // idx.row_tiles, r % idx.row_tiles, c, b, p)
                 for c, b, p in zip(cols, bits, part)}
+        assert int(idx.row_lead[r]) == (part + [1]).index(1)  # full tiles before the first partial
     for c in range(shape[0] * idx.col_tiles):
         rows = idx.col_idx[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
         assert rows == sorted(rows)
@@ -78,6 +79,7 @@ def test_full_and_partial_tiles():
     assert idx.row_ptr.tolist() == [0, 2, 3]
     assert idx.row_idx.tolist() == [0, 1, 1]
     assert idx.row_partial.tolist() == [0, 1, 0]
+    assert idx.row_lead.tolist() == [1, 1]
     assert idx.row_bits.tolist() == [0b1111, 0b0001, 0b1111]
 
 
@@ -86,11 +88,13 @@ def test_causal_tiles():
     assert idx.row_ptr.tolist() == [0, 1, 3, 6, 10]
     assert idx.row_idx.tolist() == [0, 0, 1, 0, 1, 2, 0, 1, 2, 3]
     assert idx.row_partial.tolist() == [1, 0, 1, 0, 0, 1, 0, 0, 0, 1]  # diagonal partial
+    assert idx.row_lead.tolist() == [0, 1, 2, 3]
     assert idx.col_idx.tolist() == [0, 1, 2, 3, 1, 2, 3, 2, 3, 3]
     # 32x16 tiles: tile (0, 2) lies after the diagonal and is dropped
     idx = build_index(torch.ones(1, 4, 4, dtype=torch.int64), 16, tile_m=32, tile_n=16, causal=True)
     assert idx.row_idx.tolist() == [0, 1, 0, 1, 2, 3]
     assert idx.row_partial.tolist() == [1, 1, 0, 0, 1, 1]  # every tile touching the diagonal
+    assert idx.row_lead.tolist() == [0, 2]
 
 
 def test_ragged_tiles_are_partial():

@@ -52,6 +52,8 @@ class SparseIndex:
         row_bits: ``[nnz]`` sub-block mask of each tile, CSR order (bit ``a * (tile_n//sub) + b``
             is sub-block row ``a``, column ``b``).
         row_partial: ``[nnz]`` 1 where the tile needs element masking, CSR order.
+        row_lead: ``[heads * row_tiles]`` how many of each row list's first tiles are full
+            (the forward kernel runs those without element masks).
         col_ptr, col_idx, col_bits, col_partial: the same tiles in CSC order (per key tile,
             the query tiles).
         col_pos: ``[nnz]`` position in the CSR order of each CSC entry (with ``tile ==
@@ -75,6 +77,7 @@ class SparseIndex:
     row_idx: torch.Tensor
     row_bits: torch.Tensor
     row_partial: torch.Tensor
+    row_lead: torch.Tensor
     col_ptr: torch.Tensor
     col_idx: torch.Tensor
     col_bits: torch.Tensor
@@ -203,10 +206,16 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     sorted_cols = cols[col_order]
     col_ptr = torch.searchsorted(sorted_cols, torch.arange(H * ct + 1, device=dev))
     row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
+    # a tile leads its row when no partial tile comes before it or is it
+    seen = partial.cumsum(0)
+    lead = seen == (seen - partial)[row_ptr[rows]]
+    row_lead = torch.zeros(H * rt, dtype=torch.int32, device=dev).scatter_add_(
+        0, rows, lead.to(torch.int32))
     return SparseIndex(
         heads=H, block=block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, sub=g,
         causal=causal, row_tiles=rt, col_tiles=ct,
         row_ptr=row_ptr, row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
+        row_lead=row_lead,
         col_ptr=col_ptr.to(torch.int32), col_idx=ti[col_order].to(torch.int32),
         col_bits=bits[col_order], col_partial=partial[col_order],
         col_pos=col_order.to(torch.int32),

@@ -1,7 +1,10 @@
-"""Pieces shared by the fused kernels: the score tile (with every mask and bias of the
-DeepSpeed semantics), the dot product, and launcher helpers."""
+"""Pieces shared by the fused kernels: tile loads (pointers or tensor descriptors), the score
+tile (with every mask and bias of the DeepSpeed semantics), the dot product, and launcher
+helpers."""
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -13,13 +16,48 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """``a @ b`` accumulated in fp32. ``UPCAST`` computes in fp32 (Triton's interpreter
-    multiplies bf16 bit patterns in ``tl.dot``)."""
+def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, acc=None):
+    """``acc + a @ b`` (``acc`` absent: zero) accumulated in fp32. ``UPCAST`` computes in
+    fp32 (Triton's interpreter multiplies bf16 bit patterns in ``tl.dot``)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     else:
-        return tl.dot(a, b, input_precision=INPUT_PRECISION)
+        return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _matrix(base, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+            BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+    """What :func:`_load_tile` reads a ``[rows, HEAD_DIM]`` matrix at ``base`` through: a
+    tensor descriptor (Hopper's tensor memory accelerator) when ``DESC``, else the pointer."""
+    if DESC:
+        m = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride, 1],
+                                      block_shape=[BLOCK, BLOCK_D])
+    else:
+        m = base
+    return m
+
+
+@triton.jit
+def _load_tile(m, first, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_D: tl.constexpr, DESC: tl.constexpr, INSIDE: tl.constexpr):
+    """Rows ``first .. first + BLOCK`` of the matrix ``m`` (from :func:`_matrix`) as a
+    ``BLOCK x BLOCK_D`` tile, zero past its last row and column. ``INSIDE`` promises that
+    every row lies inside (the pointer path then loads without a row mask)."""
+    if DESC:
+        tile = m.load([first, 0])
+    else:
+        offs = first + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        ptr = m + offs[:, None] * stride + offs_d[None, :]
+        if INSIDE and BLOCK_D == HEAD_DIM:
+            tile = tl.load(ptr)
+        elif INSIDE:
+            tile = tl.load(ptr, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
+        else:
+            tile = tl.load(ptr, mask=(offs < rows)[:, None] & (offs_d < HEAD_DIM)[None, :],
+                           other=0.0)
+    return tile
 
 
 @triton.jit
@@ -65,15 +103,19 @@ def _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
 
 
 @triton.jit
-def _schedule(ORDER, heads_per_layout_head, batch, tiles):
+def _schedule(ORDER, heads_per_layout_head, batch, tiles, GROUP: tl.constexpr):
     """Map this program to (list id, tile, batch, head). Lists are visited longest first
-    (``ORDER``, from the index); the programs of one list (every batch, and every head
-    sharing the layout) are adjacent."""
+    (``ORDER``, from the index) in groups of ``GROUP``: the programs of a group run batch
+    by batch and head by head, so the programs running at once share their batch-head's
+    keys and values in the L2 cache, and a long list never waits for more than a group."""
     rep = batch * heads_per_layout_head
     pid = tl.program_id(0)
-    entry = pid // rep
-    k = pid % rep
-    list_id = tl.load(ORDER + entry)
+    n_lists = tl.num_programs(0) // rep
+    first = pid // (GROUP * rep) * GROUP
+    size = tl.minimum(n_lists - first, GROUP)
+    r = pid - first * rep
+    k = r // size
+    list_id = tl.load(ORDER + first + r % size)
     tile = list_id % tiles
     h = list_id // tiles + k % heads_per_layout_head
     b = k // heads_per_layout_head
@@ -92,6 +134,8 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
     launches with that key go straight to the compiled function with the chosen options.
     Triton's ``Autotuner.run`` rebuilds its key from every argument on each call, which
     costs more host time than a short kernel runs (``benchmarks/NOTES.md``, v3)."""
+    if kwargs.get("ALLOW_DESC") or (config or {}).get("DESC"):
+        _ensure_allocator()
     if config is not None:
         kernel.fn[grid](*args, **kwargs, **config)
         return
@@ -105,6 +149,40 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
         _TUNED[key] = kernel.best_config.all_kwargs()
     else:
         kernel.fn[grid](*args, **kwargs, **options)
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
+
+
+def _ensure_allocator() -> None:
+    """Kernels that build tensor descriptors need Triton's scratch allocator; set one that
+    takes torch memory unless the caller has set their own (per thread: autograd's backward
+    runs in its own)."""
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    if isinstance(_allocator.get(), NullAllocator):
+        triton.set_allocator(_scratch)
+
+
+@functools.lru_cache
+def _capability(index: int | None) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def descriptors_allowed(*tensors: torch.Tensor) -> bool:
+    """Whether the kernels may read ``tensors`` (``[B, H, L, D]``, unit last stride) through
+    tensor descriptors: a GPU of compute capability 9 or newer (or the interpreter), and
+    every base address and leading stride a multiple of 16 bytes."""
+    if not interpreting() and _capability(tensors[0].device.index) < 9:
+        return False
+    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
+                                              for s in t.stride()[:-1]) for t in tensors)
+
+
+def prune_descriptors(configs, named_args, **kwargs):
+    """Autotuner hook: drop the tensor-descriptor configurations where they may not run."""
+    return [c for c in configs if kwargs.get("ALLOW_DESC") or not c.kwargs.get("DESC")]
 
 
 def input_precision(dtype: torch.dtype) -> str:

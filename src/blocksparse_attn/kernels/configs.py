@@ -38,10 +38,17 @@ def _shrink(block: int, m: int, n: int) -> Tiles:
     return Tiles(m, n)
 
 
-# Layouts at least this dense use large forward tiles (more reuse per program); sparser ones
-# use 64x64 tiles, which shortens the longest row's program (the critical path when a few
-# global rows attend everything). Measured on an H100: benchmarks/NOTES.md, v2 sweep.
+# Layouts at least this dense use large forward tiles (more reuse per program: 128x128 at
+# head dim <= 64, 128x64 above, where 128x64 through tensor descriptors with 8 warps won);
+# sparser ones use 64x64 tiles, which shortens the longest row's program (the critical path
+# when a few global rows attend everything). Measured on an H100: benchmarks/NOTES.md, v2
+# and v4 sweeps.
 DENSE_LAYOUT = 0.3
+
+
+# Attention programs run in groups of this many row (column) lists, batch-head by
+# batch-head: see ``_common._schedule``. Measured on an H100: benchmarks/NOTES.md, v4.
+PROGRAM_GROUP = 16
 
 
 def forward_tiles(head_dim: int, block: int, density: float = 1.0, itemsize: int = 2) -> Tiles:
@@ -52,7 +59,7 @@ def forward_tiles(head_dim: int, block: int, density: float = 1.0, itemsize: int
     if head_dim > 128:
         return _shrink(block, 64, 32)
     if density >= DENSE_LAYOUT and itemsize <= 2:
-        return _shrink(block, 128, 128)
+        return _shrink(block, 128, 128 if head_dim <= 64 else 64)
     return _shrink(block, 64, 64)
 
 
@@ -71,14 +78,21 @@ def launch_configs(kind: str):
     """``triton.Config`` list for the autotuner (one entry under the interpreter)."""
     import triton
 
+    if kind == "matmul":  # one operand pair per step: deeper pipelines can pay
+        if interpreting():
+            return [triton.Config({}, num_warps=4, num_stages=1)]
+        if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: one config
+            return [triton.Config({}, num_warps=4, num_stages=2)]
+        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    # attention kernels: DESC reads tiles through tensor descriptors (the launcher's
+    # ALLOW_DESC prunes those where they may not run); the combinations that won somewhere
+    # in the v2 and v4 sweeps (benchmarks/NOTES.md; descriptors never won with 3 stages)
     if interpreting():
-        return [triton.Config({}, num_warps=4, num_stages=1)]
-    if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: compile one config
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    # attention: the combinations that won somewhere in the v2 sweep (benchmarks/NOTES.md);
-    # the block-sparse matmuls walk one operand pair per step, deeper pipelines can pay there
-    stages = (2, 3, 4) if kind == "matmul" else (2, 3)
-    return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in stages]
+        return [triton.Config({"DESC": 0}, num_warps=4, num_stages=1)]
+    if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":
+        return [triton.Config({"DESC": 0}, num_warps=4, num_stages=2)]
+    options = [(0, w, s) for w in (4, 8) for s in (2, 3)] + [(1, 4, 2), (1, 8, 2)]
+    return [triton.Config({"DESC": d}, num_warps=w, num_stages=s) for d, w, s in options]
 
 
 def matmul_tile(size: int, block: int, itemsize: int, widest: int = 128) -> int:

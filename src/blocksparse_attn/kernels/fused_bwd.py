@@ -5,6 +5,8 @@
   index's column lists), recomputing the probabilities from the saved log-sum-exp;
 * dQ: one program per (query tile, batch x head) walks the tile's key tiles (row lists);
   it also writes the score gradient to ``drpe`` when ``rpe`` needs a gradient.
+
+Tiles are read as in the forward (pointers, or tensor descriptors when ``DESC``).
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
-from ._common import mask_args, unit_last_stride, upcast_dots
-from .configs import Tiles, backward_tiles, launch_configs
+from ._common import LOG2E, _dot, _load_tile, _matrix, _schedule, _score_tile, empty
+from ._common import descriptors_allowed, input_precision, launch, mask_args, prune_descriptors
+from ._common import unit_last_stride, upcast_dots
+from .configs import PROGRAM_GROUP, Tiles, backward_tiles, launch_configs
 
-_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
+_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
+        "ALLOW_DESC"]
+_PRUNE = {"early_config_prune": prune_descriptors}
 
 
 @triton.jit
@@ -50,7 +55,7 @@ def _probabilities(s, lse):
     return tl.math.exp2(s - lse2[:, None])
 
 
-@triton.autotune(configs=launch_configs("bwd"), key=_KEY)
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
         Q, K, V, DO, LSE, DELTA, DK, DV,
@@ -63,19 +68,18 @@ def _bsa_bwd_dkdv_kernel(
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
-    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles)
+        UPCAST: tl.constexpr, GROUP: tl.constexpr, ALLOW_DESC: tl.constexpr,
+        DESC: tl.constexpr):
+    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
-    n_ok = offs_n < Lk
-    nd_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :],
-                mask=nd_ok, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :],
-                mask=nd_ok, other=0.0)
-    q_base = Q + b * s_qb + h * s_qh
-    do_base = DO + b * s_dob + h * s_doh
+    nd_ok = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    k = _load_tile(km, pid_n * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+    v = _load_tile(vm, pid_n * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
     row_base = (b * H + h) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -88,9 +92,8 @@ def _bsa_bwd_dkdv_kernel(
         partial = tl.load(col_partial + t)
         offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        md_ok = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * s_qm + offs_d[None, :], mask=md_ok, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * s_dom + offs_d[None, :], mask=md_ok, other=0.0)
+        q = _load_tile(qm, i * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+        do = _load_tile(dom, i * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
@@ -98,10 +101,10 @@ def _bsa_bwd_dkdv_kernel(
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
                         HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
         p = _probabilities(s, lse)
-        dv += _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST, dv)
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
         ds = p * (dp - delta[:, None])
-        dk += _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
     dk = dk * scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=nd_ok)
@@ -109,7 +112,8 @@ def _bsa_bwd_dkdv_kernel(
              dv.to(DV.dtype.element_ty), mask=nd_ok)
 
 
-@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"])
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"],
+                 prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dq_kernel(
         Q, K, V, DO, LSE, DELTA, DQ, DS,
@@ -122,22 +126,21 @@ def _bsa_bwd_dq_kernel(
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, STORE_DS: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles)
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
+        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < Lq
-    md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
-                mask=md_ok, other=0.0)
-    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :],
-                 mask=md_ok, other=0.0)
+    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    q = _load_tile(qm, pid_m * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+    do = _load_tile(dom, pid_m * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
     row_base = (b * H + h) * Lq
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     start = tl.load(row_ptr + row)
@@ -147,11 +150,8 @@ def _bsa_bwd_dq_kernel(
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+        v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
@@ -161,11 +161,11 @@ def _bsa_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         if STORE_DS:
             ds_ptr = DS + (row_base + offs_m[:, None]) * Lk + offs_n[None, :]
-            tl.store(ds_ptr, ds, mask=m_ok[:, None] & n_ok[None, :])
-        dq += _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST)
+            tl.store(ds_ptr, ds, mask=m_ok[:, None] & (offs_n < Lk)[None, :])
+        dq = _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST, dq)
     dq = dq * scale
     tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=md_ok)
+             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
@@ -181,7 +181,7 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     """Gradients of the fused forward. Returns ``(dq, dk, dv, drpe)``; ``drpe`` is the
     score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the layout) summed to the
     shape of ``rpe`` when ``rpe_grad``, else ``None``. ``tiles`` (dK/dV, dQ) and
-    ``configs`` (``num_warps``/``num_stages`` each) override the tuned choice."""
+    ``configs`` (``num_warps``/``num_stages``/``DESC`` each) override the tuned choice."""
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -202,8 +202,9 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if rpe_grad else q
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, B, H, Lq, Lk, q)
-    common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal,
-                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype), **flags)
+    common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, GROUP=PROGRAM_GROUP,
+                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
+                  ALLOW_DESC=descriptors_allowed(q, k, v, grad_out), **flags)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))

@@ -1,6 +1,14 @@
 """Fused block-sparse flash attention, forward: one program per (query tile, batch x head)
 walks that tile's key tiles from the index with an online softmax (base 2, scale folded),
-and writes the output and the log-sum-exp. Scores never reach memory."""
+and writes the output and the log-sum-exp. Scores never reach memory.
+
+On dense layouts (``LEAD``) each row list's leading full tiles (``row_lead`` of them) run a
+lighter step when there is no rpe or mask: no element mask, no guard for rows that have seen
+nothing. Short rows keep one loop: a second loop's pipeline fill costs them more than the
+lighter step saves (benchmarks/NOTES.md, v4).
+
+Tiles are read through pointers or, where ``ALLOW_DESC`` (a tuning key: Hopper or newer,
+16-byte aligned strides), through tensor descriptors when the autotuner's ``DESC`` wins."""
 
 from __future__ import annotations
 
@@ -9,36 +17,38 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _schedule, _score_tile, empty, input_precision, launch
-from ._common import mask_args, unit_last_stride, upcast_dots
-from .configs import Tiles, forward_tiles, launch_configs
+from ._common import LOG2E, _dot, _load_tile, _matrix, _schedule, _score_tile, empty
+from ._common import descriptors_allowed, input_precision, launch, mask_args, prune_descriptors
+from ._common import unit_last_stride, upcast_dots
+from .configs import DENSE_LAYOUT, PROGRAM_GROUP, Tiles, forward_tiles, launch_configs
 
-_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM"]
+_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
+        "LEAD", "ALLOW_DESC"]
 
 
-@triton.autotune(configs=launch_configs("fwd"), key=_KEY)
+@triton.autotune(configs=launch_configs("fwd"), key=_KEY,
+                 prune_configs_by={"early_config_prune": prune_descriptors})
 @triton.jit
 def _bsa_fwd_kernel(
         Q, K, V, O, LSE,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-        row_ptr, row_idx, row_bits, row_partial, row_order,
+        row_ptr, row_idx, row_bits, row_partial, row_lead, row_order,
         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
         B, H, Lq, Lk, row_tiles, heads_per_layout_head, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr):
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles)
+        UPCAST: tl.constexpr, LEAD: tl.constexpr, GROUP: tl.constexpr,
+        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    d_ok = offs_d < HEAD_DIM
     m_ok = offs_m < Lq
-
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * s_kb + h * s_kh
-    v_base = V + b * s_vb + h * s_vh
+    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    q = _load_tile(qm, pid_m * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -46,16 +56,29 @@ def _bsa_fwd_kernel(
 
     start = tl.load(row_ptr + row)
     end = tl.load(row_ptr + row + 1)
-    for t in range(start, end):
+    mid = start
+    if LEAD and not (HAS_RPE or HAS_KPM or HAS_AM):
+        # full tiles, no bias: every score is finite, the running maximum too after the
+        # first tile; the scale rides on the exponent's fused multiply-add
+        mid = start + tl.load(row_lead + row)
+        for t in range(start, mid):
+            j = tl.load(row_idx + t)
+            k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
+            v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
+            s = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST)
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            alpha = tl.math.exp2(m_i - m_new)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST, acc * alpha[:, None])
+            m_i = m_new
+    for t in range(mid, end):
         j = tl.load(row_idx + t)
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        n_ok = offs_n < Lk
-        k = tl.load(k_base + offs_n[:, None] * s_kn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :],
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+        v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
@@ -65,7 +88,7 @@ def _bsa_fwd_kernel(
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST)
+        acc = _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST, acc * alpha[:, None])
         m_i = m_new
 
     has = l_i > 0
@@ -73,7 +96,7 @@ def _bsa_fwd_kernel(
     LN2: tl.constexpr = 0.6931471805599453
     lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
 
 
@@ -86,14 +109,16 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                             tiles: Tiles | None = None, config: dict | None = None
                             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on checked inputs (see ``block_sparse_attention``).
-    ``tiles`` and ``config`` (``num_warps``/``num_stages``) override the tuned choice.
+    ``tiles`` and ``config`` (``num_warps``/``num_stages``/``DESC``) override the tuned
+    choice.
 
     Returns ``out [B, H, L_q, D]`` in the input dtype and ``lse [B, H, L_q]`` float32
     (natural log; ``-inf`` for queries with nothing to attend)."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    tiles = tiles or forward_tiles(D, block, get_density(layout), q.element_size())
+    density = get_density(layout)
+    tiles = tiles or forward_tiles(D, block, density, q.element_size())
     index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
                       causal=causal, device=q.device)
     out = empty((B, H, Lq, D), q.dtype, q.device)
@@ -104,11 +129,15 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     args = (q, k, v, out, lse,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_order,
+            index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_lead,
+            index.row_order,
             *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads, scale * LOG2E)
     kwargs = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
                   BLOCK_N=tiles.n, SUB=index.sub,
                   HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1, CAUSAL=causal,
-                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype), **flags)
+                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
+                  LEAD=density >= DENSE_LAYOUT, GROUP=PROGRAM_GROUP,
+                  ALLOW_DESC=descriptors_allowed(q, k, v),
+                  **flags)
     launch(_bsa_fwd_kernel, grid, args, kwargs, config)
     return out, lse
