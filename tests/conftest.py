@@ -14,6 +14,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
 
+def assert_raises_with(error, words, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)`` raises ``error`` and its message holds each of ``words``."""
+    with pytest.raises(error) as e:
+        fn(*args, **kwargs)
+    missing = [w for w in words if w not in str(e.value)]
+    assert not missing, f"{missing} not in the message: {e.value}"
+
+
 def grid(text: str) -> torch.Tensor:
     """Parse an ``X``/``.`` picture into an int64 ``[rows, cols]`` layout."""
     rows = [line.strip() for line in text.strip().splitlines()]
