@@ -116,3 +116,34 @@ def test_unsupported_backend_reason_is_recorded():
     assert row["ms"] is None and "exceeds the 4 GiB limit" in row["error"]
     row = time_backend("nope", case, torch.ones(1, 2, 2), "fwd", torch.bfloat16, device="cpu")
     assert row["ms"] is None and "backend must be one of" in row["error"]
+
+
+def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
+    from blocksparse_attn.tools import bench
+    from blocksparse_attn.tools.cli import build_parser
+
+    timed = []
+
+    def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
+        if len(timed) == 4:  # the third step (two backends per step): a time limit strikes
+            raise KeyboardInterrupt
+        timed.append(backend)
+        return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0 + len(timed),
+                "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "time_backend", fake_time_backend)
+    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
+                                                       "python": "p", "date": "d", "gpu": "card"})
+    args = build_parser().parse_args(["bench", "--suite", "anchors", "--backends", "fused",
+                                      "flex", "--out", str(tmp_path)])
+    with pytest.raises(KeyboardInterrupt):
+        bench.bench_main(args)
+    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["backend"], r["mode"], r["ms"]) for r in rows] == [
+        ("fused", "fwd", 2.0), ("flex", "fwd", 3.0), ("fused", "fwd+bwd", 4.0),
+        ("flex", "fwd+bwd", 5.0)]
+    assert rows[0]["name"] == "dense L8192 B4 H8 D128 block128"
+    md = (tmp_path / "bench.md").read_text()
+    assert "| dense L8192 B4 H8 D128 block128 | bfloat16 | fwd+bwd | flex | 5.000 |" in md
+    assert not list(tmp_path.glob("*.png"))  # plots only at the end of a section

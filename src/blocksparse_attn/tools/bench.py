@@ -130,8 +130,9 @@ def time_backend(backend: str, case: Case, layout: torch.Tensor, mode: str, dtyp
 
 
 def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat16,),
-        progress=True) -> dict:
-    """Time every (case, dtype, mode, backend); returns ``{"env":..., "results": [...]}``."""
+        progress=True, on_step=None) -> dict:
+    """Time every (case, dtype, mode, backend); returns ``{"env":..., "results": [...]}``.
+    ``on_step(rows)`` receives each (case, dtype, mode)'s rows as soon as they are timed."""
     results = []
     start = time.perf_counter()
     total = len(cases) * len(dtypes) * len(modes)
@@ -148,6 +149,8 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
                     r.update(case.as_dict(), density=density)
                     r["flex_over_this"] = (flex / r["ms"]) if flex and r["ms"] else None
                 results.extend(rows)
+                if on_step is not None:
+                    on_step(rows)
                 if progress:
                     ours = next((r for r in rows if r["backend"] == "fused"), {})
                     elapsed = time.perf_counter() - start
@@ -413,7 +416,7 @@ def print_table(report: dict) -> None:
     Console().print(table)
 
 
-def write_report(report: dict, out_dir: str) -> list[str]:
+def write_report(report: dict, out_dir: str, with_plots: bool = True) -> list[str]:
     """bench.json (every figure and the environment), bench.md and the plots."""
     import os
 
@@ -423,7 +426,7 @@ def write_report(report: dict, out_dir: str) -> list[str]:
     with open(os.path.join(out_dir, "bench.md"), "w") as f:
         f.write(markdown(report) + "\n")
     return [os.path.join(out_dir, "bench.json"), os.path.join(out_dir, "bench.md"),
-            *plots(report, out_dir)]
+            *(plots(report, out_dir) if with_plots else [])]
 
 
 def bench_main(args) -> int:
@@ -433,27 +436,32 @@ def bench_main(args) -> int:
     modes = MODES if args.mode == "both" else (args.mode,)
     suites = ["anchors"] if args.quick else args.suite
     start = time.perf_counter()
+    report = {"env": environment(), "results": []}
 
-    def save(report) -> list[str]:  # after every section: an interrupted run keeps its rows
+    def save(with_plots: bool = True) -> list[str]:
         report["env"]["seconds"] = round(time.perf_counter() - start, 1)
-        return write_report(report, args.out) if args.out else []
+        return write_report(report, args.out, with_plots) if args.out else []
+
+    def keep(rows):  # after every timed step: a run cut short keeps what it measured
+        report["results"].extend(rows)
+        save(with_plots=False)
 
     if args.quick:
-        report = run(quick_cases(), tuple(args.backends), modes, dtypes)
+        cases = quick_cases()
     else:
-        report = run(anchor_cases() if "anchors" in suites else [], tuple(args.backends),
-                     modes, dtypes)
-    written = save(report)
+        cases = anchor_cases() if "anchors" in suites else []
+    run(cases, tuple(args.backends), modes, dtypes, on_step=keep)
+    written = save()
     if "density" in suites and not args.quick:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
-        report["results"] += run(density_cases(), backends, modes, dtypes)["results"]
-        written = save(report)
+        run(density_cases(), backends, modes, dtypes, on_step=keep)
+        written = save()
     for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
                           ("index", index_cost)):
         if name in suites and not args.quick:
             report["results"] += section()
-            written = save(report)
+            written = save()
     print_table(report)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)
