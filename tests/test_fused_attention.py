@@ -324,3 +324,48 @@ def test_availability_reasons_name_the_device():
 
     assert "device type 'meta' is not supported by the kernels (CUDA only)" in \
         kernel_unavailable_reasons("meta")
+
+
+def test_descriptor_eligibility_and_pruning():
+    import triton
+
+    from blocksparse_attn.kernels import _common
+
+    x = torch.randn(2, 3, 64, 32, device=DEVICE, dtype=torch.float16)
+    hopper = _common.interpreting() or torch.cuda.get_device_capability()[0] >= 9
+    assert _common.descriptors_allowed(x, x) == hopper
+    narrow = torch.randn(2, 3, 64, 4, device=DEVICE, dtype=torch.float16)  # 8-byte rows
+    shifted = torch.randn(x.numel() + 1, device=DEVICE, dtype=torch.float16)[1:].view(x.shape)
+    assert not _common.descriptors_allowed(narrow)
+    assert not _common.descriptors_allowed(x, shifted)  # base address off by 2 bytes
+    configs = [triton.Config({"DESC": d}, num_warps=4) for d in (0, 1)]
+    kept = _common.prune_descriptors(configs, {}, ALLOW_DESC=False)
+    assert [c.kwargs["DESC"] for c in kept] == [0]
+    assert _common.prune_descriptors(configs, {}, ALLOW_DESC=True) == configs
+
+
+def test_scratch_allocator_is_set_only_where_none_is():
+    import threading
+
+    import triton
+    from triton.runtime._allocation import NullAllocator, _allocator
+
+    from blocksparse_attn.kernels import _common
+
+    seen = {}
+
+    def fresh_thread():  # a new thread starts without an allocator (autograd's, for one)
+        seen["none"] = isinstance(_allocator.get(), NullAllocator)
+        _common._ensure_allocator()
+        seen["ours"] = _allocator.get() is _common._scratch
+
+        def mine(size, alignment, stream):
+            return None
+        triton.set_allocator(mine)
+        _common._ensure_allocator()
+        seen["kept"] = _allocator.get() is mine
+
+    t = threading.Thread(target=fresh_thread)
+    t.start()
+    t.join()
+    assert seen == {"none": True, "ours": True, "kept": True}
