@@ -104,6 +104,16 @@ def test_programs_in_groups_cover_every_tile(monkeypatch, layout_heads):
                   layout_heads=layout_heads, empty_row=False)
 
 
+@pytest.mark.parametrize("Lq, Lk, block, layout_heads, desc", [
+    (208, 336, 16, None, False), (384, 128, 64, 1, True),
+])
+def test_dense_layout_tiles_of_128_queries(monkeypatch, Lq, Lk, block, layout_heads, desc):
+    # the GPU's tile for dense layouts (128x64), with its mask-free loop over leading full
+    # tiles, over ragged and rectangular lengths and programs grouped over 15 batch-heads
+    run_and_check(monkeypatch, 3, 5, Lq, Lk, 48, torch.float16, block=block, density=0.6,
+                  tiles=Tiles(128, 64), desc=desc, layout_heads=layout_heads)
+
+
 def test_rectangular_cross_attention(monkeypatch):
     run_and_check(monkeypatch, 2, 1, 64, 192, 32, torch.float32, block=32, density=0.7)
 
