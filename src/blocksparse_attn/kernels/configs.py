@@ -78,19 +78,17 @@ def launch_configs(kind: str):
     """``triton.Config`` list for the autotuner (one entry under the interpreter)."""
     import triton
 
-    if kind == "matmul":  # one operand pair per step: deeper pipelines can pay
-        if interpreting():
-            return [triton.Config({}, num_warps=4, num_stages=1)]
-        if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: one config
-            return [triton.Config({}, num_warps=4, num_stages=2)]
-        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
     # attention kernels: DESC reads tiles through tensor descriptors (the launcher's
-    # ALLOW_DESC prunes those where they may not run); the combinations that won somewhere
-    # in the v2 and v4 sweeps (benchmarks/NOTES.md; descriptors never won with 3 stages)
+    # ALLOW_DESC prunes those where they may not run); the matmuls have no such option
+    fixed = {} if kind == "matmul" else {"DESC": 0}
     if interpreting():
-        return [triton.Config({"DESC": 0}, num_warps=4, num_stages=1)]
-    if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":
-        return [triton.Config({"DESC": 0}, num_warps=4, num_stages=2)]
+        return [triton.Config(fixed, num_warps=4, num_stages=1)]
+    if os.environ.get("BLOCKSPARSE_ATTN_AUTOTUNE", "1") == "0":  # tests: one config
+        return [triton.Config(fixed, num_warps=4, num_stages=2)]
+    if kind == "matmul":  # one operand pair per step: deeper pipelines can pay
+        return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
+    # the combinations that won somewhere in the v2 and v4 sweeps (benchmarks/NOTES.md;
+    # descriptors never won with 3 stages)
     options = [(0, w, s) for w in (4, 8) for s in (2, 3)] + [(1, 4, 2), (1, 8, 2)]
     return [triton.Config({"DESC": d}, num_warps=w, num_stages=s) for d, w, s in options]
 
