@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty
+from ._common import empty, mask_args
 
 
 @triton.jit
@@ -111,20 +111,11 @@ def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
     Z = x.shape[0]
     y = empty(x.shape, x.dtype, x.device)
     H, rows = index.heads, index.row_tiles
-    if rpe is not None:
-        rpe = rpe.expand(Z, H, index.q_len, index.k_len)
-        rpe_args = (rpe, *rpe.stride())
-    else:
-        rpe_args = (x, 0, 0, 0, 0)
-    kpm_args = (key_padding_mask, *key_padding_mask.stride()) if key_padding_mask is not None \
-        else (x, 0, 0)
-    am_args = (attn_mask, *attn_mask.stride()) if attn_mask is not None else (x, 0, 0)
+    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
+                             attn_mask_mode, Z, H, index.q_len, index.k_len, x)
     _softmax_fwd_kernel[(H * rows, Z)](
-        x, y, x.stride(0), y.stride(0), index.row_ptr, index.row_idx, rows, scale,
-        *rpe_args, *kpm_args, *am_args, BLOCK=block, HAS_RPE=rpe is not None,
-        HAS_KPM=key_padding_mask is not None, KPM_MUL=key_padding_mask_mode == "mul",
-        HAS_AM=attn_mask is not None, AM_MUL=attn_mask_mode == "mul", CAUSAL=causal,
-        num_warps=4)
+        x, y, x.stride(0), y.stride(0), index.row_ptr, index.row_idx, rows, scale, *extra,
+        BLOCK=block, CAUSAL=causal, num_warps=4, **flags)
     return y
 
 

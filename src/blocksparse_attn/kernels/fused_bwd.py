@@ -228,6 +228,5 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         q_config)
     drpe = None
     if rpe_grad:
-        dims = [d for d in range(4) if rpe.shape[d] == 1 and ds.shape[d] != 1]
-        drpe = (ds.sum(dim=dims, keepdim=True) if dims else ds).to(rpe.dtype)
+        drpe = ds.sum_to_size(rpe.shape).to(rpe.dtype)
     return dq, dk, dv, drpe

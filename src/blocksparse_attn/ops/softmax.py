@@ -35,8 +35,7 @@ class _SoftmaxFunction(torch.autograd.Function):
         drpe = None
         if rpe_grad:
             full = to_dense(ds, operand.layout, operand.block)  # [Z, H, L_q, L_k], 0 outside
-            dims = [d for d in range(4) if rpe_shape[d] == 1 and full.shape[d] != 1]
-            drpe = full.sum(dim=dims, keepdim=True) if dims else full
+            drpe = full.sum_to_size(rpe_shape)
         return dx, drpe, None, None, None, None, None, None, None
 
 
