@@ -53,15 +53,13 @@ def _unfused_ops(layout: torch.Tensor, block: int, heads: int, causal: bool):
     """SDD, softmax and DSD operators for ``layout`` over ``heads`` heads, cached per layout
     tensor. With ``causal`` the blocks wholly after the diagonal are dropped."""
     from .index import _cached
-    from .ops.matmul import MatMul
-    from .ops.softmax import Softmax
+    from .ops.softmax import attention_ops
 
     def build():
         lay = (layout != 0).expand(heads, -1, -1)
         if causal:
             lay = lay & torch.ones(lay.shape[1:], dtype=torch.bool, device=lay.device).tril()
-        return (MatMul(lay, block, "sdd", trans_b=True), Softmax(lay, block),
-                MatMul(lay, block, "dsd"))
+        return attention_ops(lay, block)
 
     return _cached(layout, ("unfused", block, heads, causal), build)
 

@@ -102,8 +102,7 @@ class SparseSelfAttention(nn.Module):
         """DeepSpeed's operator triple for length ``L``: ``(sdd_nt, dsd_nn, softmax)`` =
         ``MatMul(layout, block, 'sdd', trans_b=True)``, ``MatMul(layout, block, 'dsd')`` and
         ``Softmax(layout, block)`` on this instance's layout crop (cached per instance)."""
-        from ..ops.matmul import MatMul
-        from ..ops.softmax import Softmax
+        from ..ops.softmax import attention_ops
 
         if H != self.sparsity_config.num_heads:
             raise bad_argument("SparseSelfAttention.get_ops", "H",
@@ -111,9 +110,8 @@ class SparseSelfAttention(nn.Module):
         layout = self.get_layout(L)
         key = (L, str(layout.device), layout._version)
         if key not in self._ops:
-            self._ops[key] = (MatMul(layout, self.block, "sdd", trans_a=False, trans_b=True),
-                              MatMul(layout, self.block, "dsd", trans_a=False, trans_b=False),
-                              Softmax(layout, self.block))
+            sdd, softmax, dsd = attention_ops(layout, self.block)
+            self._ops[key] = (sdd, dsd, softmax)
         return self._ops[key]
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

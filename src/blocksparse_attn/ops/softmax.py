@@ -8,7 +8,7 @@ import torch
 from .._errors import bad_argument, describe
 from .._inputs import _squeeze_except_first, check_mode
 from ..compressed import to_dense
-from .matmul import _Operand, check_layout
+from .matmul import MatMul, _Operand, check_layout
 
 
 class _SoftmaxFunction(torch.autograd.Function):
@@ -110,3 +110,11 @@ class Softmax:
         return _SoftmaxFunction.apply(x, rpe, key_padding_mask, attn_mask, self._operand,
                                       float(scale), key_padding_mask_mode, attn_mask_mode,
                                       bool(causal))
+
+
+def attention_ops(layout: torch.Tensor, block: int) -> tuple[MatMul, Softmax, MatMul]:
+    """DeepSpeed's attention as three operators over ``layout``: ``scores = sdd(q, k)``
+    (``q @ k^T`` on the layout's blocks), ``probs = softmax(scores, ...)``,
+    ``out = dsd(probs, v)``."""
+    return (MatMul(layout, block, "sdd", trans_b=True), Softmax(layout, block),
+            MatMul(layout, block, "dsd"))
