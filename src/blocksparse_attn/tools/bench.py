@@ -114,8 +114,8 @@ def time_backend(backend: str, case: Case, layout: torch.Tensor, mode: str, dtyp
         base = torch.cuda.memory_allocated()
         step()
         torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() - base
         peak_total = torch.cuda.max_memory_allocated()
+        peak = peak_total - base
         ms = do_bench(step, warmup=25, rep=100, return_mode="median")
         work = dense_flops(case, mode) if backend.startswith("sdpa_") and backend != "sdpa_mask" \
             else flops(case, layout, mode)
@@ -285,6 +285,22 @@ def matmul_throughput(blocks=(64, 128), seq_len: int = 8192, batch: int = 2, hea
     return rows
 
 
+def _case_cells(report: dict) -> list[list[str]]:
+    """The case table's cells, one row per (case, dtype, mode, backend): name, dtype, mode,
+    backend, ms, TF, peak MiB, flex/this (a failed backend: its error in the ms cell)."""
+    out = []
+    for r in report["results"]:
+        if r.get("suite") in SECTIONS:
+            continue
+        head = [r["name"], r["dtype"], r["mode"], r["backend"]]
+        if r["ms"] is None:
+            out.append(head + [r["error"], "", "", ""])
+            continue
+        ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
+        out.append(head + [f"{r['ms']:.3f}", f"{r['tflops']:.0f}", f"{r['peak_mib']:.0f}", ratio])
+    return out
+
+
 def markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
@@ -292,16 +308,7 @@ def markdown(report: dict) -> str:
              "'flex/this' = FlexAttention time over this backend's time.", "",
              "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
              "|---|---|---|---|---|---|---|---|"]
-    for r in report["results"]:
-        if r.get("suite") in SECTIONS:
-            continue
-        if r["ms"] is None:
-            lines.append(f"| {r['name']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
-                         f"{r['error']} | | | |")
-            continue
-        ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
-        lines.append(f"| {r['name']} | {r['dtype']} | {r['mode']} | {r['backend']} | "
-                     f"{r['ms']:.3f} | {r['tflops']:.0f} | {r['peak_mib']:.0f} | {ratio} |")
+    lines += ["| " + " | ".join(cells) + " |" for cells in _case_cells(report)]
     search = [r for r in report["results"] if r.get("suite") == "max_length"]
     if search:
         lines += ["", "Longest window_global length that runs forward+backward in 80% of GPU "
@@ -404,15 +411,8 @@ def print_table(report: dict) -> None:
     table = Table(title=f"{report['env'].get('gpu', 'CPU')} - flex/this > 1: faster than Flex")
     for col in ("case", "dtype", "mode", "backend", "ms", "TF", "peak MiB", "flex/this"):
         table.add_column(col)
-    for r in report["results"]:
-        if r.get("suite") in SECTIONS:
-            continue
-        if r["ms"] is None:
-            table.add_row(r["name"], r["dtype"], r["mode"], r["backend"], r["error"], "", "", "")
-        else:
-            ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
-            table.add_row(r["name"], r["dtype"], r["mode"], r["backend"], f"{r['ms']:.3f}",
-                          f"{r['tflops']:.0f}", f"{r['peak_mib']:.0f}", ratio)
+    for cells in _case_cells(report):
+        table.add_row(*cells)
     Console().print(table)
 
 
@@ -452,14 +452,14 @@ def bench_main(args) -> int:
         cases = anchor_cases() if "anchors" in suites else []
     run(cases, tuple(args.backends), modes, dtypes, on_step=keep)
     written = save()
-    if "density" in suites and not args.quick:
+    if "density" in suites:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
         run(density_cases(), backends, modes, dtypes, on_step=keep)
         written = save()
     for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
                           ("index", index_cost)):
-        if name in suites and not args.quick:
+        if name in suites:
             report["results"] += section()
             written = save()
     print_table(report)
@@ -484,7 +484,6 @@ def _cpu_quick(args) -> int:
     for _ in range(reps):
         block_sparse_attention(q, k, v, layout, block=case.block, backend="reference")
     ms = (time.perf_counter() - t) / reps * 1e3
-    layout = case.layout()
     print(f"{case.name}: reference fwd {ms:.2f} ms on CPU "
           f"({flops(case, layout, 'fwd') / ms / 1e9:.3f} effective TFLOP/s)")
     return 0
