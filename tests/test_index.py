@@ -81,6 +81,7 @@ def test_full_and_partial_tiles():
     assert idx.row_idx.tolist() == [0, 1, 1]
     assert idx.row_partial.tolist() == [0, 1, 0]
     assert idx.row_lead.tolist() == [1, 1]
+    assert idx.split_tiles and not build_index(layout, 16).split_tiles  # 2x2 vs 1 sub-block
     assert idx.row_bits.tolist() == [0b1111, 0b0001, 0b1111]
 
 

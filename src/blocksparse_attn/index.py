@@ -95,6 +95,11 @@ class SparseIndex:
     def device(self) -> torch.device:
         return self.row_ptr.device
 
+    @property
+    def split_tiles(self) -> bool:
+        """Whether a tile holds more than one sub-block (kernels then test its bits)."""
+        return (self.tile_m // self.sub) * (self.tile_n // self.sub) > 1
+
     def to_layout(self) -> torch.Tensor:
         """Rebuild the kept sub-blocks as a bool ``[heads, q_len // sub, k_len // sub]`` grid
         (inverse of :func:`build_index` for ``causal=False``)."""

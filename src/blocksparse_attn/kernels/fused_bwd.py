@@ -216,7 +216,7 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order, *extra,
         B, H, Lq, Lk, idx.col_tiles, H // idx.heads, scale * LOG2E, scale),
         dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub,
-             HAS_SUB=(kv_tiles.m // idx.sub) * (kv_tiles.n // idx.sub) > 1), kv_config)
+             HAS_SUB=idx.split_tiles), kv_config)
     idx = q_index
     launch(_bsa_bwd_dq_kernel, (idx.row_tiles * B * H,), (
         q, k, v, grad_out, lse, delta, dq, ds, *strides,
@@ -224,7 +224,7 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
         idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order, *extra,
         B, H, Lq, Lk, idx.row_tiles, H // idx.heads, scale * LOG2E, scale),
         dict(common, BLOCK_M=q_tiles.m, BLOCK_N=q_tiles.n, SUB=idx.sub,
-             HAS_SUB=(q_tiles.m // idx.sub) * (q_tiles.n // idx.sub) > 1, STORE_DS=rpe_grad),
+             HAS_SUB=idx.split_tiles, STORE_DS=rpe_grad),
         q_config)
     drpe = None
     if rpe_grad:

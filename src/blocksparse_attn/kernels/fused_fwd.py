@@ -134,7 +134,7 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads, scale * LOG2E)
     kwargs = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
                   BLOCK_N=tiles.n, SUB=index.sub,
-                  HAS_SUB=(tiles.m // index.sub) * (tiles.n // index.sub) > 1, CAUSAL=causal,
+                  HAS_SUB=index.split_tiles, CAUSAL=causal,
                   INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
                   LEAD=density >= DENSE_LAYOUT, GROUP=PROGRAM_GROUP,
                   ALLOW_DESC=descriptors_allowed(q, k, v),
