@@ -147,3 +147,34 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
     md = (tmp_path / "bench.md").read_text()
     assert "| dense L8192 B4 H8 D128 block128 | bfloat16 | fwd+bwd | flex | 5.000 |" in md
     assert not list(tmp_path.glob("*.png"))  # plots only at the end of a section
+
+
+def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
+    from blocksparse_attn.tools import bench
+    from blocksparse_attn.tools.cli import build_parser
+
+    timed = []
+
+    def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
+        timed.append(case.name)
+        return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0,
+                "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "time_backend", fake_time_backend)
+    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
+                                                       "python": "p", "date": "d", "gpu": "card"})
+    monkeypatch.setattr(bench, "plots", lambda report, out_dir: [])
+    parse = build_parser().parse_args
+    args = parse(["bench", "--suite", "anchors", "--backends", "fused", "--mode", "fwd",
+                  "--match", "causal_fixed", "L4096 B8 H16", "--out", str(tmp_path)])
+    assert bench.bench_main(args) == 0
+    assert timed == ["causal_fixed+causal L16384 B2 H8 D128 block64",
+                     "window_global L4096 B8 H16 D64 block64"]
+
+    timed.clear()
+    args = parse(["bench", "--suite", "anchors", "--match", "dense", "no_such_case"])
+    assert bench.bench_main(args) == 2
+    err = capsys.readouterr().err
+    assert "'no_such_case' is in no case name" in err and "causal_fixed+causal L16384" in err
+    assert timed == []

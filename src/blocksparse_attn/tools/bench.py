@@ -17,6 +17,7 @@ import time
 import torch
 
 from .bench_cases import Case, anchor_cases, dense_flops, density_cases, flops, quick_cases
+from .bench_cases import select
 
 BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
 MODES = ("fwd", "fwd+bwd")
@@ -430,11 +431,17 @@ def write_report(report: dict, out_dir: str, with_plots: bool = True) -> list[st
 
 
 def bench_main(args) -> int:
+    suites = ["anchors"] if args.quick else args.suite
+    try:  # a --match that selects nothing fails before anything runs
+        chosen = set(select((anchor_cases() if "anchors" in suites else [])
+                            + (density_cases() if "density" in suites else []), args.match))
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         return _cpu_quick(args)
     dtypes = tuple(getattr(torch, d) for d in args.dtype)
     modes = MODES if args.mode == "both" else (args.mode,)
-    suites = ["anchors"] if args.quick else args.suite
     start = time.perf_counter()
     report = {"env": environment(), "results": []}
 
@@ -449,13 +456,13 @@ def bench_main(args) -> int:
     if args.quick:
         cases = quick_cases()
     else:
-        cases = anchor_cases() if "anchors" in suites else []
+        cases = [c for c in anchor_cases() if c in chosen]
     run(cases, tuple(args.backends), modes, dtypes, on_step=keep)
     written = save()
     if "density" in suites:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
-        run(density_cases(), backends, modes, dtypes, on_step=keep)
+        run([c for c in density_cases() if c in chosen], backends, modes, dtypes, on_step=keep)
         written = save()
     for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
                           ("index", index_cost)):

@@ -117,6 +117,19 @@ def density_cases() -> list[Case]:
             for block in (64, 128) for d in DENSITIES]
 
 
+def select(cases: list[Case], match: list[str] | None) -> list[Case]:
+    """The cases whose name contains any of ``match`` (all of them when ``match`` is empty);
+    an entry that selects nothing is an error, not an empty run."""
+    if not match:
+        return cases
+    missing = [m for m in match if not any(m in c.name for c in cases)]
+    if missing:
+        names = "\n  ".join(c.name for c in cases)
+        raise ValueError(f"bench --match: {', '.join(map(repr, missing))} is in no case name; "
+                         f"the names are:\n  {names}")
+    return [c for c in cases if any(m in c.name for m in match)]
+
+
 def quick_cases() -> list[Case]:
     return [Case("window_global", 1024, 1, 2, 64, 64), Case("causal_fixed", 1024, 1, 2, 64, 64,
                                                              causal=True)]

@@ -139,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+",
                    choices=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
                    default=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"])
+    p.add_argument("--match", nargs="+", metavar="TEXT",
+                   help="only the anchor/density cases whose name contains one of these "
+                        "(e.g. 'causal_fixed' 'L4096')")
     p.add_argument("--out", metavar="DIR", help="write bench.json and bench.md here")
     p.set_defaults(func=_cmd_bench)
 
