@@ -16,16 +16,19 @@ pytestmark = pytest.mark.interpreter
 CPU_DTYPES = [torch.float32, torch.float16]
 
 
+DESC = {"num_warps": 4, "num_stages": 2, "DESC": 1}
+
+
 def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, tiles=None,
-                  bwd_tiles=None, desc=False, **problem):
-    """``desc`` forces every attention kernel onto its tensor-descriptor path."""
+                  bwd_tiles=None, config=None, **problem):
+    """``config`` forces every attention kernel onto these launch options (``DESC``: the
+    tensor-descriptor path)."""
     poison(monkeypatch)
-    if desc:
+    if config:
         from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
 
-        def launch(kernel, grid, args, kwargs, config=None):
-            _common.launch(kernel, grid, args, kwargs, {"num_warps": 4, "num_stages": 2,
-                                                        "DESC": 1})
+        def launch(kernel, grid, args, kwargs, _=None):
+            _common.launch(kernel, grid, args, kwargs, config)
         monkeypatch.setattr(fused_fwd, "launch", launch)
         monkeypatch.setattr(fused_bwd, "launch", launch)
     if tiles is not None:
@@ -90,7 +93,7 @@ def test_tile_shapes_over_small_blocks(monkeypatch, tiles, bwd_tiles):
 def test_tensor_descriptor_path(monkeypatch, dtype, Lq, D, causal, kpm):
     # ragged ends and a head dim below the tile width are the descriptors' zero fill
     run_and_check(monkeypatch, 2, 2, Lq, Lq, D, dtype, block=16 if Lq % 32 else 32,
-                  density=0.5, causal=causal, kpm=kpm, desc=True)
+                  density=0.5, causal=causal, kpm=kpm, config=DESC)
 
 
 @pytest.mark.parametrize("layout_heads", [None, 1])
@@ -104,14 +107,14 @@ def test_programs_in_groups_cover_every_tile(monkeypatch, layout_heads):
                   layout_heads=layout_heads, empty_row=False)
 
 
-@pytest.mark.parametrize("Lq, Lk, block, layout_heads, desc", [
-    (208, 336, 16, None, False), (384, 128, 64, 1, True),
+@pytest.mark.parametrize("Lq, Lk, block, layout_heads, config", [
+    (208, 336, 16, None, None), (384, 128, 64, 1, DESC),
 ])
-def test_dense_layout_tiles_of_128_queries(monkeypatch, Lq, Lk, block, layout_heads, desc):
+def test_dense_layout_tiles_of_128_queries(monkeypatch, Lq, Lk, block, layout_heads, config):
     # the GPU's tile for dense layouts (128x64), with its mask-free loop over leading full
     # tiles, over ragged and rectangular lengths and programs grouped over 15 batch-heads
     run_and_check(monkeypatch, 3, 5, Lq, Lk, 48, torch.float16, block=block, density=0.6,
-                  tiles=Tiles(128, 64), desc=desc, layout_heads=layout_heads)
+                  tiles=Tiles(128, 64), config=config, layout_heads=layout_heads)
 
 
 def test_rectangular_cross_attention(monkeypatch):
@@ -267,7 +270,19 @@ def test_gpu_grid(monkeypatch, dtype, D, block):
 @pytest.mark.parametrize("block", [16, 128])
 def test_gpu_tensor_descriptor_grid(monkeypatch, dtype, D, block):
     run_and_check(monkeypatch, 2, 3, 640, 640, D, dtype, block=block, density=0.4,
-                  causal=block == 16, desc=True)
+                  causal=block == 16, config=DESC)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("D, block, causal, desc", [(128, 128, True, 1), (64, 32, False, 0),
+                                                    (96, 64, True, 0)])
+def test_gpu_register_capped_configs(monkeypatch, dtype, D, block, causal, desc):
+    # 8 warps at 128 registers a thread may spill: the results must not change
+    config = {"num_warps": 8, "num_stages": 2, "DESC": desc, "maxnreg": 128}
+    run_and_check(monkeypatch, 2, 3, 640, 640, D, dtype, block=block, density=0.5,
+                  causal=causal, tiles=Tiles(128, 64), bwd_tiles=(Tiles(64, 64), Tiles(128, 64)),
+                  config=config)
 
 
 @pytest.mark.gpu
