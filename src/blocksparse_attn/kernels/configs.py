@@ -1,7 +1,8 @@
 """Kernel tile shapes and launch configurations, keyed by head dim, block and dtype.
 
 The tile shape fixes the compiled index (:mod:`blocksparse_attn.index`), so it is chosen
-here, not by the autotuner; the autotuner picks ``num_warps``/``num_stages`` on a GPU.
+here, not by the autotuner; the autotuner picks ``num_warps``/``num_stages`` on a GPU (for
+the attention kernels also tensor-descriptor loads and a register cap).
 Under Triton's interpreter a single configuration is used (autotuning needs a GPU).
 """
 
