@@ -118,8 +118,18 @@ def test_unsupported_backend_reason_is_recorded():
     assert row["ms"] is None and "backend must be one of" in row["error"]
 
 
-def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
+def fake_gpu_bench(monkeypatch, time_backend):
+    """``bench`` as on a GPU machine, timing with ``time_backend``."""
     from blocksparse_attn.tools import bench
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(bench, "time_backend", time_backend)
+    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
+                                                       "python": "p", "date": "d", "gpu": "card"})
+    return bench
+
+
+def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
     from blocksparse_attn.tools.cli import build_parser
 
     timed = []
@@ -131,10 +141,7 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
         return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0 + len(timed),
                 "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "time_backend", fake_time_backend)
-    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
-                                                       "python": "p", "date": "d", "gpu": "card"})
+    bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     args = build_parser().parse_args(["bench", "--suite", "anchors", "--backends", "fused",
                                       "flex", "--out", str(tmp_path)])
     with pytest.raises(KeyboardInterrupt):
@@ -150,7 +157,6 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
 
 
 def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
-    from blocksparse_attn.tools import bench
     from blocksparse_attn.tools.cli import build_parser
 
     timed = []
@@ -160,10 +166,7 @@ def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
         return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0,
                 "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "time_backend", fake_time_backend)
-    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
-                                                       "python": "p", "date": "d", "gpu": "card"})
+    bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     monkeypatch.setattr(bench, "plots", lambda report, out_dir: [])
     parse = build_parser().parse_args
     args = parse(["bench", "--suite", "anchors", "--backends", "fused", "--mode", "fwd",
