@@ -81,7 +81,10 @@ def synthetic_report():
                      flex_ms=None, flex_error="OutOfMemoryError: 32 GiB"))
     env = {"torch": "2.13.0", "triton": "3.6.0", "python": "3.11", "date": "2026-11-26",
            "gpu": "test card"}
-    return {"env": env, "results": rows}
+    tuned = [{"kernel": "_bsa_fwd_kernel", "dtype": "bfloat16",
+              "key": {"HEAD_DIM": 128, "CAUSAL": True},
+              "options": {"DESC": 1, "num_warps": 8, "num_stages": 2, "maxnreg": 128}}]
+    return {"env": env, "results": rows, "tuned": tuned}
 
 
 def test_markdown_rendering():
@@ -89,6 +92,8 @@ def test_markdown_rendering():
     assert "test card, torch 2.13.0, triton 3.6.0, 2026-11-26" in text
     assert "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 | 2.00 |" in text
     assert "RuntimeError: dense mask too large" in text
+    assert ("| _bsa_fwd_kernel | bfloat16 | HEAD_DIM=128 CAUSAL=1 | DESC=1 num_warps=8 "
+            "num_stages=2 maxnreg=128 |") in text
     assert "| fused | 65,536 | 5.00 | 100 | memory > 80% |" in text
     assert "| 4,096 | 16 | 64 | 0.500 | OutOfMemoryError: 32 GiB |" in text
     assert "| sdpa_cudnn | 65,536 | 2500.00 | 50 | step > 2 s |" in text
@@ -101,7 +106,7 @@ def test_report_files_and_plots(tmp_path):
     names = sorted(p.split("/")[-1] for p in written)
     assert names == ["bench.json", "bench.md", "speedup_vs_density.png", "time_vs_length.png"]
     data = json.loads((tmp_path / "bench.json").read_text())
-    assert set(data) == {"env", "results"}
+    assert set(data) == {"env", "results", "tuned"}
     required = {"backend", "mode", "dtype", "ms", "tflops", "peak_mib", "name", "seq_len", "block"}
     assert all(required <= set(r) for r in data["results"] if "suite" not in r)
     for png in ("speedup_vs_density.png", "time_vs_length.png"):
@@ -181,3 +186,20 @@ def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "'no_such_case' is in no case name" in err and "causal_fixed+causal L16384" in err
     assert timed == []
+
+
+def test_tuned_options_name_kernel_key_and_choice(monkeypatch):
+    from types import SimpleNamespace
+
+    from blocksparse_attn.kernels import _common
+
+    class Kernel:  # an autotuned kernel as the cache holds it (hashable)
+        fn = SimpleNamespace(__name__="_bsa_bwd_dq_kernel")
+        keys = ["HEAD_DIM", "STORE_DS"]
+
+    kernel = Kernel()
+    options = {"DESC": 0, "num_warps": 4, "num_stages": 3, "maxnreg": None}
+    monkeypatch.setattr(_common, "_TUNED", {(kernel, torch.float16, "cuda", 64, False): options})
+    assert _common.tuned_options() == [{"kernel": "_bsa_bwd_dq_kernel", "dtype": "float16",
+                                        "key": {"HEAD_DIM": 64, "STORE_DS": False},
+                                        "options": options}]

@@ -151,6 +151,15 @@ def launch(kernel, grid, args, kwargs, config: dict | None = None):
         kernel.fn[grid](*args, **kwargs, **options)
 
 
+def tuned_options() -> list[dict]:
+    """What the autotuner chose in this process, one entry per kernel and tuning key:
+    ``{"kernel", "dtype", "key": {name: value}, "options": {...}}`` (the benchmark reports
+    them)."""
+    return [{"kernel": kernel.fn.__name__, "dtype": str(dtype).removeprefix("torch."),
+             "key": dict(zip(kernel.keys, values)), "options": dict(options)}
+            for (kernel, dtype, _device, *values), options in _TUNED.items()]
+
+
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cpu" if interpreting() else "cuda")
 

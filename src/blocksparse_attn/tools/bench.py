@@ -334,6 +334,14 @@ def markdown(report: dict) -> str:
             flex = f"{r['flex_ms']:.2f}" if r["flex_ms"] is not None else r.get("flex_error", "")
             lines.append(f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | "
                          f"{r['ours_ms']:.3f} | {flex} |")
+    if report.get("tuned"):
+        lines += ["", "Launch options the autotuner chose (fused kernels):", "",
+                  "| kernel | dtype | tuning key | options |", "|---|---|---|---|"]
+        for t in report["tuned"]:
+            key = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}"
+                           for k, v in t["key"].items())
+            options = " ".join(f"{k}={v}" for k, v in t["options"].items() if v is not None)
+            lines.append(f"| {t['kernel']} | {t['dtype']} | {key} | {options} |")
     products = [r for r in report["results"] if r.get("suite") == "matmul"]
     if products:
         r0 = products[0]
@@ -447,6 +455,9 @@ def bench_main(args) -> int:
 
     def save(with_plots: bool = True) -> list[str]:
         report["env"]["seconds"] = round(time.perf_counter() - start, 1)
+        from ..kernels._common import tuned_options
+
+        report["tuned"] = tuned_options()
         return write_report(report, args.out, with_plots) if args.out else []
 
     def keep(rows):  # after every timed step: a run cut short keeps what it measured
