@@ -1,6 +1,7 @@
 """Two processes over gloo (CPU): the layout is broadcast from rank 0 before first use, and
 a DistributedDataParallel training step runs."""
 
+import gc
 
 import pytest
 import torch
@@ -51,6 +52,12 @@ def _worker(rank, world, init_file):
         ws = [torch.empty_like(w) for _ in range(world)]
         dist.all_gather(ws, w)
         assert torch.equal(ws[0], ws[1]), "DDP replicas diverged"
+        # tear down in order: DDP's reducer lets go of the group, both ranks meet, then the
+        # group goes (a CPU run once saw rank 0 abort at exit: "terminate called without an
+        # active exception")
+        del model, opt
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
