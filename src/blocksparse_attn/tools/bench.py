@@ -335,8 +335,9 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | "
                          f"{r['ours_ms']:.3f} | {flex} |")
     if report.get("tuned"):
-        lines += ["", "Launch options the autotuner chose (fused kernels):", "",
-                  "| kernel | dtype | tuning key | options |", "|---|---|---|---|"]
+        lines += ["", "Launch options the autotuner chose (fused attention and block-sparse "
+                  "matmul kernels):", "", "| kernel | dtype | tuning key | options |",
+                  "|---|---|---|---|"]
         for t in report["tuned"]:
             key = " ".join(f"{k}={int(v) if isinstance(v, bool) else v}"
                            for k, v in t["key"].items())
