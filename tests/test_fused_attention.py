@@ -23,17 +23,15 @@ def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, 
                   bwd_tiles=None, config=None, **problem):
     """``config`` forces every attention kernel onto these launch options (``DESC``: the
     tensor-descriptor path)."""
+    from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
+
     poison(monkeypatch)
     if config:
-        from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
-
         def launch(kernel, grid, args, kwargs, _=None):
             _common.launch(kernel, grid, args, kwargs, config)
         monkeypatch.setattr(fused_fwd, "launch", launch)
         monkeypatch.setattr(fused_bwd, "launch", launch)
     if tiles is not None:
-        from blocksparse_attn.kernels import fused_bwd, fused_fwd
-
         monkeypatch.setattr(fused_fwd, "forward_tiles", lambda *_: tiles)
         monkeypatch.setattr(fused_bwd, "backward_tiles", lambda *_: bwd_tiles or (tiles, tiles))
     q, k, v, layout, kw = make_problem(B, H, Lq, Lk, D, dtype, DEVICE, block=block, **problem)

@@ -441,9 +441,10 @@ def write_report(report: dict, out_dir: str, with_plots: bool = True) -> list[st
 
 def bench_main(args) -> int:
     suites = ["anchors"] if args.quick else args.suite
+    anchors = anchor_cases() if "anchors" in suites else []
+    density = density_cases() if "density" in suites else []
     try:  # a --match that selects nothing fails before anything runs
-        chosen = set(select((anchor_cases() if "anchors" in suites else [])
-                            + (density_cases() if "density" in suites else []), args.match))
+        chosen = set(select(anchors + density, args.match))
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
@@ -455,9 +456,9 @@ def bench_main(args) -> int:
     report = {"env": environment(), "results": []}
 
     def save(with_plots: bool = True) -> list[str]:
-        report["env"]["seconds"] = round(time.perf_counter() - start, 1)
         from ..kernels._common import tuned_options
 
+        report["env"]["seconds"] = round(time.perf_counter() - start, 1)
         report["tuned"] = tuned_options()
         return write_report(report, args.out, with_plots) if args.out else []
 
@@ -468,13 +469,13 @@ def bench_main(args) -> int:
     if args.quick:
         cases = quick_cases()
     else:
-        cases = [c for c in anchor_cases() if c in chosen]
+        cases = [c for c in anchors if c in chosen]
     run(cases, tuple(args.backends), modes, dtypes, on_step=keep)
     written = save()
     if "density" in suites:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
-        run([c for c in density_cases() if c in chosen], backends, modes, dtypes, on_step=keep)
+        run([c for c in density if c in chosen], backends, modes, dtypes, on_step=keep)
         written = save()
     for name, section in (("matmul", matmul_throughput), ("max-length", max_length_search),
                           ("index", index_cost)):
