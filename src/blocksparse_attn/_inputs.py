@@ -56,6 +56,10 @@ def _check_mask(where: str, name: str, mask: torch.Tensor, mode: str, expected_s
     if mask.device != device:
         raise bad_argument(where, name, f"on the inputs' device ({device})", describe(mask),
                            f"move it with .to('{device}').")
+    if mask.dtype.is_complex:
+        raise bad_argument(where, name, "a real (bool, integer or floating-point) tensor",
+                           describe(mask), f"pass the mask's real part ({name}.real) if that "
+                           "is what you mean.")
     if mask.dtype == torch.bool and mode == "add":
         raise bad_argument(where, name, "a floating-point tensor in 'add' mode", describe(mask),
                            f"pass {name}_mode='mul' for a bool keep-mask, or an additive float "
@@ -76,6 +80,9 @@ def check_attention_inputs(where: str, q, k, v, layout, *, block, scale=None, ca
             raise bad_argument(where, name, "float16, bfloat16, float32 or float64", describe(t))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    if D == 0:
+        raise bad_argument(where, "q.shape[3] (head dim)", "at least 1", D,
+                           "attention over empty vectors is undefined.")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise bad_argument(where, "q, k, v", "of one dtype",
                            f"{q.dtype}, {k.dtype}, {v.dtype}", "cast them to one dtype.")
@@ -96,6 +103,10 @@ def check_attention_inputs(where: str, q, k, v, layout, *, block, scale=None, ca
                                "and mask the padding with key_padding_mask.")
     if not isinstance(layout, torch.Tensor):
         raise bad_argument(where, "layout", "a torch.Tensor [H, nb_q, nb_k]", describe(layout))
+    if layout.device.type == "meta":
+        raise bad_argument(where, "layout", "a tensor with data (the index is built from its "
+                           "values)", describe(layout), "make the layout on the CPU or the "
+                           "inputs' device.")
     if layout.dim() == 2:
         layout = layout.unsqueeze(0)
     expect = f"[1 or {H}, {Lq // block}, {Lk // block}] (heads, L_q/block, L_k/block)"

@@ -42,7 +42,13 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     Computed in ``compute_dtype`` (default float32, float64 for float64 inputs; the input
     dtype measures plain low-precision error in tests) and returned in the input dtype. A
     query with nothing to attend gets a zero output and zero gradients (its log-sum-exp is
-    ``-inf``). Gradients flow to ``q``, ``k``, ``v`` and ``rpe``.
+    ``-inf``). Gradients flow to ``q``, ``k``, ``v``, ``rpe`` and additive ('add' mode)
+    masks.
+
+    Masked means replaced: a ``-inf`` mask entry, a zero 'mul' entry, a block outside the
+    layout or a key after the query (``causal``) set the score to ``-inf`` whatever ``q·k``
+    is, and a key whose ``k`` or ``v`` holds NaN or inf changes only the queries that attend
+    it (their score, or their output, is NaN).
 
     Returns ``out`` or, with ``return_lse``, ``(out, lse)`` with ``lse [B, H, L_q]`` in the
     compute dtype, the natural-log sum of ``exp(s)`` over kept keys.
@@ -52,20 +58,39 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
                                attn_mask=attn_mask, key_padding_mask_mode=key_padding_mask_mode,
                                attn_mask_mode=attn_mask_mode)
     ct = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    s = torch.matmul(q.to(ct), k.to(ct).transpose(-1, -2)) * x.scale
+    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    # Non-finite keys and values enter the products as zeros, so that a key a query does not
+    # attend contributes exactly nothing to it (0 * NaN would be NaN); a query that does
+    # attend such a key gets a NaN score (K) or a NaN output (V).
+    k_ok = torch.isfinite(kc).all(-1)  # [B, H, L_k]
+    v_ok = torch.isfinite(vc).all(-1)
+    kc = torch.where(k_ok[..., None], kc, 0.0)
+    vc = torch.where(v_ok[..., None], vc, 0.0)
+    s = torch.matmul(qc, kc.transpose(-1, -2)) * x.scale
+    s = torch.where(k_ok[..., None, :], s, float("nan"))
     if x.rpe is not None:
-        s = s + x.rpe.to(ct)
+        s = _add_bias(s, x.rpe.to(ct))
     if x.key_padding_mask is not None:
-        s = s + additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :]
+        s = _add_bias(s, additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :])
     if x.attn_mask is not None:
-        s = s + additive(x.attn_mask, x.attn_mask_mode, ct)
+        s = _add_bias(s, additive(x.attn_mask, x.attn_mask_mode, ct))
     s = s.masked_fill(~token_mask(x.layout.to(q.device), block, x.causal), float("-inf"))
-    m = s.detach().amax(-1, keepdim=True)
+    if s.shape[-1]:
+        m = s.detach().amax(-1, keepdim=True)
+    else:  # no keys at all
+        m = s.new_full(s.shape[:-1] + (1,), float("-inf"))
     m = torch.where(torch.isneginf(m), torch.zeros_like(m), m)
     p = torch.exp(s - m)
     denom = p.sum(-1, keepdim=True)
-    out = torch.matmul(p, v.to(ct)) / torch.where(denom == 0, torch.ones_like(denom), denom)
-    out = out.to(q.dtype)
+    out = torch.matmul(p, vc) / torch.where(denom == 0, torch.ones_like(denom), denom)
+    sees_bad_value = torch.matmul((p.detach() > 0).to(ct), (~v_ok).to(ct)[..., None]) > 0
+    out = torch.where(sees_bad_value, float("nan"), out).to(q.dtype)
     if not return_lse:
         return out
     return out, (m + torch.log(denom)).squeeze(-1)
+
+
+def _add_bias(s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``s + bias``, where a ``-inf`` bias masks: it replaces the score (NaN or inf
+    included) instead of being added to it."""
+    return torch.where(torch.isneginf(bias), float("-inf"), s + bias)
