@@ -230,11 +230,52 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
 
 
 _CACHE: dict[tuple, tuple[weakref.ref, int, object]] = {}
+_FROZEN: dict[int, tuple[weakref.ref, torch.Tensor]] = {}  # id(layout) -> (ref, copy)
+_COPIES: dict[int, weakref.ref] = {}  # id(copy) -> copy, for the copies frozen() made
+
+
+def _unchanged(layout: torch.Tensor, copy: torch.Tensor) -> bool:
+    """Whether ``layout`` still holds ``copy``'s values. A CUDA layout is compared on the
+    device, which waits for the stream (keep static layouts on the CPU, as the patterns
+    make them); during CUDA-graph capture nothing can be read back, and the graph replays
+    the index it captured."""
+    if layout.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True
+    return layout.shape == copy.shape and torch.equal(layout, copy)
+
+
+def frozen(layout: torch.Tensor) -> torch.Tensor:
+    """A private copy of ``layout`` that nothing edits, the same copy (with its compiled
+    entries) for as long as ``layout`` holds the same values. Each call compares the values,
+    so an edit the version counter does not see (through ``.data``, a NumPy view, DLPack)
+    gives a new copy, compiled afresh, instead of the index of the old layout. The
+    attention functions freeze the caller's layout once per call; the backward reuses the
+    forward's copy."""
+    lid = id(layout)
+    mine = _COPIES.get(lid)
+    if mine is not None and mine() is layout:
+        return layout
+    held = _FROZEN.get(lid)
+    if held is not None and held[0]() is layout and _unchanged(layout, held[1]):
+        return held[1]
+    copy = layout.detach().clone()
+    _FROZEN[lid] = (weakref.ref(layout, lambda _, i=lid: _drop(_FROZEN, i)), copy)
+    _COPIES[id(copy)] = weakref.ref(copy, lambda _, i=id(copy): _drop(_COPIES, i))
+    return copy
+
+
+def _drop(table: dict, key: int) -> None:
+    """Forget a freed tensor's entry (unless a newer tensor has taken its id)."""
+    held = table.get(key)
+    ref = held[0] if isinstance(held, tuple) else held
+    if ref is not None and ref() is None:
+        del table[key]
 
 
 def _cached(layout: torch.Tensor, key: tuple, build):
-    """``build()`` cached by the layout tensor's identity and version (an in-place edit of
-    the layout rebuilds) plus ``key``; the entry goes when the layout tensor is freed."""
+    """``build()`` cached by the layout tensor's identity and version plus ``key``; the
+    entry goes when the layout tensor is freed. Callers pass a :func:`frozen` copy when the
+    tensor comes from a user (its version counter misses some edits)."""
     key = (id(layout), *key)
     hit = _CACHE.get(key)
     if hit is not None and hit[0]() is layout and hit[1] == layout._version:
