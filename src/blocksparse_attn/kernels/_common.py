@@ -61,34 +61,85 @@ def _load_tile(m, first, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constex
 
 
 @triton.jit
+def _load_rows(m, first, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
+               BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+    """Rows ``first .. first + BLOCK`` of the matrix ``m`` (from :func:`_matrix`) as a
+    ``BLOCK x BLOCK_D`` tile, zero in the rows where ``row_ok`` is false (which must
+    include every row past the matrix's end) and past the last column."""
+    if DESC:
+        tile = m.load([first, 0])
+        tile = tl.where(row_ok[:, None], tile, 0.0)
+    else:
+        offs = first + tl.arange(0, BLOCK)
+        offs_d = tl.arange(0, BLOCK_D)
+        tile = tl.load(m + offs[:, None] * stride + offs_d[None, :],
+                       mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    return tile
+
+
+@triton.jit
+def _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M: tl.constexpr,
+               BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr,
+               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr):
+    """``[BLOCK_N]``: which keys of the tile some query of the tile may attend. The others
+    (past the sequence, in sub-blocks no query row of the tile keeps, after every query of
+    the tile, hidden by the key padding mask) are read as zeros, so that a NaN or inf stored
+    there contributes nothing (``0 * NaN`` would be NaN)."""
+    seen = offs_n < Lk
+    if HAS_SUB:
+        sub_row = tl.arange(0, BLOCK_M // SUB)
+        sub_col = tl.arange(0, BLOCK_N) // SUB
+        shift = (sub_row[:, None] * (BLOCK_N // SUB) + sub_col[None, :]).to(tl.int64)
+        seen = seen & (tl.max((bits >> shift) & 1, 0) != 0)
+    if CAUSAL:
+        seen = seen & (offs_n <= tl.minimum(tl.max(offs_m, 0), Lq - 1))
+    if HAS_KPM:
+        kp = tl.load(KPM + b * s_kpb + offs_n * s_kpn, mask=offs_n < Lk, other=0)
+        if KPM_MUL:
+            seen = seen & (kp != 0)
+        else:
+            seen = seen & (kp != float("-inf"))
+    return seen
+
+
+@triton.jit
+def _add_bias(s, bias):
+    """``s + bias``, where a ``-inf`` bias masks: it replaces the score (NaN included)."""
+    return tl.where(bias == float("-inf"), float("-inf"), s + bias)
+
+
+@triton.jit
 def _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                 RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
                 HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr, HAS_RPE: tl.constexpr,
                 HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr, HAS_AM: tl.constexpr,
                 AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    """Scores of one ``BLOCK_M x BLOCK_N`` tile in base-2 units:
-    ``log2(e) * (scale * q.k + rpe + key_padding_mask + attn_mask)``, ``-inf`` where masked.
-    Element masks (sub-block bits, causal, sequence end) are applied on partial tiles only."""
+    """Scores of one ``BLOCK_M x BLOCK_N`` tile, ``-inf`` where masked:
+    ``qk_scale * q.k + rpe + key_padding_mask + attn_mask``. With a bias or an additive
+    mask (:func:`natural_units`) the launcher passes ``qk_scale = scale`` and the scores
+    are in natural units, so that a mask of ``torch.finfo(float32).min`` stays finite;
+    without, ``qk_scale = scale * log2(e)`` and they are in base-2 units. Masked entries
+    replace the score (a NaN ``q.k`` there stays masked). Element masks (sub-block bits,
+    causal, sequence end) are applied on partial tiles only."""
     s = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST) * qk_scale
-    LOG2E_: tl.constexpr = 1.4426950408889634
     if HAS_RPE:
         r_ptr = RPE + b * s_rb + h * s_rh + offs_m[:, None] * s_rm + offs_n[None, :] * s_rn
         r = tl.load(r_ptr, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0)
-        s += r.to(tl.float32) * LOG2E_
+        s = _add_bias(s, r.to(tl.float32))
     if HAS_KPM:
         kp = tl.load(KPM + b * s_kpb + offs_n * s_kpn, mask=offs_n < Lk, other=0)
         if KPM_MUL:
             s = tl.where((kp != 0)[None, :], s, float("-inf"))
         else:
-            s += kp.to(tl.float32)[None, :] * LOG2E_
+            s = _add_bias(s, kp.to(tl.float32)[None, :])
     if HAS_AM:
         a_ptr = AM + offs_m[:, None] * s_amm + offs_n[None, :] * s_amn
         am = tl.load(a_ptr, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0)
         if AM_MUL:
             s = tl.where(am != 0, s, float("-inf"))
         else:
-            s += am.to(tl.float32) * LOG2E_
+            s = _add_bias(s, am.to(tl.float32))
     if partial != 0:
         keep = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         if HAS_SUB:
@@ -100,6 +151,17 @@ def _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
             keep = keep & (offs_n[None, :] <= offs_m[:, None])
         s = tl.where(keep, s, float("-inf"))
     return s
+
+
+@triton.jit
+def _exp_diff(s, m, NATURAL: tl.constexpr):
+    """``exp(s - m)`` for scores ``s`` and maxima ``m`` in natural or base-2 units. The
+    difference is taken before the change of base, so that two huge finite scores (a
+    ``finfo.min`` mask) give ``exp(0) = 1``, not ``exp2(-inf - -inf)``."""
+    if NATURAL:
+        return tl.math.exp2((s - m) * 1.4426950408889634)
+    else:
+        return tl.math.exp2(s - m)
 
 
 @triton.jit
@@ -213,6 +275,13 @@ def unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 def empty(shape, dtype, device) -> torch.Tensor:
     """Allocation of every kernel output (tests replace it to NaN-poison outputs)."""
     return torch.empty(shape, dtype=dtype, device=device)
+
+
+def natural_units(flags: dict) -> bool:
+    """Whether the attention kernels keep scores in natural units (see :func:`_score_tile`),
+    from :func:`mask_args`'s flags: when a bias or mask meets the scores. Without one,
+    base-2 scores save a multiply per score."""
+    return flags["HAS_RPE"] or flags["HAS_KPM"] or flags["HAS_AM"]
 
 
 def mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode,

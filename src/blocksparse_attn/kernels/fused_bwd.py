@@ -2,9 +2,9 @@
 
 * ``delta = rowsum(dO * O)`` per query;
 * dK/dV: one program per (key tile, batch x head) walks the tile's query tiles (the
-  index's column lists), recomputing the probabilities from the saved log-sum-exp;
+  index's column lists), recomputing the probabilities from the forward's row statistics;
 * dQ: one program per (query tile, batch x head) walks the tile's key tiles (row lists);
-  it also writes the score gradient to ``drpe`` when ``rpe`` needs a gradient.
+  it also writes the score gradient when ``rpe`` or an additive mask needs a gradient.
 
 Tiles are read as in the forward (pointers, or tensor descriptors when ``DESC``).
 """
@@ -16,9 +16,9 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _load_tile, _matrix, _schedule, _score_tile, empty
-from ._common import descriptors_allowed, input_precision, launch, mask_args, prune_descriptors
-from ._common import unit_last_stride, upcast_dots
+from ._common import LOG2E, _dot, _keys_seen, _load_rows, _load_tile, _matrix, _schedule
+from ._common import _score_tile, descriptors_allowed, empty, input_precision, launch, mask_args
+from ._common import natural_units, prune_descriptors, unit_last_stride, upcast_dots
 from .configs import PROGRAM_GROUP, Tiles, backward_tiles, launch_configs
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
@@ -47,18 +47,42 @@ def _bsa_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H
 
 
 @triton.jit
-def _probabilities(s, lse):
-    """``exp(score - lse)`` from base-2 scores; rows with nothing to attend (lse = -inf)
-    give 0, not NaN."""
-    LOG2E_: tl.constexpr = 1.4426950408889634
-    lse2 = tl.where(lse == float("-inf"), float("inf"), lse * LOG2E_)
-    return tl.math.exp2(s - lse2[:, None])
+def _row_statistics(LSE, LOG2L, rows, ok, NATURAL: tl.constexpr):
+    """What :func:`_probabilities` needs of each query row, from the forward's statistics:
+    base 2, the log-sum-exp; natural units, the row maximum and log2 of the row sum. Rows
+    with nothing to attend get ``+inf`` as maximum (their probabilities are 0, not NaN)."""
+    m = tl.load(LSE + rows, mask=ok, other=0.0)
+    if NATURAL:
+        log2_l = tl.load(LOG2L + rows, mask=ok, other=0.0)
+        empty_row = m == float("-inf")
+        return tl.where(empty_row, float("inf"), m), tl.where(empty_row, 0.0, log2_l)
+    else:
+        return tl.where(m == float("-inf"), float("inf"), m * 1.4426950408889634), tl.zeros_like(m)
+
+
+@triton.jit
+def _probabilities(s, m, log2_l, NATURAL: tl.constexpr):
+    """``exp(score - lse)`` from :func:`_row_statistics`."""
+    if NATURAL:
+        return tl.math.exp2((s - m[:, None]) * 1.4426950408889634 - log2_l[:, None])
+    else:
+        return tl.math.exp2(s - m[:, None])
+
+
+@triton.jit
+def _score_gradient(p, dp, delta, guard):
+    """``p * (dp - delta)``; on tiles where keys may be hidden (``guard``), exactly 0 where
+    ``p`` is 0, so that a NaN ``dp`` from a hidden key's value does not reach the row."""
+    ds = p * (dp - delta[:, None])
+    if guard:
+        ds = tl.where(p == 0.0, 0.0, ds)
+    return ds
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, DELTA, DK, DV,
+        Q, K, V, DO, LSE, LOG2L, DELTA, DK, DV,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
         s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
         col_ptr, col_idx, col_bits, col_partial, col_order,
@@ -68,8 +92,8 @@ def _bsa_bwd_dkdv_kernel(
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, GROUP: tl.constexpr, ALLOW_DESC: tl.constexpr,
-        DESC: tl.constexpr):
+        UPCAST: tl.constexpr, NATURAL: tl.constexpr, GROUP: tl.constexpr,
+        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
     col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,8 +102,11 @@ def _bsa_bwd_dkdv_kernel(
     vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    k = _load_tile(km, pid_n * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
-    v = _load_tile(vm, pid_n * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+    # keys hidden from every query (padding): read as zeros (see _keys_seen)
+    padded = _keys_seen(offs_n, offs_n, b, Lk, Lk, 0, KPM, s_kpb, s_kpn, BLOCK_N, BLOCK_N,
+                        BLOCK_N, False, False, HAS_KPM, KPM_MUL)
+    k = _load_rows(km, pid_n * BLOCK_N, padded, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    v = _load_rows(vm, pid_n * BLOCK_N, padded, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     row_base = (b * H + h) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -94,16 +121,16 @@ def _bsa_bwd_dkdv_kernel(
         m_ok = offs_m < Lq
         q = _load_tile(qm, i * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
         do = _load_tile(dom, i * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
-        lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+        m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
                         HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
-        p = _probabilities(s, lse)
+        p = _probabilities(s, m, log2_l, NATURAL)
         dv = _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST, dv)
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
+        ds = _score_gradient(p, dp, delta, partial != 0)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
     dk = dk * scale
     tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
@@ -116,7 +143,7 @@ def _bsa_bwd_dkdv_kernel(
                  prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dq_kernel(
-        Q, K, V, DO, LSE, DELTA, DQ, DS,
+        Q, K, V, DO, LSE, LOG2L, DELTA, DQ, DS,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
         s_dqb, s_dqh, s_dqm,
         row_ptr, row_idx, row_bits, row_partial, row_order,
@@ -126,8 +153,8 @@ def _bsa_bwd_dq_kernel(
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, STORE_DS: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, GROUP: tl.constexpr,
-        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NATURAL: tl.constexpr,
+        GROUP: tl.constexpr, ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -139,7 +166,7 @@ def _bsa_bwd_dq_kernel(
     q = _load_tile(qm, pid_m * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
     do = _load_tile(dom, pid_m * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
     row_base = (b * H + h) * Lq
-    lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
+    m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
@@ -150,15 +177,17 @@ def _bsa_bwd_dq_kernel(
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
-        v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+        seen = _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M, BLOCK_N,
+                          SUB, HAS_SUB, CAUSAL, HAS_KPM, KPM_MUL)
+        k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
                         HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
-        p = _probabilities(s, lse)
+        p = _probabilities(s, m, log2_l, NATURAL)
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
-        ds = p * (dp - delta[:, None])
+        ds = _score_gradient(p, dp, delta, partial != 0)
         if STORE_DS:
             ds_ptr = DS + (row_base + offs_m[:, None]) * Lk + offs_n[None, :]
             tl.store(ds_ptr, ds, mask=m_ok[:, None] & (offs_n < Lk)[None, :])
@@ -169,19 +198,23 @@ def _bsa_bwd_dq_kernel(
 
 
 def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                             v: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
                              layout: torch.Tensor, *, block: int, scale: float,
                              causal: bool = False, rpe: torch.Tensor | None = None,
                              key_padding_mask: torch.Tensor | None = None,
                              attn_mask: torch.Tensor | None = None,
                              key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                             rpe_grad: bool = False,
+                             bias_grads: tuple[bool, bool, bool] = (False, False, False),
                              tiles: tuple[Tiles, Tiles] | None = None,
                              configs: tuple[dict, dict] | None = None):
-    """Gradients of the fused forward. Returns ``(dq, dk, dv, drpe)``; ``drpe`` is the
-    score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the layout) summed to the
-    shape of ``rpe`` when ``rpe_grad``, else ``None``. ``tiles`` (dK/dV, dQ) and
-    ``configs`` (``num_warps``/``num_stages``/``DESC`` each) override the tuned choice."""
+    """Gradients of the fused forward, from its output and row statistics ``stats``.
+
+    Returns ``(dq, dk, dv, drpe, dkpm, dam)``. ``bias_grads`` says which of ``rpe``, the key
+    padding mask and the attention mask (both in 'add' mode) need a gradient: for those the
+    dQ kernel also writes the score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the
+    layout; O(L^2) memory), summed to the bias's shape; the others come back ``None``.
+    ``tiles`` (dK/dV, dQ) and ``configs`` (``num_warps``/``num_stages``/``DESC`` each)
+    override the tuned choice."""
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -195,38 +228,43 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
         out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0),
         grad_out.stride(1), grad_out.stride(2), H, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
-    lse = lse.contiguous()
+    stats = stats.contiguous()
     dq = empty((B, H, Lq, D), q.dtype, q.device)
     dk = empty((B, H, Lk, D), k.dtype, k.device)
     dv = empty((B, H, Lk, D), v.dtype, v.device)
-    ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if rpe_grad else q
+    store_ds = any(bias_grads)
+    ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if store_ds else q
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, B, H, Lq, Lk, q)
+    natural = natural_units(flags)
+    lse, log2_l = (stats[0], stats[1]) if natural else (stats, stats)
+    qk_scale = scale if natural else scale * LOG2E
     common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, GROUP=PROGRAM_GROUP,
                   INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-                  ALLOW_DESC=descriptors_allowed(q, k, v, grad_out), **flags)
+                  NATURAL=natural, ALLOW_DESC=descriptors_allowed(q, k, v, grad_out), **flags)
     strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                v.stride(0), v.stride(1), v.stride(2),
                grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
     kv_config, q_config = configs or (None, None)
     idx = kv_index
     launch(_bsa_bwd_dkdv_kernel, (idx.col_tiles * B * H,), (
-        q, k, v, grad_out, lse, delta, dk, dv, *strides,
+        q, k, v, grad_out, lse, log2_l, delta, dk, dv, *strides,
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
         idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order, *extra,
-        B, H, Lq, Lk, idx.col_tiles, H // idx.heads, scale * LOG2E, scale),
+        B, H, Lq, Lk, idx.col_tiles, H // idx.heads, qk_scale, scale),
         dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub,
              HAS_SUB=idx.split_tiles), kv_config)
     idx = q_index
     launch(_bsa_bwd_dq_kernel, (idx.row_tiles * B * H,), (
-        q, k, v, grad_out, lse, delta, dq, ds, *strides,
+        q, k, v, grad_out, lse, log2_l, delta, dq, ds, *strides,
         dq.stride(0), dq.stride(1), dq.stride(2),
         idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order, *extra,
-        B, H, Lq, Lk, idx.row_tiles, H // idx.heads, scale * LOG2E, scale),
+        B, H, Lq, Lk, idx.row_tiles, H // idx.heads, qk_scale, scale),
         dict(common, BLOCK_M=q_tiles.m, BLOCK_N=q_tiles.n, SUB=idx.sub,
-             HAS_SUB=idx.split_tiles, STORE_DS=rpe_grad),
+             HAS_SUB=idx.split_tiles, STORE_DS=store_ds),
         q_config)
-    drpe = None
-    if rpe_grad:
-        drpe = ds.sum_to_size(rpe.shape).to(rpe.dtype)
-    return dq, dk, dv, drpe
+    rpe_grad, kpm_grad, am_grad = bias_grads
+    drpe = ds.sum_to_size(rpe.shape).to(rpe.dtype) if rpe_grad else None
+    dkpm = ds.sum((1, 2)).to(key_padding_mask.dtype) if kpm_grad else None
+    dam = ds.sum((0, 1)).to(attn_mask.dtype) if am_grad else None
+    return dq, dk, dv, drpe, dkpm, dam

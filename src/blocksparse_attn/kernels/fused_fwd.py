@@ -17,20 +17,21 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _load_tile, _matrix, _schedule, _score_tile, empty
-from ._common import descriptors_allowed, input_precision, launch, mask_args, prune_descriptors
-from ._common import unit_last_stride, upcast_dots
+from ._common import LOG2E, _dot, _exp_diff, _keys_seen, _load_rows, _load_tile, _matrix
+from ._common import _schedule, _score_tile, descriptors_allowed, empty, input_precision, launch
+from ._common import mask_args, natural_units, prune_descriptors, unit_last_stride, upcast_dots
 from .configs import DENSE_LAYOUT, PROGRAM_GROUP, Tiles, forward_tiles, launch_configs
 
 _KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
         "LEAD", "ALLOW_DESC"]
+LN2 = 0.6931471805599453
 
 
 @triton.autotune(configs=launch_configs("fwd"), key=_KEY,
                  prune_configs_by={"early_config_prune": prune_descriptors})
 @triton.jit
 def _bsa_fwd_kernel(
-        Q, K, V, O, LSE,
+        Q, K, V, O, LSE, LOG2L,
         s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
         row_ptr, row_idx, row_bits, row_partial, row_lead, row_order,
         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
@@ -39,7 +40,7 @@ def _bsa_fwd_kernel(
         BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
         HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
         HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, LEAD: tl.constexpr, GROUP: tl.constexpr,
+        UPCAST: tl.constexpr, NATURAL: tl.constexpr, LEAD: tl.constexpr, GROUP: tl.constexpr,
         ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -77,27 +78,42 @@ def _bsa_fwd_kernel(
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
-        v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, False)
+        seen = _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M, BLOCK_N,
+                          SUB, HAS_SUB, CAUSAL, HAS_KPM, KPM_MUL)
+        k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
                         RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
                         BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
                         HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
-        p = tl.math.exp2(s - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
+        p = _exp_diff(s, m_use[:, None], NATURAL)
+        alpha = _exp_diff(m_i, m_use, NATURAL)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST, acc * alpha[:, None])
         m_i = m_new
 
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
-    LN2: tl.constexpr = 0.6931471805599453
-    lse = tl.where(has, (m_i + tl.math.log2(tl.where(has, l_i, 1.0))) * LN2, float("-inf"))
+    log2_l = tl.math.log2(tl.where(has, l_i, 1.0))
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
-    tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+    if NATURAL:  # the row maximum and log2 of the sum apart: m + ln(l) rounds to m when
+        # the maximum is huge (a finfo.min mask), and the backward needs l exactly
+        tl.store(LSE + (b * H + h) * Lq + offs_m, tl.where(has, m_i, float("-inf")), mask=m_ok)
+        tl.store(LOG2L + (b * H + h) * Lq + offs_m, log2_l, mask=m_ok)
+    else:
+        lse = tl.where(has, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
+        tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+
+
+def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
+    """The log-sum-exp ``[B, H, L_q]`` from the forward's row statistics (see
+    :func:`fused_attention_forward`)."""
+    if stats.dim() == 3:
+        return stats
+    return stats[0] + stats[1] * LN2
 
 
 def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -112,8 +128,11 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``tiles`` and ``config`` (``num_warps``/``num_stages``/``DESC``) override the tuned
     choice.
 
-    Returns ``out [B, H, L_q, D]`` in the input dtype and ``lse [B, H, L_q]`` float32
-    (natural log; ``-inf`` for queries with nothing to attend)."""
+    Returns ``out [B, H, L_q, D]`` in the input dtype and the row statistics, float32:
+    without bias or mask, ``lse [B, H, L_q]`` (natural log; ``-inf`` for queries with
+    nothing to attend); with one, ``[2, B, H, L_q]``, the row maximum (natural units,
+    ``-inf`` for empty rows) and log2 of the row sum, which the backward needs apart
+    (:func:`row_statistics_lse` gives the log-sum-exp)."""
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -122,22 +141,26 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
                       causal=causal, device=q.device)
     out = empty((B, H, Lq, D), q.dtype, q.device)
-    lse = empty((B, H, Lq), torch.float32, q.device)
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, B, H, Lq, Lk, q)
+    natural = natural_units(flags)
+    stats = empty((2, B, H, Lq) if natural else (B, H, Lq), torch.float32, q.device)
     grid = (index.row_tiles * B * H,)
-    args = (q, k, v, out, lse,
+    args = (q, k, v, out, stats[0] if natural else stats, stats[1] if natural else stats,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
             index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_lead,
             index.row_order,
-            *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads, scale * LOG2E)
+            *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads,
+            scale if natural else scale * LOG2E)
     kwargs = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
                   BLOCK_N=tiles.n, SUB=index.sub,
                   HAS_SUB=index.split_tiles, CAUSAL=causal,
                   INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-                  LEAD=density >= DENSE_LAYOUT, GROUP=PROGRAM_GROUP,
+                  NATURAL=natural,
+                  # the mask-free loop takes the row maximum before scaling: scale > 0
+                  LEAD=density >= DENSE_LAYOUT and scale > 0, GROUP=PROGRAM_GROUP,
                   ALLOW_DESC=descriptors_allowed(q, k, v),
                   **flags)
     launch(_bsa_fwd_kernel, grid, args, kwargs, config)
-    return out, lse
+    return out, stats
