@@ -49,21 +49,6 @@ def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[st
     return reasons
 
 
-def _unfused_ops(layout: torch.Tensor, block: int, heads: int, causal: bool):
-    """SDD, softmax and DSD operators for ``layout`` over ``heads`` heads, cached per layout
-    tensor. With ``causal`` the blocks wholly after the diagonal are dropped."""
-    from .index import _cached
-    from .ops.softmax import attention_ops
-
-    def build():
-        lay = (layout != 0).expand(heads, -1, -1)
-        if causal:
-            lay = lay & torch.ones(lay.shape[1:], dtype=torch.bool, device=lay.device).tril()
-        return attention_ops(lay, block)
-
-    return _cached(layout, ("unfused", block, heads, causal), build)
-
-
 def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                            layout: torch.Tensor, *, block: int, scale: float | None = None,
                            causal: bool = False, rpe: torch.Tensor | None = None,
@@ -116,15 +101,14 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             raise NotImplementedError(
                 f"{where}: backend='unfused' cannot run these inputs: " + "; ".join(reasons)
                 + ". Fix: use backend='fused' or 'reference', or change the inputs.")
-        # the caller's tensor, not a reshaped copy: the compiled layout is cached per tensor
-        sdd, softmax, dsd = _unfused_ops(layout, x.block, q.shape[1], x.causal)
-        scores = sdd(x.q, x.k)
-        probs = softmax(scores, x.scale, x.rpe, x.key_padding_mask, x.attn_mask,
-                        x.key_padding_mask_mode, x.attn_mask_mode, causal=x.causal)
-        return dsd(probs, x.v)
+        from .index import frozen
+        from .ops.unfused_attention import unfused_attention
+
+        return unfused_attention(x, frozen(layout))
     if backend != "reference":
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad for t in (q, k, v, rpe))
+            t is not None and t.requires_grad
+            for t in (q, k, v, rpe, key_padding_mask, attn_mask))
         reasons = fused_unavailable_reasons(x, needs_grad)
         if backend == "fused" and reasons:
             raise NotImplementedError(

@@ -108,13 +108,14 @@ def _op(t: torch.Tensor, trans: bool) -> torch.Tensor:
 
 
 def sdd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, blocks: torch.Tensor,
-        block: int) -> torch.Tensor:
+        block: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``op(a) @ op(b)`` on the blocks ``blocks`` (``[nnz, 3]`` of (head, row, col), in
-    compressed order). ``a``, ``b``: ``[Z, H, ., .]``. Returns ``[Z, nnz, block, block]``."""
+    compressed order). ``a``, ``b``: ``[Z, H, ., .]``. Returns ``[Z, nnz, block, block]``
+    in ``out_dtype`` (default: the inputs'; the sums are fp32 either way)."""
     a, b = _op(a, trans_a), _op(b, trans_b)
     Z, K = a.shape[0], a.shape[-1]
     nnz = blocks.shape[0]
-    c = empty((Z, nnz, block, block), a.dtype, a.device)
+    c = empty((Z, nnz, block, block), out_dtype or a.dtype, a.device)
     if nnz == 0:
         return c
     h, i, j = (blocks[:, d].contiguous() for d in range(3))

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import empty, mask_args
+from ._common import _add_bias, empty, mask_args
 
 
 @triton.jit
@@ -21,20 +21,20 @@ def _scores(X, t, rows, cols, z, h, scale, RPE, s_rz, s_rh, s_rm, s_rn, KPM, s_k
     i = tl.arange(0, BLOCK)
     s = tl.load(X + t * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]).to(tl.float32) * scale
     if HAS_RPE:
-        s += tl.load(RPE + z * s_rz + h * s_rh + rows[:, None] * s_rm
-                     + cols[None, :] * s_rn).to(tl.float32)
+        s = _add_bias(s, tl.load(RPE + z * s_rz + h * s_rh + rows[:, None] * s_rm
+                                 + cols[None, :] * s_rn).to(tl.float32))
     if HAS_KPM:
         kp = tl.load(KPM + z * s_kz + cols * s_kn)
         if KPM_MUL:
             s = tl.where((kp != 0)[None, :], s, float("-inf"))
         else:
-            s += kp.to(tl.float32)[None, :]
+            s = _add_bias(s, kp.to(tl.float32)[None, :])
     if HAS_AM:
         am = tl.load(AM + rows[:, None] * s_am + cols[None, :] * s_an)
         if AM_MUL:
             s = tl.where(am != 0, s, float("-inf"))
         else:
-            s += am.to(tl.float32)
+            s = _add_bias(s, am.to(tl.float32))
     if CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     return s
@@ -103,13 +103,14 @@ def _softmax_bwd_kernel(Y, DY, DX, DS, s_yz, s_dyz, s_dxz, s_dsz, row_ptr, scale
 
 def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
                     key_padding_mask=None, attn_mask=None, key_padding_mask_mode="add",
-                    attn_mask_mode="add", causal: bool = False) -> torch.Tensor:
+                    attn_mask_mode="add", causal: bool = False,
+                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """``x``: contiguous ``[Z, nnz, block, block]``; ``index``: the layout at tile = block;
     ``rpe`` broadcastable to ``[Z, H, L_q, L_k]``; ``key_padding_mask [Z, L_k]``;
     ``attn_mask [L_q, L_k]``; ``causal`` hides keys after the query. Returns the
-    probabilities, same shape and dtype."""
+    probabilities, same shape, in ``out_dtype`` (default: ``x``'s)."""
     Z = x.shape[0]
-    y = empty(x.shape, x.dtype, x.device)
+    y = empty(x.shape, out_dtype or x.dtype, x.device)
     H, rows = index.heads, index.row_tiles
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, Z, H, index.q_len, index.k_len, x)
@@ -120,12 +121,13 @@ def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
 
 
 def softmax_backward(y: torch.Tensor, dy: torch.Tensor, index, block: int, scale: float,
-                     rpe_grad: bool = False):
-    """Gradient of :func:`softmax_forward` for ``x`` (and, with ``rpe_grad``, the score
-    gradient in compressed form, float32). Returns ``(dx, ds or None)``."""
+                     rpe_grad: bool = False, dx_dtype: torch.dtype | None = None):
+    """Gradient of :func:`softmax_forward` for ``x``, in ``dx_dtype`` (default: ``y``'s),
+    and, with ``rpe_grad``, the score gradient in compressed form, float32. Returns
+    ``(dx, ds or None)``."""
     Z = y.shape[0]
     dy = dy.contiguous()
-    dx = empty(y.shape, y.dtype, y.device)
+    dx = empty(y.shape, dx_dtype or y.dtype, y.device)
     ds = empty(y.shape, torch.float32, y.device) if rpe_grad else dx
     _softmax_bwd_kernel[(index.heads * index.row_tiles, Z)](
         y, dy, dx, ds, y.stride(0), dy.stride(0), dx.stride(0), ds.stride(0), index.row_ptr,

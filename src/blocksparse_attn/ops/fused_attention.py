@@ -11,6 +11,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._first_order import first_order_only
+
 
 def _mode(mul: bool) -> str:
     return "mul" if mul else "add"
@@ -18,22 +20,25 @@ def _mode(mul: bool) -> str:
 
 def _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul,
              am_mul):
+    from ..index import frozen
     from ..kernels.fused_fwd import fused_attention_forward
 
-    return fused_attention_forward(q, k, v, layout, block=block, scale=scale, causal=causal,
+    return fused_attention_forward(q, k, v, frozen(layout), block=block, scale=scale, causal=causal,
                                    rpe=rpe, key_padding_mask=key_padding_mask,
                                    attn_mask=attn_mask, key_padding_mask_mode=_mode(kpm_mul),
                                    attn_mask_mode=_mode(am_mul))
 
 
-def _backward_kernels(grad_out, q, k, v, out, lse, layout, rpe, key_padding_mask, attn_mask,
-                      block, scale, causal, kpm_mul, am_mul, rpe_grad):
+def _backward_kernels(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask, attn_mask,
+                      block, scale, causal, kpm_mul, am_mul, rpe_grad, kpm_grad, am_grad):
+    from ..index import frozen
     from ..kernels.fused_bwd import fused_attention_backward
 
     return fused_attention_backward(
-        grad_out, q, k, v, out, lse, layout, block=block, scale=scale, causal=causal, rpe=rpe,
+        grad_out, q, k, v, out, stats, frozen(layout), block=block, scale=scale, causal=causal, rpe=rpe,
         key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        key_padding_mask_mode=_mode(kpm_mul), attn_mask_mode=_mode(am_mul), rpe_grad=rpe_grad)
+        key_padding_mask_mode=_mode(kpm_mul), attn_mask_mode=_mode(am_mul),
+        bias_grads=(rpe_grad, kpm_grad, am_grad))
 
 
 @torch.library.custom_op("blocksparse_attn::fused_attention_fwd", mutates_args=())
@@ -41,6 +46,7 @@ def fused_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, rpe: Op
                         key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                         block: int, scale: float, causal: bool, kpm_mul: bool,
                         am_mul: bool) -> tuple[Tensor, Tensor]:
+    """``(out, row statistics)``: see ``kernels.fused_fwd.fused_attention_forward``."""
     return _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
                     kpm_mul, am_mul)
 
@@ -48,36 +54,42 @@ def fused_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, rpe: Op
 @fused_attention_fwd.register_fake
 def _(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul):
     B, H, Lq, _ = q.shape
-    return q.new_empty(q.shape), q.new_empty((B, H, Lq), dtype=torch.float32)
+    biased = rpe is not None or key_padding_mask is not None or attn_mask is not None
+    stats = (2, B, H, Lq) if biased else (B, H, Lq)
+    return q.new_empty(q.shape), q.new_empty(stats, dtype=torch.float32)
 
 
 @torch.library.custom_op("blocksparse_attn::fused_attention_bwd", mutates_args=())
 def fused_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                        lse: Tensor, layout: Tensor, rpe: Optional[Tensor],
+                        stats: Tensor, layout: Tensor, rpe: Optional[Tensor],
                         key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
                         block: int, scale: float, causal: bool, kpm_mul: bool, am_mul: bool,
-                        rpe_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dq, dk, dv, drpe = _backward_kernels(grad_out, q, k, v, out, lse, layout, rpe,
-                                         key_padding_mask, attn_mask, block, scale, causal,
-                                         kpm_mul, am_mul, rpe_grad)
-    return dq, dk, dv, (drpe if drpe is not None else q.new_empty(0))
+                        rpe_grad: bool, kpm_grad: bool, am_grad: bool
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward_kernels(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask,
+                              attn_mask, block, scale, causal, kpm_mul, am_mul, rpe_grad,
+                              kpm_grad, am_grad)
+    return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @fused_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, lse, layout, rpe, key_padding_mask, attn_mask, block, scale,
-      causal, kpm_mul, am_mul, rpe_grad):
-    drpe = rpe.new_empty(rpe.shape) if rpe_grad else q.new_empty(0)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), drpe
+def _(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask, attn_mask, block, scale,
+      causal, kpm_mul, am_mul, rpe_grad, kpm_grad, am_grad):
+    def like(t, wanted):
+        return t.new_empty(t.shape) if wanted else q.new_empty(0)
+
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            like(rpe, rpe_grad), like(key_padding_mask, kpm_grad), like(attn_mask, am_grad))
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, layout, rpe, kpm, am)
+    out, stats = output
+    ctx.save_for_backward(q, k, v, out, stats, layout, rpe, kpm, am)
     ctx.options = (block, scale, causal, kpm_mul, am_mul)
-    # lse carries no gradient; and no zero tensor is made for its absent gradient (that
-    # allocation and fill cost more host time than the backward kernels' launches)
-    ctx.mark_non_differentiable(lse)
+    # the statistics carry no gradient; and no zero tensor is made for their absent
+    # gradient (that allocation and fill cost more host time than the backward's launches)
+    ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)
 
 
@@ -86,18 +98,23 @@ _NO_GRADS = (None,) * 12  # one per forward input
 
 def _gradients(ctx, grad_out, backward):
     """Input gradients from the saved forward; ``backward`` is the custom op (traced by
-    ``torch.compile``) or the plain implementation (eager)."""
-    if grad_out is None:  # only lse was used: nothing flows back
+    ``torch.compile``) or the plain implementation (eager). Additive masks that require
+    grad get one (as ``rpe`` does); 'mul' masks have none."""
+    if grad_out is None:  # only the statistics were used: nothing flows back
         return _NO_GRADS
-    q, k, v, out, lse, layout, rpe, kpm, am = ctx.saved_tensors
+    q, k, v, out, stats, layout, rpe, kpm, am = ctx.saved_tensors
     block, scale, causal, kpm_mul, am_mul = ctx.options
-    rpe_grad = rpe is not None and ctx.needs_input_grad[4]
-    dq, dk, dv, drpe = backward(grad_out.contiguous(), q, k, v, out, lse, layout, rpe, kpm, am,
-                                block, scale, causal, kpm_mul, am_mul, rpe_grad)
-    return dq, dk, dv, None, (drpe if rpe_grad else None), None, None, None, None, None, None, None
+    wanted = (rpe is not None and ctx.needs_input_grad[4],
+              kpm is not None and not kpm_mul and ctx.needs_input_grad[5],
+              am is not None and not am_mul and ctx.needs_input_grad[6])
+    dq, dk, dv, drpe, dkpm, dam = backward(grad_out.contiguous(), q, k, v, out, stats, layout,
+                                           rpe, kpm, am, block, scale, causal, kpm_mul, am_mul,
+                                           *wanted)
+    biases = tuple(g if w else None for g, w in zip((drpe, dkpm, dam), wanted))
+    return (dq, dk, dv, None, *biases, None, None, None, None, None)
 
 
-def _backward(ctx, grad_out, grad_lse):
+def _backward(ctx, grad_out, grad_stats):
     return _gradients(ctx, grad_out, fused_attention_bwd)
 
 
@@ -111,15 +128,17 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul):
-        out, lse = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
-                            am_mul)
+        out, stats = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
+                              am_mul)
         _setup_context(ctx, (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
-                             am_mul), (out, lse))
-        return out, lse
+                             am_mul), (out, stats))
+        return out, stats
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse):
-        return _gradients(ctx, grad_out, _backward_kernels)
+    def backward(ctx, grad_out, grad_stats):
+        grads = _gradients(ctx, grad_out, _backward_kernels)
+        return first_order_only("block_sparse_attention (backend='fused')", grads,
+                                (*ctx.saved_tensors, grad_out))
 
 
 def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_mask, attn_mask,
@@ -127,8 +146,15 @@ def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_m
     """Differentiable fused attention on checked inputs: ``(out, lse)``. Under
     ``torch.compile`` the custom ops (opaque to the compiler, with fake implementations);
     in eager mode a plain ``autograd.Function`` over the same implementations."""
+    from ..index import frozen
+    from ..kernels.fused_fwd import row_statistics_lse
+
+    if not torch.compiler.is_compiling():  # the backward then reads the forward's copy
+        layout = frozen(layout)
     args = (q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
             key_padding_mask_mode == "mul", attn_mask_mode == "mul")
     if torch.compiler.is_compiling():
-        return fused_attention_fwd(*args)
-    return _EagerFusedAttention.apply(*args)
+        out, stats = fused_attention_fwd(*args)
+    else:
+        out, stats = _EagerFusedAttention.apply(*args)
+    return out, row_statistics_lse(stats)

@@ -6,6 +6,7 @@ import torch
 
 from .._errors import bad_argument, describe
 from ..index import as_bool_layout, build_index
+from ._first_order import first_order_only
 
 MODES = ("sdd", "dsd", "dds")
 BLOCKS = (16, 32, 64, 128)
@@ -34,12 +35,12 @@ class _Operand:
         return self._per_device[key]
 
 
-def _run(mode: str, a, b, trans_a: bool, trans_b: bool, operand: _Operand):
+def _run(mode: str, a, b, trans_a: bool, trans_b: bool, operand: _Operand, out_dtype=None):
     from ..kernels import blocksparse_matmul as k
 
     index, blocks = operand.on(a.device)
     if mode == "sdd":
-        return k.sdd(a, b, trans_a, trans_b, blocks, operand.block)
+        return k.sdd(a, b, trans_a, trans_b, blocks, operand.block, out_dtype)
     if mode == "dsd":
         return k.dsd(a, b, trans_a, trans_b, index, operand.block)
     return k.dds(a, b, trans_a, trans_b, index, operand.block)
@@ -47,16 +48,16 @@ def _run(mode: str, a, b, trans_a: bool, trans_b: bool, operand: _Operand):
 
 class _MatMulFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, mode, trans_a, trans_b, operand):
+    def forward(ctx, a, b, mode, trans_a, trans_b, operand, out_dtype):
         ctx.save_for_backward(a, b)
         ctx.config = (mode, trans_a, trans_b, operand)
-        return _run(mode, a, b, trans_a, trans_b, operand)
+        return _run(mode, a, b, trans_a, trans_b, operand, out_dtype)
 
     @staticmethod
     def backward(ctx, dc):
         a, b = ctx.saved_tensors
         mode, ta, tb, op = ctx.config
-        dc = dc.contiguous()
+        dc = dc.to(a.dtype).contiguous()  # an sdd may have stored fp32 products
         da = db = None
         # each gradient is a product in another mode over the same stored layout (spec 3.2)
         if mode == "sdd":
@@ -74,7 +75,8 @@ class _MatMulFunction(torch.autograd.Function):
                 da = _run("dsd", b, dc, tb, True, op) if ta else _run("dds", dc, b, False, not tb, op)
             if ctx.needs_input_grad[1]:
                 db = _run("sdd", dc, a, True, ta, op) if tb else _run("sdd", a, dc, not ta, False, op)
-        return da, db, None, None, None, None
+        da, db = first_order_only(f"MatMul({mode!r})", (da, db), (a, b, dc))
+        return da, db, None, None, None, None, None
 
 
 class MatMul:
@@ -153,11 +155,19 @@ class MatMul:
                 raise bad_argument(where, "a, b", "of matching inner sizes", f"{k_a} and {k_b}")
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.product(a, b)
+
+    def product(self, a: torch.Tensor, b: torch.Tensor,
+                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``self(a, b)``, with the result stored in ``out_dtype`` (default: the inputs'
+        dtype). The sums are fp32 either way; an ``sdd`` with ``out_dtype=torch.float32``
+        keeps fp16 scores from overflowing (the unfused attention does so)."""
         self._check(a, b)
         dims = max(a.dim(), b.dim())
         a4 = a.reshape((1,) * (4 - a.dim()) + tuple(a.shape))
         b4 = b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
-        out = _MatMulFunction.apply(a4, b4, self.mode, self.trans_a, self.trans_b, self._operand)
+        out = _MatMulFunction.apply(a4, b4, self.mode, self.trans_a, self.trans_b, self._operand,
+                                    out_dtype)
         for _ in range(4 - dims):  # drop the leading dims added above (size-1 ones only)
             out = out.squeeze(0)
         return out

@@ -8,19 +8,22 @@ import torch
 from .._errors import bad_argument, describe
 from .._inputs import _squeeze_except_first, check_mode
 from ..compressed import to_dense
+from ._first_order import first_order_only
 from .matmul import MatMul, _Operand, check_layout
 
 
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal):
+    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal, out_dtype):
         from ..kernels.blocksparse_softmax import softmax_forward
 
         index, _ = operand.on(x.device)
         y = softmax_forward(x.contiguous(), index, operand.block, scale, rpe, kpm, am,
-                            kpm_mode, am_mode, causal)
+                            kpm_mode, am_mode, causal, out_dtype)
         ctx.save_for_backward(y)
-        ctx.config = (operand, scale, None if rpe is None else rpe.shape)
+        shapes = tuple(None if t is None else t.shape for t in (rpe, kpm, am))
+        additive = (True, kpm_mode == "add", am_mode == "add")
+        ctx.config = (operand, scale, shapes, additive, x.dtype)
         return y
 
     @staticmethod
@@ -28,15 +31,20 @@ class _SoftmaxFunction(torch.autograd.Function):
         from ..kernels.blocksparse_softmax import softmax_backward
 
         (y,) = ctx.saved_tensors
-        operand, scale, rpe_shape = ctx.config
+        operand, scale, shapes, additive, x_dtype = ctx.config
         index, _ = operand.on(y.device)
-        rpe_grad = rpe_shape is not None and ctx.needs_input_grad[1]
-        dx, ds = softmax_backward(y, dy, index, operand.block, scale, rpe_grad)
-        drpe = None
-        if rpe_grad:
+        # rpe and additive masks get the score gradient summed to their shapes
+        wanted = [shape is not None and add and ctx.needs_input_grad[1 + i]
+                  for i, (shape, add) in enumerate(zip(shapes, additive))]
+        dx, ds = softmax_backward(y, dy, index, operand.block, scale, any(wanted), x_dtype)
+        biases = [None, None, None]
+        if any(wanted):
             full = to_dense(ds, operand.layout, operand.block)  # [Z, H, L_q, L_k], 0 outside
-            drpe = full.sum_to_size(rpe_shape)
-        return dx, drpe, None, None, None, None, None, None, None
+            sums = (lambda: full.sum_to_size(shapes[0]), lambda: full.sum((1, 2)),
+                    lambda: full.sum((0, 1)))
+            biases = [total() if w else None for w, total in zip(wanted, sums)]
+        grads = first_order_only("Softmax", (dx, *biases), (y, dy))
+        return (*grads, None, None, None, None, None, None)
 
 
 class Softmax:
@@ -64,6 +72,18 @@ class Softmax:
                  key_padding_mask: torch.Tensor | None = None,
                  attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
                  attn_mask_mode: str = "add", *, causal: bool = False) -> torch.Tensor:
+        return self.probabilities(x, scale, rpe, key_padding_mask, attn_mask,
+                                  key_padding_mask_mode, attn_mask_mode, causal=causal)
+
+    def probabilities(self, x: torch.Tensor, scale: float = 1.0,
+                      rpe: torch.Tensor | None = None,
+                      key_padding_mask: torch.Tensor | None = None,
+                      attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
+                      attn_mask_mode: str = "add", *, causal: bool = False,
+                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """``self(x, ...)`` with the result stored in ``out_dtype`` (default: ``x``'s dtype;
+        the unfused attention reads fp32 scores and writes probabilities in the inputs'
+        dtype)."""
         from ..kernels.availability import kernel_unavailable_reasons
 
         where = "Softmax"
@@ -107,9 +127,11 @@ class Softmax:
                         ("attn_mask", attn_mask)):
             if t is not None and t.device != x.device:
                 raise bad_argument(where, name, f"on x's device ({x.device})", describe(t))
+            if t is not None and t.dtype.is_complex:
+                raise bad_argument(where, name, "a real tensor", describe(t))
         return _SoftmaxFunction.apply(x, rpe, key_padding_mask, attn_mask, self._operand,
                                       float(scale), key_padding_mask_mode, attn_mask_mode,
-                                      bool(causal))
+                                      bool(causal), out_dtype)
 
 
 def attention_ops(layout: torch.Tensor, block: int) -> tuple[MatMul, Softmax, MatMul]:
