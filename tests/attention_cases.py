@@ -88,11 +88,32 @@ def assert_within_rule(name, got, ref64, lowp, factor=2.0, floor=None):
 
 
 def poison(monkeypatch):
-    """NaN-fill every kernel output buffer before launch, so an unwritten element fails."""
-    from blocksparse_attn.kernels import fused_bwd, fused_fwd
+    """NaN-fill every kernel output buffer before launch (fused and unfused kernels), so an
+    unwritten element fails."""
+    from blocksparse_attn.kernels import blocksparse_matmul, blocksparse_softmax, fused_bwd
+    from blocksparse_attn.kernels import fused_fwd
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
 
-    monkeypatch.setattr(fused_fwd, "empty", nan_empty)
-    monkeypatch.setattr(fused_bwd, "empty", nan_empty)
+    for module in (fused_fwd, fused_bwd, blocksparse_matmul, blocksparse_softmax):
+        monkeypatch.setattr(module, "empty", nan_empty)
+
+
+def reference_lse(q, k, v, layout, kw):
+    """The fp64 reference's log-sum-exp."""
+    return reference_attention(q.double(), k.double(), v.double(), layout, return_lse=True,
+                               **{n: (t.double() if n == "rpe" else t) for n, t in kw.items()})[1]
+
+
+def assert_lse_close(lse, ref, dtype):
+    """Log-sum-exp against the fp64 reference: the same rows empty (-inf), the rest within
+    the precision of the products that formed it."""
+    assert lse.dtype == torch.float32 and not torch.isnan(lse).any()
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(ref)), "empty rows differ"
+    ok = ~torch.isneginf(ref)
+    if not ok.any():
+        return
+    tol = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}[dtype]
+    err = (lse[ok].double() - ref[ok]).abs().max().item()
+    assert err <= tol * max(1.0, ref[ok].abs().max().item()), f"lse error {err:.3e}"
