@@ -104,13 +104,16 @@ def _softmax_bwd_kernel(Y, DY, DX, DS, s_yz, s_dyz, s_dxz, s_dsz, row_ptr, scale
 def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
                     key_padding_mask=None, attn_mask=None, key_padding_mask_mode="add",
                     attn_mask_mode="add", causal: bool = False,
-                    out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
+                    ) -> torch.Tensor:
     """``x``: contiguous ``[Z, nnz, block, block]``; ``index``: the layout at tile = block;
     ``rpe`` broadcastable to ``[Z, H, L_q, L_k]``; ``key_padding_mask [Z, L_k]``;
     ``attn_mask [L_q, L_k]``; ``causal`` hides keys after the query. Returns the
-    probabilities, same shape, in ``out_dtype`` (default: ``x``'s)."""
+    probabilities, same shape, in ``out_dtype`` (default: ``x``'s), written into ``out``
+    when given (``out`` may be ``x`` itself: each program reads a block before it writes
+    it, and every block belongs to one program)."""
     Z = x.shape[0]
-    y = empty(x.shape, out_dtype or x.dtype, x.device)
+    y = out if out is not None else empty(x.shape, out_dtype or x.dtype, x.device)
     H, rows = index.heads, index.row_tiles
     extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
                              attn_mask_mode, Z, H, index.q_len, index.k_len, x)

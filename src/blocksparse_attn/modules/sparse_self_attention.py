@@ -30,7 +30,13 @@ class SparseSelfAttention(nn.Module):
     When ``torch.distributed`` is initialised, rank 0's layout is broadcast to every rank
     once, before first use, so random patterns agree. Layout crops are cached per instance
     (DeepSpeed's cache was shared by every instance in the process).
+
+    ``SparseSelfAttention.ops`` is DeepSpeed's class-level dict of operator triples by
+    sequence length: :meth:`get_ops` records each triple it builds there, for code that
+    reads or clears it, but never looks anything up in it.
     """
+
+    ops: dict = {}
 
     def __init__(self, sparsity_config: SparsityConfig | None = None,
                  key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
@@ -112,7 +118,25 @@ class SparseSelfAttention(nn.Module):
         if key not in self._ops:
             sdd, softmax, dsd = attention_ops(layout, self.block)
             self._ops[key] = (sdd, dsd, softmax)
+            SparseSelfAttention.ops[L] = self._ops[key]
         return self._ops[key]
+
+    def transpose_key_for_scores(self, x: torch.Tensor, L: int) -> torch.Tensor:
+        """DeepSpeed's helper: ``x`` ``[B, H, ., .]`` as ``[B, H, L, D]``, transposing its last
+        two dims when its third is not ``L`` (a key passed pre-transposed)."""
+        return x.transpose(-1, -2) if x.shape[2] != L else x
+
+    def transpose_mask_for_sparse(self, qtype: torch.dtype, x: torch.Tensor,
+                                  is_key_padding_mask: bool = False) -> torch.Tensor:
+        """DeepSpeed's helper: the mask in ``qtype`` with its size-1 dims dropped; a key
+        padding mask keeps its first (batch) dim, so BERT's ``[B, 1, 1, L]`` gives
+        ``[B, L]`` even for ``B = 1``."""
+        x = x.to(qtype)
+        if not is_key_padding_mask:
+            return x.squeeze()
+        for d in range(x.dim() - 1, 0, -1):
+            x = x.squeeze(d)
+        return x
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                 rpe: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,

@@ -89,6 +89,8 @@ class MatMul:
         mode: ``'sdd'`` (sparse = dense x dense), ``'dsd'`` (dense = sparse x dense) or
             ``'dds'`` (dense = dense x sparse).
         trans_a, trans_b: multiply by the transpose of the stored operand.
+        bench: accepted for DeepSpeed's signature; does nothing (DeepSpeed's never timed
+            anything either): time with ``blocksparse-attn bench``.
 
     ``matmul(a, b)`` takes dense ``[Z, H, rows, cols]`` tensors (fewer leading dims are
     accepted and restored on the output) and compressed ``[Z, nnz, block, block]`` tensors.
@@ -98,12 +100,13 @@ class MatMul:
     """
 
     def __init__(self, layout: torch.Tensor, block: int, mode: str, trans_a: bool = False,
-                 trans_b: bool = False):
+                 trans_b: bool = False, bench: bool = False):
         if mode not in MODES:
             raise bad_argument("MatMul", "mode", "'sdd', 'dsd' or 'dds'", repr(mode),
                                error=NotImplementedError)
         self.layout = check_layout("MatMul", layout, block)
         self.block, self.mode, self.trans_a, self.trans_b = block, mode, trans_a, trans_b
+        self.bench = bench
         self.spdims = tuple(self.layout.shape)
         self._operand = _Operand(self.layout, block)
 

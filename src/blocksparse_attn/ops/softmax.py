@@ -14,12 +14,21 @@ from .matmul import MatMul, _Operand, check_layout
 
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal, out_dtype):
+    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal, out_dtype,
+                inplace):
         from ..kernels.blocksparse_softmax import softmax_forward
 
         index, _ = operand.on(x.device)
-        y = softmax_forward(x.contiguous(), index, operand.block, scale, rpe, kpm, am,
-                            kpm_mode, am_mode, causal, out_dtype)
+        inplace = inplace and out_dtype in (None, x.dtype)
+        args = (index, operand.block, scale, rpe, kpm, am, kpm_mode, am_mode, causal)
+        if inplace and x.is_contiguous():
+            y = softmax_forward(x, *args, out=x)
+        elif inplace:
+            y = x.copy_(softmax_forward(x.contiguous(), *args))
+        else:
+            y = softmax_forward(x.contiguous(), *args, out_dtype=out_dtype)
+        if inplace:
+            ctx.mark_dirty(x)
         ctx.save_for_backward(y)
         shapes = tuple(None if t is None else t.shape for t in (rpe, kpm, am))
         additive = (True, kpm_mode == "add", am_mode == "add")
@@ -44,7 +53,7 @@ class _SoftmaxFunction(torch.autograd.Function):
                     lambda: full.sum((0, 1)))
             biases = [total() if w else None for w, total in zip(wanted, sums)]
         grads = first_order_only("Softmax", (dx, *biases), (y, dy))
-        return (*grads, None, None, None, None, None, None)
+        return (*grads, None, None, None, None, None, None, None)
 
 
 class Softmax:
@@ -58,13 +67,19 @@ class Softmax:
     gradient); ``key_padding_mask [Z, L_k]`` (BERT's ``[Z, 1, 1, L_k]`` accepted);
     ``attn_mask [L_q, L_k]``; ``causal`` masks keys after the query (our extension).
 
-    Unlike DeepSpeed's, it works out of place: the result is a new ``[Z, nnz, block,
-    block]`` tensor (one more such tensor of memory), and ``x`` is left unchanged.
+    As DeepSpeed's, it writes the result into ``x`` and returns ``x`` (autograd knows: the
+    gradient reaches whatever produced ``x``); ``inplace=False`` returns a new tensor and
+    leaves ``x`` unchanged, for one more compressed tensor of memory. ``bench`` is accepted
+    for DeepSpeed's signature and does nothing (DeepSpeed's never timed anything either);
+    time with ``blocksparse-attn bench``.
     """
 
-    def __init__(self, layout: torch.Tensor, block: int):
+    def __init__(self, layout: torch.Tensor, block: int, bench: bool = False, *,
+                 inplace: bool = True):
         self.layout = check_layout("Softmax", layout, block)
         self.block = block
+        self.bench = bench
+        self.inplace = inplace
         self.spdims = tuple(self.layout.shape)
         self._operand = _Operand(self.layout, block)
 
@@ -81,9 +96,9 @@ class Softmax:
                       attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
                       attn_mask_mode: str = "add", *, causal: bool = False,
                       out_dtype: torch.dtype | None = None) -> torch.Tensor:
-        """``self(x, ...)`` with the result stored in ``out_dtype`` (default: ``x``'s dtype;
-        the unfused attention reads fp32 scores and writes probabilities in the inputs'
-        dtype)."""
+        """``self(x, ...)`` with the result stored in ``out_dtype`` (default: ``x``'s dtype,
+        in ``x`` itself when in place; the unfused attention reads fp32 scores and writes
+        probabilities in the inputs' dtype, a new tensor)."""
         from ..kernels.availability import kernel_unavailable_reasons
 
         where = "Softmax"
@@ -131,7 +146,7 @@ class Softmax:
                 raise bad_argument(where, name, "a real tensor", describe(t))
         return _SoftmaxFunction.apply(x, rpe, key_padding_mask, attn_mask, self._operand,
                                       float(scale), key_padding_mask_mode, attn_mask_mode,
-                                      bool(causal), out_dtype)
+                                      bool(causal), out_dtype, self.inplace)
 
 
 def attention_ops(layout: torch.Tensor, block: int) -> tuple[MatMul, Softmax, MatMul]:
