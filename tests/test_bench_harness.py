@@ -203,3 +203,27 @@ def test_tuned_options_name_kernel_key_and_choice(monkeypatch):
     assert _common.tuned_options() == [{"kernel": "_bsa_bwd_dq_kernel", "dtype": "float16",
                                         "key": {"HEAD_DIM": 64, "STORE_DS": False},
                                         "options": options}]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of bench --quick")
+def test_quick_bench_on_cpu_writes_the_report(tmp_path, capsys):
+    from blocksparse_attn.tools.cli import main
+
+    assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "bench.json").read_text())
+    rows = report["results"]
+    assert [(r["name"].split()[0], r["mode"], r["backend"]) for r in rows] == [
+        ("window_global", "fwd", "reference"), ("window_global", "fwd+bwd", "reference"),
+        ("causal_fixed+causal", "fwd", "reference"), ("causal_fixed+causal", "fwd+bwd", "reference")]
+    assert all(r["ms"] > 0 and r["tflops"] > 0 and r["peak_mib"] is None for r in rows)
+    assert "cpu" in report["env"] and (tmp_path / "cases.png").stat().st_size > 0
+    md = (tmp_path / "bench.md").read_text()
+    assert "| window_global L1024 B1 H2 D64 block64 | float32 | fwd | reference |" in md
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of bench")
+def test_full_bench_on_cpu_says_what_runs(capsys):
+    from blocksparse_attn.tools.cli import main
+
+    assert main(["bench", "--suite", "anchors"]) == 2
+    assert "'bench --quick' times the PyTorch reference" in capsys.readouterr().err

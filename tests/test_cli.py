@@ -54,3 +54,34 @@ def test_console_script_entry_point():
     r = subprocess.run([sys.executable, "-m", "blocksparse_attn.tools.cli", "--help"],
                        capture_output=True, text=True)
     assert r.returncode == 0 and "layout" in r.stdout
+
+
+def test_output_piped_into_a_reader_that_stops_early():
+    # 68 KB of layout pictures into a pipe closed after one line (`| head -1`)
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "blocksparse_attn.tools.cli", "layout", "--pattern", "bigbird",
+           "--seq-len", "16384", "--block", "16", "--heads", "16", "--all-heads"]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert p.stdout.readline().startswith(b"BigBirdSparsityConfig")
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 0 and "BrokenPipeError" not in err and "Traceback" not in err
+
+
+def test_png_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit) as e:
+        main(["layout", "--pattern", "fixed", "--seq-len", "128", "--block", "16", "--png",
+              str(tmp_path / "x.png")])
+    assert "pip install 'blocksparse-attn[bench]'" in str(e.value)

@@ -3,12 +3,16 @@ Hugging Face ``transformers`` (5.x; 4.x self-attention calls are accepted too)."
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .._errors import bad_argument, describe
 from ..patterns import SparsityConfig
 from .bert_sparse_self_attention import BertSparseSelfAttention
+
+_log = logging.getLogger(__name__)
 
 
 def key_padding_from_hf_mask(mask: torch.Tensor | None, batch: int, length: int):
@@ -115,7 +119,7 @@ class SparseAttentionUtils:
                              device=embeddings.token_type_ids.device)
             embeddings.register_buffer("token_type_ids", tt, persistent=False)
         model.config.max_position_embeddings = max_position + reserved
-        print(f"extend_position_embedding: position embeddings now {tuple(new.shape)}")
+        _log.info("extend_position_embedding: position embeddings now %s", tuple(new.shape))
         return model
 
     @staticmethod
@@ -123,7 +127,7 @@ class SparseAttentionUtils:
         """Set the tokenizer's maximum length to ``max_position``; returns the tokenizer."""
         tokenizer.model_max_length = max_position
         tokenizer.init_kwargs["model_max_length"] = max_position
-        print(f"update_tokenizer_model_max_length: model_max_length = {max_position}")
+        _log.info("update_tokenizer_model_max_length: model_max_length = %d", max_position)
         return tokenizer
 
     @staticmethod

@@ -27,13 +27,15 @@ SECTIONS = ("max_length", "index_cost", "matmul")  # result rows outside the cas
 
 
 def environment() -> dict:
-    import triton
+    from ..kernels.availability import triton_version
 
-    env = {"torch": torch.__version__, "triton": triton.__version__,
+    env = {"torch": torch.__version__, "triton": triton_version() or "not installed",
            "python": platform.python_version(), "date": time.strftime("%Y-%m-%d")}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
         env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = f"{platform.machine()}, {torch.get_num_threads()} threads"
     return env
 
 
@@ -51,11 +53,12 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if backend in ("fused", "unfused"):
+    if backend in ("fused", "unfused", "reference"):
         from ..functional import block_sparse_attention
 
-        lay = layout.to(device)
-        return lambda q, k, v: block_sparse_attention(q, k, v, lay, block=case.block,
+        # a CPU layout, as the patterns make them: each call checks it for edits with a
+        # host comparison (a CUDA layout would be compared on the device, waiting for it)
+        return lambda q, k, v: block_sparse_attention(q, k, v, layout, block=case.block,
                                                       causal=case.causal, backend=backend)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
@@ -86,11 +89,21 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     raise ValueError(f"bench: backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
 
+def _median_ms(fn, reps: int = 7) -> float:
+    """Median wall time of ``fn`` in ms, for CPU runs (``do_bench`` needs a GPU)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[reps // 2]
+
+
 def time_backend(backend: str, case: Case, layout: torch.Tensor, mode: str, dtype,
                  device="cuda") -> dict:
-    """Median ms, TFLOP/s and peak memory of one backend on one case (or its failure)."""
-    from triton.testing import do_bench
-
+    """Median ms, TFLOP/s and peak memory of one backend on one case (or its failure). On
+    the CPU the median of a few wall-clock runs, and no memory figure."""
+    cuda = torch.device(device).type == "cuda"
     row = {"backend": backend, "mode": mode, "dtype": str(dtype).replace("torch.", "")}
     try:
         fn = _attention_fn(backend, case, layout, device)
@@ -110,30 +123,37 @@ def time_backend(backend: str, case: Case, layout: torch.Tensor, mode: str, dtyp
             return out
 
         step()  # compile / autotune outside the timing
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        step()
-        torch.cuda.synchronize()
-        peak_total = torch.cuda.max_memory_allocated()
-        peak = peak_total - base
-        ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+        if cuda:
+            from triton.testing import do_bench
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak_total = torch.cuda.max_memory_allocated() / 2**20
+            peak = peak_total - base / 2**20
+            ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+        else:
+            peak = peak_total = None
+            ms = _median_ms(step)
         work = dense_flops(case, mode) if backend.startswith("sdpa_") and backend != "sdpa_mask" \
             else flops(case, layout, mode)
-        row.update(ms=ms, tflops=work / ms / 1e9, peak_mib=peak / 2**20,
-                   peak_total_mib=peak_total / 2**20)
+        row.update(ms=ms, tflops=work / ms / 1e9, peak_mib=peak, peak_total_mib=peak_total)
     except Exception as e:  # a backend that cannot run this case: record why
         row.update(ms=None, tflops=None, peak_mib=None,
                    error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}")
     finally:
-        torch.cuda.empty_cache()
+        if cuda:
+            torch.cuda.empty_cache()
     return row
 
 
 def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat16,),
-        progress=True, on_step=None) -> dict:
-    """Time every (case, dtype, mode, backend); returns ``{"env":..., "results": [...]}``.
-    ``on_step(rows)`` receives each (case, dtype, mode)'s rows as soon as they are timed."""
+        progress=True, on_step=None, device="cuda") -> dict:
+    """Time every (case, dtype, mode, backend) on ``device``; returns ``{"env":...,
+    "results": [...]}``. ``on_step(rows)`` receives each (case, dtype, mode)'s rows as soon
+    as they are timed."""
     results = []
     start = time.perf_counter()
     total = len(cases) * len(dtypes) * len(modes)
@@ -144,7 +164,7 @@ def run(cases: list[Case], backends=BACKENDS, modes=MODES, dtypes=(torch.bfloat1
         for dtype in dtypes:
             for mode in modes:
                 n += 1
-                rows = [time_backend(b, case, layout, mode, dtype) for b in backends]
+                rows = [time_backend(b, case, layout, mode, dtype, device) for b in backends]
                 flex = next((r["ms"] for r in rows if r["backend"] == "flex"), None)
                 for r in rows:
                     r.update(case.as_dict(), density=density)
@@ -298,14 +318,17 @@ def _case_cells(report: dict) -> list[list[str]]:
             out.append(head + [r["error"], "", "", ""])
             continue
         ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
-        out.append(head + [f"{r['ms']:.3f}", f"{r['tflops']:.0f}", f"{r['peak_mib']:.0f}", ratio])
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        tf = f"{r['tflops']:.0f}" if r["tflops"] >= 1 else f"{r['tflops']:.3f}"
+        out.append(head + [f"{r['ms']:.3f}", tf, peak, ratio])
     return out
 
 
 def markdown(report: dict) -> str:
     env = report["env"]
     lines = [f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
-             f"{env['date']}. Median ms (do_bench); TF = effective TFLOP/s; "
+             f"{env['date']}. Median ms (do_bench on a GPU, wall clock on the CPU); "
+             "TF = effective TFLOP/s; "
              "'flex/this' = FlexAttention time over this backend's time.", "",
              "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
              "|---|---|---|---|---|---|---|---|"]
@@ -358,9 +381,10 @@ def markdown(report: dict) -> str:
 
 
 def plots(report: dict, out_dir: str) -> list[str]:
-    """PNG plots: forward+backward time against sequence length per backend (from the
-    max-length search) and our speedup over FlexAttention and SDPA against density (from the
-    density sweep). Returns the files written."""
+    """PNG plots: the time of every timed case per backend and mode; forward+backward time
+    against sequence length per backend (from the max-length search) and our speedup over
+    FlexAttention and SDPA against density (from the density sweep). Returns the files
+    written."""
     import os
 
     import matplotlib
@@ -371,6 +395,27 @@ def plots(report: dict, out_dir: str) -> list[str]:
     env = report["env"]
     title = f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}"
     written = []
+    cases = [r for r in report["results"] if r.get("suite") not in SECTIONS and r.get("ms")
+             and r.get("pattern") != "random"]
+    if cases:
+        labels = list(dict.fromkeys(f"{r['name']}\n{r['mode']} {r['dtype']}" for r in cases))
+        backends = list(dict.fromkeys(r["backend"] for r in cases))
+        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.45 * len(labels) * len(backends)))
+        width = 0.8 / len(backends)
+        for n, backend in enumerate(backends):
+            ms = {f"{r['name']}\n{r['mode']} {r['dtype']}": r["ms"] for r in cases
+                  if r["backend"] == backend}
+            ax.barh([i + n * width for i in range(len(labels))],
+                    [ms.get(label, 0.0) for label in labels], height=width, label=backend)
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xscale="log", xlabel="median ms (log)", title=f"cases\n{title}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "cases.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
     search = [r for r in report["results"] if r.get("suite") == "max_length" and r["ms"]]
     if search:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -491,19 +536,21 @@ def bench_main(args) -> int:
 
 
 def _cpu_quick(args) -> int:
-    from ..functional import block_sparse_attention
-
-    print("No CUDA GPU: GPU figures (fused kernel, FlexAttention, SDPA) need CUDA. "
-          "Timing the PyTorch reference backend on a tiny CPU case instead.")
-    case = quick_cases()[0]
-    layout = case.layout()
-    q, k, v = (torch.randn(case.batch, case.heads, case.seq_len, case.head_dim) for _ in range(3))
-    block_sparse_attention(q, k, v, layout, block=case.block, backend="reference")
-    t = time.perf_counter()
-    reps = 5
-    for _ in range(reps):
-        block_sparse_attention(q, k, v, layout, block=case.block, backend="reference")
-    ms = (time.perf_counter() - t) / reps * 1e3
-    print(f"{case.name}: reference fwd {ms:.2f} ms on CPU "
-          f"({flops(case, layout, 'fwd') / ms / 1e9:.3f} effective TFLOP/s)")
+    """Without a GPU: the quick cases on the PyTorch reference backend, fp32, both modes,
+    written as on the GPU (bench.json, bench.md, the case plot) when ``--out`` is given."""
+    if not args.quick:
+        print("bench: no CUDA GPU. The fused kernel, FlexAttention and SDPA figures need one; "
+              "'bench --quick' times the PyTorch reference on two small CPU cases.",
+              file=sys.stderr)
+        return 2
+    print("No CUDA GPU: timing the PyTorch reference backend on the two quick cases, on the "
+          "CPU (GPU figures need CUDA).", file=sys.stderr)
+    start = time.perf_counter()
+    report = run(quick_cases(), ("reference",), MODES, (torch.float32,), device="cpu")
+    report["env"]["seconds"] = round(time.perf_counter() - start, 1)
+    report["tuned"] = []
+    written = write_report(report, args.out) if args.out else []
+    print_table(report)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
     return 0

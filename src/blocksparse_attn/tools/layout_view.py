@@ -44,8 +44,14 @@ def layout_summary(layout: torch.Tensor) -> str:
 
 
 def save_layout_png(layout: torch.Tensor, path: str, title: str = "") -> None:
-    """Picture of every head of ``layout`` (kept blocks dark) written to ``path``."""
-    import matplotlib
+    """Picture of every head of ``layout`` (kept blocks dark) written to ``path``. Needs
+    matplotlib (``pip install 'blocksparse-attn[bench]'``)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise SystemExit("blocksparse-attn: --png needs matplotlib, which is not installed. "
+                         "Fix: pip install 'blocksparse-attn[bench]' (or pip install "
+                         "matplotlib).") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
