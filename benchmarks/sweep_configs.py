@@ -38,7 +38,7 @@ def problem(case: Case):
     layout = pattern_layout(case.pattern, case.seq_len, case.block).cuda()
     shape = (case.batch, case.heads, case.seq_len, case.head_dim)
     q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
-    kw = dict(block=case.block, scale=case.head_dim ** -0.5, causal=case.causal)
+    kw = dict(block=case.block, scale=case.head_dim**-0.5, causal=case.causal)
     return layout, q, k, v, do, kw
 
 
@@ -57,8 +57,16 @@ def sweep_fwd(case, rows):
     f = flops(case, layout.cpu(), "fwd")
     for tiles, cfg in itertools.product(FWD_TILES, LAUNCH):
         ms = timed(lambda: fused_attention_forward(q, k, v, layout, tiles=tiles, config=cfg, **kw))
-        rows.append(dict(kernel="fwd", case=case.name, tiles=f"{tiles.m}x{tiles.n}", **cfg,
-                         ms=ms, tflops=f / ms / 1e9 if ms else None))
+        rows.append(
+            dict(
+                kernel="fwd",
+                case=case.name,
+                tiles=f"{tiles.m}x{tiles.n}",
+                **cfg,
+                ms=ms,
+                tflops=f / ms / 1e9 if ms else None,
+            )
+        )
 
 
 def sweep_bwd(case, rows):
@@ -71,10 +79,21 @@ def sweep_bwd(case, rows):
         for tiles, cfg in itertools.product(tile_set, LAUNCH):
             t = (tiles, default_q) if which == "dkdv" else (default_kv, tiles)
             c = (cfg, default_cfg) if which == "dkdv" else (default_cfg, cfg)
-            ms = timed(lambda: fused_attention_backward(do, q, k, v, out, lse, layout, tiles=t,
-                                                        configs=c, **kw))
-            rows.append(dict(kernel=which, case=case.name, tiles=f"{tiles.m}x{tiles.n}", **cfg,
-                             ms=ms, tflops=f / ms / 1e9 if ms else None))
+            ms = timed(
+                lambda: fused_attention_backward(
+                    do, q, k, v, out, lse, layout, tiles=t, configs=c, **kw
+                )
+            )
+            rows.append(
+                dict(
+                    kernel=which,
+                    case=case.name,
+                    tiles=f"{tiles.m}x{tiles.n}",
+                    **cfg,
+                    ms=ms,
+                    tflops=f / ms / 1e9 if ms else None,
+                )
+            )
 
 
 def main():
@@ -96,12 +115,15 @@ def main():
             w.writerows(rows)
     print(f"{torch.cuda.get_device_name()}: best 3 per (kernel, case), bf16")
     for key in sorted({(r["kernel"], r["case"]) for r in rows}):
-        got = sorted((r for r in rows if (r["kernel"], r["case"]) == key and r["ms"]),
-                     key=lambda r: r["ms"])
+        got = sorted(
+            (r for r in rows if (r["kernel"], r["case"]) == key and r["ms"]), key=lambda r: r["ms"]
+        )
         print(f"{key[0]:5s} {key[1]}")
         for r in got[:3]:
-            print(f"      {r['tiles']:8s} w{r['num_warps']} s{r['num_stages']}  "
-                  f"{r['ms']:.3f} ms  {r['tflops']:.0f} TF")
+            print(
+                f"      {r['tiles']:8s} w{r['num_warps']} s{r['num_stages']}  "
+                f"{r['ms']:.3f} ms  {r['tflops']:.0f} TF"
+            )
 
 
 if __name__ == "__main__":

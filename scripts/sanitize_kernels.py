@@ -30,8 +30,7 @@ CASES = [  # B, H, L_q, L_k, D, block, causal
 
 def problem(B, H, Lq, Lk, D, block, causal, dtype, modes):
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype)
-               for n in (Lq, Lk, Lk))
+    q, k, v = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype) for n in (Lq, Lk, Lk))
     layout = (torch.rand(H, Lq // block, Lk // block, device="cuda", generator=g) < 0.5).long()
     layout[:, :, 0] = 1
     kpm_mode, am_mode = modes
@@ -43,30 +42,56 @@ def problem(B, H, Lq, Lk, D, block, causal, dtype, modes):
     if am_mode == "mul":
         am = am > -1.0
     rpe = torch.randn(1, H, Lq, Lk, device="cuda", dtype=dtype)
-    return q, k, v, layout, dict(block=block, causal=causal, rpe=rpe, key_padding_mask=kpm,
-                                 attn_mask=am, key_padding_mask_mode=kpm_mode,
-                                 attn_mask_mode=am_mode)
+    return (
+        q,
+        k,
+        v,
+        layout,
+        dict(
+            block=block,
+            causal=causal,
+            rpe=rpe,
+            key_padding_mask=kpm,
+            attn_mask=am,
+            key_padding_mask_mode=kpm_mode,
+            attn_mask_mode=am_mode,
+        ),
+    )
 
 
 def main() -> int:
     bad = 0
     for n, case in enumerate(CASES):
-        for dtype in (torch.float16, torch.bfloat16)[n % 2:][:1]:  # fp16 and bf16 in turn
+        for dtype in (torch.float16, torch.bfloat16)[n % 2 :][:1]:  # fp16 and bf16 in turn
             for modes in (("add", "mul"), ("mul", "add")):
                 q, k, v, layout, kw = problem(*case, dtype, modes)
                 x = check_attention_inputs("sanitize", q, k, v, layout, **kw)
-                args = dict(block=x.block, scale=x.scale, causal=x.causal, rpe=x.rpe,
-                            key_padding_mask=x.key_padding_mask, attn_mask=x.attn_mask,
-                            key_padding_mask_mode=x.key_padding_mask_mode,
-                            attn_mask_mode=x.attn_mask_mode)
+                args = dict(
+                    block=x.block,
+                    scale=x.scale,
+                    causal=x.causal,
+                    rpe=x.rpe,
+                    key_padding_mask=x.key_padding_mask,
+                    attn_mask=x.attn_mask,
+                    key_padding_mask_mode=x.key_padding_mask_mode,
+                    attn_mask_mode=x.attn_mask_mode,
+                )
                 results = []
                 for desc in (0, 1):
                     config = {"num_warps": 4, "num_stages": 2, "DESC": desc}
                     out, stats = fused_attention_forward(q, k, v, layout, config=config, **args)
                     grads = fused_attention_backward(
-                        torch.randn_like(out), q, k, v, out, stats, layout,
+                        torch.randn_like(out),
+                        q,
+                        k,
+                        v,
+                        out,
+                        stats,
+                        layout,
                         bias_grads=(True, modes[0] == "add", modes[1] == "add"),
-                        configs=(config, config), **args)
+                        configs=(config, config),
+                        **args,
+                    )
                     results += [out, *(g for g in grads if g is not None)]
                 leaves = [t.clone().requires_grad_() for t in (q, k, v)]
                 out = block_sparse_attention(*leaves, layout, backend="unfused", **kw)
@@ -74,8 +99,9 @@ def main() -> int:
                 torch.cuda.synchronize()
                 finite = all(bool(torch.isfinite(r).all()) for r in results)
                 bad += not finite
-                print(f"{case} {dtype} masks {modes}: {'ok' if finite else 'NOT FINITE'}",
-                      flush=True)
+                print(
+                    f"{case} {dtype} masks {modes}: {'ok' if finite else 'NOT FINITE'}", flush=True
+                )
     return 1 if bad else 0
 
 

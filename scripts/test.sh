@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Create an isolated environment, install everything the tests need, run them.
+# Create an isolated environment, install everything the tests need, lint (ruff check and
+# ruff format --check), run the tests.
 #   bash scripts/test.sh [pytest args]
 # Environment: VENV (default .venv) - where the environment goes.
 set -euo pipefail
@@ -11,4 +12,6 @@ fi
 # torch first and pinned: an unpinned torch would pull a multi-GB CUDA build.
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
 "$VENV/bin/python" -m pip install -q -c constraints.txt -e ".[test]"
+"$VENV/bin/ruff" check .
+"$VENV/bin/ruff" format --check .
 exec "$VENV/bin/python" -m pytest "$@"

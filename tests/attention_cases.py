@@ -18,15 +18,33 @@ def random_layout(h, nq, nk, density, *, empty_row=True, empty_head=False, devic
     return lay
 
 
-def make_problem(B, H, Lq, Lk, D, dtype, device, *, block, density=0.5, layout_heads=None,
-                 causal=False, rpe=None, kpm=None, am=None, empty_row=True, empty_head=False):
+def make_problem(
+    B,
+    H,
+    Lq,
+    Lk,
+    D,
+    dtype,
+    device,
+    *,
+    block,
+    density=0.5,
+    layout_heads=None,
+    causal=False,
+    rpe=None,
+    kpm=None,
+    am=None,
+    empty_row=True,
+    empty_head=False,
+):
     """Fresh random inputs. ``rpe``: None, 'full' or 'broadcast'; ``kpm``/``am``: None,
     'add' or 'mul'."""
     g = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
     q, k, v = g(B, H, Lq, D), g(B, H, Lk, D), g(B, H, Lk, D)
     lh = H if layout_heads is None else layout_heads
-    layout = random_layout(lh, Lq // block, Lk // block, density, empty_row=empty_row,
-                           empty_head=empty_head)
+    layout = random_layout(
+        lh, Lq // block, Lk // block, density, empty_row=empty_row, empty_head=empty_head
+    )
     kw = dict(block=block, causal=causal)
     if rpe == "full":
         kw["rpe"] = torch.randn(B, H, Lq, Lk, device=device, dtype=dtype)
@@ -34,7 +52,7 @@ def make_problem(B, H, Lq, Lk, D, dtype, device, *, block, density=0.5, layout_h
         kw["rpe"] = torch.randn(1, H, Lq, Lk, device=device, dtype=dtype)
     if kpm == "add":
         m = torch.zeros(B, Lk, device=device)
-        m[:, -Lk // 5:] = float("-inf")
+        m[:, -Lk // 5 :] = float("-inf")
         m[0, : Lk // 3] = -2.0
         kw["key_padding_mask"], kw["key_padding_mask_mode"] = m, "add"
     elif kpm == "mul":
@@ -58,8 +76,10 @@ def references(q, k, v, layout, kw, grad_out=None):
     gradients of q, k, v (and rpe)."""
     results = []
     for ct in (torch.float64, q.dtype):
-        leaves = [t.detach().to(ct if ct == torch.float64 else q.dtype).requires_grad_()
-                  for t in (q, k, v)]
+        leaves = [
+            t.detach().to(ct if ct == torch.float64 else q.dtype).requires_grad_()
+            for t in (q, k, v)
+        ]
         kw2 = dict(kw)
         if "rpe" in kw2:
             kw2["rpe"] = kw2["rpe"].detach().to(ct if ct == torch.float64 else q.dtype)
@@ -84,14 +104,19 @@ def assert_within_rule(name, got, ref64, lowp, factor=2.0, floor=None):
     base = max_err(lowp, ref64)
     assert err <= factor * base + floor, (
         f"{name}: kernel error {err:.3e} > {factor} x PyTorch {got.dtype} error {base:.3e} "
-        f"+ {floor:.1e}")
+        f"+ {floor:.1e}"
+    )
 
 
 def poison(monkeypatch):
     """NaN-fill every kernel output buffer before launch (fused and unfused kernels), so an
     unwritten element fails."""
-    from blocksparse_attn.kernels import blocksparse_matmul, blocksparse_softmax, fused_bwd
-    from blocksparse_attn.kernels import fused_fwd
+    from blocksparse_attn.kernels import (
+        blocksparse_matmul,
+        blocksparse_softmax,
+        fused_bwd,
+        fused_fwd,
+    )
 
     def nan_empty(shape, dtype, device):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
@@ -102,8 +127,14 @@ def poison(monkeypatch):
 
 def reference_lse(q, k, v, layout, kw):
     """The fp64 reference's log-sum-exp."""
-    return reference_attention(q.double(), k.double(), v.double(), layout, return_lse=True,
-                               **{n: (t.double() if n == "rpe" else t) for n, t in kw.items()})[1]
+    return reference_attention(
+        q.double(),
+        k.double(),
+        v.double(),
+        layout,
+        return_lse=True,
+        **{n: (t.double() if n == "rpe" else t) for n, t in kw.items()},
+    )[1]
 
 
 def assert_lse_close(lse, ref, dtype):

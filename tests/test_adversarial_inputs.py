@@ -8,11 +8,12 @@ import math
 import numpy as np
 import pytest
 import torch
-from attention_cases import max_err, poison
-from conftest import DEVICE, assert_raises_with
 
 from blocksparse_attn import block_sparse_attention, reference_attention
 from blocksparse_attn.ops.softmax import Softmax
+
+from attention_cases import max_err, poison
+from helpers import DEVICE, assert_raises_with
 
 pytestmark = pytest.mark.interpreter
 
@@ -21,14 +22,17 @@ KERNELS = ["fused", "unfused"]
 
 
 def qkv(B, H, L, D, dtype=torch.float32, grad=False, scale=1.0):
-    return [(torch.randn(B, H, L, D, device=DEVICE) * scale).to(dtype).requires_grad_(grad)
-            for _ in range(3)]
+    return [
+        (torch.randn(B, H, L, D, device=DEVICE) * scale).to(dtype).requires_grad_(grad)
+        for _ in range(3)
+    ]
 
 
 def ref64(q, k, v, layout, **kw):
     """fp64 reference output (and lse) on detached copies."""
-    return reference_attention(q.detach().double(), k.detach().double(), v.detach().double(),
-                               layout, return_lse=True, **kw)
+    return reference_attention(
+        q.detach().double(), k.detach().double(), v.detach().double(), layout, return_lse=True, **kw
+    )
 
 
 # --- 1. double backward ----------------------------------------------------------------------
@@ -37,10 +41,13 @@ def test_second_derivative_is_refused_not_dropped(backend):
     q, k, v = qkv(1, 2, 64, 16, grad=True)
     layout = torch.ones(1, 4, 4, dtype=torch.int64)
     out = block_sparse_attention(q, k, v, layout, block=16, backend=backend)
-    dq, = torch.autograd.grad(out.square().sum(), q, create_graph=True)
+    (dq,) = torch.autograd.grad(out.square().sum(), q, create_graph=True)
     assert dq.requires_grad  # a graph was asked for: the gradient must not pretend to be final
-    assert_raises_with(NotImplementedError, ["double backward", "backend='reference'"],
-                       lambda: dq.square().sum().backward())
+    assert_raises_with(
+        NotImplementedError,
+        ["double backward", "backend='reference'"],
+        lambda: dq.square().sum().backward(),
+    )
 
 
 @pytest.mark.parametrize("backend", KERNELS)
@@ -58,11 +65,11 @@ def test_first_derivatives_with_create_graph_are_right(backend):
 
 
 def test_reference_second_derivative():
-    q, k, v = (torch.randn(1, 1, 32, 8, dtype=torch.float64, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(1, 1, 32, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     layout = torch.tensor([[[1, 0], [1, 1]]])
     assert torch.autograd.gradgradcheck(
-        lambda q, k, v: reference_attention(q, k, v, layout, block=16, causal=True), (q, k, v))
+        lambda q, k, v: reference_attention(q, k, v, layout, block=16, causal=True), (q, k, v)
+    )
 
 
 # --- 2. scale sign ---------------------------------------------------------------------------
@@ -104,7 +111,7 @@ def test_backward_uses_the_forwards_layout():
     layout = torch.ones(1, 4, 4, dtype=torch.int64)
     out = block_sparse_attention(q, k, v, layout, block=16, backend="fused")
     layout.data[0, 2] = 0
-    dq, = torch.autograd.grad(out.sum(), q)
+    (dq,) = torch.autograd.grad(out.sum(), q)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     ref = reference_attention(q64, k64, v64, torch.ones(1, 4, 4, dtype=torch.int64), block=16)
     assert max_err(dq, torch.autograd.grad(ref.sum(), q64)[0]) < 1e-5
@@ -144,7 +151,9 @@ def test_nonfinite_keys_hidden_by_padding(monkeypatch, backend, mode, bad):
     assert torch.isfinite(out_dirty).all()
     assert max_err(out_dirty, out_clean) == 0.0
     g = torch.randn_like(out_clean)
-    for a, b in zip(torch.autograd.grad(out_clean, clean, g), torch.autograd.grad(out_dirty, dirty, g)):
+    for a, b in zip(
+        torch.autograd.grad(out_clean, clean, g), torch.autograd.grad(out_dirty, dirty, g)
+    ):
         assert torch.isfinite(b).all() and max_err(a, b) == 0.0
 
 
@@ -165,7 +174,9 @@ def test_nonfinite_values_in_blocks_no_query_attends(monkeypatch, backend):
 def test_reference_keeps_nonfinite_values_to_the_queries_that_see_them():
     q, k, v = qkv(1, 1, 64, 8)
     v[:, :, 40] = math.nan
-    out = reference_attention(q, k, v, torch.ones(1, 4, 4, dtype=torch.int64), block=16, causal=True)
+    out = reference_attention(
+        q, k, v, torch.ones(1, 4, 4, dtype=torch.int64), block=16, causal=True
+    )
     assert torch.isfinite(out[:, :, :40]).all() and torch.isnan(out[:, :, 40:]).all()
 
 
@@ -178,7 +189,9 @@ def test_masked_scores_are_replaced(backend, which):
     k[:, :, 20] = math.nan
     kw = dict(block=16)
     if which == "attn_mask_mul":
-        kw.update(attn_mask=torch.ones(64, 64, dtype=torch.bool, device=DEVICE), attn_mask_mode="mul")
+        kw.update(
+            attn_mask=torch.ones(64, 64, dtype=torch.bool, device=DEVICE), attn_mask_mode="mul"
+        )
         kw["attn_mask"][:, 20] = False
     elif which == "attn_mask_add":
         kw.update(attn_mask=torch.zeros(64, 64, device=DEVICE), attn_mask_mode="add")
@@ -201,13 +214,15 @@ def test_additive_mask_gradients_agree(backend):
     kpm = (torch.randn(2, 64, device=DEVICE) * 0.5).requires_grad_()
     am = (torch.randn(64, 64, device=DEVICE) * 0.5).requires_grad_()
     kw = dict(block=16, key_padding_mask_mode="add", attn_mask_mode="add")
-    out = block_sparse_attention(q, k, v, layout, key_padding_mask=kpm, attn_mask=am,
-                                 backend=backend, **kw)
+    out = block_sparse_attention(
+        q, k, v, layout, key_padding_mask=kpm, attn_mask=am, backend=backend, **kw
+    )
     g = torch.randn_like(out)
     dkpm, dam = torch.autograd.grad(out, (kpm, am), g)
     kpm64, am64 = (t.detach().double().requires_grad_() for t in (kpm, am))
-    ref = reference_attention(q.double(), k.double(), v.double(), layout, key_padding_mask=kpm64,
-                              attn_mask=am64, **kw)
+    ref = reference_attention(
+        q.double(), k.double(), v.double(), layout, key_padding_mask=kpm64, attn_mask=am64, **kw
+    )
     e_kpm, e_am = torch.autograd.grad(ref, (kpm64, am64), g.double())
     assert dkpm.shape == kpm.shape and dam.shape == am.shape
     assert max_err(dkpm, e_kpm) < 1e-4 and max_err(dam, e_am) < 1e-4
@@ -217,8 +232,16 @@ def test_additive_mask_gradients_agree(backend):
 def test_multiplicative_masks_have_no_gradient(backend):
     q, k, v = qkv(1, 1, 32, 16, grad=True)
     am = torch.ones(32, 32, device=DEVICE).tril().requires_grad_()
-    out = block_sparse_attention(q, k, v, torch.ones(1, 2, 2, dtype=torch.int64), block=16, attn_mask=am,
-                                 attn_mask_mode="mul", backend=backend)
+    out = block_sparse_attention(
+        q,
+        k,
+        v,
+        torch.ones(1, 2, 2, dtype=torch.int64),
+        block=16,
+        attn_mask=am,
+        attn_mask_mode="mul",
+        backend=backend,
+    )
     out.sum().backward()
     assert am.grad is None and q.grad is not None
 
@@ -232,8 +255,7 @@ def test_finfo_min_padding_of_a_whole_row(monkeypatch, backend):
     kpm[0] = torch.finfo(torch.float32).min  # batch 0: every key padded (what HF builds)
     kpm[1, 40:] = torch.finfo(torch.float32).min
     layout = torch.ones(1, 4, 4, dtype=torch.int64)
-    out = block_sparse_attention(q, k, v, layout, block=16, key_padding_mask=kpm,
-                                 backend=backend)
+    out = block_sparse_attention(q, k, v, layout, block=16, key_padding_mask=kpm, backend=backend)
     mean_v = v[0].detach().mean(1, keepdim=True).expand(-1, 64, -1)
     assert max_err(out[0], mean_v) < 1e-5, "a fully padded row is the mean of V, as the math"
     ref, _ = ref64(q, k, v, layout, block=16, key_padding_mask=kpm)
@@ -268,7 +290,7 @@ def test_unfused_fp16_large_scale(monkeypatch):
     q = torch.zeros(1, 1, 16, 16, dtype=torch.float16, device=DEVICE)
     k, v = torch.zeros_like(q), torch.zeros_like(q)
     q[..., 0], q[..., 1] = 1.0, 1.0
-    k[..., 0, 0], k[..., 1, 0], k[..., 1, 1] = 8.0, 8.0, 2.0 ** -8
+    k[..., 0, 0], k[..., 1, 0], k[..., 1, 1] = 8.0, 8.0, 2.0**-8
     v[..., 1, :] = 1.0
     layout = torch.ones(1, 1, 1, dtype=torch.int64)
     for backend in KERNELS:
@@ -287,8 +309,9 @@ def test_empty_sequences(backend, Lq, Lk):
         out = block_sparse_attention(q, k, v, layout, block=16, backend=backend)
         lse = None
     else:
-        out, lse = block_sparse_attention(q, k, v, layout, block=16, backend=backend,
-                                          return_lse=True)
+        out, lse = block_sparse_attention(
+            q, k, v, layout, block=16, backend=backend, return_lse=True
+        )
         assert lse.shape == (2, 3, Lq) and bool(torch.isneginf(lse).all())
     assert out.shape == (2, 3, Lq, 16) and bool((out == 0).all())
     out.sum().backward()
@@ -297,30 +320,65 @@ def test_empty_sequences(backend, Lq, Lk):
 
 def test_zero_head_dim_is_refused():
     q = torch.randn(1, 1, 16, 0)
-    assert_raises_with(ValueError, ["q.shape[3] (head dim)", "at least 1"],
-                       block_sparse_attention, q, q, q, torch.ones(1, 1, 1, dtype=torch.int64), block=16)
+    assert_raises_with(
+        ValueError,
+        ["q.shape[3] (head dim)", "at least 1"],
+        block_sparse_attention,
+        q,
+        q,
+        q,
+        torch.ones(1, 1, 1, dtype=torch.int64),
+        block=16,
+    )
 
 
 def test_meta_layout_is_refused():
     q = torch.randn(1, 1, 16, 8)
     layout = torch.ones(1, 1, 1, device="meta")
     for backend in BACKENDS:
-        assert_raises_with(ValueError, ["layout must be a tensor with data", "meta"],
-                           block_sparse_attention, q, q, q, layout, block=16, backend=backend)
+        assert_raises_with(
+            ValueError,
+            ["layout must be a tensor with data", "meta"],
+            block_sparse_attention,
+            q,
+            q,
+            q,
+            layout,
+            block=16,
+            backend=backend,
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", ["key_padding_mask", "attn_mask"])
 def test_complex_masks_are_refused(backend, name):
     q = torch.randn(1, 1, 16, 8, device=DEVICE)
-    mask = torch.ones(1, 16, dtype=torch.complex64) if name == "key_padding_mask" else \
-        torch.ones(16, 16, dtype=torch.complex64)
-    assert_raises_with(ValueError, [name, "real"], block_sparse_attention, q, q, q,
-                       torch.ones(1, 1, 1, dtype=torch.int64), block=16, backend=backend, **{name: mask.to(DEVICE)})
+    mask = (
+        torch.ones(1, 16, dtype=torch.complex64)
+        if name == "key_padding_mask"
+        else torch.ones(16, 16, dtype=torch.complex64)
+    )
+    assert_raises_with(
+        ValueError,
+        [name, "real"],
+        block_sparse_attention,
+        q,
+        q,
+        q,
+        torch.ones(1, 1, 1, dtype=torch.int64),
+        block=16,
+        backend=backend,
+        **{name: mask.to(DEVICE)},
+    )
 
 
 def test_softmax_refuses_complex_masks():
     softmax = Softmax(torch.ones(1, 1, 1, dtype=torch.int64), 16)
     x = torch.randn(1, 1, 16, 16, device=DEVICE)
-    assert_raises_with(ValueError, ["attn_mask", "real"], softmax, x,
-                       attn_mask=torch.ones(16, 16, dtype=torch.complex64, device=DEVICE))
+    assert_raises_with(
+        ValueError,
+        ["attn_mask", "real"],
+        softmax,
+        x,
+        attn_mask=torch.ones(16, 16, dtype=torch.complex64, device=DEVICE),
+    )

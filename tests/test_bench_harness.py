@@ -19,10 +19,15 @@ from blocksparse_attn.tools.bench_cases import (
 
 def test_anchor_cases_reproduce_perf_md_densities():
     # densities from PERF.md's anchor table
-    expected = {("window_global", 16384, 128): 0.054, ("window_global", 16384, 64): 0.050,
-                ("window_global", 16384, 32): 0.048, ("causal_fixed", 16384, 64): 0.078,
-                ("window_global", 4096, 64): 0.193, ("causal_dense", 8192, 128): 0.51,
-                ("dense", 8192, 128): 1.0}
+    expected = {
+        ("window_global", 16384, 128): 0.054,
+        ("window_global", 16384, 64): 0.050,
+        ("window_global", 16384, 32): 0.048,
+        ("causal_fixed", 16384, 64): 0.078,
+        ("window_global", 4096, 64): 0.193,
+        ("causal_dense", 8192, 128): 0.51,
+        ("dense", 8192, 128): 1.0,
+    }
     cases = anchor_cases()
     assert len(cases) == 11 and len({c.name for c in cases}) == 11
     for c in cases:
@@ -61,39 +66,121 @@ def synthetic_report():
     case = Case("random", 8192, 2, 8, 128, 64, density=0.1)
     rows = []
     for backend, ms in (("fused", 1.0), ("flex", 2.0), ("sdpa_cudnn", 3.0)):
-        rows.append(dict(case.as_dict(), backend=backend, mode="fwd+bwd", dtype="bfloat16",
-                         ms=ms, tflops=100.0 / ms, peak_mib=64.0, peak_total_mib=200.0,
-                         density=0.1, flex_over_this=2.0 / ms))
-    rows.append(dict(case.as_dict(), backend="sdpa_mask", mode="fwd+bwd", dtype="bfloat16",
-                     ms=None, tflops=None, peak_mib=None, density=0.1, flex_over_this=None,
-                     error="RuntimeError: dense mask too large"))
+        rows.append(
+            dict(
+                case.as_dict(),
+                backend=backend,
+                mode="fwd+bwd",
+                dtype="bfloat16",
+                ms=ms,
+                tflops=100.0 / ms,
+                peak_mib=64.0,
+                peak_total_mib=200.0,
+                density=0.1,
+                flex_over_this=2.0 / ms,
+            )
+        )
+    rows.append(
+        dict(
+            case.as_dict(),
+            backend="sdpa_mask",
+            mode="fwd+bwd",
+            dtype="bfloat16",
+            ms=None,
+            tflops=None,
+            peak_mib=None,
+            density=0.1,
+            flex_over_this=None,
+            error="RuntimeError: dense mask too large",
+        )
+    )
     for L, ms, fits in ((65536, 5.0, True), (131072, 11.0, False)):
-        rows.append(dict(Case("window_global", L, 1, 16, 64, 128).as_dict(), backend="fused",
-                         mode="fwd+bwd", dtype="bfloat16", ms=ms, tflops=1.0, peak_mib=1.0,
-                         peak_total_mib=100.0 * L / 65536, suite="max_length", fits=fits))
-    rows.append(dict(Case("window_global", 65536, 1, 16, 64, 128).as_dict(), backend="sdpa_cudnn",
-                     mode="fwd+bwd", dtype="bfloat16", ms=2500.0, tflops=1.0, peak_mib=1.0,
-                     peak_total_mib=50.0, suite="max_length", fits=True, stop="step > 2 s"))
-    rows.append(dict(suite="matmul", op="dsd", seq_len=8192, batch=2, heads=8, head_dim=128,
-                     block=64, density=0.1, dtype="bfloat16", ms=0.5, tflops=300.0,
-                     dense_ms=2.0, dense_tflops=600.0, of_dense=0.5))
-    rows.append(dict(suite="index_cost", seq_len=4096, heads=16, block=64, ours_ms=0.5,
-                     flex_ms=None, flex_error="OutOfMemoryError: 32 GiB"))
-    env = {"torch": "2.13.0", "triton": "3.6.0", "python": "3.11", "date": "2026-11-26",
-           "gpu": "test card"}
-    tuned = [{"kernel": "_bsa_fwd_kernel", "dtype": "bfloat16",
-              "key": {"HEAD_DIM": 128, "CAUSAL": True},
-              "options": {"DESC": 1, "num_warps": 8, "num_stages": 2, "maxnreg": 128}}]
+        rows.append(
+            dict(
+                Case("window_global", L, 1, 16, 64, 128).as_dict(),
+                backend="fused",
+                mode="fwd+bwd",
+                dtype="bfloat16",
+                ms=ms,
+                tflops=1.0,
+                peak_mib=1.0,
+                peak_total_mib=100.0 * L / 65536,
+                suite="max_length",
+                fits=fits,
+            )
+        )
+    rows.append(
+        dict(
+            Case("window_global", 65536, 1, 16, 64, 128).as_dict(),
+            backend="sdpa_cudnn",
+            mode="fwd+bwd",
+            dtype="bfloat16",
+            ms=2500.0,
+            tflops=1.0,
+            peak_mib=1.0,
+            peak_total_mib=50.0,
+            suite="max_length",
+            fits=True,
+            stop="step > 2 s",
+        )
+    )
+    rows.append(
+        dict(
+            suite="matmul",
+            op="dsd",
+            seq_len=8192,
+            batch=2,
+            heads=8,
+            head_dim=128,
+            block=64,
+            density=0.1,
+            dtype="bfloat16",
+            ms=0.5,
+            tflops=300.0,
+            dense_ms=2.0,
+            dense_tflops=600.0,
+            of_dense=0.5,
+        )
+    )
+    rows.append(
+        dict(
+            suite="index_cost",
+            seq_len=4096,
+            heads=16,
+            block=64,
+            ours_ms=0.5,
+            flex_ms=None,
+            flex_error="OutOfMemoryError: 32 GiB",
+        )
+    )
+    env = {
+        "torch": "2.13.0",
+        "triton": "3.6.0",
+        "python": "3.11",
+        "date": "2026-11-26",
+        "gpu": "test card",
+    }
+    tuned = [
+        {
+            "kernel": "_bsa_fwd_kernel",
+            "dtype": "bfloat16",
+            "key": {"HEAD_DIM": 128, "CAUSAL": True},
+            "options": {"DESC": 1, "num_warps": 8, "num_stages": 2, "maxnreg": 128},
+        }
+    ]
     return {"env": env, "results": rows, "tuned": tuned}
 
 
 def test_markdown_rendering():
     text = markdown(synthetic_report())
     assert "test card, torch 2.13.0, triton 3.6.0, 2026-11-26" in text
-    assert "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 | 2.00 |" in text
+    row = "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 |"
+    assert row + " 2.00 |" in text
     assert "RuntimeError: dense mask too large" in text
-    assert ("| _bsa_fwd_kernel | bfloat16 | HEAD_DIM=128 CAUSAL=1 | DESC=1 num_warps=8 "
-            "num_stages=2 maxnreg=128 |") in text
+    assert (
+        "| _bsa_fwd_kernel | bfloat16 | HEAD_DIM=128 CAUSAL=1 | DESC=1 num_warps=8 "
+        "num_stages=2 maxnreg=128 |"
+    ) in text
     assert "| fused | 65,536 | 5.00 | 100 | memory > 80% |" in text
     assert "| 4,096 | 16 | 64 | 0.500 | OutOfMemoryError: 32 GiB |" in text
     assert "| sdpa_cudnn | 65,536 | 2500.00 | 50 | step > 2 s |" in text
@@ -116,8 +203,14 @@ def test_report_files_and_plots(tmp_path):
 
 def test_unsupported_backend_reason_is_recorded():
     case = Case("dense", 65536, 1, 16, 64, 128)
-    row = time_backend("sdpa_mask", case, torch.ones(1, 1, 1, dtype=torch.bool).expand(16, 512, 512),
-                       "fwd", torch.bfloat16, device="cpu")
+    row = time_backend(
+        "sdpa_mask",
+        case,
+        torch.ones(1, 1, 1, dtype=torch.bool).expand(16, 512, 512),
+        "fwd",
+        torch.bfloat16,
+        device="cpu",
+    )
     assert row["ms"] is None and "exceeds the 4 GiB limit" in row["error"]
     row = time_backend("nope", case, torch.ones(1, 2, 2), "fwd", torch.bfloat16, device="cpu")
     assert row["ms"] is None and "backend must be one of" in row["error"]
@@ -129,8 +222,11 @@ def fake_gpu_bench(monkeypatch, time_backend):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(bench, "time_backend", time_backend)
-    monkeypatch.setattr(bench, "environment", lambda: {"torch": "t", "triton": "tr",
-                                                       "python": "p", "date": "d", "gpu": "card"})
+    monkeypatch.setattr(
+        bench,
+        "environment",
+        lambda: {"torch": "t", "triton": "tr", "python": "p", "date": "d", "gpu": "card"},
+    )
     return bench
 
 
@@ -143,18 +239,29 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
         if len(timed) == 4:  # the third step (two backends per step): a time limit strikes
             raise KeyboardInterrupt
         timed.append(backend)
-        return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0 + len(timed),
-                "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
+        return {
+            "backend": backend,
+            "mode": mode,
+            "dtype": "bfloat16",
+            "ms": 1.0 + len(timed),
+            "tflops": 1.0,
+            "peak_mib": 1.0,
+            "peak_total_mib": 1.0,
+        }
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
-    args = build_parser().parse_args(["bench", "--suite", "anchors", "--backends", "fused",
-                                      "flex", "--out", str(tmp_path)])
+    args = build_parser().parse_args(
+        ["bench", "--suite", "anchors", "--backends", "fused", "flex", "--out", str(tmp_path)]
+    )
     with pytest.raises(KeyboardInterrupt):
         bench.bench_main(args)
     rows = json.loads((tmp_path / "bench.json").read_text())["results"]
     assert [(r["backend"], r["mode"], r["ms"]) for r in rows] == [
-        ("fused", "fwd", 2.0), ("flex", "fwd", 3.0), ("fused", "fwd+bwd", 4.0),
-        ("flex", "fwd+bwd", 5.0)]
+        ("fused", "fwd", 2.0),
+        ("flex", "fwd", 3.0),
+        ("fused", "fwd+bwd", 4.0),
+        ("flex", "fwd+bwd", 5.0),
+    ]
     assert rows[0]["name"] == "dense L8192 B4 H8 D128 block128"
     md = (tmp_path / "bench.md").read_text()
     assert "| dense L8192 B4 H8 D128 block128 | bfloat16 | fwd+bwd | flex | 5.000 |" in md
@@ -168,17 +275,40 @@ def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
 
     def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
         timed.append(case.name)
-        return {"backend": backend, "mode": mode, "dtype": "bfloat16", "ms": 1.0,
-                "tflops": 1.0, "peak_mib": 1.0, "peak_total_mib": 1.0}
+        return {
+            "backend": backend,
+            "mode": mode,
+            "dtype": "bfloat16",
+            "ms": 1.0,
+            "tflops": 1.0,
+            "peak_mib": 1.0,
+            "peak_total_mib": 1.0,
+        }
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     monkeypatch.setattr(bench, "plots", lambda report, out_dir: [])
     parse = build_parser().parse_args
-    args = parse(["bench", "--suite", "anchors", "--backends", "fused", "--mode", "fwd",
-                  "--match", "causal_fixed", "L4096 B8 H16", "--out", str(tmp_path)])
+    args = parse(
+        [
+            "bench",
+            "--suite",
+            "anchors",
+            "--backends",
+            "fused",
+            "--mode",
+            "fwd",
+            "--match",
+            "causal_fixed",
+            "L4096 B8 H16",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     assert bench.bench_main(args) == 0
-    assert timed == ["causal_fixed+causal L16384 B2 H8 D128 block64",
-                     "window_global L4096 B8 H16 D64 block64"]
+    assert timed == [
+        "causal_fixed+causal L16384 B2 H8 D128 block64",
+        "window_global L4096 B8 H16 D64 block64",
+    ]
 
     timed.clear()
     args = parse(["bench", "--suite", "anchors", "--match", "dense", "no_such_case"])
@@ -200,9 +330,14 @@ def test_tuned_options_name_kernel_key_and_choice(monkeypatch):
     kernel = Kernel()
     options = {"DESC": 0, "num_warps": 4, "num_stages": 3, "maxnreg": None}
     monkeypatch.setattr(_common, "_TUNED", {(kernel, torch.float16, "cuda", 64, False): options})
-    assert _common.tuned_options() == [{"kernel": "_bsa_bwd_dq_kernel", "dtype": "float16",
-                                        "key": {"HEAD_DIM": 64, "STORE_DS": False},
-                                        "options": options}]
+    assert _common.tuned_options() == [
+        {
+            "kernel": "_bsa_bwd_dq_kernel",
+            "dtype": "float16",
+            "key": {"HEAD_DIM": 64, "STORE_DS": False},
+            "options": options,
+        }
+    ]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU path of bench --quick")
@@ -213,8 +348,11 @@ def test_quick_bench_on_cpu_writes_the_report(tmp_path, capsys):
     report = json.loads((tmp_path / "bench.json").read_text())
     rows = report["results"]
     assert [(r["name"].split()[0], r["mode"], r["backend"]) for r in rows] == [
-        ("window_global", "fwd", "reference"), ("window_global", "fwd+bwd", "reference"),
-        ("causal_fixed+causal", "fwd", "reference"), ("causal_fixed+causal", "fwd+bwd", "reference")]
+        ("window_global", "fwd", "reference"),
+        ("window_global", "fwd+bwd", "reference"),
+        ("causal_fixed+causal", "fwd", "reference"),
+        ("causal_fixed+causal", "fwd+bwd", "reference"),
+    ]
     assert all(r["ms"] > 0 and r["tflops"] > 0 and r["peak_mib"] is None for r in rows)
     assert "cpu" in report["env"] and (tmp_path / "cases.png").stat().st_size > 0
     md = (tmp_path / "bench.md").read_text()

@@ -17,8 +17,19 @@ def test_layout_prints_grid_and_density(capsys):
 
 
 def test_layout_downsampled_with_legend(capsys):
-    main(["layout", "--pattern", "sliding", "--seq-len", "4096", "--block", "16",
-          "--attention", "bidirectional"])
+    main(
+        [
+            "layout",
+            "--pattern",
+            "sliding",
+            "--seq-len",
+            "4096",
+            "--block",
+            "16",
+            "--attention",
+            "bidirectional",
+        ]
+    )
     out = capsys.readouterr().out
     assert "each cell is 4x4 blocks" in out
     assert "\n++" + "." * 62 + "\n+++" + "." * 61 + "\n" in out
@@ -26,8 +37,23 @@ def test_layout_downsampled_with_legend(capsys):
 
 def test_layout_png(tmp_path, capsys):
     path = tmp_path / "layout.png"
-    main(["layout", "--pattern", "bigbird", "--seq-len", "512", "--heads", "2",
-          "--different-layout-per-head", "--seed", "3", "--png", str(path), "--all-heads"])
+    main(
+        [
+            "layout",
+            "--pattern",
+            "bigbird",
+            "--seq-len",
+            "512",
+            "--heads",
+            "2",
+            "--different-layout-per-head",
+            "--seed",
+            "3",
+            "--png",
+            str(path),
+            "--all-heads",
+        ]
+    )
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     out = capsys.readouterr().out
     assert "head 1:" in out
@@ -51,8 +77,11 @@ def test_env(capsys):
 
 
 def test_console_script_entry_point():
-    r = subprocess.run([sys.executable, "-m", "blocksparse_attn.tools.cli", "--help"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "blocksparse_attn.tools.cli", "--help"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 0 and "layout" in r.stdout
 
 
@@ -61,8 +90,21 @@ def test_output_piped_into_a_reader_that_stops_early():
     import subprocess
     import sys
 
-    cmd = [sys.executable, "-m", "blocksparse_attn.tools.cli", "layout", "--pattern", "bigbird",
-           "--seq-len", "16384", "--block", "16", "--heads", "16", "--all-heads"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "blocksparse_attn.tools.cli",
+        "layout",
+        "--pattern",
+        "bigbird",
+        "--seq-len",
+        "16384",
+        "--block",
+        "16",
+        "--heads",
+        "16",
+        "--all-heads",
+    ]
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert p.stdout.readline().startswith(b"BigBirdSparsityConfig")
     p.stdout.close()
@@ -82,6 +124,17 @@ def test_png_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     with pytest.raises(SystemExit) as e:
-        main(["layout", "--pattern", "fixed", "--seq-len", "128", "--block", "16", "--png",
-              str(tmp_path / "x.png")])
+        main(
+            [
+                "layout",
+                "--pattern",
+                "fixed",
+                "--seq-len",
+                "128",
+                "--block",
+                "16",
+                "--png",
+                str(tmp_path / "x.png"),
+            ]
+        )
     assert "pip install 'blocksparse-attn[bench]'" in str(e.value)

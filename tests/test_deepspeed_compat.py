@@ -11,10 +11,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import DEVICE, ON_GPU, assert_raises_with
 
 from blocksparse_attn.compressed import to_dense, to_sparse
 from blocksparse_attn.deepspeed import MatMul, Softmax
+
+from helpers import DEVICE, ON_GPU, assert_raises_with
 
 pytestmark = pytest.mark.interpreter
 
@@ -49,9 +50,14 @@ def test_softmax_in_place_contract(block, width, dtype):
     leaf = to_sparse(dense_x, layout, block).clone().requires_grad_()
     x = leaf * 1  # what produced x gets the gradient, as in DeepSpeed's test
     storage = x.data_ptr()
-    y = Softmax(layout, block, bench=False)(x, scale=0.4, key_padding_mask=kpm,
-                                            key_padding_mask_mode="add", attn_mask=am,
-                                            attn_mask_mode="mul")
+    y = Softmax(layout, block, bench=False)(
+        x,
+        scale=0.4,
+        key_padding_mask=kpm,
+        key_padding_mask_mode="add",
+        attn_mask=am,
+        attn_mask_mode="mul",
+    )
     assert y is x and x.data_ptr() == storage  # written into x and x returned
     ref = dense_softmax(dense_x, layout, block, 0.4, kpm, am)
     torch.testing.assert_close(x, to_sparse(ref, layout, block).to(dtype), **TOL[dtype])
@@ -60,8 +66,9 @@ def test_softmax_in_place_contract(block, width, dtype):
     dense_leaf = dense_x.float().requires_grad_()
     ref = dense_softmax(dense_leaf, layout, block, 0.4, kpm, am)
     ref.backward(to_dense(dy, layout, block).float())
-    torch.testing.assert_close(leaf.grad, to_sparse(dense_leaf.grad, layout, block).to(dtype),
-                               **TOL[dtype])
+    torch.testing.assert_close(
+        leaf.grad, to_sparse(dense_leaf.grad, layout, block).to(dtype), **TOL[dtype]
+    )
 
 
 @pytest.mark.parametrize("kpm_mode, am_mode", [("add", "add"), ("mul", "mul")])
@@ -73,9 +80,15 @@ def test_softmax_rpe_and_mask_modes(kpm_mode, am_mode):
         kpm = (kpm == 0).to(torch.int64)
     am_arg = am if am_mode == "mul" else torch.where(am == 0, float("-inf"), 0.0)
     x = to_sparse(dense_x, layout, block)
-    y = Softmax(layout, block)(x.clone(), scale=0.7, rpe=rpe, key_padding_mask=kpm,
-                               attn_mask=am_arg, key_padding_mask_mode=kpm_mode,
-                               attn_mask_mode=am_mode)
+    y = Softmax(layout, block)(
+        x.clone(),
+        scale=0.7,
+        rpe=rpe,
+        key_padding_mask=kpm,
+        attn_mask=am_arg,
+        key_padding_mask_mode=kpm_mode,
+        attn_mask_mode=am_mode,
+    )
     additive_kpm = kpm if kpm_mode == "add" else torch.where(kpm != 0, 0.0, float("-inf"))
     ref = dense_softmax(dense_x, layout, block, 0.7, additive_kpm, am, rpe)
     torch.testing.assert_close(y, to_sparse(ref, layout, block), **TOL[torch.float32])
@@ -87,9 +100,14 @@ def test_softmax_out_of_place_leaves_x():
     before = x.clone()
     y = Softmax(layout, 16, inplace=False)(x, scale=0.4)
     assert y.data_ptr() != x.data_ptr() and torch.equal(x, before)
-    torch.testing.assert_close(y, to_sparse(dense_softmax(dense_x, layout, 16, 0.4,
-                                                          torch.zeros_like(kpm),
-                                                          torch.ones_like(am)), layout, 16))
+    torch.testing.assert_close(
+        y,
+        to_sparse(
+            dense_softmax(dense_x, layout, 16, 0.4, torch.zeros_like(kpm), torch.ones_like(am)),
+            layout,
+            16,
+        ),
+    )
 
 
 def test_softmax_in_place_on_a_strided_input():
@@ -114,8 +132,9 @@ def test_matmul_accepts_bench():
     layout = torch.ones(2, 2, 2, dtype=torch.int64)
     a, b = (torch.randn(1, 2, 32, 32, device=DEVICE) for _ in range(2))
     out = MatMul(layout, 16, "sdd", trans_b=True, bench=False)(a, b)
-    torch.testing.assert_close(to_dense(out, layout, 16), a @ b.transpose(-1, -2),
-                               **TOL[torch.float32])
+    torch.testing.assert_close(
+        to_dense(out, layout, 16), a @ b.transpose(-1, -2), **TOL[torch.float32]
+    )
 
 
 def test_module_tree_matches_deepspeeds():
@@ -123,13 +142,22 @@ def test_module_tree_matches_deepspeeds():
 
     import blocksparse_attn.deepspeed as ds
 
-    names = {"sparsity_config": ["SparsityConfig", "FixedSparsityConfig", "BigBirdSparsityConfig",
-                                 "VariableSparsityConfig", "BSLongformerSparsityConfig",
-                                 "DenseSparsityConfig", "LocalSlidingWindowSparsityConfig"],
-             "softmax": ["Softmax"], "matmul": ["MatMul"],
-             "sparse_self_attention": ["SparseSelfAttention"],
-             "bert_sparse_self_attention": ["BertSparseSelfAttention"],
-             "sparse_attention_utils": ["SparseAttentionUtils"]}
+    names = {
+        "sparsity_config": [
+            "SparsityConfig",
+            "FixedSparsityConfig",
+            "BigBirdSparsityConfig",
+            "VariableSparsityConfig",
+            "BSLongformerSparsityConfig",
+            "DenseSparsityConfig",
+            "LocalSlidingWindowSparsityConfig",
+        ],
+        "softmax": ["Softmax"],
+        "matmul": ["MatMul"],
+        "sparse_self_attention": ["SparseSelfAttention"],
+        "bert_sparse_self_attention": ["BertSparseSelfAttention"],
+        "sparse_attention_utils": ["SparseAttentionUtils"],
+    }
     assert sorted(names) == sorted(ds.SUBMODULES)
     for sub, classes in names.items():
         module = importlib.import_module(f"blocksparse_attn.deepspeed.{sub}")
@@ -153,7 +181,7 @@ def test_self_attention_helpers():
     assert SparseSelfAttention.ops[64] is triple  # recorded where DeepSpeed code looks
 
 
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     # A DeepSpeed-style fine-tuning step: BERT's self-attention replaced by sparse
     # self-attention, inputs padded to the block, DeepSpeed's operators used directly.
     import torch
@@ -192,15 +220,14 @@ SCRIPT = textwrap.dedent('''
     ref = torch.softmax(q @ q.transpose(-1, -2) * 0.25, -1) @ q
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     print("script ok", round(loss.item(), 4))
-''')
+""")
 
 
 def run_script(tmp_path, prefix: str, preamble: str = ""):
     script = tmp_path / "train.py"
     script.write_text(SCRIPT.replace("deepspeed.ops.sparse_attention", prefix))
     code = preamble + f"import runpy; runpy.run_path({str(script)!r}, run_name='__main__')"
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=600)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("how", ["prefix", "install"])
@@ -209,8 +236,11 @@ def test_deepspeed_script_runs(tmp_path, how):
     if how == "prefix":  # only the import prefix changed
         done = run_script(tmp_path, "blocksparse_attn.deepspeed")
     else:  # the script unchanged, the stand-in installed first
-        done = run_script(tmp_path, "deepspeed.ops.sparse_attention",
-                          "import blocksparse_attn.deepspeed as d; d.install(); ")
+        done = run_script(
+            tmp_path,
+            "deepspeed.ops.sparse_attention",
+            "import blocksparse_attn.deepspeed as d; d.install(); ",
+        )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "script ok" in done.stdout
 
@@ -221,8 +251,9 @@ def test_install_refuses_beside_deepspeed(monkeypatch):
     import blocksparse_attn.deepspeed as ds
 
     monkeypatch.setitem(sys.modules, "deepspeed", types.ModuleType("deepspeed"))
-    assert_raises_with(RuntimeError, ["DeepSpeed is installed", "blocksparse_attn.deepspeed"],
-                       ds.install)
+    assert_raises_with(
+        RuntimeError, ["DeepSpeed is installed", "blocksparse_attn.deepspeed"], ds.install
+    )
 
 
 def test_install_and_uninstall():

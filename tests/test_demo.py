@@ -14,6 +14,7 @@ def run_demo(argv):
     return demo_main(build_parser().parse_args(["demo", *argv]))
 
 
+@pytest.mark.slow
 def test_sparse_model_learns_recall_below_chance(capsys):
     (sparse,) = run_demo(["--no-dense", "--device", "cpu"])
     assert sparse["last"] < 0.6 * math.log(8) < sparse["first"]

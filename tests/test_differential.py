@@ -12,12 +12,13 @@ import math
 
 import pytest
 import torch
-from attention_cases import assert_lse_close, assert_within_rule, poison
-from conftest import DEVICE, ON_GPU
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from blocksparse_attn import block_sparse_attention, reference_attention
+
+from attention_cases import assert_lse_close, assert_within_rule, poison
+from helpers import DEVICE, ON_GPU
 
 pytestmark = pytest.mark.interpreter
 
@@ -77,14 +78,18 @@ def problems(draw, dtype):
         kw["attn_mask"] = (torch.rand(Lq, Lk, generator=g) < 0.85).to(DEVICE)
         kw["attn_mask_mode"] = "mul"
     elif am_mode == "add":
-        values = torch.tensor(MASK_VALUES)[torch.randint(0, len(MASK_VALUES), (Lq, Lk), generator=g)]
-        kw["attn_mask"] = torch.where(torch.rand(Lq, Lk, generator=g) < 0.7, randn(Lq, Lk).cpu(),
-                                      values).to(DEVICE)
+        values = torch.tensor(MASK_VALUES)[
+            torch.randint(0, len(MASK_VALUES), (Lq, Lk), generator=g)
+        ]
+        kw["attn_mask"] = torch.where(
+            torch.rand(Lq, Lk, generator=g) < 0.7, randn(Lq, Lk).cpu(), values
+        ).to(DEVICE)
         kw["attn_mask_mode"] = "add"
         if draw(st.booleans()):
             masks.append("attn_mask")
-    rpe_shape = draw(st.sampled_from((None, (B, H, Lq, Lk), (1, H, Lq, Lk), (B, 1, Lq, Lk),
-                                      (Lq, Lk))))
+    rpe_shape = draw(
+        st.sampled_from((None, (B, H, Lq, Lk), (1, H, Lq, Lk), (B, 1, Lq, Lk), (Lq, Lk)))
+    )
     if rpe_shape is not None:
         kw["rpe"] = randn(*rpe_shape).to(dtype)
     return q, k, v, layout, kw, masks
@@ -99,8 +104,7 @@ def _run(backend, q, k, v, layout, kw, masks, with_lse):
             kw[name] = kw[name].detach().clone().requires_grad_()
             leaves.append(kw[name])
             names.append(name)
-    result = block_sparse_attention(*leaves[:3], layout, backend=backend, return_lse=with_lse,
-                                    **kw)
+    result = block_sparse_attention(*leaves[:3], layout, backend=backend, return_lse=with_lse, **kw)
     out, lse = result if with_lse else (result, None)
     return out, lse, leaves, names
 
@@ -119,17 +123,26 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
         if name in kw:
             kw[name] = leaf(kw[name])
             leaves.append(kw[name])
-    out, lse = reference_attention(*leaves[:3], layout, return_lse=True,
-                                   compute_dtype=compute_dtype, **kw)
+    out, lse = reference_attention(
+        *leaves[:3], layout, return_lse=True, compute_dtype=compute_dtype, **kw
+    )
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
     return out.detach(), lse.detach(), grads
 
 
 @pytest.mark.parametrize("backend", ["fused", "unfused", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                 HealthCheck.data_too_large])
+@settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.too_slow,
+        HealthCheck.data_too_large,
+    ],
+)
 @given(data=st.data())
 def test_backend_matches_fp64_reference(monkeypatch, backend, dtype, data):
     q, k, v, layout, kw, masks = data.draw(problems(dtype))

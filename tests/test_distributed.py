@@ -16,8 +16,9 @@ class TinyAttentionModel(torch.nn.Module):
         super().__init__()
         torch.manual_seed(0)  # same weights on every rank, as DDP expects
         self.proj = torch.nn.Linear(8, 2 * 8 * 3)
-        self.attn = SparseSelfAttention(BigBirdSparsityConfig(2, 16, num_random_blocks=2,
-                                                              seed=seed), max_seq_length=128)
+        self.attn = SparseSelfAttention(
+            BigBirdSparsityConfig(2, 16, num_random_blocks=2, seed=seed), max_seq_length=128
+        )
 
     def forward(self, x):
         B, L, _ = x.shape
@@ -26,11 +27,11 @@ class TinyAttentionModel(torch.nn.Module):
 
 
 def _worker(rank, world, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        module = SparseSelfAttention(BigBirdSparsityConfig(2, 16, num_random_blocks=2,
-                                                           seed=100 + rank), max_seq_length=128)
+        module = SparseSelfAttention(
+            BigBirdSparsityConfig(2, 16, num_random_blocks=2, seed=100 + rank), max_seq_length=128
+        )
         mine = module.master_layout.clone()
         layouts = [torch.empty_like(mine) for _ in range(world)]
         dist.all_gather(layouts, mine)

@@ -34,7 +34,9 @@ def test_small_blocks_coarsen_and_mask_exactly(block, causal):
     for h in range(H):
         got = bm.mask_mod(torch.zeros((), dtype=torch.long), torch.tensor(h), q, k)
         keep = torch.as_tensor(got, dtype=torch.bool)
-        tiles = block_mask_to_layout(bm)[h].bool().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        tiles = (
+            block_mask_to_layout(bm)[h].bool().repeat_interleave(128, 0).repeat_interleave(128, 1)
+        )
         assert torch.equal(keep & tiles, expected[h])
 
 
@@ -44,5 +46,7 @@ def test_shared_layout_broadcasts_over_heads():
     q = torch.arange(128)[:, None].expand(128, 128)
     k = torch.arange(128)[None, :].expand(128, 128)
     for h in (0, 5):
-        keep = torch.as_tensor(bm.mask_mod(torch.tensor(0), torch.tensor(h), q, k), dtype=torch.bool)
+        keep = torch.as_tensor(
+            bm.mask_mod(torch.tensor(0), torch.tensor(h), q, k), dtype=torch.bool
+        )
         assert torch.equal(keep, token_mask(layout, 64)[0])

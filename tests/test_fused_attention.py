@@ -5,12 +5,19 @@ the ``gpu`` grid adds bf16, every head dim and block size, and long sequences.""
 
 import pytest
 import torch
-from attention_cases import assert_lse_close, assert_within_rule, make_problem, poison
-from attention_cases import reference_lse, references
-from conftest import DEVICE
 
 from blocksparse_attn import block_sparse_attention
 from blocksparse_attn.kernels.configs import Tiles
+
+from attention_cases import (
+    assert_lse_close,
+    assert_within_rule,
+    make_problem,
+    poison,
+    reference_lse,
+    references,
+)
+from helpers import DEVICE
 
 pytestmark = pytest.mark.interpreter
 
@@ -20,16 +27,32 @@ CPU_DTYPES = [torch.float32, torch.float16]
 DESC = {"num_warps": 4, "num_stages": 2, "DESC": 1}
 
 
-def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, tiles=None,
-                  bwd_tiles=None, config=None, **problem):
+def run_and_check(
+    monkeypatch,
+    B,
+    H,
+    Lq,
+    Lk,
+    D,
+    dtype,
+    *,
+    block,
+    backward=True,
+    tiles=None,
+    bwd_tiles=None,
+    config=None,
+    **problem,
+):
     """``config`` forces every attention kernel onto these launch options (``DESC``: the
     tensor-descriptor path)."""
     from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
 
     poison(monkeypatch)
     if config:
+
         def launch(kernel, grid, args, kwargs, _=None):
             _common.launch(kernel, grid, args, kwargs, config)
+
         monkeypatch.setattr(fused_fwd, "launch", launch)
         monkeypatch.setattr(fused_bwd, "launch", launch)
     if tiles is not None:
@@ -58,17 +81,35 @@ def run_and_check(monkeypatch, B, H, Lq, Lk, D, dtype, *, block, backward=True, 
 @pytest.mark.parametrize("density", [0.15, 0.5, 1.0])
 @pytest.mark.parametrize("causal", [False, True])
 def test_random_layouts(monkeypatch, dtype, density, causal):
-    run_and_check(monkeypatch, 2, 3, 128, 128, 32, dtype, block=16, density=density,
-                  causal=causal, empty_head=True)
+    run_and_check(
+        monkeypatch,
+        2,
+        3,
+        128,
+        128,
+        32,
+        dtype,
+        block=16,
+        density=density,
+        causal=causal,
+        empty_head=True,
+    )
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("rpe, kpm, am", [
-    ("full", "add", "mul"), ("broadcast", "mul", "add"), (None, "add", None), ("full", None, None),
-])
+@pytest.mark.parametrize(
+    "rpe, kpm, am",
+    [
+        ("full", "add", "mul"),
+        ("broadcast", "mul", "add"),
+        (None, "add", None),
+        ("full", None, None),
+    ],
+)
 def test_masks_and_rpe(monkeypatch, dtype, rpe, kpm, am):
-    run_and_check(monkeypatch, 2, 2, 128, 128, 16, dtype, block=32, rpe=rpe, kpm=kpm, am=am,
-                  causal=am is None)
+    run_and_check(
+        monkeypatch, 2, 2, 128, 128, 16, dtype, block=32, rpe=rpe, kpm=kpm, am=am, causal=am is None
+    )
 
 
 @pytest.mark.parametrize("block, D", [(16, 64), (32, 16), (64, 32), (128, 16)])
@@ -76,23 +117,57 @@ def test_blocks_and_head_dims(monkeypatch, block, D):
     run_and_check(monkeypatch, 1, 2, 256, 256, D, torch.float16, block=block, density=0.6)
 
 
-@pytest.mark.parametrize("tiles, bwd_tiles", [
-    (Tiles(64, 32), None), (Tiles(32, 64), None), (Tiles(16, 16), None),
-    (Tiles(64, 32), (Tiles(32, 64), Tiles(64, 32))),
-])
+@pytest.mark.parametrize(
+    "tiles, bwd_tiles",
+    [
+        (Tiles(64, 32), None),
+        (Tiles(32, 64), None),
+        (Tiles(16, 16), None),
+        (Tiles(64, 32), (Tiles(32, 64), Tiles(64, 32))),
+    ],
+)
 def test_tile_shapes_over_small_blocks(monkeypatch, tiles, bwd_tiles):
-    run_and_check(monkeypatch, 1, 2, 128, 128, 16, torch.float32, block=16, causal=True,
-                  tiles=tiles, bwd_tiles=bwd_tiles, kpm="add")
+    run_and_check(
+        monkeypatch,
+        1,
+        2,
+        128,
+        128,
+        16,
+        torch.float32,
+        block=16,
+        causal=True,
+        tiles=tiles,
+        bwd_tiles=bwd_tiles,
+        kpm="add",
+    )
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("Lq, D, causal, kpm", [
-    (128, 32, True, None), (208, 48, False, "mul"), (96, 64, False, None),
-])
+@pytest.mark.parametrize(
+    "Lq, D, causal, kpm",
+    [
+        (128, 32, True, None),
+        (208, 48, False, "mul"),
+        (96, 64, False, None),
+    ],
+)
 def test_tensor_descriptor_path(monkeypatch, dtype, Lq, D, causal, kpm):
     # ragged ends and a head dim below the tile width are the descriptors' zero fill
-    run_and_check(monkeypatch, 2, 2, Lq, Lq, D, dtype, block=16 if Lq % 32 else 32,
-                  density=0.5, causal=causal, kpm=kpm, config=DESC)
+    run_and_check(
+        monkeypatch,
+        2,
+        2,
+        Lq,
+        Lq,
+        D,
+        dtype,
+        block=16 if Lq % 32 else 32,
+        density=0.5,
+        causal=causal,
+        kpm=kpm,
+        config=DESC,
+    )
 
 
 @pytest.mark.parametrize("layout_heads", [None, 1])
@@ -102,18 +177,45 @@ def test_programs_in_groups_cover_every_tile(monkeypatch, layout_heads):
 
     monkeypatch.setattr(fused_fwd, "PROGRAM_GROUP", 4)
     monkeypatch.setattr(fused_bwd, "PROGRAM_GROUP", 4)
-    run_and_check(monkeypatch, 2, 3, 128, 128, 16, torch.float32, block=16, density=0.6,
-                  layout_heads=layout_heads, empty_row=False)
+    run_and_check(
+        monkeypatch,
+        2,
+        3,
+        128,
+        128,
+        16,
+        torch.float32,
+        block=16,
+        density=0.6,
+        layout_heads=layout_heads,
+        empty_row=False,
+    )
 
 
-@pytest.mark.parametrize("Lq, Lk, block, layout_heads, config", [
-    (208, 336, 16, None, None), (384, 128, 64, 1, DESC),
-])
+@pytest.mark.parametrize(
+    "Lq, Lk, block, layout_heads, config",
+    [
+        (208, 336, 16, None, None),
+        (384, 128, 64, 1, DESC),
+    ],
+)
 def test_dense_layout_tiles_of_128_queries(monkeypatch, Lq, Lk, block, layout_heads, config):
     # the GPU's tile for dense layouts (128x64), with its mask-free loop over leading full
     # tiles, over ragged and rectangular lengths and programs grouped over 15 batch-heads
-    run_and_check(monkeypatch, 3, 5, Lq, Lk, 48, torch.float16, block=block, density=0.6,
-                  tiles=Tiles(128, 64), config=config, layout_heads=layout_heads)
+    run_and_check(
+        monkeypatch,
+        3,
+        5,
+        Lq,
+        Lk,
+        48,
+        torch.float16,
+        block=block,
+        density=0.6,
+        tiles=Tiles(128, 64),
+        config=config,
+        layout_heads=layout_heads,
+    )
 
 
 def test_rectangular_cross_attention(monkeypatch):
@@ -157,8 +259,10 @@ def test_two_dimensional_layout_is_compiled_once():
     q, k, v, _, _ = make_problem(1, 2, 64, 64, 16, torch.float32, DEVICE, block=16)
     layout = (torch.rand(4, 4) < 0.7).long()  # [nb_q, nb_k]: one layout for every head
     layout[0, 0] = 1
-    outs = [block_sparse_attention(q, k, v, layout, block=16, backend=b)
-            for b in ("fused", "fused", "unfused", "unfused", "reference")]
+    outs = [
+        block_sparse_attention(q, k, v, layout, block=16, backend=b)
+        for b in ("fused", "fused", "unfused", "unfused", "reference")
+    ]
     # one private copy of the layout holds its density, index and unfused ops
     assert len([key for key in _CACHE if key[0] == id(frozen(layout))]) == 3
     for out in outs[:4]:
@@ -208,7 +312,9 @@ def test_fused_refuses_cpu_without_interpreter(monkeypatch):
 
 def test_unknown_backend():
     q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float32, "cpu", block=16)
-    with pytest.raises(ValueError, match="backend must be one of 'auto', 'fused', 'unfused', 'reference'"):
+    with pytest.raises(
+        ValueError, match="backend must be one of 'auto', 'fused', 'unfused', 'reference'"
+    ):
         block_sparse_attention(q, k, v, layout, backend="triton", **kw)
 
 
@@ -225,9 +331,22 @@ def test_custom_op_registered_with_fake():
         assert out.shape == (2, 3, 64, 16) and out.dtype == torch.float16
         assert lse.shape == (2, 3, 64) and lse.dtype == torch.float32
     x = [torch.randn(1, 1, 32, 16, device=DEVICE) for _ in range(3)]
-    torch.library.opcheck(op, (*x, torch.ones(1, 2, 2, dtype=torch.int64, device=DEVICE),
-                               None, None, None, 16, 0.25, False, False, True),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        op,
+        (
+            *x,
+            torch.ones(1, 2, 2, dtype=torch.int64, device=DEVICE),
+            None,
+            None,
+            None,
+            16,
+            0.25,
+            False,
+            False,
+            True,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_eager_function_matches_custom_op():
@@ -260,8 +379,19 @@ GPU_DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 @pytest.mark.parametrize("D", [16, 32, 64, 96, 128])
 @pytest.mark.parametrize("block", [16, 32, 64, 128])
 def test_gpu_grid(monkeypatch, dtype, D, block):
-    run_and_check(monkeypatch, 3, 5, 512, 512, D, dtype, block=block, density=0.4,
-                  causal=block in (16, 64), kpm="add" if block == 32 else None)
+    run_and_check(
+        monkeypatch,
+        3,
+        5,
+        512,
+        512,
+        D,
+        dtype,
+        block=block,
+        density=0.4,
+        causal=block in (16, 64),
+        kpm="add" if block == 32 else None,
+    )
 
 
 @pytest.mark.gpu
@@ -269,20 +399,44 @@ def test_gpu_grid(monkeypatch, dtype, D, block):
 @pytest.mark.parametrize("D", [32, 96, 128])
 @pytest.mark.parametrize("block", [16, 128])
 def test_gpu_tensor_descriptor_grid(monkeypatch, dtype, D, block):
-    run_and_check(monkeypatch, 2, 3, 640, 640, D, dtype, block=block, density=0.4,
-                  causal=block == 16, config=DESC)
+    run_and_check(
+        monkeypatch,
+        2,
+        3,
+        640,
+        640,
+        D,
+        dtype,
+        block=block,
+        density=0.4,
+        causal=block == 16,
+        config=DESC,
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("D, block, causal, desc", [(128, 128, True, 1), (64, 32, False, 0),
-                                                    (96, 64, True, 0)])
+@pytest.mark.parametrize(
+    "D, block, causal, desc", [(128, 128, True, 1), (64, 32, False, 0), (96, 64, True, 0)]
+)
 def test_gpu_register_capped_configs(monkeypatch, dtype, D, block, causal, desc):
     # 8 warps at 128 registers a thread may spill: the results must not change
     config = {"num_warps": 8, "num_stages": 2, "DESC": desc, "maxnreg": 128}
-    run_and_check(monkeypatch, 2, 3, 640, 640, D, dtype, block=block, density=0.5,
-                  causal=causal, tiles=Tiles(128, 64), bwd_tiles=(Tiles(64, 64), Tiles(128, 64)),
-                  config=config)
+    run_and_check(
+        monkeypatch,
+        2,
+        3,
+        640,
+        640,
+        D,
+        dtype,
+        block=block,
+        density=0.5,
+        causal=causal,
+        tiles=Tiles(128, 64),
+        bwd_tiles=(Tiles(64, 64), Tiles(128, 64)),
+        config=config,
+    )
 
 
 @pytest.mark.gpu
@@ -294,26 +448,34 @@ def test_gpu_head_dim_256_forward(monkeypatch, dtype, block):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("L, block, causal", [(2048, 64, True), (8192, 128, False),
-                                              (4096, 16, True)])
+@pytest.mark.parametrize(
+    "L, block, causal", [(2048, 64, True), (8192, 128, False), (4096, 16, True)]
+)
 def test_gpu_long_sequences(monkeypatch, dtype, L, block, causal):
-    run_and_check(monkeypatch, 1, 3, L, L, 64, dtype, block=block, density=0.1, causal=causal,
-                  layout_heads=1)
+    run_and_check(
+        monkeypatch, 1, 3, L, L, 64, dtype, block=block, density=0.1, causal=causal, layout_heads=1
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_gpu_masks_rpe_rectangular(monkeypatch, dtype):
-    run_and_check(monkeypatch, 3, 3, 384, 640, 64, dtype, block=64, rpe="broadcast", kpm="mul",
-                  am="add")
+    run_and_check(
+        monkeypatch, 3, 3, 384, 640, 64, dtype, block=64, rpe="broadcast", kpm="mul", am="add"
+    )
 
 
 @pytest.mark.gpu
 def test_gpu_backward_is_deterministic():
-    q, k, v, layout, kw = make_problem(2, 4, 1024, 1024, 64, torch.bfloat16, "cuda", block=64,
-                                       density=0.3, rpe="broadcast")
-    leaves = [q.requires_grad_(), k.requires_grad_(), v.requires_grad_(),
-              kw["rpe"].requires_grad_()]
+    q, k, v, layout, kw = make_problem(
+        2, 4, 1024, 1024, 64, torch.bfloat16, "cuda", block=64, density=0.3, rpe="broadcast"
+    )
+    leaves = [
+        q.requires_grad_(),
+        k.requires_grad_(),
+        v.requires_grad_(),
+        kw["rpe"].requires_grad_(),
+    ]
     grad_out = torch.randn_like(q)
     runs = []
     for _ in range(2):
@@ -325,8 +487,9 @@ def test_gpu_backward_is_deterministic():
 
 @pytest.mark.gpu
 def test_gpu_torch_compile_fullgraph():
-    q, k, v, layout, kw = make_problem(2, 4, 512, 512, 64, torch.float16, "cuda", block=64,
-                                       density=0.5, causal=True)
+    q, k, v, layout, kw = make_problem(
+        2, 4, 512, 512, 64, torch.float16, "cuda", block=64, density=0.5, causal=True
+    )
     layout = layout.cuda()
 
     def f(q, k, v):
@@ -347,8 +510,10 @@ def test_gpu_torch_compile_fullgraph():
 def test_availability_reasons_name_the_device():
     from blocksparse_attn.kernels.availability import kernel_unavailable_reasons
 
-    assert "device type 'meta' is not supported by the kernels (CUDA only)" in \
-        kernel_unavailable_reasons("meta")
+    assert (
+        "device type 'meta' is not supported by the kernels (CUDA only)"
+        in kernel_unavailable_reasons("meta")
+    )
 
 
 def test_descriptor_eligibility_and_pruning():
@@ -386,6 +551,7 @@ def test_scratch_allocator_is_set_only_where_none_is():
 
         def mine(size, alignment, stream):
             return None
+
         triton.set_allocator(mine)
         _common._ensure_allocator()
         seen["kept"] = _allocator.get() is mine

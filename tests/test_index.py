@@ -4,9 +4,10 @@ import gc
 
 import pytest
 import torch
-from conftest import assert_raises_with
 
 from blocksparse_attn.index import _CACHE, build_index, get_density, get_index
+
+from helpers import assert_raises_with
 
 
 def random_layout(h, nq, nk, density):
@@ -18,10 +19,19 @@ def random_layout(h, nq, nk, density):
     return lay
 
 
-@pytest.mark.parametrize("block, tile_m, tile_n", [
-    (16, 16, 16), (16, 64, 64), (16, 128, 64), (32, 64, 32), (64, 128, 64), (128, 64, 64),
-    (128, 128, 128), (8, 64, 64),
-])
+@pytest.mark.parametrize(
+    "block, tile_m, tile_n",
+    [
+        (16, 16, 16),
+        (16, 64, 64),
+        (16, 128, 64),
+        (32, 64, 32),
+        (64, 128, 64),
+        (128, 64, 64),
+        (128, 128, 128),
+        (8, 64, 64),
+    ],
+)
 @pytest.mark.parametrize("shape, density", [((3, 8, 6), 0.3), ((1, 7, 7), 0.8), ((2, 5, 9), 0.0)])
 def test_round_trip(block, tile_m, tile_n, shape, density):
     layout = random_layout(*shape, density)
@@ -37,19 +47,22 @@ def test_round_trip(block, tile_m, tile_n, shape, density):
     # each list is sorted, and CSC is the transpose of CSR
     csr, csc = set(), set()
     for r in range(shape[0] * idx.row_tiles):
-        cols = idx.row_idx[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
+        cols = idx.row_idx[idx.row_ptr[r] : idx.row_ptr[r + 1]].tolist()
         assert cols == sorted(cols)
-        bits = idx.row_bits[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
-        part = idx.row_partial[idx.row_ptr[r]:idx.row_ptr[r + 1]].tolist()
-        csr |= {(r // idx.row_tiles, r % idx.row_tiles, c, b, p)
-                for c, b, p in zip(cols, bits, part)}
+        bits = idx.row_bits[idx.row_ptr[r] : idx.row_ptr[r + 1]].tolist()
+        part = idx.row_partial[idx.row_ptr[r] : idx.row_ptr[r + 1]].tolist()
+        csr |= {
+            (r // idx.row_tiles, r % idx.row_tiles, c, b, p) for c, b, p in zip(cols, bits, part)
+        }
         assert int(idx.row_lead[r]) == (part + [1]).index(1)  # full tiles before the first partial
     for c in range(shape[0] * idx.col_tiles):
-        rows = idx.col_idx[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
+        rows = idx.col_idx[idx.col_ptr[c] : idx.col_ptr[c + 1]].tolist()
         assert rows == sorted(rows)
-        bits = idx.col_bits[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
-        part = idx.col_partial[idx.col_ptr[c]:idx.col_ptr[c + 1]].tolist()
-        csc |= {(c // idx.col_tiles, r, c % idx.col_tiles, b, p) for r, b, p in zip(rows, bits, part)}
+        bits = idx.col_bits[idx.col_ptr[c] : idx.col_ptr[c + 1]].tolist()
+        part = idx.col_partial[idx.col_ptr[c] : idx.col_ptr[c + 1]].tolist()
+        csc |= {
+            (c // idx.col_tiles, r, c % idx.col_tiles, b, p) for r, b, p in zip(rows, bits, part)
+        }
         for e in range(int(idx.col_ptr[c]), int(idx.col_ptr[c + 1])):  # col_pos points back
             t = int(idx.col_pos[e])
             assert int(idx.row_idx[t]) == c % idx.col_tiles
@@ -121,14 +134,26 @@ def test_no_token_level_tensor():
     assert idx.nnz == (3 * nb - 2) * 2
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"layout": torch.ones(1, 4, 4), "block": 16}, ["layout", "integer or bool"]),
-    ({"layout": torch.ones(4, dtype=torch.int64), "block": 16}, ["3-D tensor"]),
-    ({"layout": torch.ones(1, 4, 4, dtype=torch.int64), "block": 16, "q_len": 48},
-     ["layout", "[H, 48 // 16, 64 // 16]"]),
-    ({"layout": torch.ones(1, 4, 4, dtype=torch.int64), "block": 8, "tile_m": 128, "tile_n": 128},
-     ["at most 64 sub-blocks", "128x128 over block 8"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"layout": torch.ones(1, 4, 4), "block": 16}, ["layout", "integer or bool"]),
+        ({"layout": torch.ones(4, dtype=torch.int64), "block": 16}, ["3-D tensor"]),
+        (
+            {"layout": torch.ones(1, 4, 4, dtype=torch.int64), "block": 16, "q_len": 48},
+            ["layout", "[H, 48 // 16, 64 // 16]"],
+        ),
+        (
+            {
+                "layout": torch.ones(1, 4, 4, dtype=torch.int64),
+                "block": 8,
+                "tile_m": 128,
+                "tile_n": 128,
+            },
+            ["at most 64 sub-blocks", "128x128 over block 8"],
+        ),
+    ],
+)
 def test_errors(kwargs, words):
     assert_raises_with(ValueError, words, build_index, **kwargs)
 

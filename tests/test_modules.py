@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import DEVICE, assert_raises_with
 
 from blocksparse_attn import (
     BigBirdSparsityConfig,
@@ -18,14 +17,17 @@ from blocksparse_attn import (
 )
 from blocksparse_attn.modules import BertSparseSelfAttention
 
+from helpers import DEVICE, assert_raises_with
+
 H, BLOCK, MAX = 2, 16, 256
 
 CONFIGS = {
     "dense": lambda: DenseSparsityConfig(H, BLOCK),
     "fixed": lambda: FixedSparsityConfig(H, BLOCK, num_local_blocks=2),
     "fixed_uni": lambda: FixedSparsityConfig(H, BLOCK, attention="unidirectional"),
-    "variable": lambda: VariableSparsityConfig(H, BLOCK, num_random_blocks=1, seed=1,
-                                               local_window_blocks=[1, 2]),
+    "variable": lambda: VariableSparsityConfig(
+        H, BLOCK, num_random_blocks=1, seed=1, local_window_blocks=[1, 2]
+    ),
     "bigbird": lambda: BigBirdSparsityConfig(H, BLOCK, different_layout_per_head=True, seed=2),
     "bslongformer": lambda: BSLongformerSparsityConfig(H, BLOCK, global_block_indices=[1, 3]),
     "sliding": lambda: LocalSlidingWindowSparsityConfig(H, BLOCK),
@@ -34,8 +36,9 @@ CONFIGS = {
 
 
 def qkv(B=2, L=128, D=16, dtype=torch.float32, grad=True):
-    return [torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=grad)
-            for _ in range(3)]
+    return [
+        torch.randn(B, H, L, D, device=DEVICE, dtype=dtype, requires_grad=grad) for _ in range(3)
+    ]
 
 
 @pytest.mark.interpreter
@@ -60,8 +63,9 @@ def test_module_matches_reference(name):
 @pytest.mark.parametrize("causal", [False, True])
 def test_module_masks_rpe_causal(kpm_mode, am_mode, causal):
     config = FixedSparsityConfig(H, BLOCK, num_local_blocks=2)
-    module = SparseSelfAttention(config, kpm_mode, am_mode, max_seq_length=MAX, causal=causal,
-                                 backend="fused")
+    module = SparseSelfAttention(
+        config, kpm_mode, am_mode, max_seq_length=MAX, causal=causal, backend="fused"
+    )
     q, k, v = qkv(L=64)
     rpe = torch.randn(1, H, 64, 64, device=DEVICE, requires_grad=True)
     kpm = torch.ones(2, 64, device=DEVICE)
@@ -71,9 +75,19 @@ def test_module_masks_rpe_causal(kpm_mode, am_mode, causal):
     am = torch.rand(64, 64, device=DEVICE) < 0.8
     am = am.float() if am_mode == "mul" else torch.where(am, 0.0, float("-inf"))
     out = module(q, k, v, rpe=rpe, key_padding_mask=kpm.view(2, 1, 1, 64), attn_mask=am[None, None])
-    ref = reference_attention(q, k, v, config.make_layout(MAX)[:, :4, :4], block=BLOCK,
-                              causal=causal, rpe=rpe, key_padding_mask=kpm, attn_mask=am,
-                              key_padding_mask_mode=kpm_mode, attn_mask_mode=am_mode)
+    ref = reference_attention(
+        q,
+        k,
+        v,
+        config.make_layout(MAX)[:, :4, :4],
+        block=BLOCK,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=kpm,
+        attn_mask=am,
+        key_padding_mask_mode=kpm_mode,
+        attn_mask_mode=am_mode,
+    )
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-4)
     (g,) = torch.autograd.grad(out.sum(), rpe)
     (r,) = torch.autograd.grad(ref.sum(), rpe)
@@ -84,8 +98,9 @@ def test_causal_defaults_from_config():
     assert SparseSelfAttention(FixedSparsityConfig(H, attention="unidirectional")).causal
     assert not SparseSelfAttention(FixedSparsityConfig(H)).causal
     assert SparseSelfAttention(LocalSlidingWindowSparsityConfig(H)).causal  # its default is uni
-    assert not SparseSelfAttention(FixedSparsityConfig(H, attention="unidirectional"),
-                                   causal=False).causal
+    assert not SparseSelfAttention(
+        FixedSparsityConfig(H, attention="unidirectional"), causal=False
+    ).causal
 
 
 def test_master_layout_crop_not_remade():
@@ -104,10 +119,12 @@ def test_pre_transposed_key():
 
 
 def test_state_dict_round_trip_restores_random_layout():
-    a = SparseSelfAttention(BigBirdSparsityConfig(H, BLOCK, num_random_blocks=2, seed=1),
-                            max_seq_length=MAX)
-    b = SparseSelfAttention(BigBirdSparsityConfig(H, BLOCK, num_random_blocks=2, seed=9),
-                            max_seq_length=MAX)
+    a = SparseSelfAttention(
+        BigBirdSparsityConfig(H, BLOCK, num_random_blocks=2, seed=1), max_seq_length=MAX
+    )
+    b = SparseSelfAttention(
+        BigBirdSparsityConfig(H, BLOCK, num_random_blocks=2, seed=9), max_seq_length=MAX
+    )
     assert not torch.equal(a.master_layout, b.master_layout)
     q, k, v = qkv(L=128, grad=False)
     before = b(q, k, v)
@@ -130,26 +147,46 @@ def test_instances_do_not_share_layouts():
     assert a.get_layout(128) is not b.get_layout(128)
 
 
-@pytest.mark.parametrize("make, error, words", [
-    (lambda: SparseSelfAttention(), ValueError, ["sparsity_config", "SparsityConfig subclass"]),
-    (lambda: SparseSelfAttention(SparsityConfig(4)), NotImplementedError, ["abstract base"]),
-    (lambda: SparseSelfAttention(DenseSparsityConfig(H), "sub"), ValueError,
-     ["key_padding_mask_mode"]),
-    (lambda: SparseSelfAttention(DenseSparsityConfig(H), attn_mask_mode="x"), ValueError,
-     ["attn_mask_mode"]),
-    (lambda: SparseSelfAttention(DenseSparsityConfig(H), backend="triton"), ValueError,
-     ["backend"]),
-])
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (lambda: SparseSelfAttention(), ValueError, ["sparsity_config", "SparsityConfig subclass"]),
+        (lambda: SparseSelfAttention(SparsityConfig(4)), NotImplementedError, ["abstract base"]),
+        (
+            lambda: SparseSelfAttention(DenseSparsityConfig(H), "sub"),
+            ValueError,
+            ["key_padding_mask_mode"],
+        ),
+        (
+            lambda: SparseSelfAttention(DenseSparsityConfig(H), attn_mask_mode="x"),
+            ValueError,
+            ["attn_mask_mode"],
+        ),
+        (
+            lambda: SparseSelfAttention(DenseSparsityConfig(H), backend="triton"),
+            ValueError,
+            ["backend"],
+        ),
+    ],
+)
 def test_constructor_errors(make, error, words):
     assert_raises_with(error, words, make)
 
 
-@pytest.mark.parametrize("shape_q, shape_k, error, words", [
-    ((2, H, 40, 8), (2, H, 40, 8), ValueError, ["multiple of block=16", "pad_to_block_size"]),
-    ((2, H, 512, 8), (2, H, 512, 8), ValueError, ["max_seq_length=256"]),
-    ((2, 3, 64, 8), (2, 3, 64, 8), ValueError, ["sparsity_config.num_heads = 2", "3"]),
-    ((2, H, 64, 8), (2, H, 32, 4), NotImplementedError, ["self-attention", "rectangular layout"]),
-])
+@pytest.mark.parametrize(
+    "shape_q, shape_k, error, words",
+    [
+        ((2, H, 40, 8), (2, H, 40, 8), ValueError, ["multiple of block=16", "pad_to_block_size"]),
+        ((2, H, 512, 8), (2, H, 512, 8), ValueError, ["max_seq_length=256"]),
+        ((2, 3, 64, 8), (2, 3, 64, 8), ValueError, ["sparsity_config.num_heads = 2", "3"]),
+        (
+            (2, H, 64, 8),
+            (2, H, 32, 4),
+            NotImplementedError,
+            ["self-attention", "rectangular layout"],
+        ),
+    ],
+)
 def test_forward_errors(shape_q, shape_k, error, words):
     module = SparseSelfAttention(DenseSparsityConfig(H, BLOCK), max_seq_length=MAX)
     q = torch.randn(*shape_q)
@@ -195,8 +232,9 @@ def test_gpu_module_low_precision(dtype, name):
     q, k, v = qkv(L=256, D=64, dtype=dtype)
     out = module(q, k, v)
     causal = getattr(config, "attention", None) == "unidirectional"
-    ref = reference_attention(q.double(), k.double(), v.double(), config.make_layout(MAX),
-                              block=BLOCK, causal=causal)
+    ref = reference_attention(
+        q.double(), k.double(), v.double(), config.make_layout(MAX), block=BLOCK, causal=causal
+    )
     assert (out.double() - ref).abs().max().item() < 2e-2
     out.float().sum().backward()
     assert not torch.isnan(q.grad).any()

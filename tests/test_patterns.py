@@ -5,7 +5,6 @@ import random
 
 import pytest
 import torch
-from conftest import assert_raises_with, grid
 
 from blocksparse_attn import (
     BigBirdSparsityConfig,
@@ -17,6 +16,8 @@ from blocksparse_attn import (
     SparsityConfig,
     VariableSparsityConfig,
 )
+
+from helpers import assert_raises_with, grid
 
 B = 16  # block used by every golden example
 
@@ -128,12 +129,15 @@ XXXX....
 ..XXXXXX"""
 
 
-@pytest.mark.parametrize("kwargs, expected", [
-    ({}, FIXED_BI),
-    ({"attention": "unidirectional"}, FIXED_UNI),
-    ({"horizontal_global_attention": True}, FIXED_HORIZONTAL),
-    ({"attention": "unidirectional", "num_global_blocks": 2}, FIXED_UNI_G2),
-])
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        ({}, FIXED_BI),
+        ({"attention": "unidirectional"}, FIXED_UNI),
+        ({"horizontal_global_attention": True}, FIXED_HORIZONTAL),
+        ({"attention": "unidirectional", "num_global_blocks": 2}, FIXED_UNI_G2),
+    ],
+)
 def test_fixed_grids(kwargs, expected):
     layout = heads(FixedSparsityConfig(num_heads=2, **kwargs), 8)
     assert layout.dtype == torch.int64 and layout.shape == (2, 8, 8)
@@ -142,13 +146,21 @@ def test_fixed_grids(kwargs, expected):
 
 
 def test_fixed_different_global_patterns():
-    cfg = FixedSparsityConfig(num_heads=4, different_layout_per_head=True,
-                              num_different_global_patterns=4, attention="unidirectional")
+    cfg = FixedSparsityConfig(
+        num_heads=4,
+        different_layout_per_head=True,
+        num_different_global_patterns=4,
+        attention="unidirectional",
+    )
     layout = heads(cfg, 8)
     for h in range(4):
         assert torch.equal(layout[h], grid(FIXED_PATTERNS_UNI[h]))
-    cfg = FixedSparsityConfig(num_heads=2, different_layout_per_head=True, num_global_blocks=2,
-                              num_different_global_patterns=2)
+    cfg = FixedSparsityConfig(
+        num_heads=2,
+        different_layout_per_head=True,
+        num_global_blocks=2,
+        num_different_global_patterns=2,
+    )
     layout = heads(cfg, 8)
     for h in range(2):
         assert torch.equal(layout[h], grid(FIXED_G2_PATTERNS[h]))
@@ -204,14 +216,25 @@ XXX.....
 .XX...XX"""
 
 
-@pytest.mark.parametrize("kwargs, nb, expected", [
-    ({}, 8, VAR_BI),
-    ({"attention": "unidirectional"}, 8, VAR_UNI),
-    ({"horizontal_global_attention": True}, 8, VAR_HORIZONTAL),
-    ({"local_window_blocks": [1, 2, 3], "global_block_indices": [5]}, 10, VAR_WINDOWS),
-    ({"local_window_blocks": [2], "global_block_indices": [1, 6],
-      "global_block_end_indices": [3, 7], "attention": "unidirectional"}, 8, VAR_RANGES_UNI),
-])
+@pytest.mark.parametrize(
+    "kwargs, nb, expected",
+    [
+        ({}, 8, VAR_BI),
+        ({"attention": "unidirectional"}, 8, VAR_UNI),
+        ({"horizontal_global_attention": True}, 8, VAR_HORIZONTAL),
+        ({"local_window_blocks": [1, 2, 3], "global_block_indices": [5]}, 10, VAR_WINDOWS),
+        (
+            {
+                "local_window_blocks": [2],
+                "global_block_indices": [1, 6],
+                "global_block_end_indices": [3, 7],
+                "attention": "unidirectional",
+            },
+            8,
+            VAR_RANGES_UNI,
+        ),
+    ],
+)
 def test_variable_grids(kwargs, nb, expected):
     assert torch.equal(heads(VariableSparsityConfig(1, **kwargs), nb)[0], grid(expected))
 
@@ -252,8 +275,9 @@ def test_bigbird_grids():
 
 
 def test_bigbird_unidirectional_many_random_blocks_does_not_crash():
-    cfg = BigBirdSparsityConfig(2, num_random_blocks=3, attention="unidirectional",
-                                different_layout_per_head=True, seed=5)
+    cfg = BigBirdSparsityConfig(
+        2, num_random_blocks=3, attention="unidirectional", different_layout_per_head=True, seed=5
+    )
     layout = heads(cfg, 16)
     assert torch.equal(layout, layout.tril())  # still block-causal
     # every row has at least min(3, row + 1) blocks at or before the diagonal
@@ -262,46 +286,61 @@ def test_bigbird_unidirectional_many_random_blocks_does_not_crash():
 
 # --- BSLongformer (spec 1.6) --------------------------------------------------------------
 LONGFORMER = {
-    "default": ({}, """XXXXXXXX
+    "default": (
+        {},
+        """XXXXXXXX
 XXX.....
 XXXX....
 X.XXX...
 X..XXX..
 X...XXX.
 X....XXX
-X.....XX"""),
-    "uni": ({"attention": "unidirectional"}, """X.......
+X.....XX""",
+    ),
+    "uni": (
+        {"attention": "unidirectional"},
+        """X.......
 XX......
 XXX.....
 X.XX....
 X..XX...
 X...XX..
 X....XX.
-X.....XX"""),
-    "win5_g04": ({"num_sliding_window_blocks": 5, "global_block_indices": [0, 4]}, """XXXXXXXX
+X.....XX""",
+    ),
+    "win5_g04": (
+        {"num_sliding_window_blocks": 5, "global_block_indices": [0, 4]},
+        """XXXXXXXX
 XXXXX...
 XXXXX...
 XXXXXX..
 XXXXXXXX
 X..XXXXX
 X...XXXX
-X...XXXX"""),
-    "even4": ({"num_sliding_window_blocks": 4, "global_block_indices": []}, """XXX.....
+X...XXXX""",
+    ),
+    "even4": (
+        {"num_sliding_window_blocks": 4, "global_block_indices": []},
+        """XXX.....
 XXXX....
 XXXXX...
 .XXXXX..
 ..XXXXX.
 ...XXXXX
 ....XXXX
-.....XXX"""),
-    "range24": ({"global_block_indices": [2], "global_block_end_indices": [4]}, """XXXX....
+.....XXX""",
+    ),
+    "range24": (
+        {"global_block_indices": [2], "global_block_end_indices": [4]},
+        """XXXX....
 XXXX....
 XXXXXXXX
 XXXXXXXX
 ..XXXX..
 ..XXXXX.
 ..XX.XXX
-..XX..XX"""),
+..XX..XX""",
+    ),
 }
 
 
@@ -317,46 +356,66 @@ def test_bslongformer_ignores_global_index_beyond_sequence():
 
 
 # --- LocalSlidingWindow (spec 1.7) --------------------------------------------------------
-@pytest.mark.parametrize("kwargs, expected", [
-    ({}, """X.......
+@pytest.mark.parametrize(
+    "kwargs, expected",
+    [
+        (
+            {},
+            """X.......
 XX......
 .XX.....
 ..XX....
 ...XX...
 ....XX..
 .....XX.
-......XX"""),
-    ({"attention": "bidirectional"}, """XX......
+......XX""",
+        ),
+        (
+            {"attention": "bidirectional"},
+            """XX......
 XXX.....
 .XXX....
 ..XXX...
 ...XXX..
 ....XXX.
 .....XXX
-......XX"""),
-    ({"num_sliding_window_blocks": 4}, """X.......
+......XX""",
+        ),
+        (
+            {"num_sliding_window_blocks": 4},
+            """X.......
 XX......
 XXX.....
 .XXX....
 ..XXX...
 ...XXX..
 ....XXX.
-.....XXX"""),
-])
+.....XXX""",
+        ),
+    ],
+)
 def test_sliding_window_grids(kwargs, expected):
     assert torch.equal(heads(LocalSlidingWindowSparsityConfig(3, **kwargs), 8)[1], grid(expected))
 
 
 # --- Density table (spec 1.8) -------------------------------------------------------------
-@pytest.mark.parametrize("seq_len, expected", [
-    (128, [40, 34, 37, 36, 15]),
-    (256, [112, 74, 88, 76, 31]),
-    (1024, [1216, 314, 373, 316, 127]),
-    (2048, [4480, 634, 755, 636, 255]),
-])
+@pytest.mark.parametrize(
+    "seq_len, expected",
+    [
+        (128, [40, 34, 37, 36, 15]),
+        (256, [112, 74, 88, 76, 31]),
+        (1024, [1216, 314, 373, 316, 127]),
+        (2048, [4480, 634, 755, 636, 255]),
+    ],
+)
 def test_density_table(seq_len, expected):
-    configs = [FixedSparsityConfig(1), BSLongformerSparsityConfig(1), BigBirdSparsityConfig(1),
-               VariableSparsityConfig(1), LocalSlidingWindowSparsityConfig(1)]
+    configs = [
+        FixedSparsityConfig(1),
+        BSLongformerSparsityConfig(1),
+        BigBirdSparsityConfig(1),
+        VariableSparsityConfig(1),
+        LocalSlidingWindowSparsityConfig(1),
+    ]
     got = []
     for c in configs:
         random.seed(0)
@@ -393,46 +452,110 @@ def test_random_blocks_only_for_head_zero_when_shared():
 
 
 # --- Validation ---------------------------------------------------------------------------
-@pytest.mark.parametrize("make, error, words", [
-    (lambda: FixedSparsityConfig(4, num_local_blocks=4, num_global_blocks=3), ValueError,
-     ["num_local_blocks", "divisible by num_global_blocks", "num_global_blocks=3"]),
-    (lambda: FixedSparsityConfig(4, attention="causal"), NotImplementedError,
-     ["attention", "'unidirectional' or 'bidirectional'", "'causal'"]),
-    (lambda: FixedSparsityConfig(4, attention="unidirectional", horizontal_global_attention=True),
-     ValueError, ["horizontal_global_attention", "bidirectional"]),
-    (lambda: FixedSparsityConfig(4, num_different_global_patterns=2), ValueError,
-     ["num_different_global_patterns", "different_layout_per_head=True"]),
-    (lambda: FixedSparsityConfig(4, different_layout_per_head=True, num_different_global_patterns=5),
-     ValueError, ["num_different_global_patterns", "<= num_local_blocks // num_global_blocks = 4"]),
-    (lambda: VariableSparsityConfig(4, global_block_indices=[0, 4], global_block_end_indices=[2]),
-     ValueError, ["global_block_end_indices", "as long as global_block_indices"]),
-    (lambda: VariableSparsityConfig(4, global_block_indices=[3], global_block_end_indices=[3]),
-     ValueError, ["global_block_end_indices", "start 3 with end 3"]),
-    (lambda: VariableSparsityConfig(4, attention="x"), NotImplementedError, ["attention"]),
-    (lambda: VariableSparsityConfig(4, attention="unidirectional", horizontal_global_attention=True),
-     ValueError, ["horizontal_global_attention"]),
-    (lambda: VariableSparsityConfig(4, local_window_blocks=[]), ValueError, ["local_window_blocks"]),
-    (lambda: BigBirdSparsityConfig(4, attention="x"), NotImplementedError, ["attention"]),
-    (lambda: BSLongformerSparsityConfig(4, global_block_indices=[5], global_block_end_indices=[1]),
-     ValueError, ["global_block_end_indices", "start 5 with end 1"]),
-    (lambda: DenseSparsityConfig(0), ValueError, ["num_heads", "an int >= 1", "0"]),
-    (lambda: DenseSparsityConfig(2, block=0), ValueError, ["block"]),
-    (lambda: BigBirdSparsityConfig(2, seed="x"), ValueError, ["seed", "torch.Generator"]),
-])
+@pytest.mark.parametrize(
+    "make, error, words",
+    [
+        (
+            lambda: FixedSparsityConfig(4, num_local_blocks=4, num_global_blocks=3),
+            ValueError,
+            ["num_local_blocks", "divisible by num_global_blocks", "num_global_blocks=3"],
+        ),
+        (
+            lambda: FixedSparsityConfig(4, attention="causal"),
+            NotImplementedError,
+            ["attention", "'unidirectional' or 'bidirectional'", "'causal'"],
+        ),
+        (
+            lambda: FixedSparsityConfig(
+                4, attention="unidirectional", horizontal_global_attention=True
+            ),
+            ValueError,
+            ["horizontal_global_attention", "bidirectional"],
+        ),
+        (
+            lambda: FixedSparsityConfig(4, num_different_global_patterns=2),
+            ValueError,
+            ["num_different_global_patterns", "different_layout_per_head=True"],
+        ),
+        (
+            lambda: FixedSparsityConfig(
+                4, different_layout_per_head=True, num_different_global_patterns=5
+            ),
+            ValueError,
+            ["num_different_global_patterns", "<= num_local_blocks // num_global_blocks = 4"],
+        ),
+        (
+            lambda: VariableSparsityConfig(
+                4, global_block_indices=[0, 4], global_block_end_indices=[2]
+            ),
+            ValueError,
+            ["global_block_end_indices", "as long as global_block_indices"],
+        ),
+        (
+            lambda: VariableSparsityConfig(
+                4, global_block_indices=[3], global_block_end_indices=[3]
+            ),
+            ValueError,
+            ["global_block_end_indices", "start 3 with end 3"],
+        ),
+        (lambda: VariableSparsityConfig(4, attention="x"), NotImplementedError, ["attention"]),
+        (
+            lambda: VariableSparsityConfig(
+                4, attention="unidirectional", horizontal_global_attention=True
+            ),
+            ValueError,
+            ["horizontal_global_attention"],
+        ),
+        (
+            lambda: VariableSparsityConfig(4, local_window_blocks=[]),
+            ValueError,
+            ["local_window_blocks"],
+        ),
+        (lambda: BigBirdSparsityConfig(4, attention="x"), NotImplementedError, ["attention"]),
+        (
+            lambda: BSLongformerSparsityConfig(
+                4, global_block_indices=[5], global_block_end_indices=[1]
+            ),
+            ValueError,
+            ["global_block_end_indices", "start 5 with end 1"],
+        ),
+        (lambda: DenseSparsityConfig(0), ValueError, ["num_heads", "an int >= 1", "0"]),
+        (lambda: DenseSparsityConfig(2, block=0), ValueError, ["block"]),
+        (lambda: BigBirdSparsityConfig(2, seed="x"), ValueError, ["seed", "torch.Generator"]),
+    ],
+)
 def test_constructor_errors(make, error, words):
     assert_raises_with(error, words, make)
 
 
-@pytest.mark.parametrize("config, seq_len, words", [
-    (FixedSparsityConfig(2), 100, ["Sequence Length, 100", "Block size 16", "pad_to_block_size"]),
-    (BigBirdSparsityConfig(2, num_random_blocks=5), 64, ["num_random_blocks", "(4)", "5"]),
-    (BigBirdSparsityConfig(2, num_sliding_window_blocks=9), 64, ["num_sliding_window_blocks"]),
-    (BigBirdSparsityConfig(2, num_random_blocks=0, num_global_blocks=9), 64, ["num_global_blocks"]),
-    (VariableSparsityConfig(2, num_random_blocks=9), 64, ["num_random_blocks"]),
-    (BSLongformerSparsityConfig(2, num_sliding_window_blocks=9), 64, ["num_sliding_window_blocks"]),
-    (LocalSlidingWindowSparsityConfig(2, num_sliding_window_blocks=9), 64,
-     ["num_sliding_window_blocks"]),
-])
+@pytest.mark.parametrize(
+    "config, seq_len, words",
+    [
+        (
+            FixedSparsityConfig(2),
+            100,
+            ["Sequence Length, 100", "Block size 16", "pad_to_block_size"],
+        ),
+        (BigBirdSparsityConfig(2, num_random_blocks=5), 64, ["num_random_blocks", "(4)", "5"]),
+        (BigBirdSparsityConfig(2, num_sliding_window_blocks=9), 64, ["num_sliding_window_blocks"]),
+        (
+            BigBirdSparsityConfig(2, num_random_blocks=0, num_global_blocks=9),
+            64,
+            ["num_global_blocks"],
+        ),
+        (VariableSparsityConfig(2, num_random_blocks=9), 64, ["num_random_blocks"]),
+        (
+            BSLongformerSparsityConfig(2, num_sliding_window_blocks=9),
+            64,
+            ["num_sliding_window_blocks"],
+        ),
+        (
+            LocalSlidingWindowSparsityConfig(2, num_sliding_window_blocks=9),
+            64,
+            ["num_sliding_window_blocks"],
+        ),
+    ],
+)
 def test_layout_time_errors(config, seq_len, words):
     assert_raises_with(ValueError, words, config.make_layout, seq_len)
 
@@ -452,12 +575,15 @@ def test_layout_config_wraps_user_layout():
     assert LayoutSparsityConfig(user[0].bool(), block=16).make_layout(128).shape == (1, 8, 8)
 
 
-@pytest.mark.parametrize("layout, words", [
-    ([[1, 0], [0, 1]], ["a torch.Tensor"]),
-    (torch.ones(2, 3, 4, dtype=torch.int64), ["square"]),
-    (torch.ones(1, 4, 4), ["integer or bool"]),
-    (torch.full((1, 4, 4), 2), ["0/1 values"]),
-])
+@pytest.mark.parametrize(
+    "layout, words",
+    [
+        ([[1, 0], [0, 1]], ["a torch.Tensor"]),
+        (torch.ones(2, 3, 4, dtype=torch.int64), ["square"]),
+        (torch.ones(1, 4, 4), ["integer or bool"]),
+        (torch.full((1, 4, 4), 2), ["0/1 values"]),
+    ],
+)
 def test_layout_config_errors(layout, words):
     assert_raises_with(ValueError, words, LayoutSparsityConfig, layout, block=16)
     with pytest.raises(ValueError, match="seq_len"):

@@ -19,7 +19,9 @@ def test_unknown_name_raises():
 
 
 def test_import_is_light():
-    code = ("import sys, blocksparse_attn; blocksparse_attn.FixedSparsityConfig; "
-            "blocksparse_attn.reference_attention; print('triton' in sys.modules)")
+    code = (
+        "import sys, blocksparse_attn; blocksparse_attn.FixedSparsityConfig; "
+        "blocksparse_attn.reference_attention; print('triton' in sys.modules)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert r.stdout.strip() == "False"

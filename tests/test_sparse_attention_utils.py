@@ -14,15 +14,24 @@ BLOCK = 16
 
 
 def tiny(kind, impl="eager"):
-    common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                  intermediate_size=64, vocab_size=100, hidden_dropout_prob=0.0,
-                  attention_probs_dropout_prob=0.0, attn_implementation=impl)
+    common = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        vocab_size=100,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        attn_implementation=impl,
+    )
     torch.manual_seed(0)
     if kind == "bert":
-        return transformers.BertModel(transformers.BertConfig(max_position_embeddings=128,
-                                                              **common)).eval()
-    return transformers.RobertaModel(transformers.RobertaConfig(max_position_embeddings=130,
-                                                                pad_token_id=1, **common)).eval()
+        return transformers.BertModel(
+            transformers.BertConfig(max_position_embeddings=128, **common)
+        ).eval()
+    return transformers.RobertaModel(
+        transformers.RobertaConfig(max_position_embeddings=130, pad_token_id=1, **common)
+    ).eval()
 
 
 def padded_inputs(model, L=50):
@@ -31,8 +40,9 @@ def padded_inputs(model, L=50):
     mask[1, 37:] = 0
     pad_id = model.config.pad_token_id
     ids[1, 37:] = pad_id
-    return SparseAttentionUtils.pad_to_block_size(BLOCK, ids, mask, torch.zeros_like(ids), None,
-                                                  None, pad_id, model.embeddings)
+    return SparseAttentionUtils.pad_to_block_size(
+        BLOCK, ids, mask, torch.zeros_like(ids), None, None, pad_id, model.embeddings
+    )
 
 
 @pytest.mark.parametrize("kind", ["bert", "roberta"])
@@ -45,7 +55,8 @@ def test_dense_config_reproduces_original_model(kind, impl):
         expected = model(input_ids=ids, attention_mask=mask, token_type_ids=types).last_hidden_state
     q_weight = model.encoder.layer[0].attention.self.query.weight
     SparseAttentionUtils.replace_model_self_attention_with_sparse_self_attention(
-        model, 128, DenseSparsityConfig(num_heads=2, block=BLOCK))
+        model, 128, DenseSparsityConfig(num_heads=2, block=BLOCK)
+    )
     new = model.encoder.layer[0].attention.self
     assert isinstance(new, HFBertSparseSelfAttention)
     assert new.query.weight is q_weight  # pretrained weights kept
@@ -59,7 +70,8 @@ def test_dense_config_reproduces_original_model(kind, impl):
 def test_sparse_config_trains_one_step():
     model = tiny("bert").train()
     SparseAttentionUtils.replace_model_self_attention_with_sparse_self_attention(
-        model, 128, FixedSparsityConfig(num_heads=2, block=BLOCK, num_local_blocks=2))
+        model, 128, FixedSparsityConfig(num_heads=2, block=BLOCK, num_local_blocks=2)
+    )
     _, ids, mask, types, _, _ = padded_inputs(model)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     q = model.encoder.layer[0].attention.self.query.weight
@@ -79,7 +91,8 @@ def test_bert_with_head_and_unsupported_model():
     assert isinstance(model.bert.encoder.layer[1].attention.self, HFBertSparseSelfAttention)
     with pytest.raises(ValueError, match="model must be a BERT or RoBERTa model"):
         SparseAttentionUtils.replace_model_self_attention_with_sparse_self_attention(
-            torch.nn.Linear(2, 2), 256)
+            torch.nn.Linear(2, 2), 256
+        )
 
 
 def test_extend_position_embedding_bert():
@@ -122,17 +135,26 @@ def test_pad_to_block_size_forms():
     ids = torch.randint(0, 10, (2, 5))
     # 0/1 mask padded with 0; additive extended mask padded with the dtype's minimum
     _, pids, m01, tt, pos, _ = SparseAttentionUtils.pad_to_block_size(
-        8, ids, torch.ones(2, 5), torch.zeros(2, 5, dtype=torch.long),
-        torch.arange(5).expand(2, 5), None, 0, emb)
+        8,
+        ids,
+        torch.ones(2, 5),
+        torch.zeros(2, 5, dtype=torch.long),
+        torch.arange(5).expand(2, 5),
+        None,
+        0,
+        emb,
+    )
     assert pids[:, 5:].eq(0).all() and m01[:, 5:].eq(0).all() and m01[:, :5].eq(1).all()
     assert tt.shape == (2, 8) and pos[:, 5:].eq(0).all()
     ext = torch.zeros(2, 1, 1, 5)
-    _, _, mext, _, _, _ = SparseAttentionUtils.pad_to_block_size(8, ids, ext, None, None, None, 0,
-                                                                  emb)
+    _, _, mext, _, _, _ = SparseAttentionUtils.pad_to_block_size(
+        8, ids, ext, None, None, None, 0, emb
+    )
     assert mext.shape == (2, 1, 1, 8) and mext[..., 5:].eq(torch.finfo(torch.float32).min).all()
     embeds = torch.randn(2, 5, 4)
     pad_len, none_ids, _, _, _, e = SparseAttentionUtils.pad_to_block_size(
-        8, None, None, None, None, embeds, 3, emb)
+        8, None, None, None, None, embeds, 3, emb
+    )
     assert pad_len == 3 and none_ids is None and torch.equal(e[:, 5:], emb(torch.full((2, 3), 3)))
     # already a multiple: unchanged
     assert SparseAttentionUtils.pad_to_block_size(5, ids, None, None, None, None, 0, emb)[0] == 0

@@ -4,8 +4,14 @@ given, and how to fix it."""
 from __future__ import annotations
 
 
-def bad_argument(where: str, argument: str, expected: str, given: object, fix: str = "",
-                 error: type[Exception] = ValueError) -> Exception:
+def bad_argument(
+    where: str,
+    argument: str,
+    expected: str,
+    given: object,
+    fix: str = "",
+    error: type[Exception] = ValueError,
+) -> Exception:
     """Build (not raise) an exception whose message names the argument, the expectation,
     the value given and a fix, e.g.
 

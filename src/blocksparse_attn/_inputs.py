@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ._errors import bad_argument, describe
+from .patterns._checks import layout_tensor
 
 MASK_MODES = ("add", "mul")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -36,9 +37,14 @@ class AttentionInputs:
 
 def check_mode(where: str, name: str, mode: object) -> None:
     if mode not in MASK_MODES:
-        raise bad_argument(where, name, "'add' or 'mul'", repr(mode),
-                           "'add' adds the mask to the scores (0 keeps, -inf masks); "
-                           "'mul' keeps non-zero entries and masks zeros.")
+        raise bad_argument(
+            where,
+            name,
+            "'add' or 'mul'",
+            repr(mode),
+            "'add' adds the mask to the scores (0 keeps, -inf masks); "
+            "'mul' keeps non-zero entries and masks zeros.",
+        )
 
 
 def _squeeze_except_first(t: torch.Tensor) -> torch.Tensor:
@@ -48,114 +54,216 @@ def _squeeze_except_first(t: torch.Tensor) -> torch.Tensor:
     return t.reshape([t.shape[d] for d in keep])
 
 
-def _check_mask(where: str, name: str, mask: torch.Tensor, mode: str, expected_shape: tuple,
-                shape_text: str, device: torch.device) -> None:
+def _check_mask(
+    where: str,
+    name: str,
+    mask: torch.Tensor,
+    mode: str,
+    expected_shape: tuple,
+    shape_text: str,
+    device: torch.device,
+) -> None:
+    """``shape_text``: the expected shape in words, ``{}`` standing for the sizes."""
     if tuple(mask.shape) != expected_shape:
-        raise bad_argument(where, name, f"of shape {shape_text} = {expected_shape}",
-                           describe(mask))
+        raise bad_argument(where, name, shape_text.format(list(expected_shape)), describe(mask))
     if mask.device != device:
-        raise bad_argument(where, name, f"on the inputs' device ({device})", describe(mask),
-                           f"move it with .to('{device}').")
+        raise bad_argument(
+            where,
+            name,
+            f"on the inputs' device ({device})",
+            describe(mask),
+            f"move it with .to('{device}').",
+        )
     if mask.dtype.is_complex:
-        raise bad_argument(where, name, "a real (bool, integer or floating-point) tensor",
-                           describe(mask), f"pass the mask's real part ({name}.real) if that "
-                           "is what you mean.")
+        raise bad_argument(
+            where,
+            name,
+            "a real (bool, integer or floating-point) tensor",
+            describe(mask),
+            f"pass the mask's real part ({name}.real) if that is what you mean.",
+        )
     if mask.dtype == torch.bool and mode == "add":
-        raise bad_argument(where, name, "a floating-point tensor in 'add' mode", describe(mask),
-                           f"pass {name}_mode='mul' for a bool keep-mask, or an additive float "
-                           "mask (0 keeps, -inf masks).")
+        raise bad_argument(
+            where,
+            name,
+            "a floating-point tensor in 'add' mode",
+            describe(mask),
+            f"pass {name}_mode='mul' for a bool keep-mask, or an additive float "
+            "mask (0 keeps, -inf masks).",
+        )
 
 
-def check_attention_inputs(where: str, q, k, v, layout, *, block, scale=None, causal=False,
-                           rpe=None, key_padding_mask=None, attn_mask=None,
-                           key_padding_mask_mode="add", attn_mask_mode="mul") -> AttentionInputs:
+def check_attention_inputs(
+    where: str,
+    q,
+    k,
+    v,
+    layout,
+    *,
+    block,
+    scale=None,
+    causal=False,
+    rpe=None,
+    key_padding_mask=None,
+    attn_mask=None,
+    key_padding_mask_mode="add",
+    attn_mask_mode="mul",
+) -> AttentionInputs:
     """Check and normalise; see :func:`blocksparse_attn.block_sparse_attention`."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise bad_argument(where, name, "a torch.Tensor [B, H, L, D]", describe(t))
         if t.dim() != 4:
-            raise bad_argument(where, name, "a 4-D tensor [B, H, L, D]", describe(t),
-                               "add batch/head dimensions with unsqueeze.")
+            raise bad_argument(
+                where,
+                name,
+                "a 4-D tensor [B, H, L, D]",
+                describe(t),
+                "add batch/head dimensions with unsqueeze.",
+            )
         if t.dtype not in DTYPES:
             raise bad_argument(where, name, "float16, bfloat16, float32 or float64", describe(t))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     if D == 0:
-        raise bad_argument(where, "q.shape[3] (head dim)", "at least 1", D,
-                           "attention over empty vectors is undefined.")
+        raise bad_argument(
+            where,
+            "q.shape[3] (head dim)",
+            "at least 1",
+            D,
+            "attention over empty vectors is undefined.",
+        )
     if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise bad_argument(where, "q, k, v", "of one dtype",
-                           f"{q.dtype}, {k.dtype}, {v.dtype}", "cast them to one dtype.")
+        raise bad_argument(
+            where,
+            "q, k, v",
+            "of one dtype",
+            f"{q.dtype}, {k.dtype}, {v.dtype}",
+            "cast them to one dtype.",
+        )
     if k.device != q.device or v.device != q.device:
-        raise bad_argument(where, "q, k, v", "on one device",
-                           f"{q.device}, {k.device}, {v.device}")
+        raise bad_argument(where, "q, k, v", "on one device", f"{q.device}, {k.device}, {v.device}")
     if k.shape != (B, H, Lk, D):
-        raise bad_argument(where, "k", f"of shape [B, H, L_k, D] = [{B}, {H}, L_k, {D}] "
-                           "(batch, heads and head dim of q)", describe(k))
+        raise bad_argument(
+            where,
+            "k",
+            f"of shape [B, H, L_k, D] = [{B}, {H}, L_k, {D}] (batch, heads and head dim of q)",
+            describe(k),
+        )
     if v.shape != k.shape:
         raise bad_argument(where, "v", f"of the shape of k, {tuple(k.shape)}", describe(v))
     if isinstance(block, bool) or not isinstance(block, int) or block < 1:
         raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
     for name, n in (("q", Lq), ("k", Lk)):
         if n % block != 0:
-            raise bad_argument(where, f"{name}.shape[2]", f"a multiple of block={block}", n,
-                               "pad the sequence (SparseAttentionUtils.pad_to_block_size) "
-                               "and mask the padding with key_padding_mask.")
-    if not isinstance(layout, torch.Tensor):
-        raise bad_argument(where, "layout", "a torch.Tensor [H, nb_q, nb_k]", describe(layout))
-    if layout.device.type == "meta":
-        raise bad_argument(where, "layout", "a tensor with data (the index is built from its "
-                           "values)", describe(layout), "make the layout on the CPU or the "
-                           "inputs' device.")
-    if layout.dim() == 2:
-        layout = layout.unsqueeze(0)
+            raise bad_argument(
+                where,
+                f"{name}.shape[2]",
+                f"a multiple of block={block}",
+                n,
+                "pad the sequence (SparseAttentionUtils.pad_to_block_size) "
+                "and mask the padding with key_padding_mask.",
+            )
     expect = f"[1 or {H}, {Lq // block}, {Lk // block}] (heads, L_q/block, L_k/block)"
-    if (layout.dim() != 3 or layout.shape[0] not in (1, H)
-            or tuple(layout.shape[1:]) != (Lq // block, Lk // block)):
-        raise bad_argument(where, "layout", f"of shape {expect}", describe(layout),
-                           "make the layout for this sequence length, block and head count.")
-    if layout.dtype.is_floating_point or layout.dtype.is_complex:
-        raise bad_argument(where, "layout", "an integer or bool tensor", describe(layout),
-                           "convert with layout.to(torch.int64) (non-zero means 'attend').")
+    fix = "make the layout for this sequence length, block and head count."
+    layout = layout_tensor(where, layout, f"of shape {expect}", fix)
+    if layout.shape[0] not in (1, H) or tuple(layout.shape[1:]) != (Lq // block, Lk // block):
+        raise bad_argument(where, "layout", f"of shape {expect}", describe(layout), fix)
     if scale is None:
-        scale = D ** -0.5
+        scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise bad_argument(where, "scale", "a float or None (1/sqrt(D))", repr(scale))
     check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
     check_mode(where, "attn_mask_mode", attn_mask_mode)
-    if rpe is not None:
-        if not isinstance(rpe, torch.Tensor) or rpe.dim() > 4:
-            raise bad_argument(where, "rpe", "a tensor broadcastable to [B, H, L_q, L_k]",
-                               describe(rpe))
-        rpe = rpe.reshape((1,) * (4 - rpe.dim()) + tuple(rpe.shape))
-        full = (B, H, Lq, Lk)
-        if any(s not in (1, f) for s, f in zip(rpe.shape, full)) or rpe.shape[2:] != full[2:]:
-            raise bad_argument(where, "rpe", f"broadcastable to [B, H, L_q, L_k] = {list(full)} "
-                               "with full L_q, L_k", describe(rpe))
-        if rpe.device != q.device:
-            raise bad_argument(where, "rpe", f"on the inputs' device ({q.device})", describe(rpe))
-        if not rpe.dtype.is_floating_point:
-            raise bad_argument(where, "rpe", "a floating-point tensor", describe(rpe))
-    if key_padding_mask is not None:
-        if not isinstance(key_padding_mask, torch.Tensor):
-            raise bad_argument(where, "key_padding_mask", "a tensor [B, L_k]",
-                               describe(key_padding_mask))
-        if key_padding_mask.dim() > 2:  # BERT's [B, 1, 1, L]
-            key_padding_mask = _squeeze_except_first(key_padding_mask)
-        if key_padding_mask.dim() == 2 and key_padding_mask.shape[0] == 1 and B != 1:
-            key_padding_mask = key_padding_mask.expand(B, -1)
-        _check_mask(where, "key_padding_mask", key_padding_mask, key_padding_mask_mode,
-                    (B, Lk), "[B, L_k] (or [B, 1, 1, L_k])", q.device)
-    if attn_mask is not None:
-        if not isinstance(attn_mask, torch.Tensor):
-            raise bad_argument(where, "attn_mask", "a tensor [L_q, L_k]", describe(attn_mask))
-        if attn_mask.dim() > 2:
-            attn_mask = attn_mask.reshape(attn_mask.shape[-2:]) if all(
-                s == 1 for s in attn_mask.shape[:-2]) else attn_mask
-        _check_mask(where, "attn_mask", attn_mask, attn_mask_mode, (Lq, Lk),
-                    "[L_q, L_k] (one mask for all batches and heads)", q.device)
-    return AttentionInputs(q, k, v, layout, block, float(scale), bool(causal), rpe,
-                           key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode)
+    rpe = check_rpe(where, rpe, (B, H, Lq, Lk), q.device)
+    key_padding_mask = check_key_padding_mask(
+        where, key_padding_mask, key_padding_mask_mode, B, Lk, q.device
+    )
+    attn_mask = check_attn_mask(where, attn_mask, attn_mask_mode, Lq, Lk, q.device)
+    return AttentionInputs(
+        q,
+        k,
+        v,
+        layout,
+        block,
+        float(scale),
+        bool(causal),
+        rpe,
+        key_padding_mask,
+        attn_mask,
+        key_padding_mask_mode,
+        attn_mask_mode,
+    )
+
+
+def check_rpe(where: str, rpe, full: tuple, device: torch.device, names: str = "B, H"):
+    """``rpe`` (or ``None``) as a 4-D tensor broadcastable to ``full = (B, H, L_q, L_k)``
+    (``names`` names the first two dims in messages), on ``device``, floating point."""
+    if rpe is None:
+        return None
+    shape = f"[{names}, L_q, L_k]"
+    if not isinstance(rpe, torch.Tensor) or rpe.dim() > 4:
+        raise bad_argument(where, "rpe", f"a tensor broadcastable to {shape}", describe(rpe))
+    rpe = rpe.reshape((1,) * (4 - rpe.dim()) + tuple(rpe.shape))
+    if any(s not in (1, f) for s, f in zip(rpe.shape, full)) or rpe.shape[2:] != full[2:]:
+        raise bad_argument(
+            where,
+            "rpe",
+            f"broadcastable to {shape} = {list(full)} with full L_q, L_k",
+            describe(rpe),
+        )
+    if rpe.device != device:
+        raise bad_argument(where, "rpe", f"on the inputs' device ({device})", describe(rpe))
+    if not rpe.dtype.is_floating_point:
+        raise bad_argument(where, "rpe", "a floating-point tensor", describe(rpe))
+    return rpe
+
+
+def check_key_padding_mask(
+    where: str, mask, mode: str, B: int, Lk: int, device: torch.device, batch: str = "B"
+):
+    """The key padding mask (or ``None``) as ``[B, L_k]``: BERT's ``[B, 1, 1, L_k]`` is
+    squeezed, a ``[1, L_k]`` mask is expanded over the batch; checked by
+    :func:`_check_mask`."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise bad_argument(where, "key_padding_mask", f"a tensor [{batch}, L_k]", describe(mask))
+    if mask.dim() > 2:  # BERT's [B, 1, 1, L]
+        mask = _squeeze_except_first(mask)
+    if mask.dim() == 2 and mask.shape[0] == 1 and B != 1:
+        mask = mask.expand(B, -1)
+    _check_mask(
+        where,
+        "key_padding_mask",
+        mask,
+        mode,
+        (B, Lk),
+        f"of shape [{batch}, L_k] = {{}} (or [{batch}, 1, 1, L_k])",
+        device,
+    )
+    return mask
+
+
+def check_attn_mask(where: str, mask, mode: str, Lq: int, Lk: int, device: torch.device):
+    """The attention mask (or ``None``) as ``[L_q, L_k]`` (leading size-1 dims dropped),
+    checked by :func:`_check_mask`."""
+    if mask is None:
+        return None
+    if not isinstance(mask, torch.Tensor):
+        raise bad_argument(where, "attn_mask", "a tensor [L_q, L_k]", describe(mask))
+    if mask.dim() > 2 and all(s == 1 for s in mask.shape[:-2]):
+        mask = mask.reshape(mask.shape[-2:])
+    _check_mask(
+        where,
+        "attn_mask",
+        mask,
+        mode,
+        (Lq, Lk),
+        "of shape [L_q, L_k] = {} (one mask for all batches and heads)",
+        device,
+    )
+    return mask
 
 
 def additive(mask: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
@@ -163,5 +271,6 @@ def additive(mask: torch.Tensor, mode: str, dtype: torch.dtype) -> torch.Tensor:
     if mode == "add":
         return mask.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=mask.device)
-    return torch.where(mask != 0, zero, torch.full((), float("-inf"), dtype=dtype,
-                                                   device=mask.device))
+    return torch.where(
+        mask != 0, zero, torch.full((), float("-inf"), dtype=dtype, device=mask.device)
+    )

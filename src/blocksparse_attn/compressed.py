@@ -18,22 +18,31 @@ def to_sparse(dense: torch.Tensor, layout: torch.Tensor, block: int) -> torch.Te
     layout = layout if layout.dim() == 3 else layout.unsqueeze(0)
     H, R, C = layout.shape
     if dense.dim() != 4 or tuple(dense.shape[1:]) != (H, R * block, C * block):
-        raise bad_argument("to_sparse", "dense", f"of shape [Z, {H}, {R * block}, {C * block}] "
-                           "(heads and block counts of the layout)", describe(dense))
+        raise bad_argument(
+            "to_sparse",
+            "dense",
+            f"of shape [Z, {H}, {R * block}, {C * block}] (heads and block counts of the layout)",
+            describe(dense),
+        )
     h, i, j = layout.to(dense.device).nonzero(as_tuple=True)
     return _blocks_view(dense, block)[:, h, i, j].contiguous()
 
 
-def to_dense(sparse: torch.Tensor, layout: torch.Tensor, block: int,
-             fill: float = 0.0) -> torch.Tensor:
+def to_dense(
+    sparse: torch.Tensor, layout: torch.Tensor, block: int, fill: float = 0.0
+) -> torch.Tensor:
     """``[Z, nnz, block, block]`` -> ``[Z, H, M, N]``; positions outside the layout get
     ``fill`` (0 for products, ``-inf`` for scores)."""
     layout = layout if layout.dim() == 3 else layout.unsqueeze(0)
     H, R, C = layout.shape
     nnz = int((layout != 0).sum())
     if sparse.dim() != 4 or tuple(sparse.shape[1:]) != (nnz, block, block):
-        raise bad_argument("to_dense", "sparse", f"of shape [Z, {nnz}, {block}, {block}] "
-                           "(the layout's kept blocks)", describe(sparse))
+        raise bad_argument(
+            "to_dense",
+            "sparse",
+            f"of shape [Z, {nnz}, {block}, {block}] (the layout's kept blocks)",
+            describe(sparse),
+        )
     out = sparse.new_full((sparse.shape[0], H, R * block, C * block), fill)
     h, i, j = layout.to(sparse.device).nonzero(as_tuple=True)
     _blocks_view(out, block)[:, h, i, j] = sparse

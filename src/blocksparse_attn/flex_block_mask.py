@@ -26,9 +26,15 @@ def _padded_lists(rows: torch.Tensor, cols: torch.Tensor, n_rows: int, width: in
     return counts.to(torch.int32), lists
 
 
-def layout_to_block_mask(layout: torch.Tensor, block: int, *, q_len: int | None = None,
-                         k_len: int | None = None, causal: bool = False,
-                         device: torch.device | str | None = None):
+def layout_to_block_mask(
+    layout: torch.Tensor,
+    block: int,
+    *,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    causal: bool = False,
+    device: torch.device | str | None = None,
+):
     """A FlexAttention ``BlockMask`` (``BLOCK_SIZE=128``) that keeps exactly the
     (query, key) pairs ``layout`` keeps (and ``causal``: key <= query). Tiles the layout
     fills completely are *full* (no ``mask_mod`` call); the others are partial."""
@@ -39,8 +45,9 @@ def layout_to_block_mask(layout: torch.Tensor, block: int, *, q_len: int | None 
     H, nbq, nbk = grid.shape
     q_len = nbq * block if q_len is None else q_len
     k_len = nbk * block if k_len is None else k_len
-    idx = build_index(grid, block, q_len=q_len, k_len=k_len, tile_m=FLEX_BLOCK,
-                      tile_n=FLEX_BLOCK, causal=causal)
+    idx = build_index(
+        grid, block, q_len=q_len, k_len=k_len, tile_m=FLEX_BLOCK, tile_n=FLEX_BLOCK, causal=causal
+    )
     n_rows = H * idx.row_tiles
     counts = (idx.row_ptr[1:] - idx.row_ptr[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
@@ -60,8 +67,14 @@ def layout_to_block_mask(layout: torch.Tensor, block: int, *, q_len: int | None 
             return keep
 
     return BlockMask.from_kv_blocks(
-        kv_n.view(shape), kv_i.view(*shape, -1), f_n.view(shape), f_i.view(*shape, -1),
-        BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(q_len, k_len))
+        kv_n.view(shape),
+        kv_i.view(*shape, -1),
+        f_n.view(shape),
+        f_i.view(*shape, -1),
+        BLOCK_SIZE=FLEX_BLOCK,
+        mask_mod=mask_mod,
+        seq_lengths=(q_len, k_len),
+    )
 
 
 def block_mask_to_layout(block_mask) -> torch.Tensor:

@@ -8,11 +8,14 @@ import torch
 
 from ._errors import bad_argument
 from ._inputs import AttentionInputs, check_attention_inputs
+from .kernels.availability import (
+    FUSED_MAX_HEAD_DIM_BWD,
+    FUSED_MAX_HEAD_DIM_FWD,
+    KERNEL_DTYPES,
+    UNFUSED_BLOCKS,
+)
 
 BACKENDS = ("auto", "fused", "unfused", "reference")
-FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-FUSED_MAX_HEAD_DIM_FWD = 256
-FUSED_MAX_HEAD_DIM_BWD = 128
 
 
 def _triton_reasons(x: AttentionInputs) -> list[str]:
@@ -20,7 +23,7 @@ def _triton_reasons(x: AttentionInputs) -> list[str]:
     from .kernels.availability import kernel_unavailable_reasons
 
     reasons = kernel_unavailable_reasons(x.q.device)
-    if x.q.dtype not in FUSED_DTYPES:
+    if x.q.dtype not in KERNEL_DTYPES:
         reasons.append(f"dtype {x.q.dtype} is not supported (float16, bfloat16, float32)")
     return reasons
 
@@ -32,30 +35,40 @@ def fused_unavailable_reasons(x: AttentionInputs, needs_grad: bool) -> list[str]
     if D > FUSED_MAX_HEAD_DIM_FWD:
         reasons.append(f"head dim {D} > {FUSED_MAX_HEAD_DIM_FWD}")
     elif needs_grad and D > FUSED_MAX_HEAD_DIM_BWD:
-        reasons.append(f"head dim {D} > {FUSED_MAX_HEAD_DIM_BWD} needs a gradient "
-                       f"(the backward kernel supports up to {FUSED_MAX_HEAD_DIM_BWD})")
+        reasons.append(
+            f"head dim {D} > {FUSED_MAX_HEAD_DIM_BWD} needs a gradient "
+            f"(the backward kernel supports up to {FUSED_MAX_HEAD_DIM_BWD})"
+        )
     return reasons
 
 
 def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[str]:
     """Why the unfused SDD -> softmax -> DSD backend cannot run these inputs."""
-    from .ops.matmul import BLOCKS
-
     reasons = _triton_reasons(x)
-    if x.block not in BLOCKS:
-        reasons.append(f"block {x.block} is not one of {', '.join(map(str, BLOCKS))}")
+    if x.block not in UNFUSED_BLOCKS:
+        reasons.append(f"block {x.block} is not one of {', '.join(map(str, UNFUSED_BLOCKS))}")
     if return_lse:
         reasons.append("return_lse=True: the unfused path does not form the log-sum-exp")
     return reasons
 
 
-def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                           layout: torch.Tensor, *, block: int, scale: float | None = None,
-                           causal: bool = False, rpe: torch.Tensor | None = None,
-                           key_padding_mask: torch.Tensor | None = None,
-                           attn_mask: torch.Tensor | None = None,
-                           key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                           backend: str = "auto", return_lse: bool = False):
+def block_sparse_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block: int,
+    scale: float | None = None,
+    causal: bool = False,
+    rpe: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    attn_mask_mode: str = "mul",
+    backend: str = "auto",
+    return_lse: bool = False,
+):
     """Attention restricted to the blocks of ``layout``.
 
     Args:
@@ -89,50 +102,89 @@ def block_sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     """
     where = "block_sparse_attention"
     if backend not in BACKENDS:
-        raise bad_argument(where, "backend", "one of " + ", ".join(map(repr, BACKENDS)),
-                           repr(backend))
-    x = check_attention_inputs(where, q, k, v, layout, block=block, scale=scale, causal=causal,
-                               rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                               key_padding_mask_mode=key_padding_mask_mode,
-                               attn_mask_mode=attn_mask_mode)
+        raise bad_argument(
+            where, "backend", "one of " + ", ".join(map(repr, BACKENDS)), repr(backend)
+        )
+    x = check_attention_inputs(
+        where,
+        q,
+        k,
+        v,
+        layout,
+        block=block,
+        scale=scale,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        key_padding_mask_mode=key_padding_mask_mode,
+        attn_mask_mode=attn_mask_mode,
+    )
     if backend == "unfused":
         reasons = unfused_unavailable_reasons(x, return_lse)
         if reasons:
             raise NotImplementedError(
-                f"{where}: backend='unfused' cannot run these inputs: " + "; ".join(reasons)
-                + ". Fix: use backend='fused' or 'reference', or change the inputs.")
+                f"{where}: backend='unfused' cannot run these inputs: "
+                + "; ".join(reasons)
+                + ". Fix: use backend='fused' or 'reference', or change the inputs."
+            )
         from .index import frozen
         from .ops.unfused_attention import unfused_attention
 
         return unfused_attention(x, frozen(layout))
     if backend != "reference":
         needs_grad = torch.is_grad_enabled() and any(
-            t is not None and t.requires_grad
-            for t in (q, k, v, rpe, key_padding_mask, attn_mask))
+            t is not None and t.requires_grad for t in (q, k, v, rpe, key_padding_mask, attn_mask)
+        )
         reasons = fused_unavailable_reasons(x, needs_grad)
         if backend == "fused" and reasons:
             raise NotImplementedError(
-                f"{where}: backend='fused' cannot run these inputs: " + "; ".join(reasons)
-                + ". Fix: use backend='reference' (exact, O(L^2) memory) or change the inputs.")
+                f"{where}: backend='fused' cannot run these inputs: "
+                + "; ".join(reasons)
+                + ". Fix: use backend='reference' (exact, O(L^2) memory) or change the inputs."
+            )
         if backend == "auto":  # the kernel on CUDA; CPU tensors (even interpreted) use PyTorch
             backend = "fused" if q.device.type == "cuda" and not reasons else "reference"
             if reasons and q.device.type == "cuda":
-                warnings.warn(f"{where}: the fused kernel cannot run these inputs ("
-                              + "; ".join(reasons) + "); using the PyTorch reference "
-                              "(O(L^2) memory). Pass backend='reference' to silence this.",
-                              stacklevel=2)
+                warnings.warn(
+                    f"{where}: the fused kernel cannot run these inputs ("
+                    + "; ".join(reasons)
+                    + "); using the PyTorch reference "
+                    "(O(L^2) memory). Pass backend='reference' to silence this.",
+                    stacklevel=2,
+                )
     if backend == "fused":
         from .ops.fused_attention import fused_attention
 
-        out, lse = fused_attention(x.q, x.k, x.v, layout, block=x.block, scale=x.scale,
-                                   causal=x.causal, rpe=x.rpe,
-                                   key_padding_mask=x.key_padding_mask, attn_mask=x.attn_mask,
-                                   key_padding_mask_mode=x.key_padding_mask_mode,
-                                   attn_mask_mode=x.attn_mask_mode)
+        out, lse = fused_attention(
+            x.q,
+            x.k,
+            x.v,
+            layout,
+            block=x.block,
+            scale=x.scale,
+            causal=x.causal,
+            rpe=x.rpe,
+            key_padding_mask=x.key_padding_mask,
+            attn_mask=x.attn_mask,
+            key_padding_mask_mode=x.key_padding_mask_mode,
+            attn_mask_mode=x.attn_mask_mode,
+        )
         return (out, lse) if return_lse else out
     from .reference import reference_attention
 
-    return reference_attention(q, k, v, layout, block=block, scale=scale, causal=causal,
-                               rpe=rpe, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-                               key_padding_mask_mode=key_padding_mask_mode,
-                               attn_mask_mode=attn_mask_mode, return_lse=return_lse)
+    return reference_attention(
+        q,
+        k,
+        v,
+        layout,
+        block=block,
+        scale=scale,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        key_padding_mask_mode=key_padding_mask_mode,
+        attn_mask_mode=attn_mask_mode,
+        return_lse=return_lse,
+    )

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ._errors import bad_argument, describe
+from ._errors import bad_argument
+from .patterns._checks import layout_tensor
 
 MAX_SUB_BLOCKS = 64  # bits in the per-tile mask
 
@@ -104,11 +105,15 @@ class SparseIndex:
         """Rebuild the kept sub-blocks as a bool ``[heads, q_len // sub, k_len // sub]`` grid
         (inverse of :func:`build_index` for ``causal=False``)."""
         sm, sn = self.tile_m // self.sub, self.tile_n // self.sub
-        grid = torch.zeros((self.heads, self.row_tiles * sm, self.col_tiles * sn),
-                           dtype=torch.bool, device=self.device)
+        grid = torch.zeros(
+            (self.heads, self.row_tiles * sm, self.col_tiles * sn),
+            dtype=torch.bool,
+            device=self.device,
+        )
         counts = self.row_ptr[1:] - self.row_ptr[:-1]
-        owner = torch.repeat_interleave(torch.arange(counts.numel(), device=self.device),
-                                        counts.long())
+        owner = torch.repeat_interleave(
+            torch.arange(counts.numel(), device=self.device), counts.long()
+        )
         h, ti, tj = owner // self.row_tiles, owner % self.row_tiles, self.row_idx.long()
         bit = torch.arange(sm * sn, device=self.device)
         on = ((self.row_bits[:, None] >> bit) & 1).bool()  # [nnz, sm*sn]
@@ -118,28 +123,25 @@ class SparseIndex:
 
 
 def as_bool_layout(layout: torch.Tensor, where: str) -> torch.Tensor:
-    """``layout`` as a bool ``[H, nb_q, nb_k]`` tensor (2-D means one head); rejects
-    non-tensors, other ranks and floating-point layouts with an error naming ``where``."""
-    if not isinstance(layout, torch.Tensor):
-        raise bad_argument(where, "layout", "a torch.Tensor [H, nb_q, nb_k]", describe(layout))
-    if layout.dim() == 2:
-        layout = layout.unsqueeze(0)
-    if layout.dim() != 3:
-        raise bad_argument(where, "layout", "a 3-D tensor [H, nb_q, nb_k] (or 2-D [nb_q, nb_k])",
-                           describe(layout))
-    if layout.dtype.is_floating_point or layout.dtype.is_complex:
-        raise bad_argument(where, "layout", "an integer or bool tensor", describe(layout),
-                           "convert with layout.to(torch.int64) (non-zero means 'attend').")
-    return layout != 0
+    """``layout`` as a bool ``[H, nb_q, nb_k]`` tensor (2-D means one head), after the
+    shared checks (:func:`blocksparse_attn.patterns._checks.layout_tensor`)."""
+    return layout_tensor(where, layout) != 0
 
 
 def sub_block_size(block: int, tile_m: int, tile_n: int) -> int:
     return math.gcd(block, math.gcd(tile_m, tile_n))
 
 
-def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
-                k_len: int | None = None, tile_m: int | None = None, tile_n: int | None = None,
-                causal: bool = False) -> SparseIndex:
+def build_index(
+    layout: torch.Tensor,
+    block: int,
+    *,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    tile_m: int | None = None,
+    tile_n: int | None = None,
+    causal: bool = False,
+) -> SparseIndex:
     """Compile ``layout`` (``[H, nb_q, nb_k]``, non-zero = attend) for ``tile_m x tile_n``
     tiles (default: the block). ``q_len``/``k_len`` default to ``nb * block``. ``causal``
     drops tiles wholly after the diagonal (top-left aligned: key ``c`` is visible from query
@@ -153,16 +155,23 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     tile_m = block if tile_m is None else tile_m
     tile_n = block if tile_n is None else tile_n
     if q_len != nbq * block or k_len != nbk * block:
-        raise bad_argument(where, "layout", f"of shape [H, {q_len} // {block}, {k_len} // {block}]",
-                           f"shape {tuple(grid.shape)}",
-                           "make the layout for these sequence lengths and this block.")
+        raise bad_argument(
+            where,
+            "layout",
+            f"of shape [H, {q_len} // {block}, {k_len} // {block}]",
+            f"shape {tuple(grid.shape)}",
+            "make the layout for these sequence lengths and this block.",
+        )
     g = sub_block_size(block, tile_m, tile_n)
     sm, sn = tile_m // g, tile_n // g
     if sm * sn > MAX_SUB_BLOCKS:
-        raise bad_argument(where, "tile_m x tile_n",
-                           f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
-                           f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
-                           "use a smaller tile for this block.")
+        raise bad_argument(
+            where,
+            "tile_m x tile_n",
+            f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
+            f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
+            "use a smaller tile for this block.",
+        )
     dev = grid.device
     rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
 
@@ -184,9 +193,11 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
         n = tiles.numel()
         # bits are distinct within a tile, so their sum is their bitwise or
         bits = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
-            0, inverse, torch.ones_like(bit) << bit)
+            0, inverse, torch.ones_like(bit) << bit
+        )
         kept = torch.zeros(n, dtype=torch.int64, device=dev).scatter_add_(
-            0, inverse, torch.ones_like(bit))
+            0, inverse, torch.ones_like(bit)
+        )
         th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
         partial = kept < sm * sn
     # ragged ends: a tile reaching past the sequence needs element masks
@@ -215,14 +226,28 @@ def build_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
     seen = partial.cumsum(0)
     lead = seen == (seen - partial)[row_ptr[rows]]
     row_lead = torch.zeros(H * rt, dtype=torch.int32, device=dev).scatter_add_(
-        0, rows, lead.to(torch.int32))
+        0, rows, lead.to(torch.int32)
+    )
     return SparseIndex(
-        heads=H, block=block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, sub=g,
-        causal=causal, row_tiles=rt, col_tiles=ct,
-        row_ptr=row_ptr, row_idx=tj.to(torch.int32), row_bits=bits, row_partial=partial,
+        heads=H,
+        block=block,
+        q_len=q_len,
+        k_len=k_len,
+        tile_m=tile_m,
+        tile_n=tile_n,
+        sub=g,
+        causal=causal,
+        row_tiles=rt,
+        col_tiles=ct,
+        row_ptr=row_ptr,
+        row_idx=tj.to(torch.int32),
+        row_bits=bits,
+        row_partial=partial,
         row_lead=row_lead,
-        col_ptr=col_ptr.to(torch.int32), col_idx=ti[col_order].to(torch.int32),
-        col_bits=bits[col_order], col_partial=partial[col_order],
+        col_ptr=col_ptr.to(torch.int32),
+        col_idx=ti[col_order].to(torch.int32),
+        col_bits=bits[col_order],
+        col_partial=partial[col_order],
         col_pos=col_order.to(torch.int32),
         row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
         col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
@@ -259,8 +284,9 @@ def frozen(layout: torch.Tensor) -> torch.Tensor:
     if held is not None and held[0]() is layout and _unchanged(layout, held[1]):
         return held[1]
     copy = layout.detach().clone()
+    cid = id(copy)
     _FROZEN[lid] = (weakref.ref(layout, lambda _, i=lid: _drop(_FROZEN, i)), copy)
-    _COPIES[id(copy)] = weakref.ref(copy, lambda _, i=id(copy): _drop(_COPIES, i))
+    _COPIES[cid] = weakref.ref(copy, lambda _, i=cid: _drop(_COPIES, i))
     return copy
 
 
@@ -286,15 +312,33 @@ def _cached(layout: torch.Tensor, key: tuple, build):
     return value
 
 
-def get_index(layout: torch.Tensor, block: int, *, q_len: int | None = None,
-              k_len: int | None = None, tile_m: int | None = None, tile_n: int | None = None,
-              causal: bool = False, device: torch.device | str | None = None) -> SparseIndex:
+def get_index(
+    layout: torch.Tensor,
+    block: int,
+    *,
+    q_len: int | None = None,
+    k_len: int | None = None,
+    tile_m: int | None = None,
+    tile_n: int | None = None,
+    causal: bool = False,
+    device: torch.device | str | None = None,
+) -> SparseIndex:
     """:func:`build_index`, cached per layout tensor (see :func:`_cached`), block, tile,
     ``causal`` and the device the index is wanted on."""
     device = torch.device(device) if device is not None else layout.device
-    return _cached(layout, ("index", block, q_len, k_len, tile_m, tile_n, causal, str(device)),
-                   lambda: build_index(layout.to(device), block, q_len=q_len, k_len=k_len,
-                                       tile_m=tile_m, tile_n=tile_n, causal=causal))
+    return _cached(
+        layout,
+        ("index", block, q_len, k_len, tile_m, tile_n, causal, str(device)),
+        lambda: build_index(
+            layout.to(device),
+            block,
+            q_len=q_len,
+            k_len=k_len,
+            tile_m=tile_m,
+            tile_n=tile_n,
+            causal=causal,
+        ),
+    )
 
 
 def get_density(layout: torch.Tensor) -> float:

@@ -19,13 +19,23 @@ def token_mask(layout: torch.Tensor, block: int, causal: bool = False) -> torch.
     return keep
 
 
-def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: torch.Tensor,
-                        *, block: int, scale: float | None = None, causal: bool = False,
-                        rpe: torch.Tensor | None = None,
-                        key_padding_mask: torch.Tensor | None = None,
-                        attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
-                        attn_mask_mode: str = "mul", return_lse: bool = False,
-                        compute_dtype: torch.dtype | None = None):
+def reference_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block: int,
+    scale: float | None = None,
+    causal: bool = False,
+    rpe: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    attn_mask_mode: str = "mul",
+    return_lse: bool = False,
+    compute_dtype: torch.dtype | None = None,
+):
     """Block-sparse attention computed densely, with DeepSpeed's semantics.
 
     For each batch ``b``, head ``h``, query ``i`` and key ``j`` kept by the layout
@@ -53,10 +63,21 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     Returns ``out`` or, with ``return_lse``, ``(out, lse)`` with ``lse [B, H, L_q]`` in the
     compute dtype, the natural-log sum of ``exp(s)`` over kept keys.
     """
-    x = check_attention_inputs("reference_attention", q, k, v, layout, block=block, scale=scale,
-                               causal=causal, rpe=rpe, key_padding_mask=key_padding_mask,
-                               attn_mask=attn_mask, key_padding_mask_mode=key_padding_mask_mode,
-                               attn_mask_mode=attn_mask_mode)
+    x = check_attention_inputs(
+        "reference_attention",
+        q,
+        k,
+        v,
+        layout,
+        block=block,
+        scale=scale,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        key_padding_mask_mode=key_padding_mask_mode,
+        attn_mask_mode=attn_mask_mode,
+    )
     ct = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
     # Non-finite keys and values enter the products as zeros, so that a key a query does not
@@ -71,7 +92,9 @@ def reference_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layou
     if x.rpe is not None:
         s = _add_bias(s, x.rpe.to(ct))
     if x.key_padding_mask is not None:
-        s = _add_bias(s, additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :])
+        s = _add_bias(
+            s, additive(x.key_padding_mask, x.key_padding_mask_mode, ct)[:, None, None, :]
+        )
     if x.attn_mask is not None:
         s = _add_bias(s, additive(x.attn_mask, x.attn_mask_mode, ct))
     s = s.masked_fill(~token_mask(x.layout.to(q.device), block, x.causal), float("-inf"))

@@ -21,17 +21,41 @@ import types
 from ..modules import BertSparseSelfAttention, SparseAttentionUtils, SparseSelfAttention
 from ..ops.matmul import MatMul
 from ..ops.softmax import Softmax
-from ..patterns import (BigBirdSparsityConfig, BSLongformerSparsityConfig, DenseSparsityConfig,
-                        FixedSparsityConfig, LocalSlidingWindowSparsityConfig, SparsityConfig,
-                        VariableSparsityConfig)
+from ..patterns import (
+    BigBirdSparsityConfig,
+    BSLongformerSparsityConfig,
+    DenseSparsityConfig,
+    FixedSparsityConfig,
+    LocalSlidingWindowSparsityConfig,
+    SparsityConfig,
+    VariableSparsityConfig,
+)
 
-SUBMODULES = ("sparsity_config", "softmax", "matmul", "sparse_self_attention",
-              "bert_sparse_self_attention", "sparse_attention_utils")
+SUBMODULES = (
+    "sparsity_config",
+    "softmax",
+    "matmul",
+    "sparse_self_attention",
+    "bert_sparse_self_attention",
+    "sparse_attention_utils",
+)
 
-__all__ = ["SparsityConfig", "DenseSparsityConfig", "FixedSparsityConfig",
-           "VariableSparsityConfig", "BigBirdSparsityConfig", "BSLongformerSparsityConfig",
-           "LocalSlidingWindowSparsityConfig", "MatMul", "Softmax", "SparseSelfAttention",
-           "BertSparseSelfAttention", "SparseAttentionUtils", "install", "uninstall"]
+__all__ = [
+    "SparsityConfig",
+    "DenseSparsityConfig",
+    "FixedSparsityConfig",
+    "VariableSparsityConfig",
+    "BigBirdSparsityConfig",
+    "BSLongformerSparsityConfig",
+    "LocalSlidingWindowSparsityConfig",
+    "MatMul",
+    "Softmax",
+    "SparseSelfAttention",
+    "BertSparseSelfAttention",
+    "SparseAttentionUtils",
+    "install",
+    "uninstall",
+]
 
 _MARK = "__blocksparse_attn_stand_in__"
 
@@ -54,19 +78,24 @@ def install() -> None:
             "blocksparse_attn.deepspeed.install(): DeepSpeed is installed, and standing in for "
             "it would hide the rest of DeepSpeed. Fix: import from blocksparse_attn.deepspeed "
             "instead of deepspeed.ops.sparse_attention (the same module names), or uninstall "
-            "DeepSpeed.")
-    root = types.ModuleType("deepspeed", "Stand-in for DeepSpeed's sparse attention only "
-                            "(blocksparse_attn.deepspeed.install()).")
+            "DeepSpeed."
+        )
+    root = types.ModuleType(
+        "deepspeed",
+        "Stand-in for DeepSpeed's sparse attention only (blocksparse_attn.deepspeed.install()).",
+    )
     ops = types.ModuleType("deepspeed.ops")
     root.__path__, ops.__path__ = [], []
     setattr(root, _MARK, True)
     package = sys.modules[__name__]
     root.ops, ops.sparse_attention = ops, package
-    sys.modules.update({"deepspeed": root, "deepspeed.ops": ops,
-                        "deepspeed.ops.sparse_attention": package})
+    sys.modules.update(
+        {"deepspeed": root, "deepspeed.ops": ops, "deepspeed.ops.sparse_attention": package}
+    )
     for name in SUBMODULES:
         sys.modules[f"deepspeed.ops.sparse_attention.{name}"] = importlib.import_module(
-            f"{__name__}.{name}")
+            f"{__name__}.{name}"
+        )
 
 
 def uninstall() -> None:

@@ -1,6 +1,16 @@
 """Pieces shared by the fused kernels: tile loads (pointers or tensor descriptors), the score
 tile (with every mask and bias of the DeepSpeed semantics), the dot product, and launcher
-helpers."""
+helpers.
+
+Units of the scores. Without a bias or mask the kernels work in base 2: the launcher folds
+``log2(e)`` into the scale (``qk_scale = scale * log2(e)``), so ``exp2(s - m)`` is the
+softmax weight with one multiply per score, and the log-sum-exp is turned back into natural
+log (``* ln 2``) when it is stored. With a bias or mask (``NATURAL``) the scores stay in
+natural units, ``scale * q.k + bias``, and the base changes after the row maximum is
+subtracted, ``exp2((s - m) * log2(e))``: a mask of ``finfo(float32).min`` times ``log2(e)``
+would overflow to ``-inf``; the forward then stores the row maximum and ``log2`` of the row
+sum apart (their sum rounds to the maximum when it is that large).
+"""
 
 from __future__ import annotations
 
@@ -26,21 +36,38 @@ def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, acc=None):
 
 
 @triton.jit
-def _matrix(base, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-            BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+def _matrix(
+    base,
+    rows,
+    stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DESC: tl.constexpr,
+):
     """What :func:`_load_tile` reads a ``[rows, HEAD_DIM]`` matrix at ``base`` through: a
     tensor descriptor (Hopper's tensor memory accelerator) when ``DESC``, else the pointer."""
     if DESC:
-        m = tl.make_tensor_descriptor(base, shape=[rows, HEAD_DIM], strides=[stride, 1],
-                                      block_shape=[BLOCK, BLOCK_D])
+        m = tl.make_tensor_descriptor(
+            base, shape=[rows, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK, BLOCK_D]
+        )
     else:
         m = base
     return m
 
 
 @triton.jit
-def _load_tile(m, first, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_D: tl.constexpr, DESC: tl.constexpr, INSIDE: tl.constexpr):
+def _load_tile(
+    m,
+    first,
+    rows,
+    stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DESC: tl.constexpr,
+    INSIDE: tl.constexpr,
+):
     """Rows ``first .. first + BLOCK`` of the matrix ``m`` (from :func:`_matrix`) as a
     ``BLOCK x BLOCK_D`` tile, zero past its last row and column. ``INSIDE`` promises that
     every row lies inside (the pointer path then loads without a row mask)."""
@@ -55,14 +82,23 @@ def _load_tile(m, first, rows, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constex
         elif INSIDE:
             tile = tl.load(ptr, mask=(offs_d < HEAD_DIM)[None, :], other=0.0)
         else:
-            tile = tl.load(ptr, mask=(offs < rows)[:, None] & (offs_d < HEAD_DIM)[None, :],
-                           other=0.0)
+            tile = tl.load(
+                ptr, mask=(offs < rows)[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0
+            )
     return tile
 
 
 @triton.jit
-def _load_rows(m, first, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.constexpr,
-               BLOCK_D: tl.constexpr, DESC: tl.constexpr):
+def _load_rows(
+    m,
+    first,
+    row_ok,
+    stride,
+    HEAD_DIM: tl.constexpr,
+    BLOCK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DESC: tl.constexpr,
+):
     """Rows ``first .. first + BLOCK`` of the matrix ``m`` (from :func:`_matrix`) as a
     ``BLOCK x BLOCK_D`` tile, zero in the rows where ``row_ok`` is false (which must
     include every row past the matrix's end) and past the last column."""
@@ -72,15 +108,33 @@ def _load_rows(m, first, row_ok, stride, HEAD_DIM: tl.constexpr, BLOCK: tl.const
     else:
         offs = first + tl.arange(0, BLOCK)
         offs_d = tl.arange(0, BLOCK_D)
-        tile = tl.load(m + offs[:, None] * stride + offs_d[None, :],
-                       mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+        tile = tl.load(
+            m + offs[:, None] * stride + offs_d[None, :],
+            mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+            other=0.0,
+        )
     return tile
 
 
 @triton.jit
-def _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M: tl.constexpr,
-               BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr,
-               CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr):
+def _keys_seen(
+    offs_m,
+    offs_n,
+    b,
+    Lq,
+    Lk,
+    bits,
+    KPM,
+    s_kpb,
+    s_kpn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+):
     """``[BLOCK_N]``: which keys of the tile some query of the tile may attend. The others
     (past the sequence, in sub-blocks no query row of the tile keeps, after every query of
     the tile, hidden by the key padding mask) are read as zeros, so that a NaN or inf stored
@@ -109,12 +163,42 @@ def _add_bias(s, bias):
 
 
 @triton.jit
-def _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
-                RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SUB: tl.constexpr,
-                HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr, HAS_RPE: tl.constexpr,
-                HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr, HAS_AM: tl.constexpr,
-                AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+def _score_tile(
+    q,
+    k,
+    offs_m,
+    offs_n,
+    b,
+    h,
+    Lq,
+    Lk,
+    qk_scale,
+    bits,
+    partial,
+    RPE,
+    s_rb,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kpb,
+    s_kpn,
+    AM,
+    s_amm,
+    s_amn,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Scores of one ``BLOCK_M x BLOCK_N`` tile, ``-inf`` where masked:
     ``qk_scale * q.k + rpe + key_padding_mask + attn_mask``. With a bias or an additive
     mask (:func:`natural_units`) the launcher passes ``qk_scale = scale`` and the scores
@@ -217,9 +301,15 @@ def tuned_options() -> list[dict]:
     """What the autotuner chose in this process, one entry per kernel and tuning key:
     ``{"kernel", "dtype", "key": {name: value}, "options": {...}}`` (the benchmark reports
     them)."""
-    return [{"kernel": kernel.fn.__name__, "dtype": str(dtype).removeprefix("torch."),
-             "key": dict(zip(kernel.keys, values)), "options": dict(options)}
-            for (kernel, dtype, _device, *values), options in _TUNED.items()]
+    return [
+        {
+            "kernel": kernel.fn.__name__,
+            "dtype": str(dtype).removeprefix("torch."),
+            "key": dict(zip(kernel.keys, values)),
+            "options": dict(options),
+        }
+        for (kernel, dtype, _device, *values), options in _TUNED.items()
+    ]
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
@@ -247,8 +337,10 @@ def descriptors_allowed(*tensors: torch.Tensor) -> bool:
     every base address and leading stride a multiple of 16 bytes."""
     if not interpreting() and _capability(tensors[0].device.index) < 9:
         return False
-    return all(t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0
-                                              for s in t.stride()[:-1]) for t in tensors)
+    return all(
+        t.data_ptr() % 16 == 0 and all(s * t.element_size() % 16 == 0 for s in t.stride()[:-1])
+        for t in tensors
+    )
 
 
 def prune_descriptors(configs, named_args, **kwargs):
@@ -284,8 +376,18 @@ def natural_units(flags: dict) -> bool:
     return flags["HAS_RPE"] or flags["HAS_KPM"] or flags["HAS_AM"]
 
 
-def mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode,
-              B: int, H: int, Lq: int, Lk: int, dummy: torch.Tensor):
+def mask_args(
+    rpe,
+    key_padding_mask,
+    attn_mask,
+    key_padding_mask_mode,
+    attn_mask_mode,
+    B: int,
+    H: int,
+    Lq: int,
+    Lk: int,
+    dummy: torch.Tensor,
+):
     """Pointers, strides and constexpr flags for rpe / key_padding_mask / attn_mask
     (absent ones get a dummy pointer and zero strides)."""
     rpe_args = (dummy, 0, 0, 0, 0)
@@ -298,7 +400,11 @@ def mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask
     am_args = (dummy, 0, 0)
     if attn_mask is not None:
         am_args = (attn_mask, *attn_mask.stride())
-    flags = dict(HAS_RPE=rpe is not None, HAS_KPM=key_padding_mask is not None,
-                 KPM_MUL=key_padding_mask_mode == "mul", HAS_AM=attn_mask is not None,
-                 AM_MUL=attn_mask_mode == "mul")
+    flags = dict(
+        HAS_RPE=rpe is not None,
+        HAS_KPM=key_padding_mask is not None,
+        KPM_MUL=key_padding_mask_mode == "mul",
+        HAS_AM=attn_mask is not None,
+        AM_MUL=attn_mask_mode == "mul",
+    )
     return (*rpe_args, *kpm_args, *am_args), flags

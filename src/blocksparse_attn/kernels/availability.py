@@ -7,6 +7,13 @@ import os
 
 import torch
 
+# What the Triton kernels support, in one place (the functional API, the ops and the
+# benchmarks read these).
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FUSED_MAX_HEAD_DIM_FWD = 256  # the forward's head-dim tile is at most 256 wide
+FUSED_MAX_HEAD_DIM_BWD = 128  # the backward keeps dK, dV (or dQ) and K, V tiles in registers
+UNFUSED_BLOCKS = (16, 32, 64, 128)  # the block-sparse matmul and softmax tiles
+
 
 def interpreting() -> bool:
     """True when Triton's interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU
@@ -42,8 +49,10 @@ def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
             reasons.append("CUDA is not available")
     elif device.type == "cpu":
         if not interpreting():
-            reasons.append("tensors are on the CPU and Triton's interpreter is off "
-                           "(the kernels need a CUDA GPU, or TRITON_INTERPRET=1 for testing)")
+            reasons.append(
+                "tensors are on the CPU and Triton's interpreter is off "
+                "(the kernels need a CUDA GPU, or TRITON_INTERPRET=1 for testing)"
+            )
     else:
         reasons.append(f"device type {device.type!r} is not supported by the kernels (CUDA only)")
     return reasons

@@ -23,10 +23,29 @@ from .configs import launch_configs, matmul_tile
 
 @triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_K"])
 @triton.jit
-def _sdd_kernel(A, B, C, s_az, s_ah, s_am, s_ak, s_bz, s_bh, s_bk, s_bn, s_cz, s_cb,
-                blk_h, blk_i, blk_j, K,
-                BLOCK: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _sdd_kernel(
+    A,
+    B,
+    C,
+    s_az,
+    s_ah,
+    s_am,
+    s_ak,
+    s_bz,
+    s_bh,
+    s_bk,
+    s_bn,
+    s_cz,
+    s_cb,
+    blk_h,
+    blk_i,
+    blk_j,
+    K,
+    BLOCK: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     t = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
     h = tl.load(blk_h + t).to(tl.int64)
@@ -41,16 +60,40 @@ def _sdd_kernel(A, B, C, s_az, s_ah, s_am, s_ak, s_bz, s_bh, s_bk, s_bn, s_cz, s
         b = tl.load(b_base + offs_k[:, None] * s_bk, mask=offs_k[:, None] < K, other=0.0)
         acc += _dot(a, b, INPUT_PRECISION, UPCAST)
     r = tl.arange(0, BLOCK)
-    tl.store(C + z * s_cz + t.to(tl.int64) * s_cb + r[:, None] * BLOCK + r[None, :],
-             acc.to(C.dtype.element_ty))
+    tl.store(
+        C + z * s_cz + t.to(tl.int64) * s_cb + r[:, None] * BLOCK + r[None, :],
+        acc.to(C.dtype.element_ty),
+    )
 
 
 @triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_N"])
 @triton.jit
-def _dsd_kernel(S, D, C, s_sz, s_sb, S_ROW, S_COL, s_dz, s_dh, s_dk, s_dn,
-                s_cz, s_ch, s_cm, s_cn, ptr, other, pos, lists_per_head, N,
-                BLOCK: tl.constexpr, BLOCK_N: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _dsd_kernel(
+    S,
+    D,
+    C,
+    s_sz,
+    s_sb,
+    S_ROW,
+    S_COL,
+    s_dz,
+    s_dh,
+    s_dk,
+    s_dn,
+    s_cz,
+    s_ch,
+    s_cm,
+    s_cn,
+    ptr,
+    other,
+    pos,
+    lists_per_head,
+    N,
+    BLOCK: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Row-block ``rb`` of ``op(S) @ op(D)``: the sum over the row's sparse blocks."""
     r = tl.program_id(0)
     pn = tl.program_id(1)
@@ -66,20 +109,44 @@ def _dsd_kernel(S, D, C, s_sz, s_sb, S_ROW, S_COL, s_dz, s_dh, s_dk, s_dn,
         k = tl.load(other + e)
         t = tl.load(pos + e).to(tl.int64)
         s = tl.load(s_base + t * s_sb)
-        d = tl.load(d_base + (k * BLOCK + i)[:, None] * s_dk, mask=offs_n[None, :] < N,
-                    other=0.0)
+        d = tl.load(d_base + (k * BLOCK + i)[:, None] * s_dk, mask=offs_n[None, :] < N, other=0.0)
         acc += _dot(s, d, INPUT_PRECISION, UPCAST)
     offs_m = rb * BLOCK + i
-    tl.store(C + z * s_cz + h * s_ch + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
-             acc.to(C.dtype.element_ty), mask=offs_n[None, :] < N)
+    tl.store(
+        C + z * s_cz + h * s_ch + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
+        acc.to(C.dtype.element_ty),
+        mask=offs_n[None, :] < N,
+    )
 
 
 @triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_M"])
 @triton.jit
-def _dds_kernel(D, S, C, s_dz, s_dh, s_dm, s_dk, s_sz, s_sb, S_ROW, S_COL,
-                s_cz, s_ch, s_cm, s_cn, ptr, other, pos, lists_per_head, M,
-                BLOCK: tl.constexpr, BLOCK_M: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-                UPCAST: tl.constexpr):
+def _dds_kernel(
+    D,
+    S,
+    C,
+    s_dz,
+    s_dh,
+    s_dm,
+    s_dk,
+    s_sz,
+    s_sb,
+    S_ROW,
+    S_COL,
+    s_cz,
+    s_ch,
+    s_cm,
+    s_cn,
+    ptr,
+    other,
+    pos,
+    lists_per_head,
+    M,
+    BLOCK: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+):
     """Column-block ``cb`` of ``op(D) @ op(S)``: the sum over the column's sparse blocks."""
     r = tl.program_id(0)
     pm = tl.program_id(1)
@@ -94,21 +161,30 @@ def _dds_kernel(D, S, C, s_dz, s_dh, s_dm, s_dk, s_sz, s_sb, S_ROW, S_COL,
     for e in range(tl.load(ptr + r), tl.load(ptr + r + 1)):
         k = tl.load(other + e)
         t = tl.load(pos + e).to(tl.int64)
-        d = tl.load(d_base + (k * BLOCK + i)[None, :] * s_dk, mask=offs_m[:, None] < M,
-                    other=0.0)
+        d = tl.load(d_base + (k * BLOCK + i)[None, :] * s_dk, mask=offs_m[:, None] < M, other=0.0)
         s = tl.load(s_base + t * s_sb)
         acc += _dot(d, s, INPUT_PRECISION, UPCAST)
     offs_n = cb * BLOCK + i
-    tl.store(C + z * s_cz + h * s_ch + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
-             acc.to(C.dtype.element_ty), mask=offs_m[:, None] < M)
+    tl.store(
+        C + z * s_cz + h * s_ch + offs_m[:, None] * s_cm + offs_n[None, :] * s_cn,
+        acc.to(C.dtype.element_ty),
+        mask=offs_m[:, None] < M,
+    )
 
 
 def _op(t: torch.Tensor, trans: bool) -> torch.Tensor:
     return t.transpose(-1, -2) if trans else t
 
 
-def sdd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, blocks: torch.Tensor,
-        block: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+def sdd(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    trans_a: bool,
+    trans_b: bool,
+    blocks: torch.Tensor,
+    block: int,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
     """``op(a) @ op(b)`` on the blocks ``blocks`` (``[nnz, 3]`` of (head, row, col), in
     compressed order). ``a``, ``b``: ``[Z, H, ., .]``. Returns ``[Z, nnz, block, block]``
     in ``out_dtype`` (default: the inputs'; the sums are fp32 either way)."""
@@ -119,11 +195,35 @@ def sdd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, blocks: 
     if nnz == 0:
         return c
     h, i, j = (blocks[:, d].contiguous() for d in range(3))
-    launch(_sdd_kernel, (nnz, Z), (
-        a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3),
-        b.stride(0), b.stride(1), b.stride(2), b.stride(3), c.stride(0), c.stride(1),
-        h, i, j, K), dict(BLOCK=block, BLOCK_K=matmul_tile(K, block, a.element_size(), widest=64),
-                          INPUT_PRECISION=input_precision(a.dtype), UPCAST=upcast_dots(a.dtype)))
+    launch(
+        _sdd_kernel,
+        (nnz, Z),
+        (
+            a,
+            b,
+            c,
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            a.stride(3),
+            b.stride(0),
+            b.stride(1),
+            b.stride(2),
+            b.stride(3),
+            c.stride(0),
+            c.stride(1),
+            h,
+            i,
+            j,
+            K,
+        ),
+        dict(
+            BLOCK=block,
+            BLOCK_K=matmul_tile(K, block, a.element_size(), widest=64),
+            INPUT_PRECISION=input_precision(a.dtype),
+            UPCAST=upcast_dots(a.dtype),
+        ),
+    )
     return c
 
 
@@ -135,8 +235,9 @@ def _lists(index, by_rows: bool):
     return index.col_ptr, index.col_idx, index.col_pos, index.col_tiles
 
 
-def dsd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
-        block: int) -> torch.Tensor:
+def dsd(
+    a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index, block: int
+) -> torch.Tensor:
     """``op(a) @ op(b)`` with ``a`` compressed (``index``: its stored layout at tile =
     block) and ``b`` dense ``[Z, H, ., .]``. Returns dense ``[Z, H, M, N]``."""
     b = _op(b, trans_b)
@@ -145,16 +246,44 @@ def dsd(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     c = empty((Z, H, lists * block, N), b.dtype, b.device)
     rs, cs = (1, block) if trans_a else (block, 1)
     BLOCK_N = matmul_tile(N, block, b.element_size())
-    launch(_dsd_kernel, (H * lists, triton.cdiv(N, BLOCK_N), Z), (
-        a, b, c, a.stride(0), a.stride(1), rs, cs, b.stride(0), b.stride(1), b.stride(2),
-        b.stride(3), c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos,
-        lists, N), dict(BLOCK=block, BLOCK_N=BLOCK_N, INPUT_PRECISION=input_precision(b.dtype),
-                        UPCAST=upcast_dots(b.dtype)))
+    launch(
+        _dsd_kernel,
+        (H * lists, triton.cdiv(N, BLOCK_N), Z),
+        (
+            a,
+            b,
+            c,
+            a.stride(0),
+            a.stride(1),
+            rs,
+            cs,
+            b.stride(0),
+            b.stride(1),
+            b.stride(2),
+            b.stride(3),
+            c.stride(0),
+            c.stride(1),
+            c.stride(2),
+            c.stride(3),
+            ptr,
+            other,
+            pos,
+            lists,
+            N,
+        ),
+        dict(
+            BLOCK=block,
+            BLOCK_N=BLOCK_N,
+            INPUT_PRECISION=input_precision(b.dtype),
+            UPCAST=upcast_dots(b.dtype),
+        ),
+    )
     return c
 
 
-def dds(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
-        block: int) -> torch.Tensor:
+def dds(
+    a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index, block: int
+) -> torch.Tensor:
     """``op(a) @ op(b)`` with ``a`` dense ``[Z, H, ., .]`` and ``b`` compressed (``index``:
     its stored layout at tile = block). Returns dense ``[Z, H, M, N]``."""
     a = _op(a, trans_a)
@@ -163,9 +292,36 @@ def dds(a: torch.Tensor, b: torch.Tensor, trans_a: bool, trans_b: bool, index,
     c = empty((Z, H, M, lists * block), a.dtype, a.device)
     rs, cs = (1, block) if trans_b else (block, 1)
     BLOCK_M = matmul_tile(M, block, a.element_size())
-    launch(_dds_kernel, (H * lists, triton.cdiv(M, BLOCK_M), Z), (
-        a, b, c, a.stride(0), a.stride(1), a.stride(2), a.stride(3), b.stride(0), b.stride(1),
-        rs, cs, c.stride(0), c.stride(1), c.stride(2), c.stride(3), ptr, other, pos, lists, M),
-        dict(BLOCK=block, BLOCK_M=BLOCK_M, INPUT_PRECISION=input_precision(a.dtype),
-             UPCAST=upcast_dots(a.dtype)))
+    launch(
+        _dds_kernel,
+        (H * lists, triton.cdiv(M, BLOCK_M), Z),
+        (
+            a,
+            b,
+            c,
+            a.stride(0),
+            a.stride(1),
+            a.stride(2),
+            a.stride(3),
+            b.stride(0),
+            b.stride(1),
+            rs,
+            cs,
+            c.stride(0),
+            c.stride(1),
+            c.stride(2),
+            c.stride(3),
+            ptr,
+            other,
+            pos,
+            lists,
+            M,
+        ),
+        dict(
+            BLOCK=block,
+            BLOCK_M=BLOCK_M,
+            INPUT_PRECISION=input_precision(a.dtype),
+            UPCAST=upcast_dots(a.dtype),
+        ),
+    )
     return c

@@ -14,15 +14,42 @@ from ._common import _add_bias, empty, mask_args
 
 
 @triton.jit
-def _scores(X, t, rows, cols, z, h, scale, RPE, s_rz, s_rh, s_rm, s_rn, KPM, s_kz, s_kn,
-            AM, s_am, s_an, BLOCK: tl.constexpr, HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr,
-            KPM_MUL: tl.constexpr, HAS_AM: tl.constexpr, AM_MUL: tl.constexpr,
-            CAUSAL: tl.constexpr):
+def _scores(
+    X,
+    t,
+    rows,
+    cols,
+    z,
+    h,
+    scale,
+    RPE,
+    s_rz,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kz,
+    s_kn,
+    AM,
+    s_am,
+    s_an,
+    BLOCK: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     i = tl.arange(0, BLOCK)
     s = tl.load(X + t * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]).to(tl.float32) * scale
     if HAS_RPE:
-        s = _add_bias(s, tl.load(RPE + z * s_rz + h * s_rh + rows[:, None] * s_rm
-                                 + cols[None, :] * s_rn).to(tl.float32))
+        s = _add_bias(
+            s,
+            tl.load(RPE + z * s_rz + h * s_rh + rows[:, None] * s_rm + cols[None, :] * s_rn).to(
+                tl.float32
+            ),
+        )
     if HAS_KPM:
         kp = tl.load(KPM + z * s_kz + cols * s_kn)
         if KPM_MUL:
@@ -41,11 +68,34 @@ def _scores(X, t, rows, cols, z, h, scale, RPE, s_rz, s_rh, s_rm, s_rn, KPM, s_k
 
 
 @triton.jit
-def _softmax_fwd_kernel(X, Y, s_xz, s_yz, row_ptr, row_idx, rows_per_head, scale,
-                        RPE, s_rz, s_rh, s_rm, s_rn, KPM, s_kz, s_kn, AM, s_am, s_an,
-                        BLOCK: tl.constexpr, HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr,
-                        KPM_MUL: tl.constexpr, HAS_AM: tl.constexpr, AM_MUL: tl.constexpr,
-                        CAUSAL: tl.constexpr):
+def _softmax_fwd_kernel(
+    X,
+    Y,
+    s_xz,
+    s_yz,
+    row_ptr,
+    row_idx,
+    rows_per_head,
+    scale,
+    RPE,
+    s_rz,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kz,
+    s_kn,
+    AM,
+    s_am,
+    s_an,
+    BLOCK: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
     r = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
     h = (r // rows_per_head).to(tl.int64)
@@ -57,9 +107,33 @@ def _softmax_fwd_kernel(X, Y, s_xz, s_yz, row_ptr, row_idx, rows_per_head, scale
     l = tl.zeros([BLOCK], dtype=tl.float32)
     for t in range(start, end):
         cols = tl.load(row_idx + t) * BLOCK + tl.arange(0, BLOCK)
-        s = _scores(x_base, t, rows, cols, z, h, scale, RPE, s_rz, s_rh, s_rm, s_rn, KPM,
-                    s_kz, s_kn, AM, s_am, s_an, BLOCK, HAS_RPE, HAS_KPM, KPM_MUL, HAS_AM, AM_MUL,
-                    CAUSAL)
+        s = _scores(
+            x_base,
+            t,
+            rows,
+            cols,
+            z,
+            h,
+            scale,
+            RPE,
+            s_rz,
+            s_rh,
+            s_rm,
+            s_rn,
+            KPM,
+            s_kz,
+            s_kn,
+            AM,
+            s_am,
+            s_an,
+            BLOCK,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            CAUSAL,
+        )
         m_new = tl.maximum(m, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
         l = l * tl.exp(m - m_use) + tl.sum(tl.exp(s - m_use[:, None]), 1)
@@ -69,17 +143,55 @@ def _softmax_fwd_kernel(X, Y, s_xz, s_yz, row_ptr, row_idx, rows_per_head, scale
     i = tl.arange(0, BLOCK)
     for t in range(start, end):
         cols = tl.load(row_idx + t) * BLOCK + tl.arange(0, BLOCK)
-        s = _scores(x_base, t, rows, cols, z, h, scale, RPE, s_rz, s_rh, s_rm, s_rn, KPM,
-                    s_kz, s_kn, AM, s_am, s_an, BLOCK, HAS_RPE, HAS_KPM, KPM_MUL, HAS_AM, AM_MUL,
-                    CAUSAL)
+        s = _scores(
+            x_base,
+            t,
+            rows,
+            cols,
+            z,
+            h,
+            scale,
+            RPE,
+            s_rz,
+            s_rh,
+            s_rm,
+            s_rn,
+            KPM,
+            s_kz,
+            s_kn,
+            AM,
+            s_am,
+            s_an,
+            BLOCK,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            CAUSAL,
+        )
         p = tl.exp(s - m_use[:, None]) * inv[:, None]
-        tl.store(Y + z * s_yz + t * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :],
-                 p.to(Y.dtype.element_ty))
+        tl.store(
+            Y + z * s_yz + t * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :],
+            p.to(Y.dtype.element_ty),
+        )
 
 
 @triton.jit
-def _softmax_bwd_kernel(Y, DY, DX, DS, s_yz, s_dyz, s_dxz, s_dsz, row_ptr, scale,
-                        BLOCK: tl.constexpr, STORE_DS: tl.constexpr):
+def _softmax_bwd_kernel(
+    Y,
+    DY,
+    DX,
+    DS,
+    s_yz,
+    s_dyz,
+    s_dxz,
+    s_dsz,
+    row_ptr,
+    scale,
+    BLOCK: tl.constexpr,
+    STORE_DS: tl.constexpr,
+):
     """``ds = y * (dy - rowsum(y * dy))``; ``dx = scale * ds``; ``ds`` is rpe's gradient."""
     r = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
@@ -101,11 +213,20 @@ def _softmax_bwd_kernel(Y, DY, DX, DS, s_yz, s_dyz, s_dxz, s_dsz, row_ptr, scale
             tl.store(DS + z * s_dsz + t * BLOCK * BLOCK + offs, ds)
 
 
-def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
-                    key_padding_mask=None, attn_mask=None, key_padding_mask_mode="add",
-                    attn_mask_mode="add", causal: bool = False,
-                    out_dtype: torch.dtype | None = None, out: torch.Tensor | None = None
-                    ) -> torch.Tensor:
+def softmax_forward(
+    x: torch.Tensor,
+    index,
+    block: int,
+    scale: float,
+    rpe=None,
+    key_padding_mask=None,
+    attn_mask=None,
+    key_padding_mask_mode="add",
+    attn_mask_mode="add",
+    causal: bool = False,
+    out_dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """``x``: contiguous ``[Z, nnz, block, block]``; ``index``: the layout at tile = block;
     ``rpe`` broadcastable to ``[Z, H, L_q, L_k]``; ``key_padding_mask [Z, L_k]``;
     ``attn_mask [L_q, L_k]``; ``causal`` hides keys after the query. Returns the
@@ -115,16 +236,45 @@ def softmax_forward(x: torch.Tensor, index, block: int, scale: float, rpe=None,
     Z = x.shape[0]
     y = out if out is not None else empty(x.shape, out_dtype or x.dtype, x.device)
     H, rows = index.heads, index.row_tiles
-    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
-                             attn_mask_mode, Z, H, index.q_len, index.k_len, x)
+    extra, flags = mask_args(
+        rpe,
+        key_padding_mask,
+        attn_mask,
+        key_padding_mask_mode,
+        attn_mask_mode,
+        Z,
+        H,
+        index.q_len,
+        index.k_len,
+        x,
+    )
     _softmax_fwd_kernel[(H * rows, Z)](
-        x, y, x.stride(0), y.stride(0), index.row_ptr, index.row_idx, rows, scale, *extra,
-        BLOCK=block, CAUSAL=causal, num_warps=4, **flags)
+        x,
+        y,
+        x.stride(0),
+        y.stride(0),
+        index.row_ptr,
+        index.row_idx,
+        rows,
+        scale,
+        *extra,
+        BLOCK=block,
+        CAUSAL=causal,
+        num_warps=4,
+        **flags,
+    )
     return y
 
 
-def softmax_backward(y: torch.Tensor, dy: torch.Tensor, index, block: int, scale: float,
-                     rpe_grad: bool = False, dx_dtype: torch.dtype | None = None):
+def softmax_backward(
+    y: torch.Tensor,
+    dy: torch.Tensor,
+    index,
+    block: int,
+    scale: float,
+    rpe_grad: bool = False,
+    dx_dtype: torch.dtype | None = None,
+):
     """Gradient of :func:`softmax_forward` for ``x``, in ``dx_dtype`` (default: ``y``'s),
     and, with ``rpe_grad``, the score gradient in compressed form, float32. Returns
     ``(dx, ds or None)``."""
@@ -133,6 +283,18 @@ def softmax_backward(y: torch.Tensor, dy: torch.Tensor, index, block: int, scale
     dx = empty(y.shape, dx_dtype or y.dtype, y.device)
     ds = empty(y.shape, torch.float32, y.device) if rpe_grad else dx
     _softmax_bwd_kernel[(index.heads * index.row_tiles, Z)](
-        y, dy, dx, ds, y.stride(0), dy.stride(0), dx.stride(0), ds.stride(0), index.row_ptr,
-        scale, BLOCK=block, STORE_DS=rpe_grad, num_warps=4)
+        y,
+        dy,
+        dx,
+        ds,
+        y.stride(0),
+        dy.stride(0),
+        dx.stride(0),
+        ds.stride(0),
+        index.row_ptr,
+        scale,
+        BLOCK=block,
+        STORE_DS=rpe_grad,
+        num_warps=4,
+    )
     return dx, (ds if rpe_grad else None)

@@ -14,9 +14,6 @@ from dataclasses import dataclass
 from ..index import MAX_SUB_BLOCKS, sub_block_size
 from .availability import interpreting
 
-SUPPORTED_HEAD_DIMS_FWD = (16, 32, 64, 96, 128, 256)
-SUPPORTED_HEAD_DIMS_BWD = (16, 32, 64, 96, 128)
-
 
 @dataclass(frozen=True)
 class Tiles:
@@ -64,8 +61,9 @@ def forward_tiles(head_dim: int, block: int, density: float = 1.0, itemsize: int
     return _shrink(block, 64, 64)
 
 
-def backward_tiles(head_dim: int, block: int, density: float = 1.0,
-                   itemsize: int = 2) -> tuple[Tiles, Tiles]:
+def backward_tiles(
+    head_dim: int, block: int, density: float = 1.0, itemsize: int = 2
+) -> tuple[Tiles, Tiles]:
     """(dK/dV tiles, dQ tiles): dK/dV programs own ``n`` keys and step over ``m`` queries;
     dQ programs own ``m`` queries and step over ``n`` keys."""
     if interpreting():
@@ -90,14 +88,14 @@ def launch_configs(kind: str):
         return [triton.Config({}, num_warps=w, num_stages=s) for w in (4, 8) for s in (2, 3, 4)]
     # the combinations that won somewhere in the v2 and v4 sweeps (benchmarks/NOTES.md;
     # descriptors never won with 3 stages)
-    options = [(0, w, s, None) for w in (4, 8) for s in (2, 3)] + [(1, 4, 2, None),
-                                                                     (1, 8, 2, None)]
+    options = [(0, w, s, None) for w in (4, 8) for s in (2, 3)] + [(1, 4, 2, None), (1, 8, 2, None)]
     # 8 warps capped at 128 registers a thread: two programs fit an SM's 65536 registers.
     # Uncapped, the token-causal forward takes 153 and runs one program per SM: 1.78 ms
     # against 1.07 ms for the same tiles without the mask at 126 (H100, NOTES.md v5)
     options += [(d, w, s, 128) for d, w, s, _ in options if w == 8]
-    return [triton.Config({"DESC": d}, num_warps=w, num_stages=s, maxnreg=r)
-            for d, w, s, r in options]
+    return [
+        triton.Config({"DESC": d}, num_warps=w, num_stages=s, maxnreg=r) for d, w, s, r in options
+    ]
 
 
 def matmul_tile(size: int, block: int, itemsize: int, widest: int = 128) -> int:

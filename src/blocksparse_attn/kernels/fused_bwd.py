@@ -16,20 +16,58 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _keys_seen, _load_rows, _load_tile, _matrix, _schedule
-from ._common import _score_tile, descriptors_allowed, empty, input_precision, launch, mask_args
-from ._common import natural_units, prune_descriptors, unit_last_stride, upcast_dots
+from ._common import (
+    LOG2E,
+    _dot,
+    _keys_seen,
+    _load_rows,
+    _load_tile,
+    _matrix,
+    _schedule,
+    _score_tile,
+    descriptors_allowed,
+    empty,
+    input_precision,
+    launch,
+    mask_args,
+    natural_units,
+    prune_descriptors,
+    unit_last_stride,
+    upcast_dots,
+)
 from .configs import PROGRAM_GROUP, Tiles, backward_tiles, launch_configs
 
-_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
-        "ALLOW_DESC"]
+_KEY = [
+    "HEAD_DIM",
+    "BLOCK_M",
+    "BLOCK_N",
+    "SUB",
+    "CAUSAL",
+    "HAS_RPE",
+    "HAS_KPM",
+    "HAS_AM",
+    "ALLOW_DESC",
+]
 _PRUNE = {"early_config_prune": prune_descriptors}
 
 
 @triton.jit
-def _bsa_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H, Lq,
-                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                          BLOCK_M: tl.constexpr):
+def _bsa_bwd_delta_kernel(
+    O,
+    DO,
+    DELTA,
+    s_ob,
+    s_oh,
+    s_om,
+    s_dob,
+    s_doh,
+    s_dom,
+    H,
+    Lq,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """``delta = rowsum(dO * O)`` in fp32, ``[B, H, L_q]``."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
@@ -38,10 +76,12 @@ def _bsa_bwd_delta_kernel(O, DO, DELTA, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok,
-                other=0.0)
-    do = tl.load(DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :],
-                 mask=ok, other=0.0)
+    o = tl.load(
+        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0
+    )
+    do = tl.load(
+        DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :], mask=ok, other=0.0
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
 
@@ -82,18 +122,76 @@ def _score_gradient(p, dp, delta, guard):
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-        Q, K, V, DO, LSE, LOG2L, DELTA, DK, DV,
-        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
-        s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn,
-        col_ptr, col_idx, col_bits, col_partial, col_order,
-        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        B, H, Lq, Lk, col_tiles, heads_per_layout_head, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
-        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, NATURAL: tl.constexpr, GROUP: tl.constexpr,
-        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    LOG2L,
+    DELTA,
+    DK,
+    DV,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_dob,
+    s_doh,
+    s_dom,
+    s_dkb,
+    s_dkh,
+    s_dkn,
+    s_dvb,
+    s_dvh,
+    s_dvn,
+    col_ptr,
+    col_idx,
+    col_bits,
+    col_partial,
+    col_order,
+    RPE,
+    s_rb,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kpb,
+    s_kpn,
+    AM,
+    s_amm,
+    s_amn,
+    B,
+    H,
+    Lq,
+    Lk,
+    col_tiles,
+    heads_per_layout_head,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NATURAL: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALLOW_DESC: tl.constexpr,
+    DESC: tl.constexpr,
+):
     col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, GROUP)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -103,8 +201,24 @@ def _bsa_bwd_dkdv_kernel(
     qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     # keys hidden from every query (padding): read as zeros (see _keys_seen)
-    padded = _keys_seen(offs_n, offs_n, b, Lk, Lk, 0, KPM, s_kpb, s_kpn, BLOCK_N, BLOCK_N,
-                        BLOCK_N, False, False, HAS_KPM, KPM_MUL)
+    padded = _keys_seen(
+        offs_n,
+        offs_n,
+        b,
+        Lk,
+        Lk,
+        0,
+        KPM,
+        s_kpb,
+        s_kpn,
+        BLOCK_N,
+        BLOCK_N,
+        BLOCK_N,
+        False,
+        False,
+        HAS_KPM,
+        KPM_MUL,
+    )
     k = _load_rows(km, pid_n * BLOCK_N, padded, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     v = _load_rows(vm, pid_n * BLOCK_N, padded, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     row_base = (b * H + h) * Lq
@@ -123,38 +237,131 @@ def _bsa_bwd_dkdv_kernel(
         do = _load_tile(dom, i * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
         m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
-                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
-                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        s = _score_tile(
+            q,
+            k,
+            offs_m,
+            offs_n,
+            b,
+            h,
+            Lq,
+            Lk,
+            qk_scale,
+            bits,
+            partial,
+            RPE,
+            s_rb,
+            s_rh,
+            s_rm,
+            s_rn,
+            KPM,
+            s_kpb,
+            s_kpn,
+            AM,
+            s_amm,
+            s_amn,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            INPUT_PRECISION,
+            UPCAST,
+        )
         p = _probabilities(s, m, log2_l, NATURAL)
         dv = _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST, dv)
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
         ds = _score_gradient(p, dp, delta, partial != 0)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
     dk = dk * scale
-    tl.store(DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
-    tl.store(DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+    tl.store(
+        DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
+        dk.to(DK.dtype.element_ty),
+        mask=nd_ok,
+    )
+    tl.store(
+        DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
+        dv.to(DV.dtype.element_ty),
+        mask=nd_ok,
+    )
 
 
-@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"],
-                 prune_configs_by=_PRUNE)
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dq_kernel(
-        Q, K, V, DO, LSE, LOG2L, DELTA, DQ, DS,
-        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_dob, s_doh, s_dom,
-        s_dqb, s_dqh, s_dqm,
-        row_ptr, row_idx, row_bits, row_partial, row_order,
-        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        B, H, Lq, Lk, row_tiles, heads_per_layout_head, qk_scale, scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
-        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, STORE_DS: tl.constexpr,
-        INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, NATURAL: tl.constexpr,
-        GROUP: tl.constexpr, ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    LOG2L,
+    DELTA,
+    DQ,
+    DS,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_dob,
+    s_doh,
+    s_dom,
+    s_dqb,
+    s_dqh,
+    s_dqm,
+    row_ptr,
+    row_idx,
+    row_bits,
+    row_partial,
+    row_order,
+    RPE,
+    s_rb,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kpb,
+    s_kpn,
+    AM,
+    s_amm,
+    s_amn,
+    B,
+    H,
+    Lq,
+    Lk,
+    row_tiles,
+    heads_per_layout_head,
+    qk_scale,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    STORE_DS: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NATURAL: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALLOW_DESC: tl.constexpr,
+    DESC: tl.constexpr,
+):
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -177,14 +384,62 @@ def _bsa_bwd_dq_kernel(
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        seen = _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M, BLOCK_N,
-                          SUB, HAS_SUB, CAUSAL, HAS_KPM, KPM_MUL)
+        seen = _keys_seen(
+            offs_m,
+            offs_n,
+            b,
+            Lq,
+            Lk,
+            bits,
+            KPM,
+            s_kpb,
+            s_kpn,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_KPM,
+            KPM_MUL,
+        )
         k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
-                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
-                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        s = _score_tile(
+            q,
+            k,
+            offs_m,
+            offs_n,
+            b,
+            h,
+            Lq,
+            Lk,
+            qk_scale,
+            bits,
+            partial,
+            RPE,
+            s_rb,
+            s_rh,
+            s_rm,
+            s_rn,
+            KPM,
+            s_kpb,
+            s_kpn,
+            AM,
+            s_amm,
+            s_amn,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            INPUT_PRECISION,
+            UPCAST,
+        )
         p = _probabilities(s, m, log2_l, NATURAL)
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
         ds = _score_gradient(p, dp, delta, partial != 0)
@@ -193,20 +448,34 @@ def _bsa_bwd_dq_kernel(
             tl.store(ds_ptr, ds, mask=m_ok[:, None] & (offs_n < Lk)[None, :])
         dq = _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST, dq)
     dq = dq * scale
-    tl.store(DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(
+        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
 
 
-def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
-                             v: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
-                             layout: torch.Tensor, *, block: int, scale: float,
-                             causal: bool = False, rpe: torch.Tensor | None = None,
-                             key_padding_mask: torch.Tensor | None = None,
-                             attn_mask: torch.Tensor | None = None,
-                             key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                             bias_grads: tuple[bool, bool, bool] = (False, False, False),
-                             tiles: tuple[Tiles, Tiles] | None = None,
-                             configs: tuple[dict, dict] | None = None):
+def fused_attention_backward(
+    grad_out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    stats: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block: int,
+    scale: float,
+    causal: bool = False,
+    rpe: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    attn_mask_mode: str = "mul",
+    bias_grads: tuple[bool, bool, bool] = (False, False, False),
+    tiles: tuple[Tiles, Tiles] | None = None,
+    configs: tuple[dict, dict] | None = None,
+):
     """Gradients of the fused forward, from its output and row statistics ``stats``.
 
     Returns ``(dq, dk, dv, drpe, dkpm, dam)``. ``bias_grads`` says which of ``rpe``, the key
@@ -219,50 +488,164 @@ def fused_attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.T
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     kv_tiles, q_tiles = tiles or backward_tiles(D, block, get_density(layout), q.element_size())
-    kv_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=kv_tiles.m,
-                         tile_n=kv_tiles.n, causal=causal, device=q.device)
-    q_index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=q_tiles.m, tile_n=q_tiles.n,
-                        causal=causal, device=q.device)
+    kv_index = get_index(
+        layout,
+        block,
+        q_len=Lq,
+        k_len=Lk,
+        tile_m=kv_tiles.m,
+        tile_n=kv_tiles.n,
+        causal=causal,
+        device=q.device,
+    )
+    q_index = get_index(
+        layout,
+        block,
+        q_len=Lq,
+        k_len=Lk,
+        tile_m=q_tiles.m,
+        tile_n=q_tiles.n,
+        causal=causal,
+        device=q.device,
+    )
     BLOCK_D = max(16, triton.next_power_of_2(D))
     delta = empty((B, H, Lq), torch.float32, q.device)
     _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
-        out, grad_out, delta, out.stride(0), out.stride(1), out.stride(2), grad_out.stride(0),
-        grad_out.stride(1), grad_out.stride(2), H, Lq, HEAD_DIM=D, BLOCK_D=BLOCK_D, BLOCK_M=64)
+        out,
+        grad_out,
+        delta,
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+        H,
+        Lq,
+        HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=64,
+    )
     stats = stats.contiguous()
     dq = empty((B, H, Lq, D), q.dtype, q.device)
     dk = empty((B, H, Lk, D), k.dtype, k.device)
     dv = empty((B, H, Lk, D), v.dtype, v.device)
     store_ds = any(bias_grads)
     ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if store_ds else q
-    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
-                             attn_mask_mode, B, H, Lq, Lk, q)
+    extra, flags = mask_args(
+        rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode, B, H, Lq, Lk, q
+    )
     natural = natural_units(flags)
     lse, log2_l = (stats[0], stats[1]) if natural else (stats, stats)
     qk_scale = scale if natural else scale * LOG2E
-    common = dict(HEAD_DIM=D, BLOCK_D=BLOCK_D, CAUSAL=causal, GROUP=PROGRAM_GROUP,
-                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-                  NATURAL=natural, ALLOW_DESC=descriptors_allowed(q, k, v, grad_out), **flags)
-    strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-               v.stride(0), v.stride(1), v.stride(2),
-               grad_out.stride(0), grad_out.stride(1), grad_out.stride(2))
+    common = dict(
+        HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
+        CAUSAL=causal,
+        GROUP=PROGRAM_GROUP,
+        INPUT_PRECISION=input_precision(q.dtype),
+        UPCAST=upcast_dots(q.dtype),
+        NATURAL=natural,
+        ALLOW_DESC=descriptors_allowed(q, k, v, grad_out),
+        **flags,
+    )
+    strides = (
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        grad_out.stride(0),
+        grad_out.stride(1),
+        grad_out.stride(2),
+    )
     kv_config, q_config = configs or (None, None)
     idx = kv_index
-    launch(_bsa_bwd_dkdv_kernel, (idx.col_tiles * B * H,), (
-        q, k, v, grad_out, lse, log2_l, delta, dk, dv, *strides,
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order, *extra,
-        B, H, Lq, Lk, idx.col_tiles, H // idx.heads, qk_scale, scale),
-        dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub,
-             HAS_SUB=idx.split_tiles), kv_config)
+    launch(
+        _bsa_bwd_dkdv_kernel,
+        (idx.col_tiles * B * H,),
+        (
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            log2_l,
+            delta,
+            dk,
+            dv,
+            *strides,
+            dk.stride(0),
+            dk.stride(1),
+            dk.stride(2),
+            dv.stride(0),
+            dv.stride(1),
+            dv.stride(2),
+            idx.col_ptr,
+            idx.col_idx,
+            idx.col_bits,
+            idx.col_partial,
+            idx.col_order,
+            *extra,
+            B,
+            H,
+            Lq,
+            Lk,
+            idx.col_tiles,
+            H // idx.heads,
+            qk_scale,
+            scale,
+        ),
+        dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub, HAS_SUB=idx.split_tiles),
+        kv_config,
+    )
     idx = q_index
-    launch(_bsa_bwd_dq_kernel, (idx.row_tiles * B * H,), (
-        q, k, v, grad_out, lse, log2_l, delta, dq, ds, *strides,
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order, *extra,
-        B, H, Lq, Lk, idx.row_tiles, H // idx.heads, qk_scale, scale),
-        dict(common, BLOCK_M=q_tiles.m, BLOCK_N=q_tiles.n, SUB=idx.sub,
-             HAS_SUB=idx.split_tiles, STORE_DS=store_ds),
-        q_config)
+    launch(
+        _bsa_bwd_dq_kernel,
+        (idx.row_tiles * B * H,),
+        (
+            q,
+            k,
+            v,
+            grad_out,
+            lse,
+            log2_l,
+            delta,
+            dq,
+            ds,
+            *strides,
+            dq.stride(0),
+            dq.stride(1),
+            dq.stride(2),
+            idx.row_ptr,
+            idx.row_idx,
+            idx.row_bits,
+            idx.row_partial,
+            idx.row_order,
+            *extra,
+            B,
+            H,
+            Lq,
+            Lk,
+            idx.row_tiles,
+            H // idx.heads,
+            qk_scale,
+            scale,
+        ),
+        dict(
+            common,
+            BLOCK_M=q_tiles.m,
+            BLOCK_N=q_tiles.n,
+            SUB=idx.sub,
+            HAS_SUB=idx.split_tiles,
+            STORE_DS=store_ds,
+        ),
+        q_config,
+    )
     rpe_grad, kpm_grad, am_grad = bias_grads
     drpe = ds.sum_to_size(rpe.shape).to(rpe.dtype) if rpe_grad else None
     dkpm = ds.sum((1, 2)).to(key_padding_mask.dtype) if kpm_grad else None

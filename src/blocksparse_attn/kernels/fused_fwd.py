@@ -17,31 +17,112 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
-from ._common import LOG2E, _dot, _exp_diff, _keys_seen, _load_rows, _load_tile, _matrix
-from ._common import _schedule, _score_tile, descriptors_allowed, empty, input_precision, launch
-from ._common import mask_args, natural_units, prune_descriptors, unit_last_stride, upcast_dots
+from ._common import (
+    LOG2E,
+    _dot,
+    _exp_diff,
+    _keys_seen,
+    _load_rows,
+    _load_tile,
+    _matrix,
+    _schedule,
+    _score_tile,
+    descriptors_allowed,
+    empty,
+    input_precision,
+    launch,
+    mask_args,
+    natural_units,
+    prune_descriptors,
+    unit_last_stride,
+    upcast_dots,
+)
 from .configs import DENSE_LAYOUT, PROGRAM_GROUP, Tiles, forward_tiles, launch_configs
 
-_KEY = ["HEAD_DIM", "BLOCK_M", "BLOCK_N", "SUB", "CAUSAL", "HAS_RPE", "HAS_KPM", "HAS_AM",
-        "LEAD", "ALLOW_DESC"]
+_KEY = [
+    "HEAD_DIM",
+    "BLOCK_M",
+    "BLOCK_N",
+    "SUB",
+    "CAUSAL",
+    "HAS_RPE",
+    "HAS_KPM",
+    "HAS_AM",
+    "LEAD",
+    "ALLOW_DESC",
+]
 LN2 = 0.6931471805599453
 
 
-@triton.autotune(configs=launch_configs("fwd"), key=_KEY,
-                 prune_configs_by={"early_config_prune": prune_descriptors})
+@triton.autotune(
+    configs=launch_configs("fwd"),
+    key=_KEY,
+    prune_configs_by={"early_config_prune": prune_descriptors},
+)
 @triton.jit
 def _bsa_fwd_kernel(
-        Q, K, V, O, LSE, LOG2L,
-        s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_om,
-        row_ptr, row_idx, row_bits, row_partial, row_lead, row_order,
-        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-        B, H, Lq, Lk, row_tiles, heads_per_layout_head, qk_scale,
-        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr, SUB: tl.constexpr, HAS_SUB: tl.constexpr, CAUSAL: tl.constexpr,
-        HAS_RPE: tl.constexpr, HAS_KPM: tl.constexpr, KPM_MUL: tl.constexpr,
-        HAS_AM: tl.constexpr, AM_MUL: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-        UPCAST: tl.constexpr, NATURAL: tl.constexpr, LEAD: tl.constexpr, GROUP: tl.constexpr,
-        ALLOW_DESC: tl.constexpr, DESC: tl.constexpr):
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    LOG2L,
+    s_qb,
+    s_qh,
+    s_qm,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_ob,
+    s_oh,
+    s_om,
+    row_ptr,
+    row_idx,
+    row_bits,
+    row_partial,
+    row_lead,
+    row_order,
+    RPE,
+    s_rb,
+    s_rh,
+    s_rm,
+    s_rn,
+    KPM,
+    s_kpb,
+    s_kpn,
+    AM,
+    s_amm,
+    s_amn,
+    B,
+    H,
+    Lq,
+    Lk,
+    row_tiles,
+    heads_per_layout_head,
+    qk_scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SUB: tl.constexpr,
+    HAS_SUB: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
+    NATURAL: tl.constexpr,
+    LEAD: tl.constexpr,
+    GROUP: tl.constexpr,
+    ALLOW_DESC: tl.constexpr,
+    DESC: tl.constexpr,
+):
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,14 +159,62 @@ def _bsa_fwd_kernel(
         bits = tl.load(row_bits + t)
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
-        seen = _keys_seen(offs_m, offs_n, b, Lq, Lk, bits, KPM, s_kpb, s_kpn, BLOCK_M, BLOCK_N,
-                          SUB, HAS_SUB, CAUSAL, HAS_KPM, KPM_MUL)
+        seen = _keys_seen(
+            offs_m,
+            offs_n,
+            b,
+            Lq,
+            Lk,
+            bits,
+            KPM,
+            s_kpb,
+            s_kpn,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_KPM,
+            KPM_MUL,
+        )
         k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-        s = _score_tile(q, k, offs_m, offs_n, b, h, Lq, Lk, qk_scale, bits, partial,
-                        RPE, s_rb, s_rh, s_rm, s_rn, KPM, s_kpb, s_kpn, AM, s_amm, s_amn,
-                        BLOCK_M, BLOCK_N, SUB, HAS_SUB, CAUSAL, HAS_RPE, HAS_KPM, KPM_MUL,
-                        HAS_AM, AM_MUL, INPUT_PRECISION, UPCAST)
+        s = _score_tile(
+            q,
+            k,
+            offs_m,
+            offs_n,
+            b,
+            h,
+            Lq,
+            Lk,
+            qk_scale,
+            bits,
+            partial,
+            RPE,
+            s_rb,
+            s_rh,
+            s_rm,
+            s_rn,
+            KPM,
+            s_kpb,
+            s_kpn,
+            AM,
+            s_amm,
+            s_amn,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            INPUT_PRECISION,
+            UPCAST,
+        )
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing yet
         p = _exp_diff(s, m_use[:, None], NATURAL)
@@ -97,8 +226,11 @@ def _bsa_fwd_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     log2_l = tl.math.log2(tl.where(has, l_i, 1.0))
-    tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    tl.store(
+        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
+        out.to(O.dtype.element_ty),
+        mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
     if NATURAL:  # the row maximum and log2 of the sum apart: m + ln(l) rounds to m when
         # the maximum is huge (a finfo.min mask), and the backward needs l exactly
         tl.store(LSE + (b * H + h) * Lq + offs_m, tl.where(has, m_i, float("-inf")), mask=m_ok)
@@ -116,14 +248,23 @@ def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
     return stats[0] + stats[1] * LN2
 
 
-def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                            layout: torch.Tensor, *, block: int, scale: float,
-                            causal: bool = False, rpe: torch.Tensor | None = None,
-                            key_padding_mask: torch.Tensor | None = None,
-                            attn_mask: torch.Tensor | None = None,
-                            key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                            tiles: Tiles | None = None, config: dict | None = None
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
+def fused_attention_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block: int,
+    scale: float,
+    causal: bool = False,
+    rpe: torch.Tensor | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    attn_mask_mode: str = "mul",
+    tiles: Tiles | None = None,
+    config: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Launch the forward kernel on checked inputs (see ``block_sparse_attention``).
     ``tiles`` and ``config`` (``num_warps``/``num_stages``/``DESC``) override the tuned
     choice.
@@ -138,29 +279,73 @@ def fused_attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     Lk = k.shape[2]
     density = get_density(layout)
     tiles = tiles or forward_tiles(D, block, density, q.element_size())
-    index = get_index(layout, block, q_len=Lq, k_len=Lk, tile_m=tiles.m, tile_n=tiles.n,
-                      causal=causal, device=q.device)
+    index = get_index(
+        layout,
+        block,
+        q_len=Lq,
+        k_len=Lk,
+        tile_m=tiles.m,
+        tile_n=tiles.n,
+        causal=causal,
+        device=q.device,
+    )
     out = empty((B, H, Lq, D), q.dtype, q.device)
-    extra, flags = mask_args(rpe, key_padding_mask, attn_mask, key_padding_mask_mode,
-                             attn_mask_mode, B, H, Lq, Lk, q)
+    extra, flags = mask_args(
+        rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode, B, H, Lq, Lk, q
+    )
     natural = natural_units(flags)
     stats = empty((2, B, H, Lq) if natural else (B, H, Lq), torch.float32, q.device)
     grid = (index.row_tiles * B * H,)
-    args = (q, k, v, out, stats[0] if natural else stats, stats[1] if natural else stats,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_lead,
-            index.row_order,
-            *extra, B, H, Lq, Lk, index.row_tiles, H // index.heads,
-            scale if natural else scale * LOG2E)
-    kwargs = dict(HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), BLOCK_M=tiles.m,
-                  BLOCK_N=tiles.n, SUB=index.sub,
-                  HAS_SUB=index.split_tiles, CAUSAL=causal,
-                  INPUT_PRECISION=input_precision(q.dtype), UPCAST=upcast_dots(q.dtype),
-                  NATURAL=natural,
-                  # the mask-free loop takes the row maximum before scaling: scale > 0
-                  LEAD=density >= DENSE_LAYOUT and scale > 0, GROUP=PROGRAM_GROUP,
-                  ALLOW_DESC=descriptors_allowed(q, k, v),
-                  **flags)
+    args = (
+        q,
+        k,
+        v,
+        out,
+        stats[0] if natural else stats,
+        stats[1] if natural else stats,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        index.row_ptr,
+        index.row_idx,
+        index.row_bits,
+        index.row_partial,
+        index.row_lead,
+        index.row_order,
+        *extra,
+        B,
+        H,
+        Lq,
+        Lk,
+        index.row_tiles,
+        H // index.heads,
+        scale if natural else scale * LOG2E,
+    )
+    kwargs = dict(
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=tiles.m,
+        BLOCK_N=tiles.n,
+        SUB=index.sub,
+        HAS_SUB=index.split_tiles,
+        CAUSAL=causal,
+        INPUT_PRECISION=input_precision(q.dtype),
+        UPCAST=upcast_dots(q.dtype),
+        NATURAL=natural,
+        # the mask-free loop takes the row maximum before scaling: scale > 0
+        LEAD=density >= DENSE_LAYOUT and scale > 0,
+        GROUP=PROGRAM_GROUP,
+        ALLOW_DESC=descriptors_allowed(q, k, v),
+        **flags,
+    )
     launch(_bsa_fwd_kernel, grid, args, kwargs, config)
     return out, stats

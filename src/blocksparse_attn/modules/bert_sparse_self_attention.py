@@ -28,8 +28,12 @@ class BertSparseSelfAttention(nn.Module):
         super().__init__()
         hidden, heads = config.hidden_size, config.num_attention_heads
         if hidden % heads != 0:
-            raise bad_argument("BertSparseSelfAttention", "config.hidden_size",
-                               f"a multiple of config.num_attention_heads ({heads})", hidden)
+            raise bad_argument(
+                "BertSparseSelfAttention",
+                "config.hidden_size",
+                f"a multiple of config.num_attention_heads ({heads})",
+                hidden,
+            )
         self.num_attention_heads = heads
         self.attention_head_size = hidden // heads
         self.all_head_size = hidden
@@ -54,6 +58,7 @@ class BertSparseSelfAttention(nn.Module):
         B, _, L, _ = out.shape
         return out.transpose(1, 2).reshape(B, L, self.all_head_size)
 
-    def forward(self, hidden_states: torch.Tensor,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         return self.attend(hidden_states, key_padding_mask=attention_mask)

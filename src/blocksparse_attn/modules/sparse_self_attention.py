@@ -38,21 +38,32 @@ class SparseSelfAttention(nn.Module):
 
     ops: dict = {}
 
-    def __init__(self, sparsity_config: SparsityConfig | None = None,
-                 key_padding_mask_mode: str = "add", attn_mask_mode: str = "mul",
-                 max_seq_length: int = 2048, *, causal: bool | None = None,
-                 backend: str = "auto"):
+    def __init__(
+        self,
+        sparsity_config: SparsityConfig | None = None,
+        key_padding_mask_mode: str = "add",
+        attn_mask_mode: str = "mul",
+        max_seq_length: int = 2048,
+        *,
+        causal: bool | None = None,
+        backend: str = "auto",
+    ):
         super().__init__()
         where = "SparseSelfAttention"
         if not isinstance(sparsity_config, SparsityConfig):
-            raise bad_argument(where, "sparsity_config", "a SparsityConfig subclass instance",
-                               describe(sparsity_config),
-                               "pass e.g. FixedSparsityConfig(num_heads=...).")
+            raise bad_argument(
+                where,
+                "sparsity_config",
+                "a SparsityConfig subclass instance",
+                describe(sparsity_config),
+                "pass e.g. FixedSparsityConfig(num_heads=...).",
+            )
         check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
         check_mode(where, "attn_mask_mode", attn_mask_mode)
         if backend not in BACKENDS:
-            raise bad_argument(where, "backend", "one of " + ", ".join(map(repr, BACKENDS)),
-                               repr(backend))
+            raise bad_argument(
+                where, "backend", "one of " + ", ".join(map(repr, BACKENDS)), repr(backend)
+            )
         self.sparsity_config = sparsity_config
         self.key_padding_mask_mode = key_padding_mask_mode
         self.attn_mask_mode = attn_mask_mode
@@ -89,14 +100,22 @@ class SparseSelfAttention(nn.Module):
         if self._need_layout_synchronization:
             self._synchronize_layout()
         if L % self.block != 0:
-            raise bad_argument("SparseSelfAttention", "sequence length",
-                               f"a multiple of block={self.block}", L,
-                               "pad with SparseAttentionUtils.pad_to_block_size and mask the "
-                               "padding with key_padding_mask.")
+            raise bad_argument(
+                "SparseSelfAttention",
+                "sequence length",
+                f"a multiple of block={self.block}",
+                L,
+                "pad with SparseAttentionUtils.pad_to_block_size and mask the "
+                "padding with key_padding_mask.",
+            )
         if L > self.max_seq_length:
-            raise bad_argument("SparseSelfAttention", "sequence length",
-                               f"<= max_seq_length={self.max_seq_length}", L,
-                               "build the module with a larger max_seq_length.")
+            raise bad_argument(
+                "SparseSelfAttention",
+                "sequence length",
+                f"<= max_seq_length={self.max_seq_length}",
+                L,
+                "build the module with a larger max_seq_length.",
+            )
         cached = self._layouts.get(L)
         if cached is None or cached._base is not self.master_layout:
             nb = L // self.block
@@ -111,8 +130,12 @@ class SparseSelfAttention(nn.Module):
         from ..ops.softmax import attention_ops
 
         if H != self.sparsity_config.num_heads:
-            raise bad_argument("SparseSelfAttention.get_ops", "H",
-                               f"sparsity_config.num_heads = {self.sparsity_config.num_heads}", H)
+            raise bad_argument(
+                "SparseSelfAttention.get_ops",
+                "H",
+                f"sparsity_config.num_heads = {self.sparsity_config.num_heads}",
+                H,
+            )
         layout = self.get_layout(L)
         key = (L, str(layout.device), layout._version)
         if key not in self._ops:
@@ -126,8 +149,9 @@ class SparseSelfAttention(nn.Module):
         two dims when its third is not ``L`` (a key passed pre-transposed)."""
         return x.transpose(-1, -2) if x.shape[2] != L else x
 
-    def transpose_mask_for_sparse(self, qtype: torch.dtype, x: torch.Tensor,
-                                  is_key_padding_mask: bool = False) -> torch.Tensor:
+    def transpose_mask_for_sparse(
+        self, qtype: torch.dtype, x: torch.Tensor, is_key_padding_mask: bool = False
+    ) -> torch.Tensor:
         """DeepSpeed's helper: the mask in ``qtype`` with its size-1 dims dropped; a key
         padding mask keeps its first (batch) dim, so BERT's ``[B, 1, 1, L]`` gives
         ``[B, L]`` even for ``B = 1``."""
@@ -138,9 +162,15 @@ class SparseSelfAttention(nn.Module):
             x = x.squeeze(d)
         return x
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                rpe: torch.Tensor | None = None, key_padding_mask: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rpe: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``query``, ``key``, ``value``: ``[B, H, L, D]`` (a key pre-transposed to
         ``[B, H, D, L]`` is accepted, as in DeepSpeed). Masks and ``rpe`` as in
         :func:`~blocksparse_attn.block_sparse_attention`. Returns ``[B, H, L, D]``."""
@@ -152,26 +182,48 @@ class SparseSelfAttention(nn.Module):
         L = query.shape[2]
         if isinstance(key, torch.Tensor) and key.dim() == 4 and key.shape[2] != L:
             key = key.transpose(-1, -2)  # pre-transposed key [B, H, D, L]
-        if not (isinstance(key, torch.Tensor) and isinstance(value, torch.Tensor)
-                and query.shape == key.shape == value.shape):
-            raise bad_argument(where, "query, key, value", "of one shape [B, H, L, D] "
-                               "(self-attention)",
-                               f"{describe(query)}; {describe(key)}; {describe(value)}",
-                               "for cross-attention call blocksparse_attn.block_sparse_attention "
-                               "with a rectangular layout.", error=NotImplementedError)
+        if not (
+            isinstance(key, torch.Tensor)
+            and isinstance(value, torch.Tensor)
+            and query.shape == key.shape == value.shape
+        ):
+            raise bad_argument(
+                where,
+                "query, key, value",
+                "of one shape [B, H, L, D] (self-attention)",
+                f"{describe(query)}; {describe(key)}; {describe(value)}",
+                "for cross-attention call blocksparse_attn.block_sparse_attention "
+                "with a rectangular layout.",
+                error=NotImplementedError,
+            )
         H = query.shape[1]
         if H != self.sparsity_config.num_heads:
-            raise bad_argument(where, "query.shape[1] (heads)",
-                               f"sparsity_config.num_heads = {self.sparsity_config.num_heads}", H,
-                               "build the config with the number of heads of this layer "
-                               "(heads per model-parallel partition).")
+            raise bad_argument(
+                where,
+                "query.shape[1] (heads)",
+                f"sparsity_config.num_heads = {self.sparsity_config.num_heads}",
+                H,
+                "build the config with the number of heads of this layer "
+                "(heads per model-parallel partition).",
+            )
         layout = self.get_layout(L)
         return block_sparse_attention(
-            query, key, value, layout, block=self.block, causal=self.causal, rpe=rpe,
-            key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+            query,
+            key,
+            value,
+            layout,
+            block=self.block,
+            causal=self.causal,
+            rpe=rpe,
+            key_padding_mask=key_padding_mask,
+            attn_mask=attn_mask,
             key_padding_mask_mode=self.key_padding_mask_mode,
-            attn_mask_mode=self.attn_mask_mode, backend=self.backend)
+            attn_mask_mode=self.attn_mask_mode,
+            backend=self.backend,
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.sparsity_config!r}, max_seq_length={self.max_seq_length}, "
-                f"causal={self.causal}, backend={self.backend!r}")
+        return (
+            f"{self.sparsity_config!r}, max_seq_length={self.max_seq_length}, "
+            f"causal={self.causal}, backend={self.backend!r}"
+        )

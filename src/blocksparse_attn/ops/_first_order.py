@@ -23,7 +23,8 @@ class _FirstOrderOnly(torch.autograd.Function):
             f"{ctx.where}: the gradient of this gradient (double backward, e.g. a gradient "
             "penalty through create_graph=True) is not implemented: the kernels compute first "
             "derivatives only. Fix: use backend='reference' for the part of the model whose "
-            "second derivative you need.")
+            "second derivative you need."
+        )
 
 
 def first_order_only(where: str, grads: tuple, links: tuple) -> tuple:

@@ -18,37 +18,90 @@ def _mode(mul: bool) -> str:
     return "mul" if mul else "add"
 
 
-def _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul,
-             am_mul):
+def _forward(
+    q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul
+):
     from ..index import frozen
     from ..kernels.fused_fwd import fused_attention_forward
 
-    return fused_attention_forward(q, k, v, frozen(layout), block=block, scale=scale, causal=causal,
-                                   rpe=rpe, key_padding_mask=key_padding_mask,
-                                   attn_mask=attn_mask, key_padding_mask_mode=_mode(kpm_mul),
-                                   attn_mask_mode=_mode(am_mul))
+    return fused_attention_forward(
+        q,
+        k,
+        v,
+        frozen(layout),
+        block=block,
+        scale=scale,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        key_padding_mask_mode=_mode(kpm_mul),
+        attn_mask_mode=_mode(am_mul),
+    )
 
 
-def _backward_kernels(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask, attn_mask,
-                      block, scale, causal, kpm_mul, am_mul, rpe_grad, kpm_grad, am_grad):
+def _backward_kernels(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    stats,
+    layout,
+    rpe,
+    key_padding_mask,
+    attn_mask,
+    block,
+    scale,
+    causal,
+    kpm_mul,
+    am_mul,
+    rpe_grad,
+    kpm_grad,
+    am_grad,
+):
     from ..index import frozen
     from ..kernels.fused_bwd import fused_attention_backward
 
     return fused_attention_backward(
-        grad_out, q, k, v, out, stats, frozen(layout), block=block, scale=scale, causal=causal, rpe=rpe,
-        key_padding_mask=key_padding_mask, attn_mask=attn_mask,
-        key_padding_mask_mode=_mode(kpm_mul), attn_mask_mode=_mode(am_mul),
-        bias_grads=(rpe_grad, kpm_grad, am_grad))
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        frozen(layout),
+        block=block,
+        scale=scale,
+        causal=causal,
+        rpe=rpe,
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        key_padding_mask_mode=_mode(kpm_mul),
+        attn_mask_mode=_mode(am_mul),
+        bias_grads=(rpe_grad, kpm_grad, am_grad),
+    )
 
 
 @torch.library.custom_op("blocksparse_attn::fused_attention_fwd", mutates_args=())
-def fused_attention_fwd(q: Tensor, k: Tensor, v: Tensor, layout: Tensor, rpe: Optional[Tensor],
-                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                        block: int, scale: float, causal: bool, kpm_mul: bool,
-                        am_mul: bool) -> tuple[Tensor, Tensor]:
+def fused_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    layout: Tensor,
+    rpe: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    block: int,
+    scale: float,
+    causal: bool,
+    kpm_mul: bool,
+    am_mul: bool,
+) -> tuple[Tensor, Tensor]:
     """``(out, row statistics)``: see ``kernels.fused_fwd.fused_attention_forward``."""
-    return _forward(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
-                    kpm_mul, am_mul)
+    return _forward(
+        q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul
+    )
 
 
 @fused_attention_fwd.register_fake
@@ -60,26 +113,81 @@ def _(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, k
 
 
 @torch.library.custom_op("blocksparse_attn::fused_attention_bwd", mutates_args=())
-def fused_attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
-                        stats: Tensor, layout: Tensor, rpe: Optional[Tensor],
-                        key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor],
-                        block: int, scale: float, causal: bool, kpm_mul: bool, am_mul: bool,
-                        rpe_grad: bool, kpm_grad: bool, am_grad: bool
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _backward_kernels(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask,
-                              attn_mask, block, scale, causal, kpm_mul, am_mul, rpe_grad,
-                              kpm_grad, am_grad)
+def fused_attention_bwd(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    stats: Tensor,
+    layout: Tensor,
+    rpe: Optional[Tensor],
+    key_padding_mask: Optional[Tensor],
+    attn_mask: Optional[Tensor],
+    block: int,
+    scale: float,
+    causal: bool,
+    kpm_mul: bool,
+    am_mul: bool,
+    rpe_grad: bool,
+    kpm_grad: bool,
+    am_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = _backward_kernels(
+        grad_out,
+        q,
+        k,
+        v,
+        out,
+        stats,
+        layout,
+        rpe,
+        key_padding_mask,
+        attn_mask,
+        block,
+        scale,
+        causal,
+        kpm_mul,
+        am_mul,
+        rpe_grad,
+        kpm_grad,
+        am_grad,
+    )
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
 
 @fused_attention_bwd.register_fake
-def _(grad_out, q, k, v, out, stats, layout, rpe, key_padding_mask, attn_mask, block, scale,
-      causal, kpm_mul, am_mul, rpe_grad, kpm_grad, am_grad):
+def _(
+    grad_out,
+    q,
+    k,
+    v,
+    out,
+    stats,
+    layout,
+    rpe,
+    key_padding_mask,
+    attn_mask,
+    block,
+    scale,
+    causal,
+    kpm_mul,
+    am_mul,
+    rpe_grad,
+    kpm_grad,
+    am_grad,
+):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted else q.new_empty(0)
 
-    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
-            like(rpe, rpe_grad), like(key_padding_mask, kpm_grad), like(attn_mask, am_grad))
+    return (
+        q.new_empty(q.shape),
+        k.new_empty(k.shape),
+        v.new_empty(v.shape),
+        like(rpe, rpe_grad),
+        like(key_padding_mask, kpm_grad),
+        like(attn_mask, am_grad),
+    )
 
 
 def _setup_context(ctx, inputs, output):
@@ -104,12 +212,29 @@ def _gradients(ctx, grad_out, backward):
         return _NO_GRADS
     q, k, v, out, stats, layout, rpe, kpm, am = ctx.saved_tensors
     block, scale, causal, kpm_mul, am_mul = ctx.options
-    wanted = (rpe is not None and ctx.needs_input_grad[4],
-              kpm is not None and not kpm_mul and ctx.needs_input_grad[5],
-              am is not None and not am_mul and ctx.needs_input_grad[6])
-    dq, dk, dv, drpe, dkpm, dam = backward(grad_out.contiguous(), q, k, v, out, stats, layout,
-                                           rpe, kpm, am, block, scale, causal, kpm_mul, am_mul,
-                                           *wanted)
+    wanted = (
+        rpe is not None and ctx.needs_input_grad[4],
+        kpm is not None and not kpm_mul and ctx.needs_input_grad[5],
+        am is not None and not am_mul and ctx.needs_input_grad[6],
+    )
+    dq, dk, dv, drpe, dkpm, dam = backward(
+        grad_out.contiguous(),
+        q,
+        k,
+        v,
+        out,
+        stats,
+        layout,
+        rpe,
+        kpm,
+        am,
+        block,
+        scale,
+        causal,
+        kpm_mul,
+        am_mul,
+        *wanted,
+    )
     biases = tuple(g if w else None for g, w in zip((drpe, dkpm, dam), wanted))
     return (dq, dk, dv, None, *biases, None, None, None, None, None)
 
@@ -128,21 +253,37 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul):
-        out, stats = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
-                              am_mul)
-        _setup_context(ctx, (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul,
-                             am_mul), (out, stats))
+        out, stats = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul)
+        _setup_context(
+            ctx,
+            (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul),
+            (out, stats),
+        )
         return out, stats
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
         grads = _gradients(ctx, grad_out, _backward_kernels)
-        return first_order_only("block_sparse_attention (backend='fused')", grads,
-                                (*ctx.saved_tensors, grad_out))
+        return first_order_only(
+            "block_sparse_attention (backend='fused')", grads, (*ctx.saved_tensors, grad_out)
+        )
 
 
-def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_mask, attn_mask,
-                    key_padding_mask_mode, attn_mask_mode) -> tuple[Tensor, Tensor]:
+def fused_attention(
+    q,
+    k,
+    v,
+    layout,
+    *,
+    block,
+    scale,
+    causal,
+    rpe,
+    key_padding_mask,
+    attn_mask,
+    key_padding_mask_mode,
+    attn_mask_mode,
+) -> tuple[Tensor, Tensor]:
     """Differentiable fused attention on checked inputs: ``(out, lse)``. Under
     ``torch.compile`` the custom ops (opaque to the compiler, with fake implementations);
     in eager mode a plain ``autograd.Function`` over the same implementations."""
@@ -151,8 +292,20 @@ def fused_attention(q, k, v, layout, *, block, scale, causal, rpe, key_padding_m
 
     if not torch.compiler.is_compiling():  # the backward then reads the forward's copy
         layout = frozen(layout)
-    args = (q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal,
-            key_padding_mask_mode == "mul", attn_mask_mode == "mul")
+    args = (
+        q,
+        k,
+        v,
+        layout,
+        rpe,
+        key_padding_mask,
+        attn_mask,
+        block,
+        scale,
+        causal,
+        key_padding_mask_mode == "mul",
+        attn_mask_mode == "mul",
+    )
     if torch.compiler.is_compiling():
         out, stats = fused_attention_fwd(*args)
     else:

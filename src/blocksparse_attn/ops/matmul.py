@@ -6,16 +6,21 @@ import torch
 
 from .._errors import bad_argument, describe
 from ..index import as_bool_layout, build_index
+from ..kernels.availability import KERNEL_DTYPES, UNFUSED_BLOCKS
 from ._first_order import first_order_only
 
 MODES = ("sdd", "dsd", "dds")
-BLOCKS = (16, 32, 64, 128)
 
 
 def check_layout(where: str, layout, block) -> torch.Tensor:
-    if block not in BLOCKS:
-        raise bad_argument(where, "block", "one of 16, 32, 64, 128", repr(block),
-                           "the kernels' tensor-core tiles need at least 16.")
+    if block not in UNFUSED_BLOCKS:
+        raise bad_argument(
+            where,
+            "block",
+            "one of 16, 32, 64, 128",
+            repr(block),
+            "the kernels' tensor-core tiles need at least 16.",
+        )
     return as_bool_layout(layout, where).long()
 
 
@@ -59,22 +64,46 @@ class _MatMulFunction(torch.autograd.Function):
         mode, ta, tb, op = ctx.config
         dc = dc.to(a.dtype).contiguous()  # an sdd may have stored fp32 products
         da = db = None
-        # each gradient is a product in another mode over the same stored layout (spec 3.2)
+        # each gradient is a product in another mode over the same stored layout
         if mode == "sdd":
             if ctx.needs_input_grad[0]:
-                da = _run("dds", b, dc, tb, True, op) if ta else _run("dsd", dc, b, False, not tb, op)
+                da = (
+                    _run("dds", b, dc, tb, True, op)
+                    if ta
+                    else _run("dsd", dc, b, False, not tb, op)
+                )
             if ctx.needs_input_grad[1]:
-                db = _run("dsd", dc, a, True, ta, op) if tb else _run("dds", a, dc, not ta, False, op)
+                db = (
+                    _run("dsd", dc, a, True, ta, op)
+                    if tb
+                    else _run("dds", a, dc, not ta, False, op)
+                )
         elif mode == "dsd":
             if ctx.needs_input_grad[0]:
-                da = _run("sdd", b, dc, tb, True, op) if ta else _run("sdd", dc, b, False, not tb, op)
+                da = (
+                    _run("sdd", b, dc, tb, True, op)
+                    if ta
+                    else _run("sdd", dc, b, False, not tb, op)
+                )
             if ctx.needs_input_grad[1]:
-                db = _run("dds", dc, a, True, ta, op) if tb else _run("dsd", a, dc, not ta, False, op)
+                db = (
+                    _run("dds", dc, a, True, ta, op)
+                    if tb
+                    else _run("dsd", a, dc, not ta, False, op)
+                )
         else:
             if ctx.needs_input_grad[0]:
-                da = _run("dsd", b, dc, tb, True, op) if ta else _run("dds", dc, b, False, not tb, op)
+                da = (
+                    _run("dsd", b, dc, tb, True, op)
+                    if ta
+                    else _run("dds", dc, b, False, not tb, op)
+                )
             if ctx.needs_input_grad[1]:
-                db = _run("sdd", dc, a, True, ta, op) if tb else _run("sdd", a, dc, not ta, False, op)
+                db = (
+                    _run("sdd", dc, a, True, ta, op)
+                    if tb
+                    else _run("sdd", a, dc, not ta, False, op)
+                )
         da, db = first_order_only(f"MatMul({mode!r})", (da, db), (a, b, dc))
         return da, db, None, None, None, None, None
 
@@ -99,11 +128,19 @@ class MatMul:
     Triton's interpreter. Differentiable in both operands; deterministic.
     """
 
-    def __init__(self, layout: torch.Tensor, block: int, mode: str, trans_a: bool = False,
-                 trans_b: bool = False, bench: bool = False):
+    def __init__(
+        self,
+        layout: torch.Tensor,
+        block: int,
+        mode: str,
+        trans_a: bool = False,
+        trans_b: bool = False,
+        bench: bool = False,
+    ):
         if mode not in MODES:
-            raise bad_argument("MatMul", "mode", "'sdd', 'dsd' or 'dds'", repr(mode),
-                               error=NotImplementedError)
+            raise bad_argument(
+                "MatMul", "mode", "'sdd', 'dsd' or 'dds'", repr(mode), error=NotImplementedError
+            )
         self.layout = check_layout("MatMul", layout, block)
         self.block, self.mode, self.trans_a, self.trans_b = block, mode, trans_a, trans_b
         self.bench = bench
@@ -117,7 +154,7 @@ class MatMul:
         for name, t in (("a", a), ("b", b)):
             if not isinstance(t, torch.Tensor) or t.dim() > 4 or t.dim() < 2:
                 raise bad_argument(where, name, "a tensor of 2 to 4 dims", describe(t))
-            if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            if t.dtype not in KERNEL_DTYPES:
                 raise bad_argument(where, name, "float16, bfloat16 or float32", describe(t))
         if a.device != b.device:
             raise bad_argument(where, "a, b", "on one device", f"{a.device} and {b.device}")
@@ -125,8 +162,13 @@ class MatMul:
             raise bad_argument(where, "a, b", "of one dtype", f"{a.dtype} and {b.dtype}")
         reasons = kernel_unavailable_reasons(a.device)
         if reasons:
-            raise bad_argument(where, "a, b", "tensors the Triton kernels can run on",
-                               f"tensors on {a.device}", "; ".join(reasons))
+            raise bad_argument(
+                where,
+                "a, b",
+                "tensors the Triton kernels can run on",
+                f"tensors on {a.device}",
+                "; ".join(reasons),
+            )
         H, R, C = self.spdims
         bl = self.block
         sparse_shape = (self._operand.nnz, bl, bl)
@@ -141,16 +183,24 @@ class MatMul:
         for name, t, (rows, cols), trans in dense:
             shape = tuple(t.shape[-2:])[::-1] if trans else tuple(t.shape[-2:])
             heads = t.shape[-3] if t.dim() >= 3 else 1
-            if heads != H or (rows is not None and shape[0] != rows) or (
-                    cols is not None and shape[1] != cols):
-                want = f"[Z, {H}, {rows or '.'}, {cols or '.'}]" + (" before its transpose"
-                                                                      if trans else "")
+            if (
+                heads != H
+                or (rows is not None and shape[0] != rows)
+                or (cols is not None and shape[1] != cols)
+            ):
+                want = f"[Z, {H}, {rows or '.'}, {cols or '.'}]" + (
+                    " before its transpose" if trans else ""
+                )
                 raise bad_argument(where, name, f"a dense tensor {want}", describe(t))
         if self.mode != "sdd":
             name, t = ("a", a) if self.mode == "dsd" else ("b", b)
             if tuple(t.shape[-3:]) != sparse_shape:
-                raise bad_argument(where, name, f"a compressed tensor [Z, {sparse_shape[0]}, "
-                                   f"{bl}, {bl}]", describe(t))
+                raise bad_argument(
+                    where,
+                    name,
+                    f"a compressed tensor [Z, {sparse_shape[0]}, {bl}, {bl}]",
+                    describe(t),
+                )
         if self.mode == "sdd":
             k_a = a.shape[-2] if self.trans_a else a.shape[-1]
             k_b = b.shape[-1] if self.trans_b else b.shape[-2]
@@ -160,8 +210,9 @@ class MatMul:
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.product(a, b)
 
-    def product(self, a: torch.Tensor, b: torch.Tensor,
-                out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def product(
+        self, a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype | None = None
+    ) -> torch.Tensor:
         """``self(a, b)``, with the result stored in ``out_dtype`` (default: the inputs'
         dtype). The sums are fp32 either way; an ``sdd`` with ``out_dtype=torch.float32``
         keeps fp16 scores from overflowing (the unfused attention does so)."""
@@ -169,8 +220,9 @@ class MatMul:
         dims = max(a.dim(), b.dim())
         a4 = a.reshape((1,) * (4 - a.dim()) + tuple(a.shape))
         b4 = b.reshape((1,) * (4 - b.dim()) + tuple(b.shape))
-        out = _MatMulFunction.apply(a4, b4, self.mode, self.trans_a, self.trans_b, self._operand,
-                                    out_dtype)
+        out = _MatMulFunction.apply(
+            a4, b4, self.mode, self.trans_a, self.trans_b, self._operand, out_dtype
+        )
         for _ in range(4 - dims):  # drop the leading dims added above (size-1 ones only)
             out = out.squeeze(0)
         return out

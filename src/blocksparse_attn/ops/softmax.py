@@ -6,16 +6,18 @@ from __future__ import annotations
 import torch
 
 from .._errors import bad_argument, describe
-from .._inputs import _squeeze_except_first, check_mode
+from .._inputs import check_attn_mask, check_key_padding_mask, check_mode, check_rpe
 from ..compressed import to_dense
+from ..kernels.availability import KERNEL_DTYPES
 from ._first_order import first_order_only
 from .matmul import MatMul, _Operand, check_layout
 
 
 class _SoftmaxFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal, out_dtype,
-                inplace):
+    def forward(
+        ctx, x, rpe, kpm, am, operand, scale, kpm_mode, am_mode, causal, out_dtype, inplace
+    ):
         from ..kernels.blocksparse_softmax import softmax_forward
 
         index, _ = operand.on(x.device)
@@ -43,14 +45,19 @@ class _SoftmaxFunction(torch.autograd.Function):
         operand, scale, shapes, additive, x_dtype = ctx.config
         index, _ = operand.on(y.device)
         # rpe and additive masks get the score gradient summed to their shapes
-        wanted = [shape is not None and add and ctx.needs_input_grad[1 + i]
-                  for i, (shape, add) in enumerate(zip(shapes, additive))]
+        wanted = [
+            shape is not None and add and ctx.needs_input_grad[1 + i]
+            for i, (shape, add) in enumerate(zip(shapes, additive))
+        ]
         dx, ds = softmax_backward(y, dy, index, operand.block, scale, any(wanted), x_dtype)
         biases = [None, None, None]
         if any(wanted):
             full = to_dense(ds, operand.layout, operand.block)  # [Z, H, L_q, L_k], 0 outside
-            sums = (lambda: full.sum_to_size(shapes[0]), lambda: full.sum((1, 2)),
-                    lambda: full.sum((0, 1)))
+            sums = (
+                lambda: full.sum_to_size(shapes[0]),
+                lambda: full.sum((1, 2)),
+                lambda: full.sum((0, 1)),
+            )
             biases = [total() if w else None for w, total in zip(wanted, sums)]
         grads = first_order_only("Softmax", (dx, *biases), (y, dy))
         return (*grads, None, None, None, None, None, None, None)
@@ -74,8 +81,9 @@ class Softmax:
     time with ``blocksparse-attn bench``.
     """
 
-    def __init__(self, layout: torch.Tensor, block: int, bench: bool = False, *,
-                 inplace: bool = True):
+    def __init__(
+        self, layout: torch.Tensor, block: int, bench: bool = False, *, inplace: bool = True
+    ):
         self.layout = check_layout("Softmax", layout, block)
         self.block = block
         self.bench = bench
@@ -83,19 +91,42 @@ class Softmax:
         self.spdims = tuple(self.layout.shape)
         self._operand = _Operand(self.layout, block)
 
-    def __call__(self, x: torch.Tensor, scale: float = 1.0, rpe: torch.Tensor | None = None,
-                 key_padding_mask: torch.Tensor | None = None,
-                 attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
-                 attn_mask_mode: str = "add", *, causal: bool = False) -> torch.Tensor:
-        return self.probabilities(x, scale, rpe, key_padding_mask, attn_mask,
-                                  key_padding_mask_mode, attn_mask_mode, causal=causal)
+    def __call__(
+        self,
+        x: torch.Tensor,
+        scale: float = 1.0,
+        rpe: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask_mode: str = "add",
+        attn_mask_mode: str = "add",
+        *,
+        causal: bool = False,
+    ) -> torch.Tensor:
+        return self.probabilities(
+            x,
+            scale,
+            rpe,
+            key_padding_mask,
+            attn_mask,
+            key_padding_mask_mode,
+            attn_mask_mode,
+            causal=causal,
+        )
 
-    def probabilities(self, x: torch.Tensor, scale: float = 1.0,
-                      rpe: torch.Tensor | None = None,
-                      key_padding_mask: torch.Tensor | None = None,
-                      attn_mask: torch.Tensor | None = None, key_padding_mask_mode: str = "add",
-                      attn_mask_mode: str = "add", *, causal: bool = False,
-                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    def probabilities(
+        self,
+        x: torch.Tensor,
+        scale: float = 1.0,
+        rpe: torch.Tensor | None = None,
+        key_padding_mask: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        key_padding_mask_mode: str = "add",
+        attn_mask_mode: str = "add",
+        *,
+        causal: bool = False,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
         """``self(x, ...)`` with the result stored in ``out_dtype`` (default: ``x``'s dtype,
         in ``x`` itself when in place; the unfused attention reads fp32 scores and writes
         probabilities in the inputs' dtype, a new tensor)."""
@@ -107,51 +138,49 @@ class Softmax:
         Lq, Lk = R * bl, C * bl
         nnz = self._operand.nnz
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or tuple(x.shape[1:]) != (nnz, bl, bl):
-            raise bad_argument(where, "x", f"a compressed tensor [Z, {nnz}, {bl}, {bl}]",
-                               describe(x))
-        if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise bad_argument(
+                where, "x", f"a compressed tensor [Z, {nnz}, {bl}, {bl}]", describe(x)
+            )
+        if x.dtype not in KERNEL_DTYPES:
             raise bad_argument(where, "x", "float16, bfloat16 or float32", describe(x))
         reasons = kernel_unavailable_reasons(x.device)
         if reasons:
-            raise bad_argument(where, "x", "a tensor the Triton kernels can run on",
-                               f"a tensor on {x.device}", "; ".join(reasons))
+            raise bad_argument(
+                where,
+                "x",
+                "a tensor the Triton kernels can run on",
+                f"a tensor on {x.device}",
+                "; ".join(reasons),
+            )
         Z = x.shape[0]
         check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
         check_mode(where, "attn_mask_mode", attn_mask_mode)
-        if rpe is not None:
-            rpe4 = rpe.reshape((1,) * (4 - rpe.dim()) + tuple(rpe.shape)) if rpe.dim() <= 4 else rpe
-            ok = rpe4.dim() == 4 and tuple(rpe4.shape[2:]) == (Lq, Lk) and all(
-                s in (1, f) for s, f in zip(rpe4.shape[:2], (Z, H)))
-            if not ok:
-                raise bad_argument(where, "rpe", f"broadcastable to [Z, H, L_q, L_k] = "
-                                   f"[{Z}, {H}, {Lq}, {Lk}]", describe(rpe))
-            rpe = rpe4
-        if key_padding_mask is not None:
-            if key_padding_mask.dim() > 2:
-                key_padding_mask = _squeeze_except_first(key_padding_mask)
-            if tuple(key_padding_mask.shape) != (Z, Lk):
-                raise bad_argument(where, "key_padding_mask", f"of shape [Z, L_k] = [{Z}, {Lk}]",
-                                   describe(key_padding_mask))
-        if attn_mask is not None:
-            if attn_mask.dim() > 2:
-                attn_mask = attn_mask.reshape(attn_mask.shape[-2:])
-            if tuple(attn_mask.shape) != (Lq, Lk):
-                raise bad_argument(where, "attn_mask", f"of shape [L_q, L_k] = [{Lq}, {Lk}]",
-                                   describe(attn_mask))
-        for name, t in (("rpe", rpe), ("key_padding_mask", key_padding_mask),
-                        ("attn_mask", attn_mask)):
-            if t is not None and t.device != x.device:
-                raise bad_argument(where, name, f"on x's device ({x.device})", describe(t))
-            if t is not None and t.dtype.is_complex:
-                raise bad_argument(where, name, "a real tensor", describe(t))
-        return _SoftmaxFunction.apply(x, rpe, key_padding_mask, attn_mask, self._operand,
-                                      float(scale), key_padding_mask_mode, attn_mask_mode,
-                                      bool(causal), out_dtype, self.inplace)
+        rpe = check_rpe(where, rpe, (Z, H, Lq, Lk), x.device, names="Z, H")
+        key_padding_mask = check_key_padding_mask(
+            where, key_padding_mask, key_padding_mask_mode, Z, Lk, x.device, batch="Z"
+        )
+        attn_mask = check_attn_mask(where, attn_mask, attn_mask_mode, Lq, Lk, x.device)
+        return _SoftmaxFunction.apply(
+            x,
+            rpe,
+            key_padding_mask,
+            attn_mask,
+            self._operand,
+            float(scale),
+            key_padding_mask_mode,
+            attn_mask_mode,
+            bool(causal),
+            out_dtype,
+            self.inplace,
+        )
 
 
 def attention_ops(layout: torch.Tensor, block: int) -> tuple[MatMul, Softmax, MatMul]:
     """DeepSpeed's attention as three operators over ``layout``: ``scores = sdd(q, k)``
     (``q @ k^T`` on the layout's blocks), ``probs = softmax(scores, ...)``,
     ``out = dsd(probs, v)``."""
-    return (MatMul(layout, block, "sdd", trans_b=True), Softmax(layout, block),
-            MatMul(layout, block, "dsd"))
+    return (
+        MatMul(layout, block, "sdd", trans_b=True),
+        Softmax(layout, block),
+        MatMul(layout, block, "dsd"),
+    )

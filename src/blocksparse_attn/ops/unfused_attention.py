@@ -21,6 +21,7 @@ def unfused_ops(layout: torch.Tensor, block: int, heads: int, causal: bool):
     """SDD, softmax and DSD operators for ``layout`` over ``heads`` heads, cached per layout
     tensor (see :func:`blocksparse_attn.index.get_index`). With ``causal`` the blocks
     wholly after the diagonal are dropped."""
+
     def build():
         lay = (layout != 0).expand(heads, -1, -1)
         if causal:
@@ -48,7 +49,15 @@ def unfused_attention(x: AttentionInputs, layout: torch.Tensor) -> torch.Tensor:
     if hidden is not None:
         k, v = k.masked_fill(hidden, 0), v.masked_fill(hidden, 0)
     scores = sdd.product(x.q, k, out_dtype=torch.float32)
-    probs = softmax.probabilities(scores, x.scale, x.rpe, x.key_padding_mask, x.attn_mask,
-                                  x.key_padding_mask_mode, x.attn_mask_mode, causal=x.causal,
-                                  out_dtype=x.q.dtype)
+    probs = softmax.probabilities(
+        scores,
+        x.scale,
+        x.rpe,
+        x.key_padding_mask,
+        x.attn_mask,
+        x.key_padding_mask_mode,
+        x.attn_mask_mode,
+        causal=x.causal,
+        out_dtype=x.q.dtype,
+    )
     return dsd(probs, v)

@@ -8,13 +8,13 @@ A *layout* is an ``int64`` tensor ``[num_heads, nb, nb]`` with ``nb = seq_len //
 from __future__ import annotations
 
 import random
-from typing import Union
 
 import torch
 
 from .._errors import bad_argument, describe
+from ._checks import layout_tensor
 
-Seed = Union[int, torch.Generator, None]
+Seed = int | torch.Generator | None
 
 
 def _check_positive_int(where: str, name: str, value: object, minimum: int = 1) -> None:
@@ -77,8 +77,9 @@ class SparsityConfig:
     # -- helpers for subclasses ----------------------------------------------------------
     def _init_seed(self, seed: Seed) -> None:
         if isinstance(seed, bool) or not (seed is None or isinstance(seed, (int, torch.Generator))):
-            raise bad_argument(type(self).__name__, "seed", "None, an int or a torch.Generator",
-                               repr(seed))
+            raise bad_argument(
+                type(self).__name__, "seed", "None, an int or a torch.Generator", repr(seed)
+            )
         if isinstance(seed, torch.Generator):
             seed = int(torch.randint(0, 2**62, (1,), generator=seed).item())
         self.seed = seed
@@ -108,32 +109,36 @@ class LayoutSparsityConfig(SparsityConfig):
 
     def __init__(self, layout: torch.Tensor, block: int = 16):
         where = "LayoutSparsityConfig"
-        if not isinstance(layout, torch.Tensor):
-            raise bad_argument(where, "layout", "a torch.Tensor", describe(layout),
-                               "pass torch.as_tensor(your_layout).")
-        if layout.dim() == 2:
-            layout = layout.unsqueeze(0)
-        if layout.dim() != 3 or layout.shape[1] != layout.shape[2]:
-            raise bad_argument(where, "layout", "a square [num_heads, nb, nb] or [nb, nb] tensor",
-                               describe(layout))
-        if layout.dtype.is_floating_point or layout.dtype.is_complex:
-            raise bad_argument(where, "layout", "an integer or bool tensor", describe(layout),
-                               "convert with layout.to(torch.int64).")
+        square = "a square [num_heads, nb, nb] or [nb, nb] tensor"
+        layout = layout_tensor(where, layout, square)
+        if layout.shape[1] != layout.shape[2]:
+            raise bad_argument(where, "layout", square, describe(layout))
         if layout.numel() and not bool(((layout == 0) | (layout == 1)).all()):
-            raise bad_argument(where, "layout", "a tensor of 0/1 values",
-                               f"values {torch.unique(layout)[:8].tolist()}")
-        super().__init__(num_heads=layout.shape[0], block=block,
-                         different_layout_per_head=layout.shape[0] > 1)
+            raise bad_argument(
+                where,
+                "layout",
+                "a tensor of 0/1 values",
+                f"values {torch.unique(layout)[:8].tolist()}",
+            )
+        super().__init__(
+            num_heads=layout.shape[0], block=block, different_layout_per_head=layout.shape[0] > 1
+        )
         self.layout = layout.detach().to("cpu", torch.int64).clone()
 
     def make_layout(self, seq_len: int) -> torch.Tensor:
         nb = self.setup_layout(seq_len).shape[-1]
         if nb > self.layout.shape[-1]:
-            raise bad_argument("LayoutSparsityConfig.make_layout", "seq_len",
-                               f"<= {self.layout.shape[-1] * self.block} (the layout's size)",
-                               seq_len, "build the config from a larger layout.")
+            raise bad_argument(
+                "LayoutSparsityConfig.make_layout",
+                "seq_len",
+                f"<= {self.layout.shape[-1] * self.block} (the layout's size)",
+                seq_len,
+                "build the config from a larger layout.",
+            )
         return self.layout[:, :nb, :nb].clone()
 
     def __repr__(self) -> str:
-        return (f"LayoutSparsityConfig(num_heads={self.num_heads}, block={self.block}, "
-                f"nb={self.layout.shape[-1]})")
+        return (
+            f"LayoutSparsityConfig(num_heads={self.num_heads}, block={self.block}, "
+            f"nb={self.layout.shape[-1]})"
+        )

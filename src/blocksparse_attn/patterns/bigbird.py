@@ -10,7 +10,7 @@ from .base import Seed, SparsityConfig, _check_positive_int
 
 
 class BigBirdSparsityConfig(SparsityConfig):
-    """DeepSpeed's ``BigBirdSparsityConfig`` (spec 1.5), bit-identical layouts.
+    """DeepSpeed's ``BigBirdSparsityConfig``, bit-identical layouts.
 
     Per head: random, then sliding window, then global ("ITC": the first
     ``num_global_blocks`` rows and columns are dense); unidirectional keeps the block-level
@@ -27,10 +27,18 @@ class BigBirdSparsityConfig(SparsityConfig):
         seed: ``None`` (global ``random`` state), an int or a ``torch.Generator``.
     """
 
-    def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False,
-                 num_random_blocks: int = 1, num_sliding_window_blocks: int = 3,
-                 num_global_blocks: int = 1, attention: str = "bidirectional",
-                 *, seed: Seed = None):
+    def __init__(
+        self,
+        num_heads: int,
+        block: int = 16,
+        different_layout_per_head: bool = False,
+        num_random_blocks: int = 1,
+        num_sliding_window_blocks: int = 3,
+        num_global_blocks: int = 1,
+        attention: str = "bidirectional",
+        *,
+        seed: Seed = None,
+    ):
         super().__init__(num_heads, block, different_layout_per_head)
         where = "BigBirdSparsityConfig"
         _check_positive_int(where, "num_random_blocks", num_random_blocks, minimum=0)
@@ -46,14 +54,19 @@ class BigBirdSparsityConfig(SparsityConfig):
     def set_random_layout(self, h: int, layout: torch.Tensor, rng=None) -> torch.Tensor:
         nb = layout.shape[1]
         check_fits("BigBirdSparsityConfig", "num_random_blocks", self.num_random_blocks, nb)
-        layout[h] |= _rules.random_rows(nb, self.num_random_blocks, rng or self._rng(),
-                                        causal_rows=self.attention == "unidirectional")
+        layout[h] |= _rules.random_rows(
+            nb,
+            self.num_random_blocks,
+            rng or self._rng(),
+            causal_rows=self.attention == "unidirectional",
+        )
         return layout
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb = layout.shape[1]
-        check_fits("BigBirdSparsityConfig", "num_sliding_window_blocks",
-                   self.num_sliding_window_blocks, nb)
+        check_fits(
+            "BigBirdSparsityConfig", "num_sliding_window_blocks", self.num_sliding_window_blocks, nb
+        )
         half = self.num_sliding_window_blocks // 2
         layout[h] |= _rules.band(nb, half, half)
         return layout

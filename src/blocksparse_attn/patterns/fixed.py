@@ -11,7 +11,7 @@ from .base import SparsityConfig, _check_positive_int
 
 
 class FixedSparsityConfig(SparsityConfig):
-    """DeepSpeed's ``FixedSparsityConfig`` (spec 1.3), bit-identical layouts.
+    """DeepSpeed's ``FixedSparsityConfig``, bit-identical layouts.
 
     The sequence is cut into windows of ``num_local_blocks`` blocks; inside a window every
     block attends every block (bidirectional) or every earlier block (unidirectional). In
@@ -28,35 +28,52 @@ class FixedSparsityConfig(SparsityConfig):
         attention: ``'bidirectional'`` or ``'unidirectional'``.
         horizontal_global_attention: global blocks also attend all columns (bidirectional only).
         num_different_global_patterns: number of global positions cycled over the heads
-            (needs ``different_layout_per_head``; at most ``num_local_blocks // num_global_blocks``).
+            (needs ``different_layout_per_head``; at most
+            ``num_local_blocks // num_global_blocks``).
     """
 
-    def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False,
-                 num_local_blocks: int = 4, num_global_blocks: int = 1,
-                 attention: str = "bidirectional", horizontal_global_attention: bool = False,
-                 num_different_global_patterns: int = 1):
+    def __init__(
+        self,
+        num_heads: int,
+        block: int = 16,
+        different_layout_per_head: bool = False,
+        num_local_blocks: int = 4,
+        num_global_blocks: int = 1,
+        attention: str = "bidirectional",
+        horizontal_global_attention: bool = False,
+        num_different_global_patterns: int = 1,
+    ):
         super().__init__(num_heads, block, different_layout_per_head)
         where = "FixedSparsityConfig"
         _check_positive_int(where, "num_local_blocks", num_local_blocks)
         _check_positive_int(where, "num_global_blocks", num_global_blocks)
         _check_positive_int(where, "num_different_global_patterns", num_different_global_patterns)
         if num_local_blocks % num_global_blocks != 0:
-            raise bad_argument(where, "num_local_blocks", "divisible by num_global_blocks",
-                               f"num_local_blocks={num_local_blocks}, "
-                               f"num_global_blocks={num_global_blocks}",
-                               "choose num_global_blocks among the divisors of num_local_blocks.")
+            raise bad_argument(
+                where,
+                "num_local_blocks",
+                "divisible by num_global_blocks",
+                f"num_local_blocks={num_local_blocks}, num_global_blocks={num_global_blocks}",
+                "choose num_global_blocks among the divisors of num_local_blocks.",
+            )
         check_attention(where, attention)
         check_horizontal(where, attention, horizontal_global_attention)
         if num_different_global_patterns > 1 and not different_layout_per_head:
-            raise bad_argument(where, "num_different_global_patterns",
-                               "1 unless different_layout_per_head=True",
-                               num_different_global_patterns,
-                               "set different_layout_per_head=True to vary the pattern by head.")
+            raise bad_argument(
+                where,
+                "num_different_global_patterns",
+                "1 unless different_layout_per_head=True",
+                num_different_global_patterns,
+                "set different_layout_per_head=True to vary the pattern by head.",
+            )
         most = num_local_blocks // num_global_blocks
         if num_different_global_patterns > most:
-            raise bad_argument(where, "num_different_global_patterns",
-                               f"<= num_local_blocks // num_global_blocks = {most}",
-                               num_different_global_patterns)
+            raise bad_argument(
+                where,
+                "num_different_global_patterns",
+                f"<= num_local_blocks // num_global_blocks = {most}",
+                num_different_global_patterns,
+            )
         self.num_local_blocks = num_local_blocks
         self.num_global_blocks = num_global_blocks
         self.attention = attention
@@ -79,9 +96,9 @@ class FixedSparsityConfig(SparsityConfig):
             starts.append(min(full + first, nb - g))
         bidirectional = self.attention == "bidirectional"
         for s in starts:
-            layout[h, 0 if bidirectional else s:, s:s + g] = 1
+            layout[h, 0 if bidirectional else s :, s : s + g] = 1
             if self.horizontal_global_attention:
-                layout[h, s:s + g, :] = 1
+                layout[h, s : s + g, :] = 1
         return layout
 
     def make_layout(self, seq_len: int) -> torch.Tensor:

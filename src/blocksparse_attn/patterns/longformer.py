@@ -10,7 +10,7 @@ from .base import SparsityConfig, _check_positive_int
 
 
 class BSLongformerSparsityConfig(SparsityConfig):
-    """DeepSpeed's ``BSLongformerSparsityConfig`` (spec 1.6), bit-identical layouts.
+    """DeepSpeed's ``BSLongformerSparsityConfig``, bit-identical layouts.
 
     Per head: sliding window, then global blocks (each global index, or range, is a dense
     row and a dense column); ``attention='unidirectional'`` keeps the block-level lower
@@ -25,10 +25,16 @@ class BSLongformerSparsityConfig(SparsityConfig):
         attention: ``'bidirectional'`` or ``'unidirectional'``.
     """
 
-    def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False,
-                 num_sliding_window_blocks: int = 3, global_block_indices: list[int] | None = None,
-                 global_block_end_indices: list[int] | None = None,
-                 attention: str = "bidirectional"):
+    def __init__(
+        self,
+        num_heads: int,
+        block: int = 16,
+        different_layout_per_head: bool = False,
+        num_sliding_window_blocks: int = 3,
+        global_block_indices: list[int] | None = None,
+        global_block_end_indices: list[int] | None = None,
+        attention: str = "bidirectional",
+    ):
         super().__init__(num_heads, block, different_layout_per_head)
         where = "BSLongformerSparsityConfig"
         _check_positive_int(where, "num_sliding_window_blocks", num_sliding_window_blocks)
@@ -36,14 +42,19 @@ class BSLongformerSparsityConfig(SparsityConfig):
         check_global_ranges(where, global_block_indices, global_block_end_indices)
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.global_block_indices = global_block_indices
-        self.global_block_end_indices = (None if global_block_end_indices is None
-                                         else list(global_block_end_indices))
+        self.global_block_end_indices = (
+            None if global_block_end_indices is None else list(global_block_end_indices)
+        )
         self.attention = attention
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb = layout.shape[1]
-        check_fits("BSLongformerSparsityConfig", "num_sliding_window_blocks",
-                   self.num_sliding_window_blocks, nb)
+        check_fits(
+            "BSLongformerSparsityConfig",
+            "num_sliding_window_blocks",
+            self.num_sliding_window_blocks,
+            nb,
+        )
         half = self.num_sliding_window_blocks // 2
         layout[h] |= _rules.band(nb, half, half)
         return layout

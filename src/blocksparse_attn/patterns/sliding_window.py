@@ -10,7 +10,7 @@ from .base import SparsityConfig, _check_positive_int
 
 
 class LocalSlidingWindowSparsityConfig(SparsityConfig):
-    """DeepSpeed's ``LocalSlidingWindowSparsityConfig`` (spec 1.7), bit-identical layouts.
+    """DeepSpeed's ``LocalSlidingWindowSparsityConfig``, bit-identical layouts.
 
     With ``half = num_sliding_window_blocks // 2``, row ``r`` attends
     ``[r - half, r + half]`` (bidirectional) or ``[r - half, r]`` (any other ``attention``
@@ -22,18 +22,30 @@ class LocalSlidingWindowSparsityConfig(SparsityConfig):
         attention: ``'unidirectional'`` (default) or ``'bidirectional'``.
     """
 
-    def __init__(self, num_heads: int, block: int = 16, num_sliding_window_blocks: int = 3,
-                 attention: str = "unidirectional"):
+    def __init__(
+        self,
+        num_heads: int,
+        block: int = 16,
+        num_sliding_window_blocks: int = 3,
+        attention: str = "unidirectional",
+    ):
         super().__init__(num_heads, block)
-        _check_positive_int("LocalSlidingWindowSparsityConfig", "num_sliding_window_blocks",
-                            num_sliding_window_blocks)
+        _check_positive_int(
+            "LocalSlidingWindowSparsityConfig",
+            "num_sliding_window_blocks",
+            num_sliding_window_blocks,
+        )
         self.num_sliding_window_blocks = num_sliding_window_blocks
         self.attention = attention
 
     def set_sliding_window_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb = layout.shape[1]
-        check_fits("LocalSlidingWindowSparsityConfig", "num_sliding_window_blocks",
-                   self.num_sliding_window_blocks, nb)
+        check_fits(
+            "LocalSlidingWindowSparsityConfig",
+            "num_sliding_window_blocks",
+            self.num_sliding_window_blocks,
+            nb,
+        )
         half = self.num_sliding_window_blocks // 2
         after = half if self.attention == "bidirectional" else 0
         layout[h] |= _rules.band(nb, half, after)

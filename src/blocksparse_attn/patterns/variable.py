@@ -11,7 +11,7 @@ from .base import Seed, SparsityConfig, _check_positive_int
 
 
 class VariableSparsityConfig(SparsityConfig):
-    """DeepSpeed's ``VariableSparsityConfig`` (spec 1.4), bit-identical layouts.
+    """DeepSpeed's ``VariableSparsityConfig``, bit-identical layouts.
 
     Per head: random, then local, then global.
 
@@ -29,20 +29,33 @@ class VariableSparsityConfig(SparsityConfig):
             or a ``torch.Generator`` for a reproducible layout.
     """
 
-    def __init__(self, num_heads: int, block: int = 16, different_layout_per_head: bool = False,
-                 num_random_blocks: int = 0, local_window_blocks: list[int] | None = None,
-                 global_block_indices: list[int] | None = None,
-                 global_block_end_indices: list[int] | None = None,
-                 attention: str = "bidirectional", horizontal_global_attention: bool = False,
-                 *, seed: Seed = None):
+    def __init__(
+        self,
+        num_heads: int,
+        block: int = 16,
+        different_layout_per_head: bool = False,
+        num_random_blocks: int = 0,
+        local_window_blocks: list[int] | None = None,
+        global_block_indices: list[int] | None = None,
+        global_block_end_indices: list[int] | None = None,
+        attention: str = "bidirectional",
+        horizontal_global_attention: bool = False,
+        *,
+        seed: Seed = None,
+    ):
         super().__init__(num_heads, block, different_layout_per_head)
         where = "VariableSparsityConfig"
         _check_positive_int(where, "num_random_blocks", num_random_blocks, minimum=0)
         local_window_blocks = [4] if local_window_blocks is None else list(local_window_blocks)
         if not local_window_blocks or any(
-                isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in local_window_blocks):
-            raise bad_argument(where, "local_window_blocks", "a non-empty list of ints >= 1",
-                               repr(local_window_blocks))
+            isinstance(b, bool) or not isinstance(b, int) or b < 1 for b in local_window_blocks
+        ):
+            raise bad_argument(
+                where,
+                "local_window_blocks",
+                "a non-empty list of ints >= 1",
+                repr(local_window_blocks),
+            )
         global_block_indices = [0] if global_block_indices is None else list(global_block_indices)
         check_global_ranges(where, global_block_indices, global_block_end_indices)
         check_attention(where, attention)
@@ -50,8 +63,9 @@ class VariableSparsityConfig(SparsityConfig):
         self.num_random_blocks = num_random_blocks
         self.local_window_blocks = local_window_blocks
         self.global_block_indices = global_block_indices
-        self.global_block_end_indices = (None if global_block_end_indices is None
-                                         else list(global_block_end_indices))
+        self.global_block_end_indices = (
+            None if global_block_end_indices is None else list(global_block_end_indices)
+        )
         self.attention = attention
         self.horizontal_global_attention = horizontal_global_attention
         self._init_seed(seed)
@@ -64,8 +78,9 @@ class VariableSparsityConfig(SparsityConfig):
 
     def set_local_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
         nb = layout.shape[1]
-        layout[h] |= _rules.local_windows(nb, self.local_window_blocks,
-                                          self.attention == "unidirectional")
+        layout[h] |= _rules.local_windows(
+            nb, self.local_window_blocks, self.attention == "unidirectional"
+        )
         return layout
 
     def set_global_layout(self, h: int, layout: torch.Tensor) -> torch.Tensor:
@@ -82,7 +97,7 @@ class VariableSparsityConfig(SparsityConfig):
             e = min(e, nb)
             if self.horizontal_global_attention:
                 layout[h, s:e, :] = 1
-            layout[h, 0 if bidirectional else s:, s:e] = 1
+            layout[h, 0 if bidirectional else s :, s:e] = 1
         return layout
 
     def make_layout(self, seq_len: int) -> torch.Tensor:

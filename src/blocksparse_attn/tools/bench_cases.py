@@ -1,4 +1,5 @@
-"""Benchmark cases: the PERF.md anchor patterns and problem sizes, and FLOP counting."""
+"""Benchmark cases: the anchor patterns and problem sizes (``pattern_layout``), and FLOP
+counting."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ class Case:
     def name(self) -> str:
         c = "+causal" if self.causal else ""
         d = f"{self.density:g}" if self.pattern == "random" else ""
-        return (f"{self.pattern}{d}{c} L{self.seq_len} B{self.batch} H{self.heads} "
-                f"D{self.head_dim} block{self.block}")
+        return (
+            f"{self.pattern}{d}{c} L{self.seq_len} B{self.batch} H{self.heads} "
+            f"D{self.head_dim} block{self.block}"
+        )
 
     def layout(self) -> torch.Tensor:
         return pattern_layout(self.pattern, self.seq_len, self.block, self.density)
@@ -37,8 +40,9 @@ class Case:
         return asdict(self) | {"name": self.name}
 
 
-def pattern_layout(pattern: str, seq_len: int, block: int,
-                   density: float | None = None) -> torch.Tensor:
+def pattern_layout(
+    pattern: str, seq_len: int, block: int, density: float | None = None
+) -> torch.Tensor:
     """One layout ``[1, nb, nb]`` shared by all heads.
 
     * ``dense``: every block;
@@ -50,8 +54,9 @@ def pattern_layout(pattern: str, seq_len: int, block: int,
     * ``random``: each block kept with probability ``density`` (seeded), plus the diagonal.
     """
     if seq_len % block:
-        raise ValueError(f"pattern_layout: seq_len must be a multiple of block={block}, "
-                         f"got {seq_len}.")
+        raise ValueError(
+            f"pattern_layout: seq_len must be a multiple of block={block}, got {seq_len}."
+        )
     nb = seq_len // block
     if pattern == "dense":
         return torch.ones(1, nb, nb, dtype=torch.int64)
@@ -66,36 +71,41 @@ def pattern_layout(pattern: str, seq_len: int, block: int,
         return lay.unsqueeze(0)
     if pattern == "causal_fixed":
         window = max(1, 512 // block)
-        cfg = FixedSparsityConfig(1, block=block, num_local_blocks=window,
-                                  attention="unidirectional")
+        cfg = FixedSparsityConfig(
+            1, block=block, num_local_blocks=window, attention="unidirectional"
+        )
         return cfg.make_layout(seq_len)
     if pattern == "random":
         if density is None or not 0 < density <= 1:
-            raise ValueError(f"pattern_layout: the random pattern needs 0 < density <= 1, "
-                             f"got {density!r}.")
+            raise ValueError(
+                f"pattern_layout: the random pattern needs 0 < density <= 1, got {density!r}."
+            )
         g = torch.Generator().manual_seed(0)
         lay = torch.rand(nb, nb, generator=g) < density
         lay |= torch.eye(nb, dtype=torch.bool)
         return lay.to(torch.int64).unsqueeze(0)
-    raise ValueError(f"pattern_layout: pattern must be one of {', '.join(PATTERNS)}, "
-                     f"got {pattern!r}.")
+    raise ValueError(
+        f"pattern_layout: pattern must be one of {', '.join(PATTERNS)}, got {pattern!r}."
+    )
 
 
 def flops(case: Case, layout: torch.Tensor, mode: str) -> float:
     """FLOPs on computed blocks: forward ``4 * B * nnz * block^2 * D`` (nnz over all heads),
     forward+backward 3.5x that."""
     nnz = int((layout != 0).sum()) * (case.heads if layout.shape[0] == 1 else 1)
-    f = 4.0 * case.batch * nnz * case.block ** 2 * case.head_dim
+    f = 4.0 * case.batch * nnz * case.block**2 * case.head_dim
     return f * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def dense_flops(case: Case, mode: str) -> float:
-    f = 4.0 * case.batch * case.heads * case.seq_len ** 2 * case.head_dim
+    f = 4.0 * case.batch * case.heads * case.seq_len**2 * case.head_dim
     return f * (3.5 if mode == "fwd+bwd" else 1.0)
 
 
 def anchor_cases() -> list[Case]:
-    """Every row of PERF.md's anchor table, plus token-causal dense rows."""
+    """The anchor cases: dense and block-causal layouts at L8192, window_global at blocks
+    128/64/32 (L16384) and 64 (L4096), causal_fixed (L16384), at head dims 128 and 64,
+    plus a token-causal block-causal row."""
     return [
         Case("dense", 8192, 4, 8, 128, 128),
         Case("causal_dense", 8192, 4, 8, 128, 128),
@@ -113,8 +123,9 @@ def anchor_cases() -> list[Case]:
 
 def density_cases() -> list[Case]:
     """Random layouts from 1% to 100% density at blocks 64 and 128."""
-    return [Case("random", 8192, 2, 8, 128, block, density=d)
-            for block in (64, 128) for d in DENSITIES]
+    return [
+        Case("random", 8192, 2, 8, 128, block, density=d) for block in (64, 128) for d in DENSITIES
+    ]
 
 
 def select(cases: list[Case], match: list[str] | None) -> list[Case]:
@@ -125,11 +136,15 @@ def select(cases: list[Case], match: list[str] | None) -> list[Case]:
     missing = [m for m in match if not any(m in c.name for c in cases)]
     if missing:
         names = "\n  ".join(c.name for c in cases)
-        raise ValueError(f"bench --match: {', '.join(map(repr, missing))} is in no case name; "
-                         f"the names are:\n  {names}")
+        raise ValueError(
+            f"bench --match: {', '.join(map(repr, missing))} is in no case name; "
+            f"the names are:\n  {names}"
+        )
     return [c for c in cases if any(m in c.name for m in match)]
 
 
 def quick_cases() -> list[Case]:
-    return [Case("window_global", 1024, 1, 2, 64, 64), Case("causal_fixed", 1024, 1, 2, 64, 64,
-                                                             causal=True)]
+    return [
+        Case("window_global", 1024, 1, 2, 64, 64),
+        Case("causal_fixed", 1024, 1, 2, 64, 64, causal=True),
+    ]

@@ -18,13 +18,13 @@ PATTERNS = {
 
 # command-line option -> constructor argument, for the pattern options
 PATTERN_OPTIONS = {
-    "different_layout_per_head": dict(action="store_true", default=None,
-                                      help="a pattern per head"),
+    "different_layout_per_head": dict(action="store_true", default=None, help="a pattern per head"),
     "attention": dict(choices=["bidirectional", "unidirectional"]),
     "num_local_blocks": dict(type=int, help="fixed: window size in blocks"),
     "num_global_blocks": dict(type=int, help="fixed/bigbird: global blocks"),
-    "horizontal_global_attention": dict(action="store_true", default=None,
-                                        help="fixed/variable: global rows too"),
+    "horizontal_global_attention": dict(
+        action="store_true", default=None, help="fixed/variable: global rows too"
+    ),
     "num_different_global_patterns": dict(type=int, help="fixed: global positions over heads"),
     "num_random_blocks": dict(type=int, help="variable/bigbird: random blocks per row"),
     "local_window_blocks": dict(type=int, nargs="+", help="variable: window sizes"),
@@ -46,8 +46,10 @@ def make_config(pattern: str, heads: int, block: int, options: dict):
     unknown = sorted(k for k in given if k not in accepted)
     if unknown:
         flags = ", ".join("--" + k.replace("_", "-") for k in unknown)
-        raise SystemExit(f"blocksparse-attn layout: {flags} not used by --pattern {pattern} "
-                         f"({cls.__name__}); drop it or pick another pattern.")
+        raise SystemExit(
+            f"blocksparse-attn layout: {flags} not used by --pattern {pattern} "
+            f"({cls.__name__}); drop it or pick another pattern."
+        )
     return cls(heads, block, **given)
 
 
@@ -67,7 +69,9 @@ def _cmd_layout(args) -> int:
         print(f"\nhead {h}:")
         print(layout_text(layout[h], max_width=args.max_width))
     if args.png:
-        save_layout_png(layout, args.png, title=f"{args.pattern}, L={args.seq_len}, block {args.block}")
+        save_layout_png(
+            layout, args.png, title=f"{args.pattern}, L={args.seq_len}, block {args.block}"
+        )
         print(f"\nwrote {args.png}")
     return 0
 
@@ -95,7 +99,8 @@ def _cmd_bench(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="blocksparse-attn",
-        description="Block-sparse attention for PyTorch: layouts, environment report.")
+        description="Block-sparse attention for PyTorch: layouts, environment report.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("layout", help="print (and draw) a sparsity layout")
@@ -114,8 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default 250 on CPU, 1000 on GPU)")
     p.add_argument("--seq-len", type=int, help="sequence length (default 256 CPU, 8192 GPU)")
     p.add_argument("--block", type=int, help="layout block (default 16 CPU, 64 GPU)")
-    p.add_argument("--window", type=int,
-                   help="Fixed window in blocks (default: a quarter of the sequence)")
+    p.add_argument(
+        "--window", type=int, help="Fixed window in blocks (default: a quarter of the sequence)"
+    )
     p.add_argument("--batch", type=int, help="sequences per step (default 16)")
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--heads", type=int, default=2)
@@ -132,16 +138,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
     suites = ["anchors", "density", "matmul", "max-length", "index"]
-    p.add_argument("--suite", nargs="+", choices=suites, default=suites,
-                   help="what to run (default: all)")
+    p.add_argument(
+        "--suite", nargs="+", choices=suites, default=suites, help="what to run (default: all)"
+    )
     p.add_argument("--mode", choices=["fwd", "fwd+bwd", "both"], default="both")
     p.add_argument("--dtype", nargs="+", choices=["bfloat16", "float16"], default=["bfloat16"])
-    p.add_argument("--backends", nargs="+",
-                   choices=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
-                   default=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"])
-    p.add_argument("--match", nargs="+", metavar="TEXT",
-                   help="only the anchor/density cases whose name contains one of these "
-                        "(e.g. 'causal_fixed' 'L4096')")
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+        default=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+    )
+    p.add_argument(
+        "--match",
+        nargs="+",
+        metavar="TEXT",
+        help="only the anchor/density cases whose name contains one of these "
+        "(e.g. 'causal_fixed' 'L4096')",
+    )
     p.add_argument("--out", metavar="DIR", help="write bench.json and bench.md here")
     p.set_defaults(func=_cmd_bench)
 

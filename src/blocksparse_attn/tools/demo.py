@@ -32,8 +32,16 @@ def vocab_size(n_keys: int) -> int:
     return N_NOISE + n_keys + n_keys * n_keys
 
 
-def recall_batch(batch: int, seq_len: int, block: int, window: int, queries: int, n_keys: int,
-                 generator: torch.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
+def recall_batch(
+    batch: int,
+    seq_len: int,
+    block: int,
+    window: int,
+    queries: int,
+    n_keys: int,
+    generator: torch.Generator,
+    device,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(tokens, targets)`` of shape ``[batch, seq_len]``; targets are -100 except at the
     first ``queries`` positions of the last window, whose target is the queried key's
     value."""
@@ -45,11 +53,11 @@ def recall_batch(batch: int, seq_len: int, block: int, window: int, queries: int
     order = torch.argsort(torch.rand(batch, n_keys, generator=generator), dim=1)
     stored = min(block, n_keys)  # keys in the table; it repeats to fill the block
     keys = order[:, torch.arange(block) % stored]
-    tokens[:, memory:memory + block] = pair0 + keys * n_keys + values.gather(1, keys)
+    tokens[:, memory : memory + block] = pair0 + keys * n_keys + values.gather(1, keys)
     asked = order.gather(1, torch.randint(0, stored, (batch, queries), generator=generator))
     ask = seq_len - window * block  # the queries open the last window
-    tokens[:, ask:ask + queries] = key0 + asked
-    targets[:, ask:ask + queries] = values.gather(1, asked)
+    tokens[:, ask : ask + queries] = key0 + asked
+    targets[:, ask : ask + queries] = values.gather(1, asked)
     return tokens.to(device), targets.to(device)
 
 
@@ -66,8 +74,11 @@ class Block(nn.Module):
 
     def forward(self, x):
         B, L, C = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(B, L, 3, self.heads, C // self.heads).permute(
-            2, 0, 3, 1, 4)
+        q, k, v = (
+            self.qkv(self.norm1(x))
+            .view(B, L, 3, self.heads, C // self.heads)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = self.attn(q.contiguous(), k.contiguous(), v.contiguous())
         x = x + self.proj(a.transpose(1, 2).reshape(B, L, C))
         return x + self.mlp(self.norm2(x))
@@ -78,10 +89,13 @@ class TinyLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
         self.blocks = nn.ModuleList(
-            Block(dim, config.num_heads,
-                  SparseSelfAttention(config, max_seq_length=seq_len, causal=True,
-                                      backend=backend))
-            for _ in range(layers))
+            Block(
+                dim,
+                config.num_heads,
+                SparseSelfAttention(config, max_seq_length=seq_len, causal=True, backend=backend),
+            )
+            for _ in range(layers)
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab)
 
@@ -129,8 +143,16 @@ def train(name: str, config, args, device, dtype) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start, tokens_seen = time.perf_counter(), 0
-        tokens, targets = recall_batch(args.batch, args.seq_len, config.block, args.window,
-                                       args.queries, args.keys, gen, device)
+        tokens, targets = recall_batch(
+            args.batch,
+            args.seq_len,
+            config.block,
+            args.window,
+            args.queries,
+            args.keys,
+            gen,
+            device,
+        )
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(tokens)
         loss = nn.functional.cross_entropy(logits.float().view(-1, vocab), targets.view(-1))
@@ -147,9 +169,15 @@ def train(name: str, config, args, device, dtype) -> dict:
     else:
         peak = f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MiB (process RSS)"
     k = max(1, args.steps // 10)
-    return {"name": name, "losses": losses, "first": sum(losses[:k]) / k,
-            "last": sum(losses[-k:]) / k,
-            "tok_s": tokens_seen / elapsed, "peak": peak, "seconds": elapsed}
+    return {
+        "name": name,
+        "losses": losses,
+        "first": sum(losses[:k]) / k,
+        "last": sum(losses[-k:]) / k,
+        "tok_s": tokens_seen / elapsed,
+        "peak": peak,
+        "seconds": elapsed,
+    }
 
 
 def demo_main(args) -> int:
@@ -167,28 +195,40 @@ def demo_main(args) -> int:
         args.batch = 16
     if args.window is None:
         if args.seq_len % (4 * args.block):
-            raise SystemExit(f"blocksparse-attn demo: --seq-len must be a multiple of "
-                             f"4*block = {4 * args.block} (four windows), got {args.seq_len}; "
-                             "or give --window.")
+            raise SystemExit(
+                f"blocksparse-attn demo: --seq-len must be a multiple of "
+                f"4*block = {4 * args.block} (four windows), got {args.seq_len}; "
+                "or give --window."
+            )
         args.window = args.seq_len // (4 * args.block)
     dtype = torch.bfloat16 if gpu else torch.float32
     span = args.window * args.block
     if args.seq_len % span or args.seq_len < 2 * span:
-        raise SystemExit(f"blocksparse-attn demo: --seq-len must be a multiple of "
-                         f"window*block = {span} and at least {2 * span}, got {args.seq_len}.")
+        raise SystemExit(
+            f"blocksparse-attn demo: --seq-len must be a multiple of "
+            f"window*block = {span} and at least {2 * span}, got {args.seq_len}."
+        )
     heads = args.heads
-    sparse = FixedSparsityConfig(heads, args.block, num_local_blocks=args.window,
-                                 attention="unidirectional")
+    sparse = FixedSparsityConfig(
+        heads, args.block, num_local_blocks=args.window, attention="unidirectional"
+    )
     layout = sparse.make_layout(args.seq_len)
     density = layout[0].float().mean().item()
-    print(f"blocksparse-attn demo on {device} ({'fused Triton kernel' if gpu else 'PyTorch reference backend'}, {str(dtype).replace('torch.', '')})")
+    backend = "fused Triton kernel" if gpu else "PyTorch reference backend"
+    print(f"blocksparse-attn demo on {device} ({backend}, {str(dtype).replace('torch.', '')})")
     distance = args.seq_len - span - (args.window - 1) * args.block
-    print(f"task: recall the value of a key stored {distance:,} tokens earlier; "
-          f"chance loss ln({args.keys}) = {math.log(args.keys):.2f}")
-    print(f"model: {args.layers} layers, dim {args.dim}, {heads} heads; sequence {args.seq_len}, "
-          f"batch {args.batch}, {args.steps} steps")
-    print(f"layout: Fixed unidirectional, window {args.window} blocks of {args.block}, "
-          f"density {density:.3f} (block-level); head 0:")
+    print(
+        f"task: recall the value of a key stored {distance:,} tokens earlier; "
+        f"chance loss ln({args.keys}) = {math.log(args.keys):.2f}"
+    )
+    print(
+        f"model: {args.layers} layers, dim {args.dim}, {heads} heads; sequence {args.seq_len}, "
+        f"batch {args.batch}, {args.steps} steps"
+    )
+    print(
+        f"layout: Fixed unidirectional, window {args.window} blocks of {args.block}, "
+        f"density {density:.3f} (block-level); head 0:"
+    )
     print(layout_text(layout[0], max_width=48))
     if args.png:
         save_layout_png(layout[:1], args.png, title=f"Fixed, L={args.seq_len}, block {args.block}")
@@ -199,9 +239,13 @@ def demo_main(args) -> int:
     print("\n| attention | loss first 10% -> last 10% | tokens/s | peak memory | time |")
     print("|---|---|---|---|---|")
     for r in runs:
-        print(f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['tok_s']:,.0f} | "
-              f"{r['peak']} | {r['seconds']:.1f} s |")
+        print(
+            f"| {r['name']} | {r['first']:.3f} -> {r['last']:.3f} | {r['tok_s']:,.0f} | "
+            f"{r['peak']} | {r['seconds']:.1f} s |"
+        )
     if not gpu:
-        print("(on CPU the reference backend computes every block densely: the speed and memory "
-              "gains of the sparse layout show with the fused kernel on a CUDA GPU)")
+        print(
+            "(on CPU the reference backend computes every block densely: the speed and memory "
+            "gains of the sparse layout show with the fused kernel on a CUDA GPU)"
+        )
     return runs

@@ -24,8 +24,10 @@ def env_report() -> str:
     if torch.cuda.is_available():
         i = torch.cuda.current_device()
         cap = torch.cuda.get_device_capability(i)
-        lines.append(f"gpu              {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), "
-                     f"CUDA {torch.version.cuda}")
+        lines.append(
+            f"gpu              {torch.cuda.get_device_name(i)} (sm_{cap[0]}{cap[1]}), "
+            f"CUDA {torch.version.cuda}"
+        )
         device = "cuda"
     else:
         lines.append("gpu              none (CUDA not available)")
@@ -35,8 +37,12 @@ def env_report() -> str:
         lines.append("kernels          will not run here: " + "; ".join(reasons))
         lines.append("backend='auto'   uses the PyTorch reference (exact, O(L^2) memory)")
     else:
-        lines.append(f"kernels          will run on {device}"
-                     + (" (interpreted: slow, for testing)" if device == "cpu" else ""))
-        lines.append("backend='auto'   uses the fused Triton kernel on CUDA tensors, "
-                     "the PyTorch reference on CPU tensors")
+        lines.append(
+            f"kernels          will run on {device}"
+            + (" (interpreted: slow, for testing)" if device == "cpu" else "")
+        )
+        lines.append(
+            "backend='auto'   uses the fused Triton kernel on CUDA tensors, "
+            "the PyTorch reference on CPU tensors"
+        )
     return "\n".join(lines)

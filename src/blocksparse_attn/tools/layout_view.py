@@ -9,7 +9,7 @@ def layout_text(layout: torch.Tensor, max_width: int = 64) -> str:
     """One head ``[nb, nb]`` as a text grid: ``X`` kept, ``.`` empty. Larger grids are
     shown downsampled by an integer factor, each cell a square of blocks: ``X`` all kept,
     ``+`` some kept, ``.`` none."""
-    grid = (layout != 0)
+    grid = layout != 0
     nq, nk = grid.shape
     f = max(1, -(-max(nq, nk) // max_width))
     lines = []
@@ -17,10 +17,14 @@ def layout_text(layout: torch.Tensor, max_width: int = 64) -> str:
         rq, rk = -(-nq // f) * f, -(-nk // f) * f
         padded = torch.zeros((rq, rk), dtype=torch.float32)
         padded[:nq, :nk] = grid.float()
-        cells = padded.reshape(rq // f, f, rk // f, f).permute(0, 2, 1, 3).reshape(rq // f, rk // f, -1)
+        cells = (
+            padded.reshape(rq // f, f, rk // f, f).permute(0, 2, 1, 3).reshape(rq // f, rk // f, -1)
+        )
         full = torch.zeros_like(padded)
         full[:nq, :nk] = 1
-        area = full.reshape(rq // f, f, rk // f, f).permute(0, 2, 1, 3).reshape(rq // f, rk // f, -1)
+        area = (
+            full.reshape(rq // f, f, rk // f, f).permute(0, 2, 1, 3).reshape(rq // f, rk // f, -1)
+        )
         frac = cells.sum(-1) / area.sum(-1)
         lines.append(f"(each cell is {f}x{f} blocks: X all kept, + some kept, . none)")
         for row in frac.tolist():
@@ -36,8 +40,10 @@ def layout_summary(layout: torch.Tensor) -> str:
     lay = layout != 0
     per_head = lay.flatten(1).sum(1).tolist()
     total = lay[0].numel()
-    lines = [f"layout {list(lay.shape)}: {int(lay.sum())} blocks kept of {lay.numel()} "
-             f"(density {lay.float().mean().item():.4f})"]
+    lines = [
+        f"layout {list(lay.shape)}: {int(lay.sum())} blocks kept of {lay.numel()} "
+        f"(density {lay.float().mean().item():.4f})"
+    ]
     for h, n in enumerate(per_head):
         lines.append(f"  head {h}: nnz {n} ({n / total:.4f})")
     return "\n".join(lines)
@@ -49,9 +55,11 @@ def save_layout_png(layout: torch.Tensor, path: str, title: str = "") -> None:
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("blocksparse-attn: --png needs matplotlib, which is not installed. "
-                         "Fix: pip install 'blocksparse-attn[bench]' (or pip install "
-                         "matplotlib).") from None
+        raise SystemExit(
+            "blocksparse-attn: --png needs matplotlib, which is not installed. "
+            "Fix: pip install 'blocksparse-attn[bench]' (or pip install "
+            "matplotlib)."
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
