@@ -6,7 +6,6 @@ import json
 import pytest
 import torch
 
-from blocksparse_attn.tools.bench import markdown, plots, time_backend, write_report
 from blocksparse_attn.tools.bench_cases import (
     Case,
     anchor_cases,
@@ -15,6 +14,8 @@ from blocksparse_attn.tools.bench_cases import (
     flops,
     pattern_layout,
 )
+from blocksparse_attn.tools.bench_harness import time_backend
+from blocksparse_attn.tools.bench_report import markdown, plots, write_report
 
 
 def test_anchor_cases_reproduce_perf_md_densities():
@@ -218,12 +219,12 @@ def test_unsupported_backend_reason_is_recorded():
 
 def fake_gpu_bench(monkeypatch, time_backend):
     """``bench`` as on a GPU machine, timing with ``time_backend``."""
-    from blocksparse_attn.tools import bench
+    from blocksparse_attn.tools import bench, bench_harness
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(bench, "time_backend", time_backend)
+    monkeypatch.setattr(bench_harness, "time_backend", time_backend)
     monkeypatch.setattr(
-        bench,
+        bench_harness,
         "environment",
         lambda: {"torch": "t", "triton": "tr", "python": "p", "date": "d", "gpu": "card"},
     )
@@ -286,7 +287,9 @@ def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
         }
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
-    monkeypatch.setattr(bench, "plots", lambda report, out_dir: [])
+    from blocksparse_attn.tools import bench_report
+
+    monkeypatch.setattr(bench_report, "plots", lambda report, out_dir: [])
     parse = build_parser().parse_args
     args = parse(
         [

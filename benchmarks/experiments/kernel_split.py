@@ -12,8 +12,8 @@ from collections import defaultdict
 import torch
 from torch.autograd import DeviceType
 
-from blocksparse_attn.tools.bench import _attention_fn
 from blocksparse_attn.tools.bench_cases import Case
+from blocksparse_attn.tools.bench_harness import _attention_fn
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import torch
 from torch.autograd import DeviceType
 from triton.testing import do_bench
 
-from blocksparse_attn.tools.bench import _attention_fn
 from blocksparse_attn.tools.bench_cases import Case
+from blocksparse_attn.tools.bench_harness import _attention_fn
 
 
 def main() -> None:

@@ -1,0 +1,166 @@
+"""The benchmark's harness: the environment, the backends as functions of ``(q, k, v)``,
+their inputs, and the timing of one backend on one case (median time, effective TFLOP/s,
+peak memory, or the reason it cannot run). ``time_backend`` and ``environment`` are looked
+up through this module by the suites, so tests replace them in one place."""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+import torch
+
+from .bench_cases import Case, dense_flops, flops
+
+BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
+MODES = ("fwd", "fwd+bwd")
+MASK_LIMIT_BYTES = 4 << 30  # dense boolean masks larger than this are not tried
+
+
+def environment() -> dict:
+    from ..kernels.availability import triton_version
+
+    env = {
+        "torch": torch.__version__,
+        "triton": triton_version() or "not installed",
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+        env["cuda"] = torch.version.cuda
+    else:
+        env["cpu"] = f"{platform.machine()}, {torch.get_num_threads()} threads"
+    return env
+
+
+def _inputs(case: Case, dtype, device, sets: int, grad: bool):
+    out = []
+    for _ in range(sets):
+        qkv = [
+            torch.randn(
+                case.batch,
+                case.heads,
+                case.seq_len,
+                case.head_dim,
+                device=device,
+                dtype=dtype,
+                requires_grad=grad,
+            )
+            for _ in range(3)
+        ]
+        out.append(qkv)
+    return out
+
+
+def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
+    """A function ``(q, k, v) -> out`` for ``backend``, or raise with the reason."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if backend in ("fused", "unfused", "reference"):
+        from ..functional import block_sparse_attention
+
+        # a CPU layout, as the patterns make them: each call checks it for edits with a
+        # host comparison (a CUDA layout would be compared on the device, waiting for it)
+        return lambda q, k, v: block_sparse_attention(
+            q, k, v, layout, block=case.block, causal=case.causal, backend=backend
+        )
+    if backend == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+
+        from ..flex_block_mask import layout_to_block_mask
+
+        bm = layout_to_block_mask(layout, case.block, causal=case.causal, device=device)
+        # a fresh compile per case: past dynamo's recompile limit flex would run eagerly
+        torch._dynamo.reset()
+        flex = torch.compile(flex_attention, dynamic=False)
+        return lambda q, k, v: flex(q, k, v, block_mask=bm)
+    if backend in ("sdpa_cudnn", "sdpa_flash"):
+        kind = SDPBackend.CUDNN_ATTENTION if backend == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
+
+        def fn(q, k, v):
+            with sdpa_kernel(kind):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        return fn
+    if backend == "sdpa_mask":
+        L = case.seq_len
+        if layout.shape[0] * L * L > MASK_LIMIT_BYTES:
+            raise RuntimeError(
+                f"dense mask of {layout.shape[0] * L * L / 2**30:.1f} GiB exceeds the 4 GiB limit"
+            )
+        from ..reference import token_mask
+
+        mask = token_mask(layout.to(device), case.block, case.causal).unsqueeze(0)
+        return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    raise ValueError(f"bench: backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+
+
+def _median_ms(fn, reps: int = 7) -> float:
+    """Median wall time of ``fn`` in ms, for CPU runs (``do_bench`` needs a GPU)."""
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[reps // 2]
+
+
+def time_backend(
+    backend: str, case: Case, layout: torch.Tensor, mode: str, dtype, device="cuda"
+) -> dict:
+    """Median ms, TFLOP/s and peak memory of one backend on one case (or its failure). On
+    the CPU the median of a few wall-clock runs, and no memory figure."""
+    cuda = torch.device(device).type == "cuda"
+    row = {"backend": backend, "mode": mode, "dtype": str(dtype).replace("torch.", "")}
+    try:
+        fn = _attention_fn(backend, case, layout, device)
+        bytes_per_set = 4 * case.batch * case.heads * case.seq_len * case.head_dim * 2
+        sets = max(1, min(4, math.ceil(200e6 / bytes_per_set)))
+        grad = mode == "fwd+bwd"
+        data = _inputs(case, dtype, device, sets, grad)
+        grad_out = torch.randn_like(data[0][0])
+        counter = [0]
+
+        def step():
+            q, k, v = data[counter[0] % sets]
+            counter[0] += 1
+            out = fn(q, k, v)
+            if grad:
+                torch.autograd.grad(out, (q, k, v), grad_out)
+            return out
+
+        step()  # compile / autotune outside the timing
+        if cuda:
+            from triton.testing import do_bench
+
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            step()
+            torch.cuda.synchronize()
+            peak_total = torch.cuda.max_memory_allocated() / 2**20
+            peak = peak_total - base / 2**20
+            ms = do_bench(step, warmup=25, rep=100, return_mode="median")
+        else:
+            peak = peak_total = None
+            ms = _median_ms(step)
+        work = (
+            dense_flops(case, mode)
+            if backend.startswith("sdpa_") and backend != "sdpa_mask"
+            else flops(case, layout, mode)
+        )
+        row.update(ms=ms, tflops=work / ms / 1e9, peak_mib=peak, peak_total_mib=peak_total)
+    except Exception as e:  # a backend that cannot run this case: record why
+        row.update(
+            ms=None,
+            tflops=None,
+            peak_mib=None,
+            error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+        )
+    finally:
+        if cuda:
+            torch.cuda.empty_cache()
+    return row

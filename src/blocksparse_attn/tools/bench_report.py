@@ -1,0 +1,241 @@
+"""The benchmark's report: ``bench.json``, the markdown tables, the plots and the terminal
+table."""
+
+from __future__ import annotations
+
+import json
+
+SECTIONS = ("max_length", "index_cost", "matmul")  # result rows outside the case table
+
+
+def _case_cells(report: dict) -> list[list[str]]:
+    """The case table's cells, one row per (case, dtype, mode, backend): name, dtype, mode,
+    backend, ms, TF, peak MiB, flex/this (a failed backend: its error in the ms cell)."""
+    out = []
+    for r in report["results"]:
+        if r.get("suite") in SECTIONS:
+            continue
+        head = [r["name"], r["dtype"], r["mode"], r["backend"]]
+        if r["ms"] is None:
+            out.append(head + [r["error"], "", "", ""])
+            continue
+        ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
+        peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
+        tf = f"{r['tflops']:.0f}" if r["tflops"] >= 1 else f"{r['tflops']:.3f}"
+        out.append(head + [f"{r['ms']:.3f}", tf, peak, ratio])
+    return out
+
+
+def markdown(report: dict) -> str:
+    env = report["env"]
+    lines = [
+        f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
+        f"{env['date']}. Median ms (do_bench on a GPU, wall clock on the CPU); "
+        "TF = effective TFLOP/s; "
+        "'flex/this' = FlexAttention time over this backend's time.",
+        "",
+        "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(cells) + " |" for cells in _case_cells(report)]
+    search = [r for r in report["results"] if r.get("suite") == "max_length"]
+    if search:
+        lines += [
+            "",
+            "Longest window_global length that runs forward+backward in 80% of GPU "
+            "memory (B1 H16 D64, block 128, bf16):",
+            "",
+            "| backend | longest L | ms there | peak MiB | stopped by |",
+            "|---|---|---|---|---|",
+        ]
+        for backend in dict.fromkeys(r["backend"] for r in search):
+            rows = [r for r in search if r["backend"] == backend]
+            ok = [r for r in rows if r["fits"]]
+            last = rows[-1]
+            why = (
+                last.get("stop", "search end")
+                if last["fits"]
+                else (last.get("error") or "memory > 80%")
+            )
+            best = ok[-1] if ok else None
+            lines.append(
+                f"| {backend} | {best['seq_len']:,} | {best['ms']:.2f} | "
+                f"{best['peak_total_mib']:,.0f} | {why} |"
+                if best
+                else f"| {backend} | none | | | {why} |"
+            )
+    index = [r for r in report["results"] if r.get("suite") == "index_cost"]
+    if index:
+        lines += [
+            "",
+            "Layout compile time, window_global, one layout per head:",
+            "",
+            "| L | heads | block | ours ms | FlexAttention create_block_mask ms |",
+            "|---|---|---|---|---|",
+        ]
+        for r in index:
+            flex = f"{r['flex_ms']:.2f}" if r["flex_ms"] is not None else r.get("flex_error", "")
+            lines.append(
+                f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | {r['ours_ms']:.3f} | {flex} |"
+            )
+    if report.get("tuned"):
+        lines += [
+            "",
+            "Launch options the autotuner chose (fused attention and block-sparse matmul kernels):",
+            "",
+            "| kernel | dtype | tuning key | options |",
+            "|---|---|---|---|",
+        ]
+        for t in report["tuned"]:
+            key = " ".join(
+                f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in t["key"].items()
+            )
+            options = " ".join(f"{k}={v}" for k, v in t["options"].items() if v is not None)
+            lines.append(f"| {t['kernel']} | {t['dtype']} | {key} | {options} |")
+    products = [r for r in report["results"] if r.get("suite") == "matmul"]
+    if products:
+        r0 = products[0]
+        lines += [
+            "",
+            f"Block-sparse products of the unfused path (random layout, density "
+            f"{r0['density']:.2f}, L{r0['seq_len']} B{r0['batch']} H{r0['heads']} "
+            f"D{r0['head_dim']}, {r0['dtype']}) beside dense torch.matmul:",
+            "",
+            "| op | block | ms | TF on computed blocks | dense matmul TF | of dense |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in products:
+            lines.append(
+                f"| {r['op']} | {r['block']} | {r['ms']:.3f} | {r['tflops']:.0f} | "
+                f"{r['dense_tflops']:.0f} | {r['of_dense']:.0%} |"
+            )
+    return "\n".join(lines)
+
+
+def plots(report: dict, out_dir: str) -> list[str]:
+    """PNG plots: the time of every timed case per backend and mode; forward+backward time
+    against sequence length per backend (from the max-length search) and our speedup over
+    FlexAttention and SDPA against density (from the density sweep). Returns the files
+    written."""
+    import os
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    env = report["env"]
+    title = f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}"
+    written = []
+    cases = [
+        r
+        for r in report["results"]
+        if r.get("suite") not in SECTIONS and r.get("ms") and r.get("pattern") != "random"
+    ]
+    if cases:
+        labels = list(dict.fromkeys(f"{r['name']}\n{r['mode']} {r['dtype']}" for r in cases))
+        backends = list(dict.fromkeys(r["backend"] for r in cases))
+        fig, ax = plt.subplots(figsize=(7, 1.0 + 0.45 * len(labels) * len(backends)))
+        width = 0.8 / len(backends)
+        for n, backend in enumerate(backends):
+            ms = {
+                f"{r['name']}\n{r['mode']} {r['dtype']}": r["ms"]
+                for r in cases
+                if r["backend"] == backend
+            }
+            ax.barh(
+                [i + n * width for i in range(len(labels))],
+                [ms.get(label, 0.0) for label in labels],
+                height=width,
+                label=backend,
+            )
+        ax.set_yticks([i + 0.4 - width / 2 for i in range(len(labels))], labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set(xscale="log", xlabel="median ms (log)", title=f"cases\n{title}")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "cases.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    search = [r for r in report["results"] if r.get("suite") == "max_length" and r["ms"]]
+    if search:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for backend in dict.fromkeys(r["backend"] for r in search):
+            rows = [r for r in search if r["backend"] == backend]
+            ax.plot([r["seq_len"] for r in rows], [r["ms"] for r in rows], "o-", label=backend)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="sequence length",
+            ylabel="fwd+bwd ms",
+            title=f"window_global B1 H16 D64\n{title}",
+        )
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(out_dir, "time_vs_length.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    sweep = [r for r in report["results"] if r.get("pattern") == "random" and r.get("ms")]
+    if sweep:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for block in sorted({r["block"] for r in sweep}):
+            for other in ("flex", "sdpa_cudnn"):
+                pts = []
+                for d in sorted({r["density"] for r in sweep}):
+                    ms = {
+                        r["backend"]: r["ms"]
+                        for r in sweep
+                        if r["block"] == block and r["density"] == d and r["mode"] == "fwd+bwd"
+                    }
+                    if "fused" in ms and other in ms:
+                        pts.append((d, ms[other] / ms["fused"]))
+                if pts:
+                    ax.plot(*zip(*pts), "o-", label=f"over {other}, block {block}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set(
+            xscale="log",
+            xlabel="layout density",
+            ylabel="speedup of fused (fwd+bwd)",
+            title=f"random layouts L8192 B2 H8 D128\n{title}",
+        )
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = os.path.join(out_dir, "speedup_vs_density.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def print_table(report: dict) -> None:
+    """The main results as a rich table when rich is installed, else markdown."""
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(markdown(report))
+        return
+    table = Table(title=f"{report['env'].get('gpu', 'CPU')} - flex/this > 1: faster than Flex")
+    for col in ("case", "dtype", "mode", "backend", "ms", "TF", "peak MiB", "flex/this"):
+        table.add_column(col)
+    for cells in _case_cells(report):
+        table.add_row(*cells)
+    Console().print(table)
+
+
+def write_report(report: dict, out_dir: str, with_plots: bool = True) -> list[str]:
+    """bench.json (every figure and the environment), bench.md and the plots."""
+    import os
+
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+        f.write(markdown(report) + "\n")
+    return [
+        os.path.join(out_dir, "bench.json"),
+        os.path.join(out_dir, "bench.md"),
+        *(plots(report, out_dir) if with_plots else []),
+    ]

@@ -1,0 +1,234 @@
+"""The benchmark's suites: the case table (anchors, density sweep), the longest length
+each backend trains, the index build cost beside FlexAttention's ``create_block_mask``, and
+the unfused path's block-sparse products beside dense ``torch.matmul``."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+
+from . import bench_harness as harness
+from .bench_cases import Case
+from .bench_harness import BACKENDS, MODES
+
+DENSITY_BACKENDS = ("fused", "flex", "sdpa_cudnn")  # the density sweep's comparison
+
+
+def run(
+    cases: list[Case],
+    backends=BACKENDS,
+    modes=MODES,
+    dtypes=(torch.bfloat16,),
+    progress=True,
+    on_step=None,
+    device="cuda",
+) -> dict:
+    """Time every (case, dtype, mode, backend) on ``device``; returns ``{"env":...,
+    "results": [...]}``. ``on_step(rows)`` receives each (case, dtype, mode)'s rows as soon
+    as they are timed."""
+    results = []
+    start = time.perf_counter()
+    total = len(cases) * len(dtypes) * len(modes)
+    n = 0
+    for case in cases:
+        layout = case.layout()
+        density = float((layout != 0).float().mean())
+        for dtype in dtypes:
+            for mode in modes:
+                n += 1
+                rows = [
+                    harness.time_backend(b, case, layout, mode, dtype, device) for b in backends
+                ]
+                flex = next((r["ms"] for r in rows if r["backend"] == "flex"), None)
+                for r in rows:
+                    r.update(case.as_dict(), density=density)
+                    r["flex_over_this"] = (flex / r["ms"]) if flex and r["ms"] else None
+                results.extend(rows)
+                if on_step is not None:
+                    on_step(rows)
+                if progress:
+                    ours = next((r for r in rows if r["backend"] == "fused"), {})
+                    elapsed = time.perf_counter() - start
+                    msg = (
+                        f"[{n}/{total} {elapsed:.0f}s] {case.name} {mode} {rows[0]['dtype']}: "
+                        + ", ".join(
+                            f"{r['backend']} {r['ms']:.3f} ms" if r["ms"] else f"{r['backend']} -"
+                            for r in rows
+                        )
+                    )
+                    if ours.get("flex_over_this"):
+                        msg += f" | fused vs flex {ours['flex_over_this']:.2f}x"
+                    print(msg, file=sys.stderr, flush=True)
+    return {"env": harness.environment(), "results": results}
+
+
+def max_length_search(
+    backends=("fused", "flex", "sdpa_cudnn"),
+    start: int = 65536,
+    stop: int = 1 << 22,
+    time_limit_ms: float = 2000.0,
+    progress: bool = True,
+) -> list[dict]:
+    """Per backend, forward+backward at doubling lengths (window_global, B1 H16 D64,
+    block 128, bf16) until it fails or needs more than 80% of the GPU's memory. A backend
+    whose step takes longer than ``time_limit_ms`` (dense attention is quadratic in L) stops
+    there too, with that reason, so the suite keeps its time budget."""
+    limit = 0.8 * torch.cuda.get_device_properties(0).total_memory / 2**20
+    rows = []
+    for backend in backends:
+        L = start
+        while L <= stop:
+            case = Case("window_global", L, 1, 16, 64, 128)
+            row = harness.time_backend(backend, case, case.layout(), "fwd+bwd", torch.bfloat16)
+            row.update(case.as_dict(), suite="max_length")
+            row["fits"] = row["ms"] is not None and row["peak_total_mib"] <= limit
+            if row["fits"] and row["ms"] > time_limit_ms:
+                row["stop"] = f"step > {time_limit_ms / 1e3:g} s"
+            rows.append(row)
+            if progress:
+                state = (
+                    f"{row['ms']:.2f} ms, {row['peak_total_mib']:,.0f} MiB"
+                    if row["ms"]
+                    else row["error"]
+                )
+                print(f"[max length] {backend} L={L:,}: {state}", file=sys.stderr, flush=True)
+            if not row["fits"] or "stop" in row:
+                break
+            L *= 2
+    return rows
+
+
+def index_cost(
+    lengths=(4096, 16384, 65536, 262144), heads: int = 16, block: int = 64, progress: bool = True
+) -> list[dict]:
+    """Median ms to compile a window_global layout (one per head) into our index, beside
+    FlexAttention's ``create_block_mask`` (compiled) for the same pattern, both timed by
+    ``do_bench`` (median of many calls, after a first call that compiles)."""
+    from triton.testing import do_bench
+
+    from ..index import build_index
+    from ..kernels.configs import forward_tiles
+
+    rows = []
+    for L in lengths:
+        layout = Case("window_global", L, 1, heads, 64, block).layout().expand(heads, -1, -1)
+        layout = layout.contiguous().cuda()
+        tiles = forward_tiles(64, block, 0.0)
+        ours = do_bench(
+            lambda: build_index(layout, block, tile_m=tiles.m, tile_n=tiles.n),
+            warmup=5,
+            rep=50,
+            return_mode="median",
+        )
+        row = {
+            "suite": "index_cost",
+            "seq_len": L,
+            "heads": heads,
+            "block": block,
+            "ours_ms": ours,
+            "flex_ms": None,
+        }
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            grid = layout[0]
+
+            def mask_mod(b, h, q, k):
+                return grid[q // block, k // block]
+
+            make = torch.compile(create_block_mask)
+            make(mask_mod, 1, heads, L, L, device="cuda")  # compile outside the timing
+            row["flex_ms"] = do_bench(  # timed as ours is: the median of many calls
+                lambda: make(mask_mod, 1, heads, L, L, device="cuda"),
+                warmup=5,
+                rep=50,
+                return_mode="median",
+            )
+        except Exception as e:  # record why FlexAttention could not build it
+            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        finally:
+            torch.cuda.empty_cache()
+        rows.append(row)
+        if progress:
+            flex = f"{row['flex_ms']:.2f} ms" if row["flex_ms"] is not None else row["flex_error"]
+            print(f"[index] L={L:,}: ours {ours:.3f} ms, flex {flex}", file=sys.stderr, flush=True)
+    return rows
+
+
+def matmul_throughput(
+    blocks=(64, 128),
+    seq_len: int = 8192,
+    batch: int = 2,
+    heads: int = 8,
+    head_dim: int = 128,
+    density: float = 0.1,
+    dtype=torch.bfloat16,
+    device="cuda",
+    progress: bool = True,
+) -> list[dict]:
+    """The three block-sparse products of the unfused path on a random layout, each beside
+    ``torch.matmul`` on the dense product of the same shapes: TFLOP/s per computed block
+    against dense TFLOP/s. ``sdd`` is ``Q K^T`` ([L, D] x [D, L]), ``dsd`` is ``P V``
+    ([L, L] x [L, D]), ``dds`` is ``A P`` ([D, L] x [L, L])."""
+    from triton.testing import do_bench
+
+    from ..ops.matmul import MatMul
+
+    rows = []
+    for block in blocks:
+        case = Case("random", seq_len, batch, heads, head_dim, block, density=density)
+        layout = case.layout().expand(heads, -1, -1).contiguous()
+        nnz = int(layout.sum())
+        q, k, at = (
+            torch.randn(batch, heads, seq_len, head_dim, device=device, dtype=dtype)
+            for _ in range(3)
+        )
+        a = at.transpose(-1, -2).contiguous()  # [Z, H, D, L]
+        sdd = MatMul(layout, block, "sdd", trans_b=True)
+        p = sdd(q, k)
+        products = {
+            "sdd": (sdd, q, k),
+            "dsd": (MatMul(layout, block, "dsd"), p, k),
+            "dds": (MatMul(layout, block, "dds"), a, p),
+        }
+        dense_p = torch.randn(batch, heads, seq_len, seq_len, device=device, dtype=dtype)
+        dense = {"sdd": (q, k.transpose(-1, -2)), "dsd": (dense_p, k), "dds": (a, dense_p)}
+        work = 2.0 * batch * nnz * block * block * head_dim
+        dense_work = 2.0 * batch * heads * seq_len * seq_len * head_dim
+        for mode, (op, x, y) in products.items():
+            ms = do_bench(lambda: op(x, y), warmup=25, rep=100, return_mode="median")
+            dx, dy = dense[mode]
+            dense_ms = do_bench(
+                lambda: torch.matmul(dx, dy), warmup=25, rep=100, return_mode="median"
+            )
+            row = {
+                "suite": "matmul",
+                "op": mode,
+                "seq_len": seq_len,
+                "batch": batch,
+                "heads": heads,
+                "head_dim": head_dim,
+                "block": block,
+                "density": nnz / layout.numel(),
+                "dtype": str(dtype).replace("torch.", ""),
+                "ms": ms,
+                "tflops": work / ms / 1e9,
+                "dense_ms": dense_ms,
+                "dense_tflops": dense_work / dense_ms / 1e9,
+            }
+            row["of_dense"] = row["tflops"] / row["dense_tflops"]
+            rows.append(row)
+            if progress:
+                print(
+                    f"[matmul] {mode} block {block}: {ms:.3f} ms, {row['tflops']:.0f} TF "
+                    f"= {row['of_dense']:.0%} of dense torch.matmul ({row['dense_tflops']:.0f} "
+                    "TF)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+        del dense_p, p
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
