@@ -3,7 +3,7 @@
 # SDPA. Run from the repository root on a CUDA machine (no install needed):
 #   bash scripts/gpu_check.sh [TEST_SECONDS] [BENCH_SECONDS] [bench args...]
 # Logs go to $OUT (or ./gpu-check) as tests.log, sanitize.log (compute-sanitizer memcheck over
-# scripts/sanitize_kernels.py), bench.log, bench.json, bench.md and the plots; with
+# scripts/sanitize_kernels.py), bench.log, bench.jsonl, bench.md and the plots; with
 # DEMO_SECONDS > 0 also demo.log.
 set -uo pipefail
 cd "$(dirname "$0")/.."

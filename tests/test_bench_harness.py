@@ -1,8 +1,6 @@
 """The benchmark harness on CPU: cases, FLOP counting, report files, plots, failure rows.
 No timing is asserted."""
 
-import json
-
 import pytest
 import torch
 
@@ -15,7 +13,7 @@ from blocksparse_attn.tools.bench_cases import (
     pattern_layout,
 )
 from blocksparse_attn.tools.bench_harness import time_backend
-from blocksparse_attn.tools.bench_report import markdown, plots, write_report
+from blocksparse_attn.tools.bench_report import markdown, plots, read_jsonl, write_report
 
 
 def test_anchor_cases_reproduce_perf_md_densities():
@@ -192,8 +190,8 @@ def test_markdown_rendering():
 def test_report_files_and_plots(tmp_path):
     written = write_report(synthetic_report(), str(tmp_path))
     names = sorted(p.split("/")[-1] for p in written)
-    assert names == ["bench.json", "bench.md", "speedup_vs_density.png", "time_vs_length.png"]
-    data = json.loads((tmp_path / "bench.json").read_text())
+    assert names == ["bench.jsonl", "bench.md", "speedup_vs_density.png", "time_vs_length.png"]
+    data = read_jsonl(str(tmp_path / "bench.jsonl"))
     assert set(data) == {"env", "results", "tuned"}
     required = {"backend", "mode", "dtype", "ms", "tflops", "peak_mib", "name", "seq_len", "block"}
     assert all(required <= set(r) for r in data["results"] if "suite" not in r)
@@ -256,7 +254,7 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
     )
     with pytest.raises(KeyboardInterrupt):
         bench.bench_main(args)
-    rows = json.loads((tmp_path / "bench.json").read_text())["results"]
+    rows = read_jsonl(str(tmp_path / "bench.jsonl"))["results"]
     assert [(r["backend"], r["mode"], r["ms"]) for r in rows] == [
         ("fused", "fwd", 2.0),
         ("flex", "fwd", 3.0),
@@ -348,7 +346,7 @@ def test_quick_bench_on_cpu_writes_the_report(tmp_path, capsys):
     from blocksparse_attn.tools.cli import main
 
     assert main(["bench", "--quick", "--out", str(tmp_path)]) == 0
-    report = json.loads((tmp_path / "bench.json").read_text())
+    report = read_jsonl(str(tmp_path / "bench.jsonl"))
     rows = report["results"]
     assert [(r["name"].split()[0], r["mode"], r["backend"]) for r in rows] == [
         ("window_global", "fwd", "reference"),
@@ -368,3 +366,47 @@ def test_full_bench_on_cpu_says_what_runs(capsys):
 
     assert main(["bench", "--suite", "anchors"]) == 2
     assert "'bench --quick' times the PyTorch reference" in capsys.readouterr().err
+
+
+def test_tables_and_plots_from_a_recorded_run(tmp_path, capsys):
+    from blocksparse_attn.tools.cli import main
+
+    report = {
+        "env": {"torch": "t", "triton": "tr", "python": "p", "date": "d", "gpu": "card"},
+        "tuned": [],
+        "results": [
+            {
+                **Case("window_global", 1024, 1, 2, 64, 64).as_dict(),
+                "backend": b,
+                "mode": "fwd",
+                "dtype": "bfloat16",
+                "ms": ms,
+                "tflops": 1.0,
+                "peak_mib": 2.0,
+                "peak_total_mib": 3.0,
+                "flex_over_this": 2.0 / ms,
+            }
+            for b, ms in (("fused", 1.0), ("flex", 2.0))
+        ],
+    }
+    write_report(report, str(tmp_path / "run"))
+    assert read_jsonl(str(tmp_path / "run" / "bench.jsonl")) == report
+    assert (
+        main(
+            [
+                "bench",
+                "--from",
+                str(tmp_path / "run" / "bench.jsonl"),
+                "--out",
+                str(tmp_path / "again"),
+            ]
+        )
+        == 0
+    )
+    again = (tmp_path / "again" / "bench.md").read_text()
+    assert again == (tmp_path / "run" / "bench.md").read_text()
+    assert (tmp_path / "again" / "cases.png").exists()
+    assert not (tmp_path / "again" / "bench.jsonl").exists()  # the record is not rewritten
+    (tmp_path / "bad.jsonl").write_text('{"record": "run", "schema": 9, "env": {}}\n')
+    assert main(["bench", "--from", str(tmp_path / "bad.jsonl")]) == 2
+    assert "schema 9, this reads 1" in capsys.readouterr().err

@@ -16,7 +16,7 @@ import torch
 from . import bench_harness as harness
 from .bench_cases import anchor_cases, density_cases, quick_cases, select
 from .bench_harness import MODES
-from .bench_report import print_table, write_report
+from .bench_report import print_table, read_jsonl, write_report
 from .bench_suites import (
     DENSITY_BACKENDS,
     index_cost,
@@ -27,6 +27,8 @@ from .bench_suites import (
 
 
 def bench_main(args) -> int:
+    if getattr(args, "from_file", None):
+        return _from_record(args)
     suites = ["anchors"] if args.quick else args.suite
     anchors = anchor_cases() if "anchors" in suites else []
     density = density_cases() if "density" in suites else []
@@ -83,7 +85,7 @@ def bench_main(args) -> int:
 
 def _cpu_quick(args) -> int:
     """Without a GPU: the quick cases on the PyTorch reference backend, fp32, both modes,
-    written as on the GPU (bench.json, bench.md, the case plot) when ``--out`` is given."""
+    written as on the GPU (bench.jsonl, bench.md, the case plot) when ``--out`` is given."""
     if not args.quick:
         print(
             "bench: no CUDA GPU. The fused kernel, FlexAttention and SDPA figures need one; "
@@ -101,6 +103,23 @@ def _cpu_quick(args) -> int:
     report["env"]["seconds"] = round(time.perf_counter() - start, 1)
     report["tuned"] = []
     written = write_report(report, args.out) if args.out else []
+    print_table(report)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
+    return 0
+
+
+def _from_record(args) -> int:
+    """``bench --from FILE``: the tables and plots of a recorded run, nothing timed."""
+    import os
+
+    try:
+        report = read_jsonl(args.from_file)
+    except (OSError, ValueError) as e:
+        print(f"bench --from: {e}", file=sys.stderr)
+        return 2
+    out = args.out or os.path.dirname(os.path.abspath(args.from_file))
+    written = write_report(report, out, with_record=False)
     print_table(report)
     for path in written:
         print(f"wrote {path}", file=sys.stderr)

@@ -1,5 +1,19 @@
-"""The benchmark's report: ``bench.json``, the markdown tables, the plots and the terminal
-table."""
+"""The benchmark's report: ``bench.jsonl``, the markdown tables, the plots and the terminal
+table.
+
+``bench.jsonl`` is the record of one run, one JSON object per line, schema 1:
+
+* the first line, ``{"record": "run", "schema": 1, "env": {...}, "tuned": [...]}``: the
+  environment (torch, triton, python, date, gpu and cuda or cpu, seconds) and the launch
+  options the autotuner chose per kernel and key;
+* every other line, ``{"record": "result", ...}``: one timed row. Case rows carry
+  ``name, pattern, seq_len, batch, heads, head_dim, block, causal, density, dtype, mode,
+  backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this`` (``ms`` null and ``error``
+  set where a backend could not run); section rows carry ``suite`` (``max_length``,
+  ``index_cost``, ``matmul``) and that section's fields.
+
+The tables and plots are made from it (``blocksparse-attn bench --from FILE``).
+"""
 
 from __future__ import annotations
 
@@ -225,17 +239,55 @@ def print_table(report: dict) -> None:
     Console().print(table)
 
 
-def write_report(report: dict, out_dir: str, with_plots: bool = True) -> list[str]:
-    """bench.json (every figure and the environment), bench.md and the plots."""
+SCHEMA = 1
+
+
+def to_jsonl(report: dict) -> str:
+    """The run as ``bench.jsonl`` text (see the module docstring)."""
+    head = {
+        "record": "run",
+        "schema": SCHEMA,
+        "env": report["env"],
+        "tuned": report.get("tuned", []),
+    }
+    lines = [json.dumps(head)] + [json.dumps({"record": "result", **r}) for r in report["results"]]
+    return "\n".join(lines) + "\n"
+
+
+def read_jsonl(path: str) -> dict:
+    """A run read back from ``bench.jsonl``: ``{"env", "tuned", "results"}``."""
+    report = {"env": {}, "tuned": [], "results": []}
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            kind = rec.pop("record", None)
+            if kind == "run":
+                if rec.get("schema") != SCHEMA:
+                    raise ValueError(f"{path}: schema {rec.get('schema')!r}, this reads {SCHEMA}")
+                report["env"], report["tuned"] = rec["env"], rec.get("tuned", [])
+            elif kind == "result":
+                report["results"].append(rec)
+            else:
+                raise ValueError(f"{path}:{n}: record must be 'run' or 'result', got {kind!r}")
+    return report
+
+
+def write_report(
+    report: dict, out_dir: str, with_plots: bool = True, with_record: bool = True
+) -> list[str]:
+    """bench.jsonl (every figure and the environment; ``with_record``), bench.md and the
+    plots, in ``out_dir``. Returns the files written."""
     import os
 
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    with open(os.path.join(out_dir, "bench.md"), "w") as f:
+    written = []
+    if with_record:
+        written.append(os.path.join(out_dir, "bench.jsonl"))
+        with open(written[-1], "w") as f:
+            f.write(to_jsonl(report))
+    written.append(os.path.join(out_dir, "bench.md"))
+    with open(written[-1], "w") as f:
         f.write(markdown(report) + "\n")
-    return [
-        os.path.join(out_dir, "bench.json"),
-        os.path.join(out_dir, "bench.md"),
-        *(plots(report, out_dir) if with_plots else []),
-    ]
+    return written + (plots(report, out_dir) if with_plots else [])

@@ -156,7 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the anchor/density cases whose name contains one of these "
         "(e.g. 'causal_fixed' 'L4096')",
     )
-    p.add_argument("--out", metavar="DIR", help="write bench.json and bench.md here")
+    p.add_argument("--out", metavar="DIR", help="write bench.jsonl, bench.md and the plots here")
+    p.add_argument(
+        "--from",
+        dest="from_file",
+        metavar="FILE",
+        help="run nothing: make bench.md and the plots from a run's bench.jsonl (into --out, "
+        "default the file's folder)",
+    )
     p.set_defaults(func=_cmd_bench)
 
     p = sub.add_parser("env", help="versions and whether the Triton kernels will run")
