@@ -1,12 +1,13 @@
-"""Property-based differential tests: random problems (shapes with L_q != L_k, layouts with
-empty rows and columns, masks in both modes with extreme values, rpe of every broadcast
-shape, causal, scales of either sign, strided inputs), every backend against the reference
-in fp64: output, gradients (q, k, v, rpe, additive masks) and the log-sum-exp.
+"""Property-based differential tests: random problems (shapes with L_q != L_k, grouped-query
+K/V, layouts shared or per sample, dense or as block lists, with empty rows and columns,
+masks in both modes with extreme values, rpe of every broadcast shape, causal, scales of
+either sign, strided inputs), every backend against the reference in fp64: output, gradients
+(q, k, v, rpe, additive masks) and the log-sum-exp.
 
 Kernel error in dtype X must stay within a small factor of plain PyTorch's error in dtype X
 (``attention_cases.assert_within_rule``). On CPU the kernels run under Triton's interpreter
-on small problems with a fixed, derandomised example count; on a GPU the same properties
-run at full size with bf16 added."""
+on small problems with a fixed, derandomised example count; on a GPU the same properties run
+at full size with bf16 added."""
 
 import math
 
@@ -15,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from blocksparse_attn import block_sparse_attention, reference_attention
+from blocksparse_attn import KVBlocks, block_sparse_attention, reference_attention
 
 from attention_cases import assert_lse_close, assert_within_rule, poison
 from helpers import DEVICE, ON_GPU
@@ -38,7 +39,8 @@ def problems(draw, dtype):
     """A random attention problem in ``dtype``: ``(q, k, v, layout, kw, masks)``; ``masks``
     names the additive masks whose gradients are compared (beside q, k, v and rpe)."""
     block = draw(st.sampled_from(BLOCKS))
-    B, H = draw(st.integers(1, 2)), draw(st.integers(1, 3))
+    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
+    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))  # GQA when < H
     nbq, nbk = draw(st.integers(1, MAX_BLOCKS)), draw(st.integers(1, MAX_BLOCKS))
     Lq, Lk = nbq * block, nbk * block
     D = draw(st.sampled_from(HEAD_DIMS))
@@ -51,16 +53,21 @@ def problems(draw, dtype):
     # strided q, k, v: slices of packed tensors
     if draw(st.booleans()):
         qx = randn(B, Lq, 2, H, D)
-        kvx = randn(B, Lk, 2, H, D)
+        kvx = randn(B, Lk, 2, Hkv, D)
         q = qx[:, :, 1].transpose(1, 2)
         k, v = kvx[:, :, 0].transpose(1, 2), kvx[:, :, 1].transpose(1, 2)
     else:
-        q, k, v = randn(B, H, Lq, D), randn(B, H, Lk, D), randn(B, H, Lk, D)
+        q, k, v = randn(B, H, Lq, D), randn(B, Hkv, Lk, D), randn(B, Hkv, Lk, D)
     magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
     q, k, v = ((t * magnitude).to(dtype) for t in (q, k, v))
-    lh = draw(st.sampled_from((1, H)))
+    lh = draw(st.sampled_from(sorted({1, Hkv, H})))
+    lb = draw(st.sampled_from(sorted({1, B})))  # one layout, or one per sample
     density = draw(st.sampled_from((0.2, 0.5, 0.9, 1.0)))
-    layout = (torch.rand(lh, nbq, nbk, generator=g) < density).to(torch.int64)
+    layout = (torch.rand(lb, lh, nbq, nbk, generator=g) < density).to(torch.int64)
+    if lb == 1 and draw(st.booleans()):
+        layout = layout[0]
+    elif draw(st.booleans()):
+        layout = KVBlocks.from_layout(layout)  # block lists
     kw = dict(block=block, causal=draw(st.booleans()), scale=draw(st.sampled_from(SCALES)))
     masks = []
     kpm_mode = draw(st.sampled_from((None, "add", "mul")))

@@ -24,6 +24,7 @@ _EXPORTS = {
     "SparseIndex": ".index",
     "build_index": ".index",
     "get_index": ".index",
+    "KVBlocks": ".kv_blocks",
     "reference_attention": ".reference",
     "block_sparse_attention": ".functional",
     "MatMul": ".ops.matmul",

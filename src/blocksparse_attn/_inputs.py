@@ -17,9 +17,11 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 @dataclass
 class AttentionInputs:
-    """Checked inputs. ``layout`` is bool ``[H_l, nb_q, nb_k]`` with ``H_l`` 1 or ``H``;
-    ``rpe`` is 4-D (broadcastable to ``[B, H, L_q, L_k]``); ``key_padding_mask`` is
-    ``[B or 1, L_k]``; ``attn_mask`` is ``[L_q, L_k]``."""
+    """Checked inputs. ``k``, ``v`` have ``H_kv`` heads (``H % H_kv == 0``; query head
+    ``h`` reads kv head ``h // (H // H_kv)``). ``layout`` is ``[B_l, H_l, nb_q, nb_k]``
+    (integer or bool, non-zero = attend) with ``B_l`` 1 or ``B`` and ``H_l`` 1, ``H_kv``
+    or ``H``; ``rpe`` is 4-D (broadcastable to ``[B, H, L_q, L_k]``);
+    ``key_padding_mask`` is ``[B, L_k]``; ``attn_mask`` is ``[L_q, L_k]``."""
 
     q: torch.Tensor
     k: torch.Tensor
@@ -143,11 +145,13 @@ def check_attention_inputs(
         )
     if k.device != q.device or v.device != q.device:
         raise bad_argument(where, "q, k, v", "on one device", f"{q.device}, {k.device}, {v.device}")
-    if k.shape != (B, H, Lk, D):
+    Hkv = k.shape[1]
+    if k.shape != (B, Hkv, Lk, D) or Hkv == 0 or H % Hkv:
         raise bad_argument(
             where,
             "k",
-            f"of shape [B, H, L_k, D] = [{B}, {H}, L_k, {D}] (batch, heads and head dim of q)",
+            f"of shape [B, H_kv, L_k, D] = [{B}, H_kv, L_k, {D}] with H_kv dividing H = {H} "
+            "(batch and head dim of q; grouped-query attention: H_kv key/value heads)",
             describe(k),
         )
     if v.shape != k.shape:
@@ -164,11 +168,7 @@ def check_attention_inputs(
                 "pad the sequence (SparseAttentionUtils.pad_to_block_size) "
                 "and mask the padding with key_padding_mask.",
             )
-    expect = f"[1 or {H}, {Lq // block}, {Lk // block}] (heads, L_q/block, L_k/block)"
-    fix = "make the layout for this sequence length, block and head count."
-    layout = layout_tensor(where, layout, f"of shape {expect}", fix)
-    if layout.shape[0] not in (1, H) or tuple(layout.shape[1:]) != (Lq // block, Lk // block):
-        raise bad_argument(where, "layout", f"of shape {expect}", describe(layout), fix)
+    layout = _layout_4d(where, layout, B, H, Hkv, Lq // block, Lk // block)
     if scale is None:
         scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -194,6 +194,45 @@ def check_attention_inputs(
         key_padding_mask_mode,
         attn_mask_mode,
     )
+
+
+def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int):
+    """The layout as ``[B_l, H_l, nb_q, nb_k]``: a 2-D or 3-D tensor gains the leading
+    dims, a :class:`~blocksparse_attn.KVBlocks` becomes its dense form (its values checked
+    unless a CUDA graph is being captured)."""
+    from .kv_blocks import KVBlocks
+
+    heads = f"1 or {H}" if Hkv == H else f"1, {Hkv} or {H}"
+    shape = (
+        f"[{heads}, {nbq}, {nbk}] (heads, L_q/block, L_k/block), or "
+        f"[1 or {B}, {heads}, {nbq}, {nbk}] (a layout per sample)"
+    )
+    fix = "make the layout for this sequence length, block, batch and head count."
+    if isinstance(layout, KVBlocks):
+        nb, hb, rows = layout.shape
+        if nb not in (1, B) or hb not in (1, Hkv, H) or rows != nbq:
+            raise bad_argument(
+                where,
+                "layout",
+                f"KVBlocks of shape [1 or {B}, {heads}, {nbq}] (batch, heads, L_q/block)",
+                f"KVBlocks of shape {tuple(layout.shape)}",
+                fix,
+            )
+        if not (layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+            layout.check(nbk, where)
+        return layout.to_layout(nbk)
+    if isinstance(layout, torch.Tensor) and layout.dim() == 4:
+        grid = layout_tensor(where, layout.flatten(0, 1), f"of shape {shape}", fix)
+        grid = grid.view(layout.shape)
+    else:
+        grid = layout_tensor(where, layout, f"of shape {shape}", fix).unsqueeze(0)
+    if (
+        grid.shape[0] not in (1, B)
+        or grid.shape[1] not in (1, Hkv, H)
+        or tuple(grid.shape[2:]) != (nbq, nbk)
+    ):
+        raise bad_argument(where, "layout", f"of shape {shape}", describe(layout), fix)
+    return grid
 
 
 def check_rpe(where: str, rpe, full: tuple, device: torch.device, names: str = "B, H"):

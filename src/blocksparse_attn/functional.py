@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import replace
 
 import torch
 
@@ -14,6 +15,7 @@ from .kernels.availability import (
     KERNEL_DTYPES,
     UNFUSED_BLOCKS,
 )
+from .kv_blocks import KVBlocks
 
 BACKENDS = ("auto", "fused", "unfused", "reference")
 
@@ -52,11 +54,63 @@ def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[st
     return reasons
 
 
+def _on_kernels(x: AttentionInputs, layout, run):
+    """``run(inputs, layout)`` -> ``(out, lse or None)`` on inputs the Triton kernels take:
+    ``H`` kv heads and one ``[H_l, nb_q, nb_k]`` layout for the batch.
+
+    Grouped-query inputs get their K/V heads repeated to the query heads (the repeat's
+    gradient sums over each group). A layout per sample runs as one launch over ``B * H``
+    heads when there is no key padding mask (which the kernels read per batch), else
+    sample by sample. The caller's own 2-D/3-D tensor goes to the kernels as it is, so its
+    compiled index is cached; a layout made here is compiled on every call."""
+    B, H = x.q.shape[:2]
+    group = H // x.k.shape[1]
+    if group > 1:
+        x = replace(x, k=x.k.repeat_interleave(group, 1), v=x.v.repeat_interleave(group, 1))
+    lay = x.layout
+    if lay.shape[1] not in (1, H):  # one layout per kv head
+        lay = lay.repeat_interleave(group, 1)
+    if lay.shape[0] == 1:
+        mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
+        return run(x, layout if mine else lay[0])
+    Lq, Lk = x.q.shape[2], x.k.shape[2]
+    rpe = x.rpe
+    if x.key_padding_mask is None:  # fold the batch into the heads: one launch
+
+        def fold(t):
+            return t.reshape(1, B * H, *t.shape[2:])
+
+        folded = replace(
+            x,
+            q=fold(x.q),
+            k=fold(x.k),
+            v=fold(x.v),
+            rpe=None if rpe is None else fold(rpe.expand(B, H, Lq, Lk)),
+        )
+        out, lse = run(folded, lay.expand(B, H, -1, -1).reshape(B * H, *lay.shape[2:]))
+        return out.view(x.q.shape), None if lse is None else lse.view(B, H, Lq)
+    outs, lses = [], []
+    for b in range(B):
+        one = slice(b, b + 1)
+        sample = replace(
+            x,
+            q=x.q[one],
+            k=x.k[one],
+            v=x.v[one],
+            rpe=None if rpe is None else rpe[one if rpe.shape[0] == B else slice(0, 1)],
+            key_padding_mask=x.key_padding_mask[one],
+        )
+        out, lse = run(sample, lay[b])
+        outs.append(out)
+        lses.append(lse)
+    return torch.cat(outs), None if lses[0] is None else torch.cat(lses)
+
+
 def block_sparse_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    layout: torch.Tensor,
+    layout: torch.Tensor | KVBlocks,
     *,
     block: int,
     scale: float | None = None,
@@ -72,9 +126,17 @@ def block_sparse_attention(
     """Attention restricted to the blocks of ``layout``.
 
     Args:
-        q: ``[B, H, L_q, D]``; ``k``, ``v``: ``[B, H, L_k, D]``; one dtype and device.
-        layout: ``[H or 1, L_q // block, L_k // block]`` integer/bool, non-zero = attend
-            (any device; it is compiled once and cached per tensor).
+        q: ``[B, H, L_q, D]``; ``k``, ``v``: ``[B, H_kv, L_k, D]`` with ``H_kv`` dividing
+            ``H`` (grouped-query attention: query head ``h`` reads kv head
+            ``h // (H // H_kv)``; ``H_kv = H`` is ordinary attention); one dtype and device.
+        layout: integer/bool, non-zero = attend: ``[H_l, L_q // block, L_k // block]``
+            shared by the batch (compiled once and cached per tensor, checked for edits on
+            every call), or ``[1 or B, H_l, L_q // block, L_k // block]`` with a layout per
+            sample, or a :class:`~blocksparse_attn.KVBlocks` (block lists, ``[1 or B, H_l,
+            L_q // block]``); ``H_l`` is 1, ``H_kv`` or ``H``. The Triton backends run
+            grouped-query inputs on K/V repeated to ``H`` heads, and per-sample layouts as
+            one launch over ``B * H`` heads (sample by sample with a key padding mask);
+            such layouts are compiled on every call.
         block: layout block size in tokens.
         scale: score scale, default ``D ** -0.5``.
         causal: token-level causal mask (key ``j`` visible from query ``i`` iff ``j <= i``),
@@ -131,7 +193,10 @@ def block_sparse_attention(
         from .index import frozen
         from .ops.unfused_attention import unfused_attention
 
-        return unfused_attention(x, frozen(layout))
+        def unfused(xs: AttentionInputs, lay: torch.Tensor):
+            return unfused_attention(xs, frozen(lay)), None
+
+        return _on_kernels(x, layout, unfused)[0]
     if backend != "reference":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rpe, key_padding_mask, attn_mask)
@@ -156,20 +221,23 @@ def block_sparse_attention(
     if backend == "fused":
         from .ops.fused_attention import fused_attention
 
-        out, lse = fused_attention(
-            x.q,
-            x.k,
-            x.v,
-            layout,
-            block=x.block,
-            scale=x.scale,
-            causal=x.causal,
-            rpe=x.rpe,
-            key_padding_mask=x.key_padding_mask,
-            attn_mask=x.attn_mask,
-            key_padding_mask_mode=x.key_padding_mask_mode,
-            attn_mask_mode=x.attn_mask_mode,
-        )
+        def fused(xs: AttentionInputs, lay: torch.Tensor):
+            return fused_attention(
+                xs.q,
+                xs.k,
+                xs.v,
+                lay,
+                block=xs.block,
+                scale=xs.scale,
+                causal=xs.causal,
+                rpe=xs.rpe,
+                key_padding_mask=xs.key_padding_mask,
+                attn_mask=xs.attn_mask,
+                key_padding_mask_mode=xs.key_padding_mask_mode,
+                attn_mask_mode=xs.attn_mask_mode,
+            )
+
+        out, lse = _on_kernels(x, layout, fused)
         return (out, lse) if return_lse else out
     from .reference import reference_attention
 

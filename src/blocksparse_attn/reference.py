@@ -12,10 +12,11 @@ from ._inputs import additive, check_attention_inputs
 
 
 def token_mask(layout: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
-    """Bool ``[H_l, L_q, L_k]``: which (query, key) pairs the layout (and ``causal``) keep."""
-    keep = (layout != 0).repeat_interleave(block, 1).repeat_interleave(block, 2)
+    """Bool ``[..., L_q, L_k]`` for a layout ``[..., nb_q, nb_k]``: which (query, key) pairs
+    the layout (and ``causal``) keep."""
+    keep = (layout != 0).repeat_interleave(block, -2).repeat_interleave(block, -1)
     if causal:
-        keep = keep & torch.ones(keep.shape[1:], dtype=torch.bool, device=keep.device).tril()
+        keep = keep & torch.ones(keep.shape[-2:], dtype=torch.bool, device=keep.device).tril()
     return keep
 
 
@@ -44,9 +45,12 @@ def reference_attention(
         s = scale * q·k + rpe + key_padding_mask + attn_mask      (masks in additive form)
         out = softmax(s over kept j) @ v
 
-    Shapes: ``q [B, H, L_q, D]``, ``k, v [B, H, L_k, D]``, ``layout [1 or H, L_q/block,
-    L_k/block]``, ``rpe`` broadcastable to ``[B, H, L_q, L_k]``, ``key_padding_mask
-    [B, L_k]`` (BERT's ``[B, 1, 1, L_k]`` accepted), ``attn_mask [L_q, L_k]``. Mask modes:
+    Shapes: ``q [B, H, L_q, D]``, ``k, v [B, H_kv, L_k, D]`` (``H_kv`` dividing ``H``: query
+    head ``h`` reads kv head ``h // (H // H_kv)``), ``layout [1, H_kv or H, L_q/block,
+    L_k/block]``, per sample ``[1 or B, 1, H_kv or H, L_q/block, L_k/block]``, or a
+    :class:`~blocksparse_attn.KVBlocks`; ``rpe`` broadcastable to ``[B, H, L_q, L_k]``,
+    ``key_padding_mask [B, L_k]`` (BERT's ``[B, 1, 1, L_k]`` accepted), ``attn_mask
+    [L_q, L_k]``. Mask modes:
     ``'add'`` adds the value; ``'mul'`` keeps non-zero entries and masks zeros.
 
     Computed in ``compute_dtype`` (default float32, float64 for float64 inputs; the input
@@ -79,7 +83,13 @@ def reference_attention(
         attn_mask_mode=attn_mask_mode,
     )
     ct = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    group = q.shape[1] // k.shape[1]  # grouped-query attention: query heads per kv head
     qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
+    if group > 1:  # the gradient of the repeat sums over the group
+        kc, vc = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
+    layout = x.layout
+    if layout.shape[1] not in (1, q.shape[1]):  # one layout per kv head
+        layout = layout.repeat_interleave(group, 1)
     # Non-finite keys and values enter the products as zeros, so that a key a query does not
     # attend contributes exactly nothing to it (0 * NaN would be NaN); a query that does
     # attend such a key gets a NaN score (K) or a NaN output (V).
@@ -97,7 +107,7 @@ def reference_attention(
         )
     if x.attn_mask is not None:
         s = _add_bias(s, additive(x.attn_mask, x.attn_mask_mode, ct))
-    s = s.masked_fill(~token_mask(x.layout.to(q.device), block, x.causal), float("-inf"))
+    s = s.masked_fill(~token_mask(layout.to(q.device), block, x.causal), float("-inf"))
     if s.shape[-1]:
         m = s.detach().amax(-1, keepdim=True)
     else:  # no keys at all
