@@ -410,3 +410,13 @@ def test_tables_and_plots_from_a_recorded_run(tmp_path, capsys):
     (tmp_path / "bad.jsonl").write_text('{"record": "run", "schema": 9, "env": {}}\n')
     assert main(["bench", "--from", str(tmp_path / "bad.jsonl")]) == 2
     assert "schema 9, this reads 1" in capsys.readouterr().err
+
+
+def test_a_record_that_is_not_a_run_is_refused(tmp_path, capsys):
+    from blocksparse_attn.tools.cli import main
+
+    (tmp_path / "odd.jsonl").write_text('{"record": "note"}\n')
+    assert main(["bench", "--from", str(tmp_path / "odd.jsonl")]) == 2
+    assert "odd.jsonl:1: record must be 'run' or 'result', got 'note'" in capsys.readouterr().err
+    assert main(["bench", "--from", str(tmp_path / "missing.jsonl")]) == 2
+    assert "No such file" in capsys.readouterr().err

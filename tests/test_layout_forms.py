@@ -229,3 +229,11 @@ def test_grouped_query_and_layout_errors():
             layout,
             block=16,
         )
+
+
+def test_block_lists_on_two_devices_are_refused():
+    n = torch.ones(1, 1, 2, dtype=torch.int32)
+    idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device="meta")
+    assert_raises_with(
+        ValueError, ["indices must be on num_blocks' device (cpu)"], KVBlocks, n, idx
+    )
