@@ -235,6 +235,19 @@ def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int)
     return grid
 
 
+def per_query_head(x: AttentionInputs):
+    """``(k, v, layout)`` with one head per query head: grouped K/V repeated over each group
+    (the repeat's gradient sums over the group) and a layout of ``H_kv`` heads likewise."""
+    H = x.q.shape[1]
+    group = H // x.k.shape[1]
+    k, v, layout = x.k, x.v, x.layout
+    if group > 1:
+        k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    if layout.shape[1] not in (1, H):
+        layout = layout.repeat_interleave(group, 1)
+    return k, v, layout
+
+
 def check_rpe(where: str, rpe, full: tuple, device: torch.device, names: str = "B, H"):
     """``rpe`` (or ``None``) as a 4-D tensor broadcastable to ``full = (B, H, L_q, L_k)``
     (``names`` names the first two dims in messages), on ``device``, floating point."""

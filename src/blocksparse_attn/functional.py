@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from ._errors import bad_argument
-from ._inputs import AttentionInputs, check_attention_inputs
+from ._inputs import AttentionInputs, check_attention_inputs, per_query_head
 from .kernels.availability import (
     FUSED_MAX_HEAD_DIM_BWD,
     FUSED_MAX_HEAD_DIM_FWD,
@@ -64,12 +64,8 @@ def _on_kernels(x: AttentionInputs, layout, run):
     sample by sample. The caller's own 2-D/3-D tensor goes to the kernels as it is, so its
     compiled index is cached; a layout made here is compiled on every call."""
     B, H = x.q.shape[:2]
-    group = H // x.k.shape[1]
-    if group > 1:
-        x = replace(x, k=x.k.repeat_interleave(group, 1), v=x.v.repeat_interleave(group, 1))
-    lay = x.layout
-    if lay.shape[1] not in (1, H):  # one layout per kv head
-        lay = lay.repeat_interleave(group, 1)
+    k, v, lay = per_query_head(x)
+    x = replace(x, k=k, v=v)
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
         return run(x, layout if mine else lay[0])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import additive, check_attention_inputs
+from ._inputs import additive, check_attention_inputs, per_query_head
 
 
 def token_mask(layout: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
@@ -83,13 +83,8 @@ def reference_attention(
         attn_mask_mode=attn_mask_mode,
     )
     ct = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    group = q.shape[1] // k.shape[1]  # grouped-query attention: query heads per kv head
-    qc, kc, vc = q.to(ct), k.to(ct), v.to(ct)
-    if group > 1:  # the gradient of the repeat sums over the group
-        kc, vc = kc.repeat_interleave(group, 1), vc.repeat_interleave(group, 1)
-    layout = x.layout
-    if layout.shape[1] not in (1, q.shape[1]):  # one layout per kv head
-        layout = layout.repeat_interleave(group, 1)
+    kh, vh, layout = per_query_head(x)  # grouped-query attention: one head per query head
+    qc, kc, vc = q.to(ct), kh.to(ct), vh.to(ct)
     # Non-finite keys and values enter the products as zeros, so that a key a query does not
     # attend contributes exactly nothing to it (0 * NaN would be NaN); a query that does
     # attend such a key gets a NaN score (K) or a NaN output (V).
