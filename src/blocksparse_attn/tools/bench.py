@@ -74,13 +74,18 @@ def bench_main(args) -> int:
         if name in suites:
             report["results"] += section()
             written = save()
-    print_table(report)
-    for path in written:
-        print(f"wrote {path}", file=sys.stderr)
+    _show(report, written)
     print(
         f"bench: {len(report['results'])} rows in {report['env']['seconds']:.0f} s", file=sys.stderr
     )
     return 0
+
+
+def _show(report: dict, written: list[str]) -> None:
+    """The results as a table on stdout, and the files written, on stderr."""
+    print_table(report)
+    for path in written:
+        print(f"wrote {path}", file=sys.stderr)
 
 
 def _cpu_quick(args) -> int:
@@ -103,9 +108,7 @@ def _cpu_quick(args) -> int:
     report["env"]["seconds"] = round(time.perf_counter() - start, 1)
     report["tuned"] = []
     written = write_report(report, args.out) if args.out else []
-    print_table(report)
-    for path in written:
-        print(f"wrote {path}", file=sys.stderr)
+    _show(report, written)
     return 0
 
 
@@ -120,7 +123,5 @@ def _from_record(args) -> int:
         return 2
     out = args.out or os.path.dirname(os.path.abspath(args.from_file))
     written = write_report(report, out, with_record=False)
-    print_table(report)
-    for path in written:
-        print(f"wrote {path}", file=sys.stderr)
+    _show(report, written)
     return 0
