@@ -118,7 +118,7 @@ def _load_rows(
 
 @triton.jit
 def _keys_seen(
-    offs_m,
+    first_m,
     offs_n,
     b,
     Lq,
@@ -135,18 +135,20 @@ def _keys_seen(
     HAS_KPM: tl.constexpr,
     KPM_MUL: tl.constexpr,
 ):
-    """``[BLOCK_N]``: which keys of the tile some query of the tile may attend. The others
-    (past the sequence, in sub-blocks no query row of the tile keeps, after every query of
-    the tile, hidden by the key padding mask) are read as zeros, so that a NaN or inf stored
-    there contributes nothing (``0 * NaN`` would be NaN)."""
+    """``[BLOCK_N]``: which keys of the tile some query of the tile (rows ``first_m ..
+    first_m + BLOCK_M``) may attend. The others (past the sequence, in sub-blocks no query
+    row of the tile keeps, after every query of the tile, hidden by the key padding mask)
+    are read as zeros, so that a NaN or inf stored there contributes nothing (``0 * NaN``
+    would be NaN). Scalar arithmetic on the tile's bits: no reduction in the loop."""
     seen = offs_n < Lk
     if HAS_SUB:
-        sub_row = tl.arange(0, BLOCK_M // SUB)
-        sub_col = tl.arange(0, BLOCK_N) // SUB
-        shift = (sub_row[:, None] * (BLOCK_N // SUB) + sub_col[None, :]).to(tl.int64)
-        seen = seen & (tl.max((bits >> shift) & 1, 0) != 0)
+        cols = bits  # bit c: some sub-row keeps sub-column c
+        for a in tl.static_range(1, BLOCK_M // SUB):
+            cols = cols | (bits >> (a * (BLOCK_N // SUB)))
+        sub_col = (tl.arange(0, BLOCK_N) // SUB).to(tl.int64)
+        seen = seen & (((cols >> sub_col) & 1) != 0)
     if CAUSAL:
-        seen = seen & (offs_n <= tl.minimum(tl.max(offs_m, 0), Lq - 1))
+        seen = seen & (offs_n <= tl.minimum(first_m + BLOCK_M - 1, Lq - 1))
     if HAS_KPM:
         kp = tl.load(KPM + b * s_kpb + offs_n * s_kpn, mask=offs_n < Lk, other=0)
         if KPM_MUL:

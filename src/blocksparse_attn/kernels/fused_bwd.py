@@ -202,7 +202,7 @@ def _bsa_bwd_dkdv_kernel(
     dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     # keys hidden from every query (padding): read as zeros (see _keys_seen)
     padded = _keys_seen(
-        offs_n,
+        0,
         offs_n,
         b,
         Lk,
@@ -385,7 +385,7 @@ def _bsa_bwd_dq_kernel(
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         seen = _keys_seen(
-            offs_m,
+            pid_m * BLOCK_M,
             offs_n,
             b,
             Lq,

@@ -160,7 +160,7 @@ def _bsa_fwd_kernel(
         partial = tl.load(row_partial + t)
         offs_n = j * BLOCK_N + tl.arange(0, BLOCK_N)
         seen = _keys_seen(
-            offs_m,
+            pid_m * BLOCK_M,
             offs_n,
             b,
             Lq,
