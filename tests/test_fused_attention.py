@@ -50,8 +50,8 @@ def run_and_check(
     poison(monkeypatch)
     if config:
 
-        def launch(kernel, grid, args, kwargs, _=None):
-            _common.launch(kernel, grid, args, kwargs, config)
+        def launch(kernel, grid, kwargs, _=None):
+            _common.launch(kernel, grid, kwargs, config)
 
         monkeypatch.setattr(fused_fwd, "launch", launch)
         monkeypatch.setattr(fused_bwd, "launch", launch)

@@ -54,18 +54,23 @@ def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[st
     return reasons
 
 
-def _on_kernels(x: AttentionInputs, layout, run):
+def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     """``run(inputs, layout)`` -> ``(out, lse or None)`` on inputs the Triton kernels take:
-    ``H`` kv heads and one ``[H_l, nb_q, nb_k]`` layout for the batch.
+    one ``[H_l, nb_q, nb_k]`` layout for the batch.
 
-    Grouped-query inputs get their K/V heads repeated to the query heads (the repeat's
-    gradient sums over each group). A layout per sample runs as one launch over ``B * H``
-    heads when there is no key padding mask (which the kernels read per batch), else
-    sample by sample. The caller's own 2-D/3-D tensor goes to the kernels as it is, so its
-    compiled index is cached; a layout made here is compiled on every call."""
+    ``grouped``: the kernels read grouped K/V heads and layouts of ``H_kv`` heads
+    themselves (the fused kernels); otherwise K/V and the layout are repeated to the query
+    heads first (the repeat's gradient sums over each group). A layout per sample runs as
+    one launch over ``B * H`` heads when there is no key padding mask (which the kernels
+    read per batch), else sample by sample. The caller's own 2-D/3-D tensor goes to the
+    kernels as it is, so its compiled index is cached; a layout made here is compiled on
+    every call."""
     B, H = x.q.shape[:2]
-    k, v, lay = per_query_head(x)
-    x = replace(x, k=k, v=v)
+    if grouped:
+        lay = x.layout
+    else:
+        k, v, lay = per_query_head(x)
+        x = replace(x, k=k, v=v)
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
         return run(x, layout if mine else lay[0])
@@ -74,7 +79,7 @@ def _on_kernels(x: AttentionInputs, layout, run):
     if x.key_padding_mask is None:  # fold the batch into the heads: one launch
 
         def fold(t):
-            return t.reshape(1, B * H, *t.shape[2:])
+            return t.reshape(1, -1, *t.shape[2:])
 
         folded = replace(
             x,
@@ -83,7 +88,8 @@ def _on_kernels(x: AttentionInputs, layout, run):
             v=fold(x.v),
             rpe=None if rpe is None else fold(rpe.expand(B, H, Lq, Lk)),
         )
-        out, lse = run(folded, lay.expand(B, H, -1, -1).reshape(B * H, *lay.shape[2:]))
+        heads = -1 if grouped else H  # the unfused ops take 1 or H layout heads
+        out, lse = run(folded, lay.expand(B, heads, -1, -1).flatten(0, 1))
         return out.view(x.q.shape), None if lse is None else lse.view(B, H, Lq)
     outs, lses = [], []
     for b in range(B):
@@ -129,10 +135,10 @@ def block_sparse_attention(
             shared by the batch (compiled once and cached per tensor, checked for edits on
             every call), or ``[1 or B, H_l, L_q // block, L_k // block]`` with a layout per
             sample, or a :class:`~blocksparse_attn.KVBlocks` (block lists, ``[1 or B, H_l,
-            L_q // block]``); ``H_l`` is 1, ``H_kv`` or ``H``. The Triton backends run
-            grouped-query inputs on K/V repeated to ``H`` heads, and per-sample layouts as
-            one launch over ``B * H`` heads (sample by sample with a key padding mask);
-            such layouts are compiled on every call.
+            L_q // block]``); ``H_l`` is 1, ``H_kv`` or ``H``. The fused kernels read the
+            grouped K/V heads directly; the unfused backend repeats them to ``H`` heads.
+            Per-sample layouts run as one launch over ``B * H`` heads (sample by sample
+            with a key padding mask) and are compiled on every call.
         block: layout block size in tokens.
         scale: score scale, default ``D ** -0.5``.
         causal: token-level causal mask (key ``j`` visible from query ``i`` iff ``j <= i``),
@@ -192,7 +198,7 @@ def block_sparse_attention(
         def unfused(xs: AttentionInputs, lay: torch.Tensor):
             return unfused_attention(xs, frozen(lay)), None
 
-        return _on_kernels(x, layout, unfused)[0]
+        return _on_kernels(x, layout, unfused, grouped=False)[0]
     if backend != "reference":
         needs_grad = torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (q, k, v, rpe, key_padding_mask, attn_mask)
@@ -233,7 +239,7 @@ def block_sparse_attention(
                 attn_mask_mode=xs.attn_mask_mode,
             )
 
-        out, lse = _on_kernels(x, layout, fused)
+        out, lse = _on_kernels(x, layout, fused, grouped=True)
         return (out, lse) if return_lse else out
     from .reference import reference_attention
 

@@ -22,7 +22,8 @@ import triton.language as tl
 
 from .availability import interpreting
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e); ``LOG2E.value`` on the host
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2) = 1 / log2(e)
 
 
 @triton.jit
@@ -37,23 +38,40 @@ def _dot(a, b, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, acc=None):
 
 @triton.jit
 def _matrix(
-    base,
+    T,
+    b,
+    h,
     rows,
-    stride,
     HEAD_DIM: tl.constexpr,
     BLOCK: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DESC: tl.constexpr,
 ):
-    """What :func:`_load_tile` reads a ``[rows, HEAD_DIM]`` matrix at ``base`` through: a
-    tensor descriptor (Hopper's tensor memory accelerator) when ``DESC``, else the pointer."""
+    """What :func:`_load_tile` reads batch ``b``, head ``h`` of ``T`` through, a
+    ``[B, H, rows, HEAD_DIM]`` tensor given as ``(pointer, stride_b, stride_h, stride_row)``
+    (:func:`matrix_args`): a tensor descriptor (Hopper's tensor memory accelerator) when
+    ``DESC``, else the pointer."""
+    ptr, s_b, s_h, s_row = T
+    base = ptr + b * s_b + h * s_h
     if DESC:
         m = tl.make_tensor_descriptor(
-            base, shape=[rows, HEAD_DIM], strides=[stride, 1], block_shape=[BLOCK, BLOCK_D]
+            base, shape=[rows, HEAD_DIM], strides=[s_row, 1], block_shape=[BLOCK, BLOCK_D]
         )
     else:
         m = base
     return m
+
+
+@triton.jit
+def _store_tile(T, b, h, offs, offs_d, value, ok):
+    """Store ``value`` at rows ``offs``, columns ``offs_d`` of batch ``b``, head ``h`` of
+    ``T`` (as in :func:`_matrix`), in ``T``'s dtype, where ``ok``."""
+    ptr, s_b, s_h, s_row = T
+    tl.store(
+        ptr + b * s_b + h * s_h + offs[:, None] * s_row + offs_d[None, :],
+        value.to(ptr.dtype.element_ty),
+        mask=ok,
+    )
 
 
 @triton.jit
@@ -125,8 +143,6 @@ def _keys_seen(
     Lk,
     bits,
     KPM,
-    s_kpb,
-    s_kpn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SUB: tl.constexpr,
@@ -150,7 +166,7 @@ def _keys_seen(
     if CAUSAL:
         seen = seen & (offs_n <= tl.minimum(first_m + BLOCK_M - 1, Lq - 1))
     if HAS_KPM:
-        kp = tl.load(KPM + b * s_kpb + offs_n * s_kpn, mask=offs_n < Lk, other=0)
+        kp = _key_padding(KPM, b, offs_n, Lk)
         if KPM_MUL:
             seen = seen & (kp != 0)
         else:
@@ -162,6 +178,57 @@ def _keys_seen(
 def _add_bias(s, bias):
     """``s + bias``, where a ``-inf`` bias masks: it replaces the score (NaN included)."""
     return tl.where(bias == float("-inf"), float("-inf"), s + bias)
+
+
+@triton.jit
+def _key_padding(KPM, b, offs_n, Lk):
+    """The key padding mask of batch ``b`` at keys ``offs_n``; ``KPM`` is
+    ``(pointer, stride_b, stride_key)`` (:func:`mask_args`)."""
+    ptr, s_b, s_n = KPM
+    return tl.load(ptr + b * s_b + offs_n * s_n, mask=offs_n < Lk, other=0)
+
+
+@triton.jit
+def _add_masks(
+    s,
+    offs_m,
+    offs_n,
+    b,
+    h,
+    Lq,
+    Lk,
+    RPE,
+    KPM,
+    AM,
+    HAS_RPE: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    KPM_MUL: tl.constexpr,
+    HAS_AM: tl.constexpr,
+    AM_MUL: tl.constexpr,
+):
+    """``s + rpe + key_padding_mask + attn_mask`` at queries ``offs_m``, keys ``offs_n``
+    (DeepSpeed's semantics): 'add' masks are added (``-inf`` replaces the score), 'mul'
+    masks keep where non-zero. ``RPE``, ``KPM``, ``AM``: pointer and strides from
+    :func:`mask_args`; read only where the flag says the tensor exists."""
+    inside = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
+    if HAS_RPE:
+        r_ptr, s_rb, s_rh, s_rm, s_rn = RPE
+        r_ptr = r_ptr + b * s_rb + h * s_rh + offs_m[:, None] * s_rm + offs_n[None, :] * s_rn
+        s = _add_bias(s, tl.load(r_ptr, mask=inside, other=0.0).to(tl.float32))
+    if HAS_KPM:
+        kp = _key_padding(KPM, b, offs_n, Lk)
+        if KPM_MUL:
+            s = tl.where((kp != 0)[None, :], s, float("-inf"))
+        else:
+            s = _add_bias(s, kp.to(tl.float32)[None, :])
+    if HAS_AM:
+        a_ptr, s_am, s_an = AM
+        am = tl.load(a_ptr + offs_m[:, None] * s_am + offs_n[None, :] * s_an, mask=inside, other=0)
+        if AM_MUL:
+            s = tl.where(am != 0, s, float("-inf"))
+        else:
+            s = _add_bias(s, am.to(tl.float32))
+    return s
 
 
 @triton.jit
@@ -178,16 +245,8 @@ def _score_tile(
     bits,
     partial,
     RPE,
-    s_rb,
-    s_rh,
-    s_rm,
-    s_rn,
     KPM,
-    s_kpb,
-    s_kpn,
     AM,
-    s_amm,
-    s_amn,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     SUB: tl.constexpr,
@@ -202,30 +261,15 @@ def _score_tile(
     UPCAST: tl.constexpr,
 ):
     """Scores of one ``BLOCK_M x BLOCK_N`` tile, ``-inf`` where masked:
-    ``qk_scale * q.k + rpe + key_padding_mask + attn_mask``. With a bias or an additive
-    mask (:func:`natural_units`) the launcher passes ``qk_scale = scale`` and the scores
-    are in natural units, so that a mask of ``torch.finfo(float32).min`` stays finite;
-    without, ``qk_scale = scale * log2(e)`` and they are in base-2 units. Masked entries
-    replace the score (a NaN ``q.k`` there stays masked). Element masks (sub-block bits,
-    causal, sequence end) are applied on partial tiles only."""
+    ``qk_scale * q.k`` plus the masks of :func:`_add_masks`. With a bias or a mask
+    (:func:`natural_units`) the launcher passes ``qk_scale = scale`` and the scores are in
+    natural units, so that a mask of ``torch.finfo(float32).min`` stays finite; without,
+    ``qk_scale = scale * log2(e)`` and they are in base-2 units. Element masks (sub-block
+    bits, causal, sequence end) are applied on partial tiles only."""
     s = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST) * qk_scale
-    if HAS_RPE:
-        r_ptr = RPE + b * s_rb + h * s_rh + offs_m[:, None] * s_rm + offs_n[None, :] * s_rn
-        r = tl.load(r_ptr, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0.0)
-        s = _add_bias(s, r.to(tl.float32))
-    if HAS_KPM:
-        kp = tl.load(KPM + b * s_kpb + offs_n * s_kpn, mask=offs_n < Lk, other=0)
-        if KPM_MUL:
-            s = tl.where((kp != 0)[None, :], s, float("-inf"))
-        else:
-            s = _add_bias(s, kp.to(tl.float32)[None, :])
-    if HAS_AM:
-        a_ptr = AM + offs_m[:, None] * s_amm + offs_n[None, :] * s_amn
-        am = tl.load(a_ptr, mask=(offs_m[:, None] < Lq) & (offs_n[None, :] < Lk), other=0)
-        if AM_MUL:
-            s = tl.where(am != 0, s, float("-inf"))
-        else:
-            s = _add_bias(s, am.to(tl.float32))
+    s = _add_masks(
+        s, offs_m, offs_n, b, h, Lq, Lk, RPE, KPM, AM, HAS_RPE, HAS_KPM, KPM_MUL, HAS_AM, AM_MUL
+    )
     if partial != 0:
         keep = (offs_m[:, None] < Lq) & (offs_n[None, :] < Lk)
         if HAS_SUB:
@@ -245,7 +289,7 @@ def _exp_diff(s, m, NATURAL: tl.constexpr):
     difference is taken before the change of base, so that two huge finite scores (a
     ``finfo.min`` mask) give ``exp(0) = 1``, not ``exp2(-inf - -inf)``."""
     if NATURAL:
-        return tl.math.exp2((s - m) * 1.4426950408889634)
+        return tl.math.exp2((s - m) * LOG2E)
     else:
         return tl.math.exp2(s - m)
 
@@ -265,7 +309,7 @@ def _schedule(ORDER, heads_per_layout_head, batch, tiles, GROUP: tl.constexpr):
     k = r // size
     list_id = tl.load(ORDER + first + r % size)
     tile = list_id % tiles
-    h = list_id // tiles + k % heads_per_layout_head
+    h = list_id // tiles * heads_per_layout_head + k % heads_per_layout_head
     b = k // heads_per_layout_head
     return list_id, tile, b.to(tl.int64), h.to(tl.int64)
 
@@ -273,30 +317,32 @@ def _schedule(ORDER, heads_per_layout_head, batch, tiles, GROUP: tl.constexpr):
 _TUNED: dict[tuple, dict] = {}  # (kernel, dtype, device, tuning key) -> launch options
 
 
-def launch(kernel, grid, args, kwargs, config: dict | None = None):
-    """Launch an autotuned kernel, or its plain function with an explicit
-    ``{"num_warps": .., "num_stages": ..}`` (benchmark sweeps).
+def launch(kernel, grid, kwargs: dict, config: dict | None = None):
+    """Launch an autotuned kernel with every argument by keyword, or its plain function
+    with an explicit ``{"num_warps": .., "num_stages": ..}`` (benchmark sweeps).
 
     The autotuner picks a configuration the first time it sees a key (its ``key`` names,
-    which must be keyword arguments here, the first argument's dtype and device); later
-    launches with that key go straight to the compiled function with the chosen options.
-    Triton's ``Autotuner.run`` rebuilds its key from every argument on each call, which
-    costs more host time than a short kernel runs (``benchmarks/NOTES.md``, v3)."""
+    the first argument's dtype and device); later launches with that key go straight to
+    the compiled function with the chosen options. Triton's ``Autotuner.run`` rebuilds its
+    key from every argument on each call, which costs more host time than a short kernel
+    runs (``benchmarks/NOTES.md``, v3)."""
     if kwargs.get("ALLOW_DESC") or (config or {}).get("DESC"):
         _ensure_allocator()
     if config is not None:
-        kernel.fn[grid](*args, **kwargs, **config)
+        kernel.fn[grid](**kwargs, **config)
         return
     if interpreting() or not hasattr(kernel, "keys"):
-        kernel[grid](*args, **kwargs)
+        kernel[grid](**kwargs)
         return
-    key = (kernel, args[0].dtype, args[0].device, *(kwargs[name] for name in kernel.keys))
+    first = kwargs[kernel.fn.arg_names[0]]
+    first = first[0] if isinstance(first, tuple) else first
+    key = (kernel, first.dtype, first.device, *(kwargs[name] for name in kernel.keys))
     options = _TUNED.get(key)
     if options is None:
-        kernel[grid](*args, **kwargs)  # tunes on the first sight of this key, then runs
+        kernel[grid](**kwargs)  # tunes on the first sight of this key, then runs
         _TUNED[key] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **kwargs, **options)
+        kernel.fn[grid](**kwargs, **options)
 
 
 def tuned_options() -> list[dict]:
@@ -371,11 +417,17 @@ def empty(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def natural_units(flags: dict) -> bool:
+def natural_units(masks: dict) -> bool:
     """Whether the attention kernels keep scores in natural units (see :func:`_score_tile`),
-    from :func:`mask_args`'s flags: when a bias or mask meets the scores. Without one,
-    base-2 scores save a multiply per score."""
-    return flags["HAS_RPE"] or flags["HAS_KPM"] or flags["HAS_AM"]
+    from :func:`mask_args`: when a bias or mask meets the scores. Without one, base-2
+    scores save a multiply per score."""
+    return masks["HAS_RPE"] or masks["HAS_KPM"] or masks["HAS_AM"]
+
+
+def matrix_args(t: torch.Tensor) -> tuple:
+    """A ``[B, H, L, D]`` tensor with unit last stride as the kernels take it:
+    ``(pointer, stride_b, stride_h, stride_row)`` (see :func:`_matrix`)."""
+    return (t, t.stride(0), t.stride(1), t.stride(2))
 
 
 def mask_args(
@@ -389,24 +441,23 @@ def mask_args(
     Lq: int,
     Lk: int,
     dummy: torch.Tensor,
-):
-    """Pointers, strides and constexpr flags for rpe / key_padding_mask / attn_mask
-    (absent ones get a dummy pointer and zero strides)."""
-    rpe_args = (dummy, 0, 0, 0, 0)
+) -> dict:
+    """The kernels' mask arguments, by keyword: ``RPE`` ``(pointer, stride_b, stride_h,
+    stride_q, stride_k)``, ``KPM`` ``(pointer, stride_b, stride_k)``, ``AM`` ``(pointer,
+    stride_q, stride_k)`` (absent ones: a dummy pointer and zero strides) and the
+    constexpr flags ``HAS_RPE``, ``HAS_KPM``, ``KPM_MUL``, ``HAS_AM``, ``AM_MUL``, the
+    one place they are derived."""
     if rpe is not None:
         rpe = rpe.expand(B, H, Lq, Lk)
-        rpe_args = (rpe, *rpe.stride())
-    kpm_args = (dummy, 0, 0)
-    if key_padding_mask is not None:
-        kpm_args = (key_padding_mask, *key_padding_mask.stride())
-    am_args = (dummy, 0, 0)
-    if attn_mask is not None:
-        am_args = (attn_mask, *attn_mask.stride())
-    flags = dict(
+    return dict(
+        RPE=(dummy, 0, 0, 0, 0) if rpe is None else (rpe, *rpe.stride()),
+        KPM=(dummy, 0, 0)
+        if key_padding_mask is None
+        else (key_padding_mask, *key_padding_mask.stride()),
+        AM=(dummy, 0, 0) if attn_mask is None else (attn_mask, *attn_mask.stride()),
         HAS_RPE=rpe is not None,
         HAS_KPM=key_padding_mask is not None,
         KPM_MUL=key_padding_mask_mode == "mul",
         HAS_AM=attn_mask is not None,
         AM_MUL=attn_mask_mode == "mul",
     )
-    return (*rpe_args, *kpm_args, *am_args), flags

@@ -10,7 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import _add_bias, empty, mask_args
+from ._common import _add_masks, empty, mask_args
 
 
 @triton.jit
@@ -21,18 +21,12 @@ def _scores(
     cols,
     z,
     h,
+    Lq,
+    Lk,
     scale,
     RPE,
-    s_rz,
-    s_rh,
-    s_rm,
-    s_rn,
     KPM,
-    s_kz,
-    s_kn,
     AM,
-    s_am,
-    s_an,
     BLOCK: tl.constexpr,
     HAS_RPE: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -41,27 +35,12 @@ def _scores(
     AM_MUL: tl.constexpr,
     CAUSAL: tl.constexpr,
 ):
+    """The scores of the ``t``-th stored block, masks applied (see ``_add_masks``)."""
     i = tl.arange(0, BLOCK)
     s = tl.load(X + t * BLOCK * BLOCK + i[:, None] * BLOCK + i[None, :]).to(tl.float32) * scale
-    if HAS_RPE:
-        s = _add_bias(
-            s,
-            tl.load(RPE + z * s_rz + h * s_rh + rows[:, None] * s_rm + cols[None, :] * s_rn).to(
-                tl.float32
-            ),
-        )
-    if HAS_KPM:
-        kp = tl.load(KPM + z * s_kz + cols * s_kn)
-        if KPM_MUL:
-            s = tl.where((kp != 0)[None, :], s, float("-inf"))
-        else:
-            s = _add_bias(s, kp.to(tl.float32)[None, :])
-    if HAS_AM:
-        am = tl.load(AM + rows[:, None] * s_am + cols[None, :] * s_an)
-        if AM_MUL:
-            s = tl.where(am != 0, s, float("-inf"))
-        else:
-            s = _add_bias(s, am.to(tl.float32))
+    s = _add_masks(
+        s, rows, cols, z, h, Lq, Lk, RPE, KPM, AM, HAS_RPE, HAS_KPM, KPM_MUL, HAS_AM, AM_MUL
+    )
     if CAUSAL:
         s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
     return s
@@ -76,18 +55,12 @@ def _softmax_fwd_kernel(
     row_ptr,
     row_idx,
     rows_per_head,
+    Lq,
+    Lk,
     scale,
-    RPE,
-    s_rz,
-    s_rh,
-    s_rm,
-    s_rn,
+    RPE,  # masks: (pointer, strides), see mask_args
     KPM,
-    s_kz,
-    s_kn,
     AM,
-    s_am,
-    s_an,
     BLOCK: tl.constexpr,
     HAS_RPE: tl.constexpr,
     HAS_KPM: tl.constexpr,
@@ -114,18 +87,12 @@ def _softmax_fwd_kernel(
             cols,
             z,
             h,
+            Lq,
+            Lk,
             scale,
             RPE,
-            s_rz,
-            s_rh,
-            s_rm,
-            s_rn,
             KPM,
-            s_kz,
-            s_kn,
             AM,
-            s_am,
-            s_an,
             BLOCK,
             HAS_RPE,
             HAS_KPM,
@@ -150,18 +117,12 @@ def _softmax_fwd_kernel(
             cols,
             z,
             h,
+            Lq,
+            Lk,
             scale,
             RPE,
-            s_rz,
-            s_rh,
-            s_rm,
-            s_rn,
             KPM,
-            s_kz,
-            s_kn,
             AM,
-            s_am,
-            s_an,
             BLOCK,
             HAS_RPE,
             HAS_KPM,
@@ -236,7 +197,7 @@ def softmax_forward(
     Z = x.shape[0]
     y = out if out is not None else empty(x.shape, out_dtype or x.dtype, x.device)
     H, rows = index.heads, index.row_tiles
-    extra, flags = mask_args(
+    masks = mask_args(
         rpe,
         key_padding_mask,
         attn_mask,
@@ -249,19 +210,20 @@ def softmax_forward(
         x,
     )
     _softmax_fwd_kernel[(H * rows, Z)](
-        x,
-        y,
-        x.stride(0),
-        y.stride(0),
-        index.row_ptr,
-        index.row_idx,
-        rows,
-        scale,
-        *extra,
+        X=x,
+        Y=y,
+        s_xz=x.stride(0),
+        s_yz=y.stride(0),
+        row_ptr=index.row_ptr,
+        row_idx=index.row_idx,
+        rows_per_head=rows,
+        Lq=index.q_len,
+        Lk=index.k_len,
+        scale=scale,
         BLOCK=block,
         CAUSAL=causal,
         num_warps=4,
-        **flags,
+        **masks,
     )
     return y
 
@@ -283,16 +245,16 @@ def softmax_backward(
     dx = empty(y.shape, dx_dtype or y.dtype, y.device)
     ds = empty(y.shape, torch.float32, y.device) if rpe_grad else dx
     _softmax_bwd_kernel[(index.heads * index.row_tiles, Z)](
-        y,
-        dy,
-        dx,
-        ds,
-        y.stride(0),
-        dy.stride(0),
-        dx.stride(0),
-        ds.stride(0),
-        index.row_ptr,
-        scale,
+        Y=y,
+        DY=dy,
+        DX=dx,
+        DS=ds,
+        s_yz=y.stride(0),
+        s_dyz=dy.stride(0),
+        s_dxz=dx.stride(0),
+        s_dsz=ds.stride(0),
+        row_ptr=index.row_ptr,
+        scale=scale,
         BLOCK=block,
         STORE_DS=rpe_grad,
         num_warps=4,

@@ -25,11 +25,13 @@ from ._common import (
     _matrix,
     _schedule,
     _score_tile,
+    _store_tile,
     descriptors_allowed,
     empty,
     input_precision,
     launch,
     mask_args,
+    matrix_args,
     natural_units,
     prune_descriptors,
     unit_last_stride,
@@ -53,15 +55,9 @@ _PRUNE = {"early_config_prune": prune_descriptors}
 
 @triton.jit
 def _bsa_bwd_delta_kernel(
-    O,
+    O,  # O, DO: (pointer, stride_b, stride_h, stride_row)
     DO,
     DELTA,
-    s_ob,
-    s_oh,
-    s_om,
-    s_dob,
-    s_doh,
-    s_dom,
     H,
     Lq,
     HEAD_DIM: tl.constexpr,
@@ -74,16 +70,13 @@ def _bsa_bwd_delta_kernel(
     b = pid_bh // H
     h = pid_bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    ok = (offs_m < Lq)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(
-        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=ok, other=0.0
-    )
-    do = tl.load(
-        DO + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :], mask=ok, other=0.0
-    )
+    m_ok = offs_m < Lq
+    om = _matrix(O, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, False)
+    dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, False)
+    o = _load_rows(om, pid_m * BLOCK_M, m_ok, O[3], HEAD_DIM, BLOCK_M, BLOCK_D, False)
+    do = _load_rows(dom, pid_m * BLOCK_M, m_ok, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
-    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=offs_m < Lq)
+    tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=m_ok)
 
 
 @triton.jit
@@ -97,14 +90,14 @@ def _row_statistics(LSE, LOG2L, rows, ok, NATURAL: tl.constexpr):
         empty_row = m == float("-inf")
         return tl.where(empty_row, float("inf"), m), tl.where(empty_row, 0.0, log2_l)
     else:
-        return tl.where(m == float("-inf"), float("inf"), m * 1.4426950408889634), tl.zeros_like(m)
+        return tl.where(m == float("-inf"), float("inf"), m * LOG2E), tl.zeros_like(m)
 
 
 @triton.jit
 def _probabilities(s, m, log2_l, NATURAL: tl.constexpr):
     """``exp(score - lse)`` from :func:`_row_statistics`."""
     if NATURAL:
-        return tl.math.exp2((s - m[:, None]) * 1.4426950408889634 - log2_l[:, None])
+        return tl.math.exp2((s - m[:, None]) * LOG2E - log2_l[:, None])
     else:
         return tl.math.exp2(s - m[:, None])
 
@@ -122,55 +115,26 @@ def _score_gradient(p, dp, delta, guard):
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
-    Q,
+    Q,  # Q, K, V, DO, DK, DV: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
     V,
     DO,
-    LSE,
+    DK,  # per query head: [B, H, L_k, D]
+    DV,
+    LSE,  # the forward's row statistics
     LOG2L,
     DELTA,
-    DK,
-    DV,
-    s_qb,
-    s_qh,
-    s_qm,
-    s_kb,
-    s_kh,
-    s_kn,
-    s_vb,
-    s_vh,
-    s_vn,
-    s_dob,
-    s_doh,
-    s_dom,
-    s_dkb,
-    s_dkh,
-    s_dkn,
-    s_dvb,
-    s_dvh,
-    s_dvn,
-    col_ptr,
-    col_idx,
-    col_bits,
-    col_partial,
-    col_order,
-    RPE,
-    s_rb,
-    s_rh,
-    s_rm,
-    s_rn,
+    COLS,  # the index's column lists: (ptr, idx, bits, partial, order)
+    RPE,  # masks: (pointer, strides), see mask_args
     KPM,
-    s_kpb,
-    s_kpn,
     AM,
-    s_amm,
-    s_amn,
     B,
     H,
     Lq,
     Lk,
     col_tiles,
     heads_per_layout_head,
+    kv_group,  # query heads per kv head (grouped-query attention)
     qk_scale,
     scale,
     HEAD_DIM: tl.constexpr,
@@ -192,35 +156,22 @@ def _bsa_bwd_dkdv_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
+    col_ptr, col_idx, col_bits, col_partial, col_order = COLS
     col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, GROUP)
+    hk = h // kv_group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nd_ok = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    km = _matrix(K, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     # keys hidden from every query (padding): read as zeros (see _keys_seen)
     padded = _keys_seen(
-        0,
-        offs_n,
-        b,
-        Lk,
-        Lk,
-        0,
-        KPM,
-        s_kpb,
-        s_kpn,
-        BLOCK_N,
-        BLOCK_N,
-        BLOCK_N,
-        False,
-        False,
-        HAS_KPM,
-        KPM_MUL,
+        0, offs_n, b, Lk, Lk, 0, KPM, BLOCK_N, BLOCK_N, BLOCK_N, False, False, HAS_KPM, KPM_MUL
     )
-    k = _load_rows(km, pid_n * BLOCK_N, padded, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    v = _load_rows(vm, pid_n * BLOCK_N, padded, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    k = _load_rows(km, pid_n * BLOCK_N, padded, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    v = _load_rows(vm, pid_n * BLOCK_N, padded, V[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     row_base = (b * H + h) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
@@ -233,8 +184,8 @@ def _bsa_bwd_dkdv_kernel(
         partial = tl.load(col_partial + t)
         offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        q = _load_tile(qm, i * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
-        do = _load_tile(dom, i * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+        q = _load_tile(qm, i * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+        do = _load_tile(dom, i * BLOCK_M, Lq, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
         m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
         s = _score_tile(
@@ -250,16 +201,8 @@ def _bsa_bwd_dkdv_kernel(
             bits,
             partial,
             RPE,
-            s_rb,
-            s_rh,
-            s_rm,
-            s_rn,
             KPM,
-            s_kpb,
-            s_kpn,
             AM,
-            s_amm,
-            s_amn,
             BLOCK_M,
             BLOCK_N,
             SUB,
@@ -278,68 +221,33 @@ def _bsa_bwd_dkdv_kernel(
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
         ds = _score_gradient(p, dp, delta, partial != 0)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
-    dk = dk * scale
-    tl.store(
-        DK + b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :],
-        dk.to(DK.dtype.element_ty),
-        mask=nd_ok,
-    )
-    tl.store(
-        DV + b * s_dvb + h * s_dvh + offs_n[:, None] * s_dvn + offs_d[None, :],
-        dv.to(DV.dtype.element_ty),
-        mask=nd_ok,
-    )
+    _store_tile(DK, b, h, offs_n, offs_d, dk * scale, nd_ok)
+    _store_tile(DV, b, h, offs_n, offs_d, dv, nd_ok)
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"], prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dq_kernel(
-    Q,
+    Q,  # Q, K, V, DO, DQ: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
     V,
     DO,
-    LSE,
+    DQ,
+    DS,  # the score gradient [B, H, L_q, L_k] float32, when STORE_DS
+    LSE,  # the forward's row statistics
     LOG2L,
     DELTA,
-    DQ,
-    DS,
-    s_qb,
-    s_qh,
-    s_qm,
-    s_kb,
-    s_kh,
-    s_kn,
-    s_vb,
-    s_vh,
-    s_vn,
-    s_dob,
-    s_doh,
-    s_dom,
-    s_dqb,
-    s_dqh,
-    s_dqm,
-    row_ptr,
-    row_idx,
-    row_bits,
-    row_partial,
-    row_order,
-    RPE,
-    s_rb,
-    s_rh,
-    s_rm,
-    s_rn,
+    ROWS,  # the index's row lists: (ptr, idx, bits, partial, order)
+    RPE,  # masks: (pointer, strides), see mask_args
     KPM,
-    s_kpb,
-    s_kpn,
     AM,
-    s_amm,
-    s_amn,
     B,
     H,
     Lq,
     Lk,
     row_tiles,
     heads_per_layout_head,
+    kv_group,  # query heads per kv head (grouped-query attention)
     qk_scale,
     scale,
     HEAD_DIM: tl.constexpr,
@@ -362,16 +270,18 @@ def _bsa_bwd_dq_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
+    row_ptr, row_idx, row_bits, row_partial, row_order = ROWS
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
+    hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
-    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    dom = _matrix(DO + b * s_dob + h * s_doh, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    q = _load_tile(qm, pid_m * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
-    do = _load_tile(dom, pid_m * BLOCK_M, Lq, s_dom, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+    qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    km = _matrix(K, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    q = _load_tile(qm, pid_m * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+    do = _load_tile(dom, pid_m * BLOCK_M, Lq, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
     row_base = (b * H + h) * Lq
     m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -392,8 +302,6 @@ def _bsa_bwd_dq_kernel(
             Lk,
             bits,
             KPM,
-            s_kpb,
-            s_kpn,
             BLOCK_M,
             BLOCK_N,
             SUB,
@@ -402,8 +310,8 @@ def _bsa_bwd_dq_kernel(
             HAS_KPM,
             KPM_MUL,
         )
-        k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-        v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        k = _load_rows(km, j * BLOCK_N, seen, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        v = _load_rows(vm, j * BLOCK_N, seen, V[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         s = _score_tile(
             q,
             k,
@@ -417,16 +325,8 @@ def _bsa_bwd_dq_kernel(
             bits,
             partial,
             RPE,
-            s_rb,
-            s_rh,
-            s_rm,
-            s_rn,
             KPM,
-            s_kpb,
-            s_kpn,
             AM,
-            s_amm,
-            s_amn,
             BLOCK_M,
             BLOCK_N,
             SUB,
@@ -447,12 +347,7 @@ def _bsa_bwd_dq_kernel(
             ds_ptr = DS + (row_base + offs_m[:, None]) * Lk + offs_n[None, :]
             tl.store(ds_ptr, ds, mask=m_ok[:, None] & (offs_n < Lk)[None, :])
         dq = _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST, dq)
-    dq = dq * scale
-    tl.store(
-        DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
-    )
+    _store_tile(DQ, b, h, offs_m, offs_d, dq * scale, m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 def fused_attention_backward(
@@ -511,34 +406,43 @@ def fused_attention_backward(
     BLOCK_D = max(16, triton.next_power_of_2(D))
     delta = empty((B, H, Lq), torch.float32, q.device)
     _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
-        out,
-        grad_out,
-        delta,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
-        H,
-        Lq,
+        O=matrix_args(out),
+        DO=matrix_args(grad_out),
+        DELTA=delta,
+        H=H,
+        Lq=Lq,
         HEAD_DIM=D,
         BLOCK_D=BLOCK_D,
         BLOCK_M=64,
     )
     stats = stats.contiguous()
+    H_kv = k.shape[1]
+    kv_group = H // H_kv
     dq = empty((B, H, Lq, D), q.dtype, q.device)
-    dk = empty((B, H, Lk, D), k.dtype, k.device)
-    dv = empty((B, H, Lk, D), v.dtype, v.device)
+    # grouped-query attention: the kernel writes each query head's share, summed below
+    dk = empty((B, H, Lk, D), k.dtype if kv_group == 1 else torch.float32, k.device)
+    dv = empty((B, H, Lk, D), v.dtype if kv_group == 1 else torch.float32, v.device)
     store_ds = any(bias_grads)
     ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if store_ds else q
-    extra, flags = mask_args(
+    masks = mask_args(
         rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode, B, H, Lq, Lk, q
     )
-    natural = natural_units(flags)
-    lse, log2_l = (stats[0], stats[1]) if natural else (stats, stats)
-    qk_scale = scale if natural else scale * LOG2E
+    natural = natural_units(masks)
     common = dict(
+        Q=matrix_args(q),
+        K=matrix_args(k),
+        V=matrix_args(v),
+        DO=matrix_args(grad_out),
+        LSE=stats[0] if natural else stats,
+        LOG2L=stats[1] if natural else stats,
+        DELTA=delta,
+        B=B,
+        H=H,
+        Lq=Lq,
+        Lk=Lk,
+        kv_group=kv_group,
+        qk_scale=scale if natural else scale * LOG2E.value,
+        scale=scale,
         HEAD_DIM=D,
         BLOCK_D=BLOCK_D,
         CAUSAL=causal,
@@ -547,97 +451,38 @@ def fused_attention_backward(
         UPCAST=upcast_dots(q.dtype),
         NATURAL=natural,
         ALLOW_DESC=descriptors_allowed(q, k, v, grad_out),
-        **flags,
-    )
-    strides = (
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        grad_out.stride(0),
-        grad_out.stride(1),
-        grad_out.stride(2),
+        **masks,
     )
     kv_config, q_config = configs or (None, None)
     idx = kv_index
     launch(
         _bsa_bwd_dkdv_kernel,
         (idx.col_tiles * B * H,),
-        (
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            log2_l,
-            delta,
-            dk,
-            dv,
-            *strides,
-            dk.stride(0),
-            dk.stride(1),
-            dk.stride(2),
-            dv.stride(0),
-            dv.stride(1),
-            dv.stride(2),
-            idx.col_ptr,
-            idx.col_idx,
-            idx.col_bits,
-            idx.col_partial,
-            idx.col_order,
-            *extra,
-            B,
-            H,
-            Lq,
-            Lk,
-            idx.col_tiles,
-            H // idx.heads,
-            qk_scale,
-            scale,
+        dict(
+            common,
+            DK=matrix_args(dk),
+            DV=matrix_args(dv),
+            COLS=(idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order),
+            col_tiles=idx.col_tiles,
+            heads_per_layout_head=H // idx.heads,
+            BLOCK_M=kv_tiles.m,
+            BLOCK_N=kv_tiles.n,
+            SUB=idx.sub,
+            HAS_SUB=idx.split_tiles,
         ),
-        dict(common, BLOCK_M=kv_tiles.m, BLOCK_N=kv_tiles.n, SUB=idx.sub, HAS_SUB=idx.split_tiles),
         kv_config,
     )
     idx = q_index
     launch(
         _bsa_bwd_dq_kernel,
         (idx.row_tiles * B * H,),
-        (
-            q,
-            k,
-            v,
-            grad_out,
-            lse,
-            log2_l,
-            delta,
-            dq,
-            ds,
-            *strides,
-            dq.stride(0),
-            dq.stride(1),
-            dq.stride(2),
-            idx.row_ptr,
-            idx.row_idx,
-            idx.row_bits,
-            idx.row_partial,
-            idx.row_order,
-            *extra,
-            B,
-            H,
-            Lq,
-            Lk,
-            idx.row_tiles,
-            H // idx.heads,
-            qk_scale,
-            scale,
-        ),
         dict(
             common,
+            DQ=matrix_args(dq),
+            DS=ds,
+            ROWS=(idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order),
+            row_tiles=idx.row_tiles,
+            heads_per_layout_head=H // idx.heads,
             BLOCK_M=q_tiles.m,
             BLOCK_N=q_tiles.n,
             SUB=idx.sub,
@@ -646,6 +491,9 @@ def fused_attention_backward(
         ),
         q_config,
     )
+    if kv_group > 1:
+        dk = dk.view(B, H_kv, kv_group, Lk, D).sum(2).to(k.dtype)
+        dv = dv.view(B, H_kv, kv_group, Lk, D).sum(2).to(v.dtype)
     rpe_grad, kpm_grad, am_grad = bias_grads
     drpe = ds.sum_to_size(rpe.shape).to(rpe.dtype) if rpe_grad else None
     dkpm = ds.sum((1, 2)).to(key_padding_mask.dtype) if kpm_grad else None

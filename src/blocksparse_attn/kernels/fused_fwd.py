@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ..index import get_density, get_index
 from ._common import (
+    LN2,
     LOG2E,
     _dot,
     _exp_diff,
@@ -27,11 +28,13 @@ from ._common import (
     _matrix,
     _schedule,
     _score_tile,
+    _store_tile,
     descriptors_allowed,
     empty,
     input_precision,
     launch,
     mask_args,
+    matrix_args,
     natural_units,
     prune_descriptors,
     unit_last_stride,
@@ -51,7 +54,6 @@ _KEY = [
     "LEAD",
     "ALLOW_DESC",
 ]
-LN2 = 0.6931471805599453
 
 
 @triton.autotune(
@@ -61,47 +63,23 @@ LN2 = 0.6931471805599453
 )
 @triton.jit
 def _bsa_fwd_kernel(
-    Q,
+    Q,  # Q, K, V, O: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
     V,
     O,
-    LSE,
+    LSE,  # the row statistics (see fused_attention_forward)
     LOG2L,
-    s_qb,
-    s_qh,
-    s_qm,
-    s_kb,
-    s_kh,
-    s_kn,
-    s_vb,
-    s_vh,
-    s_vn,
-    s_ob,
-    s_oh,
-    s_om,
-    row_ptr,
-    row_idx,
-    row_bits,
-    row_partial,
-    row_lead,
-    row_order,
-    RPE,
-    s_rb,
-    s_rh,
-    s_rm,
-    s_rn,
+    ROWS,  # the index's row lists: (ptr, idx, bits, partial, lead, order)
+    RPE,  # masks: (pointer, strides), see mask_args
     KPM,
-    s_kpb,
-    s_kpn,
     AM,
-    s_amm,
-    s_amn,
     B,
     H,
     Lq,
     Lk,
     row_tiles,
     heads_per_layout_head,
+    kv_group,  # query heads per kv head (grouped-query attention)
     qk_scale,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -123,14 +101,16 @@ def _bsa_fwd_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
+    row_ptr, row_idx, row_bits, row_partial, row_lead, row_order = ROWS
     row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
+    hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < Lq
-    qm = _matrix(Q + b * s_qb + h * s_qh, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    km = _matrix(K + b * s_kb + h * s_kh, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    vm = _matrix(V + b * s_vb + h * s_vh, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    q = _load_tile(qm, pid_m * BLOCK_M, Lq, s_qm, HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+    qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    km = _matrix(K, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    vm = _matrix(V, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    q = _load_tile(qm, pid_m * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -145,8 +125,8 @@ def _bsa_fwd_kernel(
         mid = start + tl.load(row_lead + row)
         for t in range(start, mid):
             j = tl.load(row_idx + t)
-            k = _load_tile(km, j * BLOCK_N, Lk, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
-            v = _load_tile(vm, j * BLOCK_N, Lk, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
+            k = _load_tile(km, j * BLOCK_N, Lk, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
+            v = _load_tile(vm, j * BLOCK_N, Lk, V[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
             s = _dot(q, tl.trans(k), INPUT_PRECISION, UPCAST)
             m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             p = tl.math.exp2(s * qk_scale - m_new[:, None])
@@ -167,8 +147,6 @@ def _bsa_fwd_kernel(
             Lk,
             bits,
             KPM,
-            s_kpb,
-            s_kpn,
             BLOCK_M,
             BLOCK_N,
             SUB,
@@ -177,8 +155,8 @@ def _bsa_fwd_kernel(
             HAS_KPM,
             KPM_MUL,
         )
-        k = _load_rows(km, j * BLOCK_N, seen, s_kn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-        v = _load_rows(vm, j * BLOCK_N, seen, s_vn, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        k = _load_rows(km, j * BLOCK_N, seen, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+        v = _load_rows(vm, j * BLOCK_N, seen, V[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
         s = _score_tile(
             q,
             k,
@@ -192,16 +170,8 @@ def _bsa_fwd_kernel(
             bits,
             partial,
             RPE,
-            s_rb,
-            s_rh,
-            s_rm,
-            s_rn,
             KPM,
-            s_kpb,
-            s_kpn,
             AM,
-            s_amm,
-            s_amn,
             BLOCK_M,
             BLOCK_N,
             SUB,
@@ -226,17 +196,13 @@ def _bsa_fwd_kernel(
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     log2_l = tl.math.log2(tl.where(has, l_i, 1.0))
-    tl.store(
-        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :],
-        out.to(O.dtype.element_ty),
-        mask=m_ok[:, None] & (offs_d < HEAD_DIM)[None, :],
-    )
+    _store_tile(O, b, h, offs_m, offs_d, out, m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
     if NATURAL:  # the row maximum and log2 of the sum apart: m + ln(l) rounds to m when
         # the maximum is huge (a finfo.min mask), and the backward needs l exactly
         tl.store(LSE + (b * H + h) * Lq + offs_m, tl.where(has, m_i, float("-inf")), mask=m_ok)
         tl.store(LOG2L + (b * H + h) * Lq + offs_m, log2_l, mask=m_ok)
     else:
-        lse = tl.where(has, (m_i + log2_l) * 0.6931471805599453, float("-inf"))
+        lse = tl.where(has, (m_i + log2_l) * LN2, float("-inf"))
         tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
 
 
@@ -245,7 +211,7 @@ def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
     :func:`fused_attention_forward`)."""
     if stats.dim() == 3:
         return stats
-    return stats[0] + stats[1] * LN2
+    return stats[0] + stats[1] * LN2.value
 
 
 def fused_attention_forward(
@@ -290,47 +256,35 @@ def fused_attention_forward(
         device=q.device,
     )
     out = empty((B, H, Lq, D), q.dtype, q.device)
-    extra, flags = mask_args(
+    masks = mask_args(
         rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode, B, H, Lq, Lk, q
     )
-    natural = natural_units(flags)
+    natural = natural_units(masks)
     stats = empty((2, B, H, Lq) if natural else (B, H, Lq), torch.float32, q.device)
-    grid = (index.row_tiles * B * H,)
-    args = (
-        q,
-        k,
-        v,
-        out,
-        stats[0] if natural else stats,
-        stats[1] if natural else stats,
-        q.stride(0),
-        q.stride(1),
-        q.stride(2),
-        k.stride(0),
-        k.stride(1),
-        k.stride(2),
-        v.stride(0),
-        v.stride(1),
-        v.stride(2),
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
+    rows = (
         index.row_ptr,
         index.row_idx,
         index.row_bits,
         index.row_partial,
         index.row_lead,
         index.row_order,
-        *extra,
-        B,
-        H,
-        Lq,
-        Lk,
-        index.row_tiles,
-        H // index.heads,
-        scale if natural else scale * LOG2E,
     )
     kwargs = dict(
+        Q=matrix_args(q),
+        K=matrix_args(k),
+        V=matrix_args(v),
+        O=matrix_args(out),
+        LSE=stats[0] if natural else stats,
+        LOG2L=stats[1] if natural else stats,
+        ROWS=rows,
+        B=B,
+        H=H,
+        Lq=Lq,
+        Lk=Lk,
+        row_tiles=index.row_tiles,
+        heads_per_layout_head=H // index.heads,
+        kv_group=H // k.shape[1],
+        qk_scale=scale if natural else scale * LOG2E.value,
         HEAD_DIM=D,
         BLOCK_D=max(16, triton.next_power_of_2(D)),
         BLOCK_M=tiles.m,
@@ -345,7 +299,7 @@ def fused_attention_forward(
         LEAD=density >= DENSE_LAYOUT and scale > 0,
         GROUP=PROGRAM_GROUP,
         ALLOW_DESC=descriptors_allowed(q, k, v),
-        **flags,
+        **masks,
     )
-    launch(_bsa_fwd_kernel, grid, args, kwargs, config)
+    launch(_bsa_fwd_kernel, (index.row_tiles * B * H,), kwargs, config)
     return out, stats
