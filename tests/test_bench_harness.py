@@ -420,3 +420,42 @@ def test_a_record_that_is_not_a_run_is_refused(tmp_path, capsys):
     assert "odd.jsonl:1: record must be 'run' or 'result', got 'note'" in capsys.readouterr().err
     assert main(["bench", "--from", str(tmp_path / "missing.jsonl")]) == 2
     assert "No such file" in capsys.readouterr().err
+
+
+def test_gqa_suite_times_native_repeated_and_peers(tmp_path, monkeypatch):
+    from blocksparse_attn.tools.cli import build_parser
+
+    timed = []
+
+    def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
+        timed.append((case.name, backend))
+        return {
+            "backend": backend,
+            "mode": mode,
+            "dtype": "bfloat16",
+            "ms": 1.0,
+            "tflops": 1.0,
+            "peak_mib": 1.0,
+            "peak_total_mib": 1.0,
+        }
+
+    bench = fake_gpu_bench(monkeypatch, fake_time_backend)
+    from blocksparse_attn.tools import bench_report
+
+    monkeypatch.setattr(bench_report, "plots", lambda report, out_dir: [])
+    args = build_parser().parse_args(
+        ["bench", "--suite", "gqa", "--backends", "fused", "flex", "--mode", "fwd"]
+        + ["--match", "block64", "--out", str(tmp_path)]
+    )
+    assert bench.bench_main(args) == 0
+    name = "window_global+causal L16384 B1 H32 Hkv8 D128 block64"
+    assert timed == [(name, "fused"), (name, "fused_repeat"), (name, "flex")]
+
+
+def test_grouped_query_case_on_cpu():
+    # the inputs carry H_kv heads; every way of running them agrees on the FLOPs
+    case = Case("window_global", 256, 1, 4, 16, 32, causal=True, kv_heads=2)
+    assert case.name == "window_global+causal L256 B1 H4 Hkv2 D16 block32"
+    row = time_backend("reference", case, case.layout(), "fwd+bwd", torch.float32, "cpu")
+    assert row["ms"] > 0 and "error" not in row
+    assert row["tflops"] == pytest.approx(flops(case, case.layout(), "fwd+bwd") / row["ms"] / 1e9)

@@ -14,8 +14,8 @@ import time
 import torch
 
 from . import bench_harness as harness
-from .bench_cases import anchor_cases, density_cases, quick_cases, select
-from .bench_harness import MODES
+from .bench_cases import anchor_cases, density_cases, gqa_cases, quick_cases, select
+from .bench_harness import GQA_BACKENDS, MODES
 from .bench_report import print_table, read_jsonl, write_report
 from .bench_suites import (
     DENSITY_BACKENDS,
@@ -32,8 +32,9 @@ def bench_main(args) -> int:
     suites = ["anchors"] if args.quick else args.suite
     anchors = anchor_cases() if "anchors" in suites else []
     density = density_cases() if "density" in suites else []
+    gqa = gqa_cases() if "gqa" in suites else []
     try:  # a --match that selects nothing fails before anything runs
-        chosen = set(select(anchors + density, args.match))
+        chosen = set(select(anchors + density + gqa, args.match))
     except ValueError as e:
         print(e, file=sys.stderr)
         return 2
@@ -65,6 +66,10 @@ def bench_main(args) -> int:
         # dense SDPA does not depend on the density: one SDPA backend is enough there
         backends = tuple(b for b in args.backends if b in DENSITY_BACKENDS)
         run([c for c in density if c in chosen], backends, modes, dtypes, on_step=keep)
+        written = save()
+    if gqa:
+        backends = tuple(b for b in GQA_BACKENDS if b in args.backends or b == "fused_repeat")
+        run([c for c in gqa if c in chosen], backends, modes, dtypes, on_step=keep)
         written = save()
     for name, section in (
         ("matmul", matmul_throughput),

@@ -23,13 +23,15 @@ class Case:
     block: int
     causal: bool = False  # token-level causal inside diagonal blocks
     density: float | None = None  # for the 'random' pattern
+    kv_heads: int | None = None  # grouped-query attention: K/V heads (None: ``heads``)
 
     @property
     def name(self) -> str:
         c = "+causal" if self.causal else ""
         d = f"{self.density:g}" if self.pattern == "random" else ""
+        kv = f" Hkv{self.kv_heads}" if self.kv_heads else ""
         return (
-            f"{self.pattern}{d}{c} L{self.seq_len} B{self.batch} H{self.heads} "
+            f"{self.pattern}{d}{c} L{self.seq_len} B{self.batch} H{self.heads}{kv} "
             f"D{self.head_dim} block{self.block}"
         )
 
@@ -125,6 +127,15 @@ def density_cases() -> list[Case]:
     """Random layouts from 1% to 100% density at blocks 64 and 128."""
     return [
         Case("random", 8192, 2, 8, 128, block, density=d) for block in (64, 128) for d in DENSITIES
+    ]
+
+
+def gqa_cases() -> list[Case]:
+    """Grouped-query attention: 32 query heads over 8 kv heads, D128, L16384, causal
+    window_global at blocks 64 and 128."""
+    return [
+        Case("window_global", 16384, 1, 32, 128, block, causal=True, kv_heads=8)
+        for block in (64, 128)
     ]
 
 

@@ -14,6 +14,9 @@ import torch
 from .bench_cases import Case, dense_flops, flops
 
 BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
+# grouped-query cases also time our kernel on K/V repeated to the query heads (the repeat
+# included), the way to run them without native support
+GQA_BACKENDS = ("fused", "fused_repeat", "flex", "sdpa_cudnn", "sdpa_flash")
 MODES = ("fwd", "fwd+bwd")
 MASK_LIMIT_BYTES = 4 << 30  # dense boolean masks larger than this are not tried
 
@@ -41,14 +44,14 @@ def _inputs(case: Case, dtype, device, sets: int, grad: bool):
         qkv = [
             torch.randn(
                 case.batch,
-                case.heads,
+                heads,
                 case.seq_len,
                 case.head_dim,
                 device=device,
                 dtype=dtype,
                 requires_grad=grad,
             )
-            for _ in range(3)
+            for heads in (case.heads, case.kv_heads or case.heads, case.kv_heads or case.heads)
         ]
         out.append(qkv)
     return out
@@ -59,9 +62,19 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if backend in ("fused", "unfused", "reference"):
+    group = case.heads // (case.kv_heads or case.heads)
+    if backend in ("fused", "unfused", "reference", "fused_repeat"):
         from ..functional import block_sparse_attention
 
+        if backend == "fused_repeat":
+
+            def fused_repeat(q, k, v):
+                k, v = (t.repeat_interleave(group, 1) for t in (k, v))
+                return block_sparse_attention(
+                    q, k, v, layout, block=case.block, causal=case.causal, backend="fused"
+                )
+
+            return fused_repeat
         # a CPU layout, as the patterns make them: each call checks it for edits with a
         # host comparison (a CUDA layout would be compared on the device, waiting for it)
         return lambda q, k, v: block_sparse_attention(
@@ -76,13 +89,13 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
         # a fresh compile per case: past dynamo's recompile limit flex would run eagerly
         torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
-        return lambda q, k, v: flex(q, k, v, block_mask=bm)
+        return lambda q, k, v: flex(q, k, v, block_mask=bm, enable_gqa=group > 1)
     if backend in ("sdpa_cudnn", "sdpa_flash"):
         kind = SDPBackend.CUDNN_ATTENTION if backend == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
 
         def fn(q, k, v):
             with sdpa_kernel(kind):
-                return F.scaled_dot_product_attention(q, k, v)
+                return F.scaled_dot_product_attention(q, k, v, enable_gqa=group > 1)
 
         return fn
     if backend == "sdpa_mask":

@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
-    suites = ["anchors", "density", "matmul", "max-length", "index"]
+    suites = ["anchors", "density", "gqa", "matmul", "max-length", "index"]
     p.add_argument(
         "--suite", nargs="+", choices=suites, default=suites, help="what to run (default: all)"
     )
@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--match",
         nargs="+",
         metavar="TEXT",
-        help="only the anchor/density cases whose name contains one of these "
+        help="only the anchor/density/gqa cases whose name contains one of these "
         "(e.g. 'causal_fixed' 'L4096')",
     )
     p.add_argument("--out", metavar="DIR", help="write bench.jsonl, bench.md and the plots here")
