@@ -1,6 +1,7 @@
 """Run every attention kernel once on odd shapes, for ``compute-sanitizer`` (memcheck):
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
-(sub-block masks) and 64, every mask in both modes, rpe with its gradient, causal; the fused
+(sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
+gradient, causal; the fused
 kernels through pointers and through tensor descriptors (Hopper), the unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
@@ -20,17 +21,20 @@ from blocksparse_attn._inputs import check_attention_inputs
 from blocksparse_attn.kernels.fused_bwd import fused_attention_backward
 from blocksparse_attn.kernels.fused_fwd import fused_attention_forward
 
-CASES = [  # B, H, L_q, L_k, D, block, causal
-    (2, 3, 80, 80, 96, 16, True),
-    (1, 2, 208, 336, 40, 16, False),
-    (2, 1, 192, 320, 64, 64, False),
-    (1, 2, 144, 144, 128, 16, True),
+CASES = [  # B, H, H_kv, L_q, L_k, D, block, causal
+    (2, 3, 3, 80, 80, 96, 16, True),
+    (1, 2, 1, 208, 336, 40, 16, False),
+    (2, 1, 1, 192, 320, 64, 64, False),
+    (1, 4, 2, 144, 144, 128, 16, True),
 ]
 
 
-def problem(B, H, Lq, Lk, D, block, causal, dtype, modes):
+def problem(B, H, Hkv, Lq, Lk, D, block, causal, dtype, modes):
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype) for n in (Lq, Lk, Lk))
+    q, k, v = (
+        torch.randn(B, h, n, D, device="cuda", generator=g).to(dtype)
+        for h, n in ((H, Lq), (Hkv, Lk), (Hkv, Lk))
+    )
     layout = (torch.rand(H, Lq // block, Lk // block, device="cuda", generator=g) < 0.5).long()
     layout[:, :, 0] = 1
     kpm_mode, am_mode = modes

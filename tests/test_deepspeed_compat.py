@@ -191,25 +191,26 @@ SCRIPT = textwrap.dedent("""
     from deepspeed.ops.sparse_attention.softmax import Softmax
 
     torch.manual_seed(0)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: under Triton's interpreter
     cfg = transformers.BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                                   intermediate_size=64, vocab_size=100, max_position_embeddings=64)
     model = transformers.BertForSequenceClassification(cfg)
     model = SparseAttentionUtils.replace_model_self_attention_with_sparse_self_attention(
-        model, 64, FixedSparsityConfig(num_heads=2, block=16, num_local_blocks=2))
-    ids = torch.randint(3, 100, (2, 40))
-    mask = torch.ones(2, 40, dtype=torch.long)
+        model, 64, FixedSparsityConfig(num_heads=2, block=16, num_local_blocks=2)).to(dev)
+    ids = torch.randint(3, 100, (2, 40), device=dev)
+    mask = torch.ones(2, 40, dtype=torch.long, device=dev)
     pad, ids, mask, types, _, _ = SparseAttentionUtils.pad_to_block_size(
         16, ids, mask, torch.zeros_like(ids), None, None, 0, model.bert.embeddings)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     before = model.classifier.weight.detach().clone()
     loss = model(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                 labels=torch.tensor([0, 1])).loss
+                 labels=torch.tensor([0, 1], device=dev)).loss
     loss.backward()
     opt.step()
     assert torch.isfinite(loss) and not torch.equal(before, model.classifier.weight)
 
     layout = torch.ones(2, 2, 2, dtype=torch.int64)
-    q = torch.randn(1, 2, 32, 16)
+    q = torch.randn(1, 2, 32, 16, device=dev)
     sdd = MatMul(layout, 16, "sdd", trans_a=False, trans_b=True, bench=False)
     dsd = MatMul(layout, 16, "dsd", trans_a=False, trans_b=False, bench=False)
     softmax = Softmax(layout, 16, bench=False)
@@ -268,6 +269,11 @@ def test_install_and_uninstall():
         from deepspeed.ops.sparse_attention.softmax import Softmax as S
 
         assert SparseSelfAttention is ds.SparseSelfAttention and S is ds.Softmax
+        # libraries probe for DeepSpeed this way (transformers at import): it must answer
+        import importlib.util
+
+        for name in ("deepspeed", "deepspeed.ops", "deepspeed.ops.sparse_attention"):
+            assert importlib.util.find_spec(name) is not None
     finally:
         ds.uninstall()
     assert "deepspeed" not in sys.modules and "deepspeed.ops.sparse_attention" not in sys.modules

@@ -14,6 +14,7 @@ or no change at all: :func:`install` (where DeepSpeed itself is not installed) m
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -86,6 +87,10 @@ def install() -> None:
     )
     ops = types.ModuleType("deepspeed.ops")
     root.__path__, ops.__path__ = [], []
+    # a spec, so that importlib.util.find_spec("deepspeed") answers (transformers asks it
+    # at import; a module without one makes it raise ValueError)
+    root.__spec__ = importlib.machinery.ModuleSpec("deepspeed", None, is_package=True)
+    ops.__spec__ = importlib.machinery.ModuleSpec("deepspeed.ops", None, is_package=True)
     setattr(root, _MARK, True)
     package = sys.modules[__name__]
     root.ops, ops.sparse_attention = ops, package
