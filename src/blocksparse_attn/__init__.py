@@ -25,6 +25,7 @@ _EXPORTS = {
     "build_index": ".index",
     "get_index": ".index",
     "KVBlocks": ".kv_blocks",
+    "topk_blocks": ".selection",
     "reference_attention": ".reference",
     "block_sparse_attention": ".functional",
     "MatMul": ".ops.matmul",

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from ._errors import bad_argument, describe
+from .kv_blocks import KVBlocks
 from .patterns._checks import layout_tensor
 
 MASK_MODES = ("add", "mul")
@@ -19,14 +20,15 @@ DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 class AttentionInputs:
     """Checked inputs. ``k``, ``v`` have ``H_kv`` heads (``H % H_kv == 0``; query head
     ``h`` reads kv head ``h // (H // H_kv)``). ``layout`` is ``[B_l, H_l, nb_q, nb_k]``
-    (integer or bool, non-zero = attend) with ``B_l`` 1 or ``B`` and ``H_l`` 1, ``H_kv``
-    or ``H``; ``rpe`` is 4-D (broadcastable to ``[B, H, L_q, L_k]``);
+    (integer or bool, non-zero = attend) or block lists ``KVBlocks [B_l, H_l, nb_q]``
+    (:func:`dense_layout` makes either dense), with ``B_l`` 1 or ``B`` and ``H_l`` 1,
+    ``H_kv`` or ``H``; ``rpe`` is 4-D (broadcastable to ``[B, H, L_q, L_k]``);
     ``key_padding_mask`` is ``[B, L_k]``; ``attn_mask`` is ``[L_q, L_k]``."""
 
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
-    layout: torch.Tensor
+    layout: torch.Tensor | KVBlocks
     block: int
     scale: float
     causal: bool
@@ -198,10 +200,8 @@ def check_attention_inputs(
 
 def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int):
     """The layout as ``[B_l, H_l, nb_q, nb_k]``: a 2-D or 3-D tensor gains the leading
-    dims, a :class:`~blocksparse_attn.KVBlocks` becomes its dense form (its values checked
-    unless a CUDA graph is being captured)."""
-    from .kv_blocks import KVBlocks
-
+    dims; a :class:`~blocksparse_attn.KVBlocks` stays block lists (its values checked unless
+    a CUDA graph is being captured; :func:`dense_layout` gives its dense form)."""
     heads = f"1 or {H}" if Hkv == H else f"1, {Hkv} or {H}"
     shape = (
         f"[{heads}, {nbq}, {nbk}] (heads, L_q/block, L_k/block), or "
@@ -218,9 +218,10 @@ def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int)
                 f"KVBlocks of shape {tuple(layout.shape)}",
                 fix,
             )
-        if not (layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+        capturing = layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not (layout.trusted or capturing):
             layout.check(nbk, where)
-        return layout.to_layout(nbk)
+        return layout
     if isinstance(layout, torch.Tensor) and layout.dim() == 4:
         grid = layout_tensor(where, layout.flatten(0, 1), f"of shape {shape}", fix)
         grid = grid.view(layout.shape)
@@ -235,12 +236,20 @@ def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int)
     return grid
 
 
+def dense_layout(x: AttentionInputs) -> torch.Tensor:
+    """``x.layout`` as a dense ``[B_l, H_l, nb_q, nb_k]`` tensor (block lists scattered into
+    a bool grid on their device, without a host synchronisation)."""
+    if isinstance(x.layout, torch.Tensor):
+        return x.layout
+    return x.layout.to_layout(x.k.shape[2] // x.block)
+
+
 def per_query_head(x: AttentionInputs):
     """``(k, v, layout)`` with one head per query head: grouped K/V repeated over each group
     (the repeat's gradient sums over the group) and a layout of ``H_kv`` heads likewise."""
     H = x.q.shape[1]
     group = H // x.k.shape[1]
-    k, v, layout = x.k, x.v, x.layout
+    k, v, layout = x.k, x.v, dense_layout(x)
     if group > 1:
         k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
     if layout.shape[1] not in (1, H):

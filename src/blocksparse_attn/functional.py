@@ -54,6 +54,27 @@ def unfused_unavailable_reasons(x: AttentionInputs, return_lse: bool) -> list[st
     return reasons
 
 
+def _sample(lay, b: int):
+    """Sample ``b``'s layout as the kernels take it: ``[H_l, nb_q, nb_k]``, or block lists
+    ``[1, H_l, nb_q]``."""
+    if isinstance(lay, KVBlocks):
+        return KVBlocks(lay.num_blocks[b : b + 1], lay.indices[b : b + 1], lay.trusted)
+    return lay[b]
+
+
+def _fold_layout(lay, B: int, heads: int):
+    """A per-sample layout ``[B, H_l, ...]`` with the batch folded into the heads
+    (``heads``: expand ``H_l`` to that many first, -1 keeps it)."""
+    if isinstance(lay, KVBlocks):
+        n, idx = lay.num_blocks, lay.indices
+        return KVBlocks(
+            n.expand(B, heads, -1).reshape(1, -1, n.shape[-1]),
+            idx.expand(B, heads, -1, -1).reshape(1, -1, *idx.shape[-2:]),
+            lay.trusted,
+        )
+    return lay.expand(B, heads, -1, -1).flatten(0, 1)
+
+
 def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     """``run(inputs, layout)`` -> ``(out, lse or None)`` on inputs the Triton kernels take:
     one ``[H_l, nb_q, nb_k]`` layout for the batch.
@@ -66,14 +87,14 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     kernels as it is, so its compiled index is cached; a layout made here is compiled on
     every call."""
     B, H = x.q.shape[:2]
-    if grouped:
+    if grouped:  # the fused kernels read block lists as they are (built on the device)
         lay = x.layout
     else:
         k, v, lay = per_query_head(x)
         x = replace(x, k=k, v=v)
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
-        return run(x, layout if mine else lay[0])
+        return run(x, layout if mine else _sample(lay, 0))
     Lq, Lk = x.q.shape[2], x.k.shape[2]
     rpe = x.rpe
     if x.key_padding_mask is None:  # fold the batch into the heads: one launch
@@ -89,7 +110,7 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
             rpe=None if rpe is None else fold(rpe.expand(B, H, Lq, Lk)),
         )
         heads = -1 if grouped else H  # the unfused ops take 1 or H layout heads
-        out, lse = run(folded, lay.expand(B, heads, -1, -1).flatten(0, 1))
+        out, lse = run(folded, _fold_layout(lay, B, heads))
         return out.view(x.q.shape), None if lse is None else lse.view(B, H, Lq)
     outs, lses = [], []
     for b in range(B):
@@ -102,7 +123,7 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
             rpe=None if rpe is None else rpe[one if rpe.shape[0] == B else slice(0, 1)],
             key_padding_mask=x.key_padding_mask[one],
         )
-        out, lse = run(sample, lay[b])
+        out, lse = run(sample, _sample(lay, b))
         outs.append(out)
         lses.append(lse)
     return torch.cat(outs), None if lses[0] is None else torch.cat(lses)

@@ -89,8 +89,9 @@ class SparseIndex:
 
     @property
     def nnz(self) -> int:
-        """Number of kept tiles over all heads."""
-        return int(self.row_idx.numel())
+        """Number of kept tiles over all heads (reads ``row_ptr[-1]``: the arrays of an
+        index built from block lists are longer, padded past it)."""
+        return int(self.row_ptr[-1])
 
     @property
     def device(self) -> torch.device:
@@ -114,9 +115,10 @@ class SparseIndex:
         owner = torch.repeat_interleave(
             torch.arange(counts.numel(), device=self.device), counts.long()
         )
-        h, ti, tj = owner // self.row_tiles, owner % self.row_tiles, self.row_idx.long()
+        n = owner.numel()
+        h, ti, tj = owner // self.row_tiles, owner % self.row_tiles, self.row_idx[:n].long()
         bit = torch.arange(sm * sn, device=self.device)
-        on = ((self.row_bits[:, None] >> bit) & 1).bool()  # [nnz, sm*sn]
+        on = ((self.row_bits[:n, None] >> bit) & 1).bool()  # [nnz, sm*sn]
         t, b = on.nonzero(as_tuple=True)
         grid[h[t], ti[t] * sm + b // sn, tj[t] * sn + b % sn] = True
         return grid[:, : self.q_len // self.sub, : self.k_len // self.sub]
@@ -324,7 +326,24 @@ def get_index(
     device: torch.device | str | None = None,
 ) -> SparseIndex:
     """:func:`build_index`, cached per layout tensor (see :func:`_cached`), block, tile,
-    ``causal`` and the device the index is wanted on."""
+    ``causal`` and the device the index is wanted on. Block lists
+    (:class:`~blocksparse_attn.KVBlocks`, chosen anew each step) are compiled on every call
+    by :func:`~blocksparse_attn.index_dynamic.build_block_list_index`, on their device and
+    without a host synchronisation."""
+    from .kv_blocks import KVBlocks
+
+    if isinstance(layout, KVBlocks):
+        from .index_dynamic import build_block_list_index
+
+        return build_block_list_index(
+            layout.to(device) if device is not None else layout,
+            block,
+            q_len=q_len,
+            k_len=k_len,
+            tile_m=tile_m or block,
+            tile_n=tile_n or block,
+            causal=causal,
+        )
     device = torch.device(device) if device is not None else layout.device
     return _cached(
         layout,
@@ -341,6 +360,12 @@ def get_index(
     )
 
 
-def get_density(layout: torch.Tensor) -> float:
-    """Fraction of kept blocks, cached per layout tensor."""
+def get_density(layout, nb_k: int | None = None) -> float:
+    """Fraction of kept blocks, cached per layout tensor. For block lists
+    (:class:`~blocksparse_attn.KVBlocks`, ``nb_k`` key blocks) the bound
+    ``max_blocks / nb_k``, known without reading the lists."""
+    from .kv_blocks import KVBlocks
+
+    if isinstance(layout, KVBlocks):
+        return min(1.0, layout.indices.shape[-1] / max(nb_k or 1, 1))
     return _cached(layout, ("density",), lambda: float((layout != 0).float().mean()))

@@ -27,14 +27,19 @@ class KVBlocks:
             list are used.
         indices: int32 ``[B|1, H|1, nb_q, max_blocks]``, key-block indices.
 
+        trusted: the producer guarantees the values (as :func:`~blocksparse_attn.topk_blocks`
+            does), so the attention functions skip :meth:`check` and its host
+            synchronisation. An out-of-range index in trusted lists is read out of bounds.
+
     Shapes, dtypes and devices are checked here; the values (each used index in
     ``[0, nb_k)``, ``0 <= num_blocks <= max_blocks``) by :meth:`check` (a host
     synchronisation), which :func:`~blocksparse_attn.block_sparse_attention` calls unless the
-    tensors are being captured in a CUDA graph.
+    lists are ``trusted`` or being captured in a CUDA graph.
     """
 
     num_blocks: torch.Tensor
     indices: torch.Tensor
+    trusted: bool = False
 
     def __post_init__(self):
         where = "KVBlocks"
@@ -69,7 +74,7 @@ class KVBlocks:
         return self.num_blocks.device
 
     def to(self, device) -> KVBlocks:
-        return KVBlocks(self.num_blocks.to(device), self.indices.to(device))
+        return KVBlocks(self.num_blocks.to(device), self.indices.to(device), self.trusted)
 
     def _used(self) -> torch.Tensor:
         """``[B|1, H|1, nb_q, max_blocks]`` bool: the entries before each row's count."""

@@ -382,7 +382,9 @@ def fused_attention_backward(
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    kv_tiles, q_tiles = tiles or backward_tiles(D, block, get_density(layout), q.element_size())
+    kv_tiles, q_tiles = tiles or backward_tiles(
+        D, block, get_density(layout, Lk // block), q.element_size()
+    )
     kv_index = get_index(
         layout,
         block,

@@ -243,7 +243,7 @@ def fused_attention_forward(
     q, k, v = (unit_last_stride(t) for t in (q, k, v))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
-    density = get_density(layout)
+    density = get_density(layout, Lk // block)
     tiles = tiles or forward_tiles(D, block, density, q.element_size())
     index = get_index(
         layout,

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ..kv_blocks import KVBlocks
 from ._first_order import first_order_only
 
 
@@ -18,17 +19,24 @@ def _mode(mul: bool) -> str:
     return "mul" if mul else "add"
 
 
+def _private(layout):
+    """The layout the kernels read: a frozen copy of a layout tensor (see
+    ``index.frozen``); block lists as given (``fused_attention`` copied them)."""
+    from ..index import frozen
+
+    return layout if isinstance(layout, KVBlocks) else frozen(layout)
+
+
 def _forward(
     q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul
 ):
-    from ..index import frozen
     from ..kernels.fused_fwd import fused_attention_forward
 
     return fused_attention_forward(
         q,
         k,
         v,
-        frozen(layout),
+        _private(layout),
         block=block,
         scale=scale,
         causal=causal,
@@ -60,7 +68,6 @@ def _backward_kernels(
     kpm_grad,
     am_grad,
 ):
-    from ..index import frozen
     from ..kernels.fused_bwd import fused_attention_backward
 
     return fused_attention_backward(
@@ -70,7 +77,7 @@ def _backward_kernels(
         v,
         out,
         stats,
-        frozen(layout),
+        _private(layout),
         block=block,
         scale=scale,
         causal=causal,
@@ -193,6 +200,9 @@ def _(
 def _setup_context(ctx, inputs, output):
     q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul = inputs
     out, stats = output
+    ctx.blocks = layout if isinstance(layout, KVBlocks) else None  # not a tensor to save
+    if ctx.blocks is not None:
+        layout = None
     ctx.save_for_backward(q, k, v, out, stats, layout, rpe, kpm, am)
     ctx.options = (block, scale, causal, kpm_mul, am_mul)
     # the statistics carry no gradient; and no zero tensor is made for their absent
@@ -211,6 +221,7 @@ def _gradients(ctx, grad_out, backward):
     if grad_out is None:  # only the statistics were used: nothing flows back
         return _NO_GRADS
     q, k, v, out, stats, layout, rpe, kpm, am = ctx.saved_tensors
+    layout = ctx.blocks if ctx.blocks is not None else layout
     block, scale, causal, kpm_mul, am_mul = ctx.options
     wanted = (
         rpe is not None and ctx.needs_input_grad[4],
@@ -290,7 +301,12 @@ def fused_attention(
     from ..index import frozen
     from ..kernels.fused_fwd import row_statistics_lse
 
-    if not torch.compiler.is_compiling():  # the backward then reads the forward's copy
+    if isinstance(layout, KVBlocks):
+        if torch.compiler.is_compiling():  # the custom ops take tensors: the dense form
+            layout = layout.to_layout(k.shape[2] // block)[0]
+        else:  # a copy, so that the backward reads the forward's lists
+            layout = KVBlocks(layout.num_blocks.clone(), layout.indices.clone(), True)
+    elif not torch.compiler.is_compiling():  # the backward then reads the forward's copy
         layout = frozen(layout)
     args = (
         q,

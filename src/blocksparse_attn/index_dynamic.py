@@ -1,0 +1,149 @@
+"""The compiled layout from block lists, built on the device with no host synchronisation
+(index layer).
+
+:func:`blocksparse_attn.index.build_index` sizes its arrays by the number of kept tiles,
+which it must read back (``nonzero``, ``unique``). Here every array has a size known from
+the shapes alone: the lists' capacity ``heads * nb_q * max_blocks`` (times the sub-blocks
+per block when a block is split across tiles). The kept tiles come first, in the order
+``build_index`` gives them, and the padding after them is never read: the kernels walk
+``row_ptr[r] .. row_ptr[r + 1]`` and ``col_ptr``, which end at the number of kept tiles. So
+a layout chosen on the GPU each step (top-k selection) is compiled without waiting for the
+GPU, and the whole step can be captured in a CUDA graph.
+
+Duplicated entries in a list are merged (a key block listed twice is attended once).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import bad_argument
+from .index import MAX_SUB_BLOCKS, SparseIndex, sub_block_size
+from .kv_blocks import KVBlocks
+
+
+def _previous(t: torch.Tensor, fill: int) -> torch.Tensor:
+    """``t`` shifted right by one, ``fill`` first."""
+    return torch.cat([t.new_full((1,), fill), t[:-1]])
+
+
+def build_block_list_index(
+    blocks: KVBlocks,
+    block: int,
+    *,
+    q_len: int,
+    k_len: int,
+    tile_m: int,
+    tile_n: int,
+    causal: bool = False,
+) -> SparseIndex:
+    """Compile block lists ``[B_l, H_l, nb_q]`` (their first two dims as ``B_l * H_l``
+    layout heads) for ``tile_m x tile_n`` tiles, with the meaning of
+    :func:`~blocksparse_attn.index.build_index` (``causal`` top-left aligned). The used
+    entries must be valid key blocks (:meth:`KVBlocks.check`). Arrays past ``row_ptr[-1]``
+    are padding. Runs on the lists' device; no host synchronisation."""
+    where = "build_block_list_index"
+    counts = blocks.num_blocks.flatten(0, 1)  # [H, nb_q]
+    lists = blocks.indices.flatten(0, 1)  # [H, nb_q, M]
+    H, nbq, width = lists.shape
+    if q_len != nbq * block:
+        raise bad_argument(
+            where,
+            "blocks",
+            f"lists for {q_len} // {block} query blocks",
+            f"{nbq} rows",
+            "make the lists for this sequence length and block.",
+        )
+    g = sub_block_size(block, tile_m, tile_n)
+    sm, sn, e = tile_m // g, tile_n // g, block // g
+    if sm * sn > MAX_SUB_BLOCKS:
+        raise bad_argument(
+            where,
+            "tile_m x tile_n",
+            f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
+            f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
+            "use a smaller tile for this block.",
+        )
+    dev = lists.device
+    rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
+
+    # every list entry, used or not, at sub-block granularity
+    used = torch.arange(width, device=dev) < counts[..., None].long()
+    h = torch.arange(H, device=dev)[:, None, None].expand(H, nbq, width)
+    i = torch.arange(nbq, device=dev)[None, :, None].expand(H, nbq, width)
+    j = lists.long()
+    if e > 1:
+        d = torch.arange(e, device=dev)
+        i = i[..., None, None] * e + d[:, None]
+        j = j[..., None, None] * e + d[None, :]
+        h, used = (t[..., None, None] for t in (h, used))
+        h, i, j, used = torch.broadcast_tensors(h, i, j, used)
+    h, i, j, used = (t.reshape(-1) for t in (h, i, j, used))
+    ti, tj = i // sm, j // sn
+    if causal:  # tiles wholly after the diagonal are dropped
+        used = used & (tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1)
+    none = H * rt * ct  # the key of unused entries: after every tile
+    key = torch.where(used, (h * rt + ti) * ct + tj, none)
+    bit = (i % sm) * sn + (j % sn)
+
+    # sort by (tile, sub-block): a tile's entries become one run; repeats are merged
+    entry, _ = torch.sort(key * MAX_SUB_BLOCKS + bit)
+    key, bit = entry // MAX_SUB_BLOCKS, entry % MAX_SUB_BLOCKS
+    real = key < none
+    new_bit = real & (entry != _previous(entry, -1))
+    first = real & (key != _previous(key, -1))
+    cap = entry.numel()
+    slot = torch.where(real, torch.cumsum(first, 0) - 1, cap)  # the run's place; cap: spare
+    tile = torch.full((cap + 1,), none, dtype=torch.int64, device=dev)
+    tile.scatter_(0, torch.where(first, slot, cap), key)
+    tile = tile[:cap]
+    bits = torch.zeros(cap + 1, dtype=torch.int64, device=dev)
+    bits.scatter_add_(0, slot, torch.where(new_bit, torch.ones_like(bit) << bit, 0))
+    kept = torch.zeros(cap + 1, dtype=torch.int64, device=dev)
+    kept.scatter_add_(0, slot, new_bit.long())
+    bits, kept = bits[:cap], kept[:cap]
+
+    th, ti, tj = tile // (rt * ct), (tile // ct) % rt, tile % ct  # padding: th = H
+    partial = kept < sm * sn
+    if q_len % tile_m:
+        partial = partial | (ti == rt - 1)
+    if k_len % tile_n:
+        partial = partial | (tj == ct - 1)
+    if causal:
+        partial = partial | (tj * tile_n + tile_n - 1 > ti * tile_m)
+    partial = (partial & (tile < none)).to(torch.int32)
+
+    rows = th * rt + ti  # ascending; padding rows H * rt sort last
+    row_ptr = torch.searchsorted(rows, torch.arange(H * rt + 1, device=dev))
+    cols = th * ct + tj
+    col_order = torch.argsort(cols * rt + ti, stable=True)
+    col_ptr = torch.searchsorted(cols[col_order], torch.arange(H * ct + 1, device=dev))
+    seen = partial.cumsum(0)
+    lead = (seen == (seen - partial)[row_ptr[rows]]) & (tile < none)
+    row_lead = torch.zeros(H * rt + 1, dtype=torch.int32, device=dev)
+    row_lead.scatter_add_(0, rows, lead.to(torch.int32))
+    row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
+    return SparseIndex(
+        heads=H,
+        block=block,
+        q_len=q_len,
+        k_len=k_len,
+        tile_m=tile_m,
+        tile_n=tile_n,
+        sub=g,
+        causal=causal,
+        row_tiles=rt,
+        col_tiles=ct,
+        row_ptr=row_ptr.to(torch.int32),
+        row_idx=tj.to(torch.int32),
+        row_bits=bits,
+        row_partial=partial,
+        row_lead=row_lead[: H * rt],
+        col_ptr=col_ptr.to(torch.int32),
+        col_idx=ti[col_order].to(torch.int32),
+        col_bits=bits[col_order],
+        col_partial=partial[col_order],
+        col_pos=col_order.to(torch.int32),
+        row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
+        col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
+    )

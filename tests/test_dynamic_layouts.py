@@ -1,0 +1,175 @@
+"""Layouts chosen at run time: the index built from block lists on the device (equal to the
+index of the same dense layout, array by array), top-k block selection against a direct
+computation, attention on selected and on shuffled, repeated lists against the reference,
+and (on a GPU) no host synchronisation and CUDA-graph capture of a whole step."""
+
+import itertools
+
+import pytest
+import torch
+
+from blocksparse_attn import KVBlocks, block_sparse_attention, topk_blocks
+from blocksparse_attn.index import build_index
+from blocksparse_attn.index_dynamic import build_block_list_index
+
+from attention_cases import max_err, poison
+from helpers import DEVICE, ON_GPU, assert_raises_with
+
+ARRAYS = ("row_idx", "row_bits", "row_partial", "col_idx", "col_bits", "col_partial", "col_pos")
+OFFSETS = ("row_ptr", "col_ptr", "row_lead", "row_order", "col_order")
+
+
+def shuffled_with_repeats(layout: torch.Tensor, g: torch.Generator) -> KVBlocks:
+    """The block lists of ``layout`` in a random order, each non-empty row's first block
+    listed a second time."""
+    lists = KVBlocks.from_layout(layout)
+    n, idx = lists.num_blocks, lists.indices
+    used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
+    noise = torch.rand(idx.shape, generator=g).to(idx.device)
+    idx = idx.gather(-1, torch.argsort(torch.where(used, noise, 2.0), -1))
+    idx = torch.cat([idx, idx[..., :1]], -1)  # room for one more entry per row
+    idx.scatter_(-1, n.long()[..., None], idx[..., :1])
+    return KVBlocks(torch.where(n > 0, n + 1, n).to(torch.int32), idx.to(torch.int32))
+
+
+@pytest.mark.parametrize(
+    "block, tiles, causal",
+    list(itertools.product((16, 32, 64), ((16, 16), (64, 64), (128, 64), (32, 64)), (0, 1))),
+)
+def test_index_from_lists_equals_index_from_layout(block, tiles, causal):
+    g = torch.Generator().manual_seed(block + 7 * causal)
+    layout = torch.rand(1, 3, 6, 7, generator=g) < 0.4
+    layout[0, 0, 2] = False  # an empty row
+    lists = shuffled_with_repeats(layout, g)
+    kw = dict(q_len=6 * block, k_len=7 * block, tile_m=tiles[0], tile_n=tiles[1], causal=causal)
+    want = build_index(layout[0], block, **kw)
+    got = build_block_list_index(lists, block, **kw)
+    assert got.nnz == want.nnz
+    for name in ARRAYS:  # the kept tiles, then padding nothing reads
+        assert torch.equal(getattr(got, name)[: want.nnz], getattr(want, name)), name
+    for name in OFFSETS:
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    assert torch.equal(got.to_layout(), want.to_layout())
+
+
+def pooled_scores(q, k, block):
+    B, H, L, D = q.shape
+    qp = q.double().view(B, H, L // block, block, D).mean(3)
+    kp = k.double().view(B, k.shape[1], k.shape[2] // block, block, D).mean(3)
+    return qp, kp
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("share_group", [False, True])
+def test_topk_blocks_keeps_the_highest_pooled_scores(causal, share_group):
+    torch.manual_seed(0)
+    B, H, Hkv, block, topk = 2, 4, 2, 8, 3
+    q, k = torch.randn(B, H, 64, 16), torch.randn(B, Hkv, 48, 16)
+    lists = topk_blocks(q, k, block=block, topk=topk, causal=causal, share_group=share_group)
+    qp, kp = pooled_scores(q, k, block)
+    if share_group:
+        s = qp.view(B, Hkv, 2, 8, 16).sum(2) @ kp.transpose(-1, -2)
+    else:
+        s = qp @ kp.repeat_interleave(2, 1).transpose(-1, -2)
+    assert lists.shape == (B, Hkv if share_group else H, 8) and lists.trusted
+    assert lists.indices.shape[-1] == topk and lists.indices.dtype == torch.int32
+    for b, h, i in itertools.product(range(B), range(lists.shape[1]), range(8)):
+        row = s[b, h, i, : (i + 1 if causal else 6)]
+        want = set(torch.topk(row, min(topk, row.numel())).indices.tolist())
+        n = int(lists.num_blocks[b, h, i])
+        assert set(lists.indices[b, h, i, :n].tolist()) == want, (b, h, i)
+
+
+def test_topk_blocks_keeps_first_and_diagonal():
+    torch.manual_seed(1)
+    q, k = torch.randn(1, 2, 64, 8), torch.randn(1, 2, 64, 8)
+    lists = topk_blocks(q, k, block=8, topk=3, causal=True, keep_first=True, keep_diagonal=True)
+    for h, i in itertools.product(range(2), range(8)):
+        kept = set(lists.indices[0, h, i, : int(lists.num_blocks[0, h, i])].tolist())
+        assert {0, i} <= kept and len(kept) == min(3, i + 1) and max(kept) <= i
+
+
+def test_topk_blocks_errors():
+    q, k = torch.randn(1, 4, 32, 8), torch.randn(1, 3, 32, 8)
+    assert_raises_with(ValueError, ["k", "dividing H = 4"], topk_blocks, q, k, block=8, topk=2)
+    k = torch.randn(1, 2, 32, 8)
+    assert_raises_with(ValueError, ["topk", "positive int"], topk_blocks, q, k, block=8, topk=0)
+    assert_raises_with(
+        ValueError, ["q.shape[2]", "multiple of block=12"], topk_blocks, q, k, block=12, topk=1
+    )
+
+
+@pytest.mark.interpreter
+@pytest.mark.parametrize("backend", ["fused", "unfused", "reference"])
+def test_selected_blocks_attend_as_their_dense_layout(monkeypatch, backend):
+    """Top-k lists (grouped-query, per sample and head) and the same lists shuffled with
+    repeats give the output and gradients of their dense layout."""
+    poison(monkeypatch)
+    torch.manual_seed(2)
+    B, H, Hkv, L, D, block = 2, 4, 2, 64, 16, 16
+    q = torch.randn(B, H, L, D, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(B, Hkv, L, D, device=DEVICE, requires_grad=True) for _ in range(2))
+    lists = topk_blocks(q, k, block=block, topk=2, causal=True, keep_diagonal=True)
+    dense = lists.to_layout(L // block)
+    g = torch.Generator().manual_seed(3)
+    grad_out = torch.randn(B, H, L, D, device=DEVICE)
+    results = []
+    for layout in (lists, shuffled_with_repeats(dense, g), dense):
+        out = block_sparse_attention(q, k, v, layout, block=block, causal=True, backend=backend)
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got in results[:2]:
+        for a, e in zip(got, results[2]):
+            assert max_err(a, e) < 1e-4
+
+
+def _step(q, k, v, grad_out, block, topk):
+    lists = topk_blocks(q, k, block=block, topk=topk, causal=True, keep_diagonal=True)
+    out = block_sparse_attention(q, k, v, lists, block=block, causal=True, backend="fused")
+    return (out, *torch.autograd.grad(out, (q, k, v), grad_out))
+
+
+def _inputs(seed, B=1, H=4, Hkv=2, L=1024, D=64, dtype=torch.bfloat16):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(B, H, L, D, device="cuda", generator=g).to(dtype).requires_grad_()
+    k, v = (
+        torch.randn(B, Hkv, L, D, device="cuda", generator=g).to(dtype).requires_grad_()
+        for _ in range(2)
+    )
+    return q, k, v, torch.randn(B, H, L, D, device="cuda", generator=g).to(dtype)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [64, 128])
+def test_selection_and_attention_do_not_synchronise(block):
+    q, k, v, grad_out = _inputs(0)
+    _step(q, k, v, grad_out, block, 4)  # compile and tune first
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        _step(q, k, v, grad_out, block, 4)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("block", [64, 128])
+def test_a_step_with_new_selections_replays_from_a_cuda_graph(block):
+    q, k, v, grad_out = _inputs(0)
+    static = [t.detach().clone().requires_grad_(t.requires_grad) for t in (q, k, v, grad_out)]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        _step(*static, block, 4)  # warm up (compile, tune) outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = _step(*static, block, 4)
+    for seed in (1, 2):  # new inputs: a new selection every replay
+        new = _inputs(seed)
+        with torch.no_grad():
+            for s, n in zip(static, new):
+                s.copy_(n)
+        graph.replay()
+        eager = _step(*new, block, 4)
+        for a, e in zip(captured, eager):
+            assert torch.equal(a, e)
