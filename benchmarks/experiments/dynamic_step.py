@@ -1,9 +1,8 @@
 """Experiment (GPU): one dynamic top-k step, B1 H16 D128 L32768, topk 16, causal, bf16, at
 blocks 64 and 128: the selection (``topk_blocks``), the index built from its lists (forward
-and backward tiles), attention forward+backward on the lists, the eager step, and the step
-replayed from a CUDA graph; beside FlexAttention given the same selection as a ``BlockMask``
-(``BlockMask.from_kv_blocks`` at its tile, block 128 only: a block-64 selection needs an
-in-tile mask). Medians of ``do_bench``. Writes $OUT/dynamic_step.json.
+and backward tiles, each distinct tile shape once), attention forward+backward on the lists,
+the eager step, and the step replayed from a CUDA graph. Medians of ``do_bench``. Writes
+$OUT/dynamic_step.json.
 
     PYTHONPATH=src python3 benchmarks/experiments/dynamic_step.py
 """
@@ -15,7 +14,7 @@ import torch
 from triton.testing import do_bench
 
 from blocksparse_attn import block_sparse_attention, topk_blocks
-from blocksparse_attn.index import get_index
+from blocksparse_attn.index_dynamic import build_block_list_index
 from blocksparse_attn.kernels.configs import backward_tiles, forward_tiles
 
 
@@ -42,11 +41,14 @@ def main() -> None:
         lists = select()
         density = topk / (L // block)
 
+        shapes = {(t.m, t.n) for t in (forward_tiles(D, block, density, 2),)}
+        shapes |= {(t.m, t.n) for t in backward_tiles(D, block, density, 2)}
+
         def index():
-            ft = forward_tiles(D, block, density, 2)
-            kv, qt = backward_tiles(D, block, density, 2)
-            for t in (ft, kv, qt):
-                get_index(lists, block, q_len=L, k_len=L, tile_m=t.m, tile_n=t.n, causal=True)
+            for m, n in shapes:
+                build_block_list_index(
+                    lists, block, q_len=L, k_len=L, tile_m=m, tile_n=n, causal=True
+                )
 
         def attend(lists=lists):
             out = block_sparse_attention(q, k, v, lists, block=block, causal=True)
@@ -56,11 +58,14 @@ def main() -> None:
             attend(select())
 
         step()
+        dense = lists.to_layout(L // block)[0]
         row = {
             "block": block,
             "select_ms": median(select),
             "index_ms": median(index),
             "attention_ms": median(attend),
+            # the same blocks as a dense layout, its index compiled once and cached
+            "attention_cached_index_ms": median(lambda: attend(dense)),
             "step_ms": median(step),
         }
         side = torch.cuda.Stream()
@@ -72,24 +77,7 @@ def main() -> None:
         with torch.cuda.graph(graph):
             step()
         row["graph_step_ms"] = median(graph.replay)
-        if block == 128:
-            try:
-                from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-                mask = BlockMask.from_kv_blocks(
-                    lists.num_blocks, lists.indices, BLOCK_SIZE=128, seq_lengths=(L, L)
-                )
-                flex = torch.compile(flex_attention)
-
-                def flex_step():
-                    out = flex(q, k, v, block_mask=mask)
-                    torch.autograd.grad(out, (q, k, v), do)
-
-                flex_step()
-                row["flex_attention_ms"] = median(flex_step)
-                row["flex_note"] = "no causal mask_mod inside the diagonal tile"
-            except Exception as e:  # record why FlexAttention could not run it
-                row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        row["index_tile_shapes"] = sorted(shapes)
         rows.append(row)
         print(json.dumps(row), flush=True)
     with open(os.path.join(out_dir, "dynamic_step.json"), "w") as f:

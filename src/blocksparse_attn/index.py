@@ -327,22 +327,25 @@ def get_index(
 ) -> SparseIndex:
     """:func:`build_index`, cached per layout tensor (see :func:`_cached`), block, tile,
     ``causal`` and the device the index is wanted on. Block lists
-    (:class:`~blocksparse_attn.KVBlocks`, chosen anew each step) are compiled on every call
-    by :func:`~blocksparse_attn.index_dynamic.build_block_list_index`, on their device and
-    without a host synchronisation."""
+    (:class:`~blocksparse_attn.KVBlocks`, chosen anew each step) are compiled by
+    :func:`~blocksparse_attn.index_dynamic.build_block_list_index`, on their device and
+    without a host synchronisation, and cached on their ``indices`` tensor (which must not
+    be edited in place while cached: the attention functions pass private copies)."""
     from .kv_blocks import KVBlocks
 
     if isinstance(layout, KVBlocks):
         from .index_dynamic import build_block_list_index
 
-        return build_block_list_index(
-            layout.to(device) if device is not None else layout,
-            block,
-            q_len=q_len,
-            k_len=k_len,
-            tile_m=tile_m or block,
-            tile_n=tile_n or block,
-            causal=causal,
+        lists = layout.to(device) if device is not None else layout
+        tile_m, tile_n = tile_m or block, tile_n or block
+        # cached on the lists tensor: the forward and the backward of one call share the
+        # private copy the attention function made, and the tiles they have in common
+        return _cached(
+            layout.indices,
+            ("lists", id(layout.num_blocks), block, q_len, k_len, tile_m, tile_n, causal),
+            lambda: build_block_list_index(
+                lists, block, q_len=q_len, k_len=k_len, tile_m=tile_m, tile_n=tile_n, causal=causal
+            ),
         )
     device = torch.device(device) if device is not None else layout.device
     return _cached(

@@ -86,8 +86,12 @@ def build_block_list_index(
     key = torch.where(used, (h * rt + ti) * ct + tj, none)
     bit = (i % sm) * sn + (j % sn)
 
-    # sort by (tile, sub-block): a tile's entries become one run; repeats are merged
-    entry, _ = torch.sort(key * MAX_SUB_BLOCKS + bit)
+    # sort by (tile, sub-block): a tile's entries become one run; repeats are merged.
+    # int32 keys when they fit: a radix sort's passes follow the key's width
+    entry = key * MAX_SUB_BLOCKS + bit
+    if (none + 1) * MAX_SUB_BLOCKS < 2**31:
+        entry = entry.to(torch.int32)
+    entry = torch.sort(entry)[0].long()
     key, bit = entry // MAX_SUB_BLOCKS, entry % MAX_SUB_BLOCKS
     real = key < none
     new_bit = real & (entry != _previous(entry, -1))

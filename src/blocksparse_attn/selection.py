@@ -85,8 +85,9 @@ def topk_blocks(
     nbq, nbk = Lq // block, Lk // block
     group = H // Hkv
     with torch.no_grad():
-        qp = q.detach().float().view(B, H, nbq, block, D).mean(3)
-        kp = k.detach().float().view(B, Hkv, nbk, block, D).mean(3)
+        # fp32 sums without an fp32 copy of q and k
+        qp = q.detach().reshape(B, H, nbq, block, D).mean(3, dtype=torch.float32)
+        kp = k.detach().reshape(B, Hkv, nbk, block, D).mean(3, dtype=torch.float32)
         if share_group:  # the sum of the group's scores is the score of its summed queries
             qp = qp.view(B, Hkv, group, nbq, D).sum(2)
         elif group > 1:
