@@ -33,16 +33,18 @@ def shuffled_with_repeats(layout: torch.Tensor, g: torch.Generator) -> KVBlocks:
 
 
 @pytest.mark.parametrize(
-    "block, tiles, causal",
-    list(itertools.product((16, 32, 64), ((16, 16), (64, 64), (128, 64), (32, 64)), (0, 1))),
+    "block, tiles, causal, nbq",
+    list(
+        itertools.product((16, 32, 64), ((16, 16), (64, 64), (128, 64), (32, 64)), (0, 1), (6, 9))
+    ),
 )
-def test_index_from_lists_equals_index_from_layout(block, tiles, causal):
-    g = torch.Generator().manual_seed(block + 7 * causal)
-    layout = torch.rand(1, 3, 6, 7, generator=g) < 0.4
+def test_index_from_lists_equals_index_from_layout(block, tiles, causal, nbq):
+    g = torch.Generator().manual_seed(block + 7 * causal + nbq)
+    layout = torch.rand(1, 3, nbq, 7, generator=g) < 0.4
     layout[0, 0, 2] = False  # an empty row
     lists = shuffled_with_repeats(layout, g)
-    kw = dict(q_len=6 * block, k_len=7 * block, tile_m=tiles[0], tile_n=tiles[1], causal=causal)
-    want = build_index(layout[0], block, **kw)
+    kw = dict(q_len=nbq * block, k_len=7 * block, tile_m=tiles[0], tile_n=tiles[1], causal=causal)
+    want = build_index(layout[0], block, **kw)  # causal and L_q != L_k: bottom-right
     got = build_block_list_index(lists, block, **kw)
     assert got.nnz == want.nnz
     for name in ARRAYS:  # the kept tiles, then padding nothing reads
@@ -74,7 +76,7 @@ def test_topk_blocks_keeps_the_highest_pooled_scores(causal, share_group):
     assert lists.shape == (B, Hkv if share_group else H, 8) and lists.trusted
     assert lists.indices.shape[-1] == topk and lists.indices.dtype == torch.int32
     for b, h, i in itertools.product(range(B), range(lists.shape[1]), range(8)):
-        row = s[b, h, i, : (i + 1 if causal else 6)]
+        row = s[b, h, i, : (max(0, i + 1 + 6 - 8) if causal else 6)]  # bottom-right
         want = set(torch.topk(row, min(topk, row.numel())).indices.tolist())
         n = int(lists.num_blocks[b, h, i])
         assert set(lists.indices[b, h, i, :n].tolist()) == want, (b, h, i)

@@ -23,6 +23,23 @@ def test_dense_matches_sdpa():
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("lq, lk", [(8, 24), (24, 8), (16, 16)])
+def test_causal_is_bottom_right_aligned(lq, lk):
+    # query i sees key j when j <= i + lk - lq: the last query sees every key, and with
+    # lq > lk the first lq - lk queries see none (zero output, lse -inf)
+    q, k, v = qkv(1, 1, lq, lk, 8, torch.float64)
+    layout = torch.ones(1, lq // 8, lk // 8, dtype=torch.int64)
+    out, lse = reference_attention(q, k, v, layout, block=8, causal=True, return_lse=True)
+    for i in range(lq):
+        seen = [j for j in range(lk) if j <= i + lk - lq]
+        if not seen:
+            assert torch.all(out[0, 0, i] == 0) and lse[0, 0, i] == float("-inf")
+            continue
+        s = (q[0, 0, i] @ k[0, 0, seen].T) * 8**-0.5
+        torch.testing.assert_close(out[0, 0, i], torch.softmax(s, 0) @ v[0, 0, seen])
+        torch.testing.assert_close(lse[0, 0, i], torch.logsumexp(s, 0))
+
+
 def test_causal_matches_sdpa():
     q, k, v = qkv()
     out = reference_attention(

@@ -36,8 +36,9 @@ def layout_to_block_mask(
     device: torch.device | str | None = None,
 ):
     """A FlexAttention ``BlockMask`` (``BLOCK_SIZE=128``) that keeps exactly the
-    (query, key) pairs ``layout`` keeps (and ``causal``: key <= query). Tiles the layout
-    fills completely are *full* (no ``mask_mod`` call); the others are partial."""
+    (query, key) pairs ``layout`` keeps (and ``causal``: key <= query + k_len - q_len,
+    bottom-right aligned). Tiles the layout fills completely are *full* (no ``mask_mod``
+    call); the others are partial."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device) if device is not None else layout.device
@@ -62,8 +63,8 @@ def layout_to_block_mask(
 
         def mask_mod(b, h, q_idx, kv_idx):
             keep = fine[0 if shared else h, q_idx // block, kv_idx // block]
-            if causal:
-                keep = keep & (kv_idx <= q_idx)
+            if causal:  # bottom-right aligned, as the index
+                keep = keep & (kv_idx <= q_idx + (k_len - q_len))
             return keep
 
     return BlockMask.from_kv_blocks(

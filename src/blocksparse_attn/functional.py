@@ -162,8 +162,11 @@ def block_sparse_attention(
             with a key padding mask) and are compiled on every call.
         block: layout block size in tokens.
         scale: score scale, default ``D ** -0.5``.
-        causal: token-level causal mask (key ``j`` visible from query ``i`` iff ``j <= i``),
-            applied inside diagonal blocks; blocks wholly in the future are skipped.
+        causal: token-level causal mask, bottom-right aligned as in FlashAttention 2.1+ and
+            FlexAttention's decoding (key ``j`` visible from query ``i`` iff
+            ``j <= i + L_k - L_q``: the last query sees the last key, so queries that are
+            the newest tokens of a KV cache see all of it), applied inside diagonal blocks;
+            blocks wholly in the future are skipped. With ``L_q == L_k`` it is ``j <= i``.
         rpe: bias added to the scores, broadcastable to ``[B, H, L_q, L_k]``; read only on
             kept blocks; receives a gradient.
         key_padding_mask: ``[B, L_k]`` (or BERT's ``[B, 1, 1, L_k]``).

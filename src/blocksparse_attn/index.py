@@ -146,8 +146,9 @@ def build_index(
 ) -> SparseIndex:
     """Compile ``layout`` (``[H, nb_q, nb_k]``, non-zero = attend) for ``tile_m x tile_n``
     tiles (default: the block). ``q_len``/``k_len`` default to ``nb * block``. ``causal``
-    drops tiles wholly after the diagonal (top-left aligned: key ``c`` is visible from query
-    ``r`` when ``c <= r``) and marks the diagonal's tiles partial. Runs on the layout's device.
+    drops tiles wholly after the diagonal (bottom-right aligned: key ``c`` is visible from
+    query ``r`` when ``c <= r + k_len - q_len``, so the last query sees the last key) and
+    marks the diagonal's tiles partial. Runs on the layout's device.
     """
     where = "build_index"
     grid = as_bool_layout(layout, where)
@@ -207,12 +208,13 @@ def build_index(
         partial = partial | (ti == rt - 1)
     if k_len % tile_n:
         partial = partial | (tj == ct - 1)
-    if causal:
+    if causal:  # key c is visible from query r when c <= r + shift
+        shift = k_len - q_len
         row_lo = ti * tile_m
         row_hi = torch.clamp(row_lo + tile_m, max=q_len) - 1
         col_lo, col_hi = tj * tile_n, tj * tile_n + tile_n - 1
-        visible = col_lo <= row_hi
-        partial = partial | (col_hi > row_lo)
+        visible = col_lo <= row_hi + shift
+        partial = partial | (col_hi > row_lo + shift)
         th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
     partial = partial.to(torch.int32)
 

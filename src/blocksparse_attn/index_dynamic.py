@@ -39,7 +39,7 @@ def build_block_list_index(
 ) -> SparseIndex:
     """Compile block lists ``[B_l, H_l, nb_q]`` (their first two dims as ``B_l * H_l``
     layout heads) for ``tile_m x tile_n`` tiles, with the meaning of
-    :func:`~blocksparse_attn.index.build_index` (``causal`` top-left aligned). The used
+    :func:`~blocksparse_attn.index.build_index` (``causal`` bottom-right aligned). The used
     entries must be valid key blocks (:meth:`KVBlocks.check`). Arrays past ``row_ptr[-1]``
     are padding. Runs on the lists' device; no host synchronisation."""
     where = "build_block_list_index"
@@ -80,8 +80,9 @@ def build_block_list_index(
         h, i, j, used = torch.broadcast_tensors(h, i, j, used)
     h, i, j, used = (t.reshape(-1) for t in (h, i, j, used))
     ti, tj = i // sm, j // sn
+    shift = k_len - q_len  # causal: key c is visible from query r when c <= r + shift
     if causal:  # tiles wholly after the diagonal are dropped
-        used = used & (tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1)
+        used = used & (tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1 + shift)
     none = H * rt * ct  # the key of unused entries: after every tile
     key = torch.where(used, (h * rt + ti) * ct + tj, none)
     bit = (i % sm) * sn + (j % sn)
@@ -114,7 +115,7 @@ def build_block_list_index(
     if k_len % tile_n:
         partial = partial | (tj == ct - 1)
     if causal:
-        partial = partial | (tj * tile_n + tile_n - 1 > ti * tile_m)
+        partial = partial | (tj * tile_n + tile_n - 1 > ti * tile_m + shift)
     partial = (partial & (tile < none)).to(torch.int32)
 
     rows = th * rt + ti  # ascending; padding rows H * rt sort last

@@ -13,10 +13,13 @@ from ._inputs import additive, check_attention_inputs, per_query_head
 
 def token_mask(layout: torch.Tensor, block: int, causal: bool = False) -> torch.Tensor:
     """Bool ``[..., L_q, L_k]`` for a layout ``[..., nb_q, nb_k]``: which (query, key) pairs
-    the layout (and ``causal``) keep."""
+    the layout (and ``causal``, bottom-right aligned: key ``j`` is visible from query ``i``
+    when ``j <= i + L_k - L_q``) keep."""
     keep = (layout != 0).repeat_interleave(block, -2).repeat_interleave(block, -1)
     if causal:
-        keep = keep & torch.ones(keep.shape[-2:], dtype=torch.bool, device=keep.device).tril()
+        Lq, Lk = keep.shape[-2:]
+        ones = torch.ones((Lq, Lk), dtype=torch.bool, device=keep.device)
+        keep = keep & ones.tril(Lk - Lq)
     return keep
 
 
@@ -40,7 +43,7 @@ def reference_attention(
     """Block-sparse attention computed densely, with DeepSpeed's semantics.
 
     For each batch ``b``, head ``h``, query ``i`` and key ``j`` kept by the layout
-    (``layout[h, i // block, j // block] != 0``, and ``j <= i`` when ``causal``):
+    (``layout[h, i // block, j // block] != 0``, and ``j <= i + L_k - L_q`` when ``causal``):
 
         s = scale * q·k + rpe + key_padding_mask + attn_mask      (masks in additive form)
         out = softmax(s over kept j) @ v

@@ -66,7 +66,8 @@ def topk_blocks(
         topk: key blocks kept per query block (at most ``L_k // block``; rows with fewer
             candidates, under ``causal``, keep all of theirs).
         causal: only key blocks that are not wholly after the query block are candidates
-            (key block ``j`` for query block ``i`` when ``j <= i``); pair it with
+            (key block ``j`` for query block ``i`` when ``j <= i + nb_k - nb_q``, the
+            bottom-right alignment of the attention functions); pair it with
             ``causal=True`` in the attention call for the token-level mask.
         keep_first: always keep key block 0 (an attention sink), within the ``topk``.
         keep_diagonal: always keep key block ``i`` for query block ``i``, within the
@@ -101,7 +102,7 @@ def topk_blocks(
         if keep_diagonal:
             scores = scores.masked_fill(i == j, float("inf"))
         if causal:
-            scores = scores.masked_fill(j > i, float("-inf"))
+            scores = scores.masked_fill(j > i + (nbk - nbq), float("-inf"))
         values, indices = torch.topk(scores, min(topk, nbk), dim=-1)
         # past a row's candidates topk returns -inf entries: they are not counted
         count = (values != float("-inf")).sum(-1)

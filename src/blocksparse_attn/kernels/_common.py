@@ -163,8 +163,8 @@ def _keys_seen(
             cols = cols | (bits >> (a * (BLOCK_N // SUB)))
         sub_col = (tl.arange(0, BLOCK_N) // SUB).to(tl.int64)
         seen = seen & (((cols >> sub_col) & 1) != 0)
-    if CAUSAL:
-        seen = seen & (offs_n <= tl.minimum(first_m + BLOCK_M - 1, Lq - 1))
+    if CAUSAL:  # bottom-right aligned: key n is visible from query m when n <= m + Lk - Lq
+        seen = seen & (offs_n <= tl.minimum(first_m + BLOCK_M - 1, Lq - 1) + (Lk - Lq))
     if HAS_KPM:
         kp = _key_padding(KPM, b, offs_n, Lk)
         if KPM_MUL:
@@ -277,8 +277,8 @@ def _score_tile(
             sub_col = tl.arange(0, BLOCK_N) // SUB
             shift = (sub_row[:, None] * (BLOCK_N // SUB) + sub_col[None, :]).to(tl.int64)
             keep = keep & (((bits >> shift) & 1) != 0)
-        if CAUSAL:
-            keep = keep & (offs_n[None, :] <= offs_m[:, None])
+        if CAUSAL:  # bottom-right aligned (see _keys_seen)
+            keep = keep & (offs_n[None, :] <= offs_m[:, None] + (Lk - Lq))
         s = tl.where(keep, s, float("-inf"))
     return s
 

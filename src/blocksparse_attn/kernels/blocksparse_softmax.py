@@ -41,8 +41,8 @@ def _scores(
     s = _add_masks(
         s, rows, cols, z, h, Lq, Lk, RPE, KPM, AM, HAS_RPE, HAS_KPM, KPM_MUL, HAS_AM, AM_MUL
     )
-    if CAUSAL:
-        s = tl.where(cols[None, :] <= rows[:, None], s, float("-inf"))
+    if CAUSAL:  # bottom-right aligned: the last query sees the last key
+        s = tl.where(cols[None, :] <= rows[:, None] + (Lk - Lq), s, float("-inf"))
     return s
 
 

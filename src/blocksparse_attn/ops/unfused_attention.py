@@ -24,8 +24,10 @@ def unfused_ops(layout: torch.Tensor, block: int, heads: int, causal: bool):
 
     def build():
         lay = (layout != 0).expand(heads, -1, -1)
-        if causal:
-            lay = lay & torch.ones(lay.shape[1:], dtype=torch.bool, device=lay.device).tril()
+        if causal:  # bottom-right aligned: the diagonal moves by nb_k - nb_q blocks
+            nbq, nbk = lay.shape[1:]
+            ones = torch.ones((nbq, nbk), dtype=torch.bool, device=lay.device)
+            lay = lay & ones.tril(nbk - nbq)
         return attention_ops(lay, block)
 
     return _cached(layout, ("unfused", block, heads, causal), build)
