@@ -50,3 +50,27 @@ def test_shared_layout_broadcasts_over_heads():
             bm.mask_mod(torch.tensor(0), torch.tensor(h), q, k), dtype=torch.bool
         )
         assert torch.equal(keep, token_mask(layout, 64)[0])
+
+
+@pytest.mark.parametrize("block", [32, 128])
+def test_block_lists_to_block_mask_per_sample_rectangular_causal(block):
+    # lists per sample and head, a repeated entry, L_q != L_k: the BlockMask keeps exactly
+    # the pairs the lists keep, causal bottom-right aligned
+    from blocksparse_attn import KVBlocks
+
+    Lq, Lk, B, H = 256, 512, 2, 2
+    layout = torch.rand(B, H, Lq // block, Lk // block) < 0.4
+    lists = KVBlocks.from_layout(layout)
+    idx = torch.cat([lists.indices, lists.indices[..., :1]], -1)
+    n = torch.where(lists.num_blocks > 0, lists.num_blocks + 1, 0).to(torch.int32)
+    idx.scatter_(-1, lists.num_blocks.long()[..., None], lists.indices[..., :1])
+    bm = KVBlocks(n, idx).to_block_mask(block, k_len=Lk, causal=True)
+    q = torch.arange(Lq)[:, None].expand(Lq, Lk)
+    k = torch.arange(Lk)[None, :].expand(Lq, Lk)
+    dense = bm.to_dense().bool().repeat_interleave(128, -2).repeat_interleave(128, -1)
+    expected = token_mask(layout, block, causal=True)
+    for b in range(B):
+        for h in range(H):
+            got = bm.mask_mod(torch.tensor(b), torch.tensor(h), q, k)
+            keep = torch.as_tensor(got, dtype=torch.bool) & dense[b, h]
+            assert torch.equal(keep, expected[b, h]), (b, h)

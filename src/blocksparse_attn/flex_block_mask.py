@@ -36,33 +36,40 @@ def layout_to_block_mask(
     device: torch.device | str | None = None,
 ):
     """A FlexAttention ``BlockMask`` (``BLOCK_SIZE=128``) that keeps exactly the
-    (query, key) pairs ``layout`` keeps (and ``causal``: key <= query + k_len - q_len,
+    (query, key) pairs ``layout`` keeps (``[nb_q, nb_k]``, ``[H, nb_q, nb_k]`` or, a layout
+    per sample, ``[B, H, nb_q, nb_k]``; and ``causal``: key <= query + k_len - q_len,
     bottom-right aligned). Tiles the layout fills completely are *full* (no ``mask_mod``
     call); the others are partial."""
     from torch.nn.attention.flex_attention import BlockMask
 
     device = torch.device(device) if device is not None else layout.device
-    grid = (layout if layout.dim() == 3 else layout.unsqueeze(0)).to(device) != 0
-    H, nbq, nbk = grid.shape
+    grid = layout.to(device) != 0
+    grid = grid.reshape((1,) * (4 - grid.dim()) + tuple(grid.shape))  # [B, H, nb_q, nb_k]
+    B, H, nbq, nbk = grid.shape
     q_len = nbq * block if q_len is None else q_len
     k_len = nbk * block if k_len is None else k_len
     idx = build_index(
-        grid, block, q_len=q_len, k_len=k_len, tile_m=FLEX_BLOCK, tile_n=FLEX_BLOCK, causal=causal
+        grid.flatten(0, 1),
+        block,
+        q_len=q_len,
+        k_len=k_len,
+        tile_m=FLEX_BLOCK,
+        tile_n=FLEX_BLOCK,
+        causal=causal,
     )
-    n_rows = H * idx.row_tiles
+    n_rows = B * H * idx.row_tiles
     counts = (idx.row_ptr[1:] - idx.row_ptr[:-1]).long()
     rows = torch.repeat_interleave(torch.arange(n_rows, device=device), counts)
     full = idx.row_partial == 0
-    shape = (1, H, idx.row_tiles)
+    shape = (B, H, idx.row_tiles)
     kv_n, kv_i = _padded_lists(rows[~full], idx.row_idx[~full], n_rows, idx.col_tiles)
     f_n, f_i = _padded_lists(rows[full], idx.row_idx[full], n_rows, idx.col_tiles)
     mask_mod = None
     if bool((~full).any()):
         fine = grid
-        shared = H == 1
 
         def mask_mod(b, h, q_idx, kv_idx):
-            keep = fine[0 if shared else h, q_idx // block, kv_idx // block]
+            keep = fine[b if B > 1 else 0, h if H > 1 else 0, q_idx // block, kv_idx // block]
             if causal:  # bottom-right aligned, as the index
                 keep = keep & (kv_idx <= q_idx + (k_len - q_len))
             return keep

@@ -114,6 +114,19 @@ class KVBlocks:
         grid.scatter_(-1, idx.clamp(0, nb_k), True)
         return grid[..., :nb_k]
 
+    def to_block_mask(self, block: int, *, k_len: int, q_len: int | None = None, causal=False):
+        """A FlexAttention ``BlockMask`` (its 128-token tiles) that keeps exactly these
+        lists' blocks of ``block`` tokens over ``k_len`` keys (``q_len`` defaults to
+        ``nb_q * block``), with ``causal`` as the attention functions mean it (bottom-right
+        aligned). Reads the lists on the host (see
+        :func:`~blocksparse_attn.flex_block_mask.layout_to_block_mask`)."""
+        from .flex_block_mask import layout_to_block_mask
+
+        nb_k = -(-k_len // block)
+        return layout_to_block_mask(
+            self.to_layout(nb_k), block, q_len=q_len, k_len=k_len, causal=causal
+        )
+
     @classmethod
     def from_layout(cls, layout: torch.Tensor) -> KVBlocks:
         """The block lists of a dense layout (``[nb_q, nb_k]``, ``[H, nb_q, nb_k]`` or
