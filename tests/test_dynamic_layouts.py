@@ -124,6 +124,38 @@ def test_selected_blocks_attend_as_their_dense_layout(monkeypatch, backend):
             assert max_err(a, e) < 1e-4
 
 
+@pytest.mark.interpreter
+def test_selection_and_attention_compile_without_graph_breaks(monkeypatch):
+    """``torch.compile(fullgraph=True)`` traces selection and fused attention on block
+    lists; the custom ops receive the lists (packed with their counts) and compile them on
+    the device, not a dense layout."""
+    import blocksparse_attn.index_dynamic as index_dynamic
+
+    builds = []
+    build = index_dynamic.build_block_list_index
+
+    def counted(*args, **kwargs):
+        builds.append(args[0].shape)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(index_dynamic, "build_block_list_index", counted)
+
+    def step(q, k, v):
+        lists = topk_blocks(q, k, block=16, topk=2, causal=True)
+        return block_sparse_attention(q, k, v, lists, block=16, causal=True, backend="fused")
+
+    torch.manual_seed(4)
+    q = torch.randn(1, 4, 64, 16, device=DEVICE, requires_grad=True)
+    k, v = (torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(2))
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(q, k, v)
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert builds  # the lists reached the index builder
+    eager = step(q, k, v)
+    for a, e in zip((out, *grads), (eager, *torch.autograd.grad(eager.sum(), (q, k, v)))):
+        assert max_err(a, e) < 1e-5
+
+
 def _step(q, k, v, grad_out, block, topk):
     lists = topk_blocks(q, k, block=block, topk=topk, causal=True, keep_diagonal=True)
     out = block_sparse_attention(q, k, v, lists, block=block, causal=True, backend="fused")

@@ -19,12 +19,23 @@ def _mode(mul: bool) -> str:
     return "mul" if mul else "add"
 
 
+def _packed_lists(blocks: KVBlocks) -> Tensor:
+    """Block lists as the custom ops take them: one int32 tensor ``[1, H_l, nb_q,
+    1 + max_blocks]``, each row's count first (a dense layout is 3-D)."""
+    return torch.cat([blocks.num_blocks[..., None], blocks.indices], -1)
+
+
 def _private(layout):
     """The layout the kernels read: a frozen copy of a layout tensor (see
-    ``index.frozen``); block lists as given (``fused_attention`` copied them)."""
+    ``index.frozen``); block lists as given (``fused_attention`` copied them), or unpacked
+    from :func:`_packed_lists`'s form."""
     from ..index import frozen
 
-    return layout if isinstance(layout, KVBlocks) else frozen(layout)
+    if isinstance(layout, KVBlocks):
+        return layout
+    if layout.dim() == 4:
+        return KVBlocks(layout[..., 0], layout[..., 1:], trusted=True)
+    return frozen(layout)
 
 
 def _forward(
@@ -105,7 +116,9 @@ def fused_attention_fwd(
     kpm_mul: bool,
     am_mul: bool,
 ) -> tuple[Tensor, Tensor]:
-    """``(out, row statistics)``: see ``kernels.fused_fwd.fused_attention_forward``."""
+    """``(out, row statistics)``: see ``kernels.fused_fwd.fused_attention_forward``.
+    ``layout``: a dense ``[H_l, nb_q, nb_k]`` layout, or 4-D block lists packed with their
+    counts (``_packed_lists``), compiled on the device."""
     return _forward(
         q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul
     )
@@ -302,8 +315,8 @@ def fused_attention(
     from ..kernels.fused_fwd import row_statistics_lse
 
     if isinstance(layout, KVBlocks):
-        if torch.compiler.is_compiling():  # the custom ops take tensors: the dense form
-            layout = layout.to_layout(k.shape[2] // block)[0]
+        if torch.compiler.is_compiling():  # the custom ops take tensors: lists packed
+            layout = _packed_lists(layout)
         else:  # a copy, so that the backward reads the forward's lists
             layout = KVBlocks(layout.num_blocks.clone(), layout.indices.clone(), True)
     elif not torch.compiler.is_compiling():  # the backward then reads the forward's copy
