@@ -459,3 +459,26 @@ def test_grouped_query_case_on_cpu():
     row = time_backend("reference", case, case.layout(), "fwd+bwd", torch.float32, "cpu")
     assert row["ms"] > 0 and "error" not in row
     assert row["tflops"] == pytest.approx(flops(case, case.layout(), "fwd+bwd") / row["ms"] / 1e9)
+
+
+def test_dynamic_step_on_cpu_and_its_table():
+    # the suite's code path at a tiny size on the CPU (reference backend, wall clock; no
+    # CUDA graph or FlexAttention rows there); no timing is asserted
+    from blocksparse_attn.tools.bench_suites import dynamic_step
+
+    rows = dynamic_step(
+        blocks=(32,),
+        seq_len=256,
+        heads=2,
+        head_dim=16,
+        topk=2,
+        dtype=torch.float32,
+        device="cpu",
+        progress=False,
+        timer=lambda fn: (fn(), 1.0)[1],
+    )
+    (row,) = rows
+    assert row["suite"] == "dynamic" and row["block"] == 32 and row["index_tiles"]
+    assert row["per_sample_over_shared"] == 1.0 and "step_graph_ms" not in row
+    text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": rows})
+    assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 |" in text

@@ -19,6 +19,7 @@ from .bench_harness import GQA_BACKENDS, MODES
 from .bench_report import print_table, read_jsonl, write_report
 from .bench_suites import (
     DENSITY_BACKENDS,
+    dynamic_step,
     index_cost,
     matmul_throughput,
     max_length_search,
@@ -72,6 +73,7 @@ def bench_main(args) -> int:
         run([c for c in gqa if c in chosen], backends, modes, dtypes, on_step=keep)
         written = save()
     for name, section in (
+        ("dynamic", dynamic_step),
         ("matmul", matmul_throughput),
         ("max-length", max_length_search),
         ("index", index_cost),

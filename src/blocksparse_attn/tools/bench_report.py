@@ -10,7 +10,7 @@ table.
   ``name, pattern, seq_len, batch, heads, head_dim, block, causal, density, dtype, mode,
   backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this`` (``ms`` null and ``error``
   set where a backend could not run); section rows carry ``suite`` (``max_length``,
-  ``index_cost``, ``matmul``) and that section's fields.
+  ``index_cost``, ``matmul``, ``dynamic``) and that section's fields.
 
 The tables and plots are made from it (``blocksparse-attn bench --from FILE``).
 """
@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import json
 
-SECTIONS = ("max_length", "index_cost", "matmul")  # result rows outside the case table
+# result rows outside the case table
+SECTIONS = ("max_length", "index_cost", "matmul", "dynamic")
 
 
 def _case_cells(report: dict) -> list[list[str]]:
@@ -91,6 +92,32 @@ def markdown(report: dict) -> str:
             flex = f"{r['flex_ms']:.2f}" if r["flex_ms"] is not None else r.get("flex_error", "")
             lines.append(
                 f"| {r['seq_len']:,} | {r['heads']} | {r['block']} | {r['ours_ms']:.3f} | {flex} |"
+            )
+    dynamic = [r for r in report["results"] if r.get("suite") == "dynamic"]
+    if dynamic:
+        lines += [
+            "",
+            "Dynamic top-k step (B1, causal, topk_blocks then fused forward+backward on the "
+            "lists; ms; 'graph' = replayed from a CUDA graph; per sample vs shared: B2):",
+            "",
+            "| L | H | D | block | topk | step | step graph | select | index | index graph | "
+            "index share | flex step | flex/ours | per sample | shared | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+
+        def cell(r, key, fmt="{:.3f}"):
+            return fmt.format(r[key]) if r.get(key) is not None else ""
+
+        for r in dynamic:
+            flex = cell(r, "flex_step_ms") or r.get("flex_error", "")
+            lines.append(
+                f"| {r['seq_len']:,} | {r['heads']} | {r['head_dim']} | {r['block']} | "
+                f"{r['topk']} | {cell(r, 'step_ms')} | {cell(r, 'step_graph_ms')} | "
+                f"{cell(r, 'select_ms')} | {cell(r, 'index_ms')} | {cell(r, 'index_graph_ms')} | "
+                f"{cell(r, 'index_share', '{:.1%}')} | {flex} | "
+                f"{cell(r, 'flex_over_ours', '{:.2f}')} | "
+                f"{cell(r, 'per_sample_ms')} | {cell(r, 'shared_ms')} | "
+                f"{cell(r, 'per_sample_over_shared', '{:.2f}')} |"
             )
     if report.get("tuned"):
         lines += [

@@ -232,3 +232,174 @@ def matmul_throughput(
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
+
+
+def _graph_ms(step, timer) -> float | None:
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream), its replay
+    timed by ``timer``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timer(graph.replay)
+
+
+def _flex_selection_mask(lists, block: int, seq_len: int):
+    """A FlexAttention ``BlockMask`` holding a top-k selection, the way a FlexAttention user
+    feeds one each step: at block 128 the lists directly (``BlockMask.from_kv_blocks``, the
+    diagonal blocks partial under a causal ``mask_mod``, the others full); at smaller
+    blocks the selection coarsened to Flex's 128-token tiles with a ``mask_mod`` reading the
+    fine grid (:meth:`KVBlocks.to_block_mask`, which reads the lists on the host)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    if block != 128:
+        return lists.to_block_mask(block, k_len=seq_len, causal=True)
+    n, idx = lists.num_blocks, lists.indices.long()
+    used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
+    row = torch.arange(idx.shape[-2], device=idx.device)[:, None]
+    diag = used & (idx == row)
+    full = used & ~diag
+
+    def packed(keep):  # the kept entries first, in order
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+        return keep.sum(-1).to(torch.int32), idx.gather(-1, order).to(torch.int32)
+
+    def causal(b, h, q_idx, kv_idx):
+        return kv_idx <= q_idx
+
+    (p_n, p_i), (f_n, f_i) = packed(diag), packed(full)
+    return BlockMask.from_kv_blocks(
+        p_n, p_i, f_n, f_i, BLOCK_SIZE=128, mask_mod=causal, seq_lengths=(seq_len, seq_len)
+    )
+
+
+def dynamic_step(
+    blocks=(64, 128),
+    seq_len: int = 32768,
+    heads: int = 16,
+    head_dim: int = 128,
+    topk: int = 16,
+    dtype=torch.bfloat16,
+    device="cuda",
+    progress: bool = True,
+    timer=None,
+) -> list[dict]:
+    """A training step whose layout is chosen each call: ``topk_blocks`` (causal, the
+    diagonal kept) then fused attention forward+backward on the lists (B1, causal). Times
+    the eager step, the step replayed from a CUDA graph, the selection, the index build
+    (every tile shape the step compiles, eager and in a graph), and FlexAttention given the
+    same selection (its ``BlockMask`` made each step, see ``_flex_selection_mask``).
+    Then the same attention with a layout per sample (B2) beside one shared layout of the
+    same density. ``timer(fn) -> ms`` defaults to ``do_bench``'s median."""
+    from ..functional import block_sparse_attention
+    from ..index_dynamic import build_block_list_index
+    from ..kernels.configs import backward_tiles, forward_tiles
+    from ..kv_blocks import KVBlocks
+    from ..selection import topk_blocks
+
+    if timer is None:
+        from triton.testing import do_bench
+
+        def timer(fn):
+            return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+    cuda = torch.device(device).type == "cuda"
+
+    def one(block: int) -> dict:  # its tensors go when it returns
+        g = torch.Generator(device=device).manual_seed(0)
+        q, k, v, grad_out = (
+            torch.randn(1, heads, seq_len, head_dim, device=device, generator=g).to(dtype)
+            for _ in range(4)
+        )
+        leaves = [t.requires_grad_() for t in (q, k, v)]
+
+        def select():
+            return topk_blocks(q, k, block=block, topk=topk, causal=True, keep_diagonal=True)
+
+        def attend(lists, batch=(q, k, v), out_grad=grad_out):
+            out = block_sparse_attention(*batch, lists, block=block, causal=True)
+            return torch.autograd.grad(out, batch, out_grad)
+
+        def step():
+            return attend(select())
+
+        lists = select()
+        density = topk / (seq_len // block)
+        size = q.element_size()
+        shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
+        shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size)}
+
+        def index():
+            for m, n in sorted(shapes):
+                build_block_list_index(
+                    lists, block, q_len=seq_len, k_len=seq_len, tile_m=m, tile_n=n, causal=True
+                )
+
+        step()  # compile and tune outside the timing
+        row = {
+            "suite": "dynamic",
+            "block": block,
+            "seq_len": seq_len,
+            "heads": heads,
+            "head_dim": head_dim,
+            "topk": topk,
+            "dtype": str(dtype).replace("torch.", ""),
+            "step_ms": timer(step),
+            "select_ms": timer(select),
+            "index_ms": timer(index),
+            "index_tiles": sorted(shapes),
+        }
+        if cuda:
+            row["step_graph_ms"] = _graph_ms(step, timer)
+            row["index_graph_ms"] = _graph_ms(index, timer)
+            row["index_share"] = row["index_graph_ms"] / row["step_graph_ms"]
+            try:
+                from torch.nn.attention.flex_attention import flex_attention
+
+                torch._dynamo.reset()
+                flex = torch.compile(flex_attention, dynamic=False)
+
+                def flex_step():
+                    mask = _flex_selection_mask(select(), block, seq_len)
+                    out = flex(q, k, v, block_mask=mask)
+                    return torch.autograd.grad(out, leaves, grad_out)
+
+                flex_step()
+                row["flex_step_ms"] = timer(flex_step)
+                row["flex_over_ours"] = row["flex_step_ms"] / row["step_ms"]
+            except Exception as e:  # record why FlexAttention could not run it
+                row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+        # a layout per sample against one shared layout of the same density (B2)
+        g2 = torch.Generator(device=device).manual_seed(1)
+        q2, k2, v2, go2 = (
+            torch.randn(2, heads, seq_len, head_dim, device=device, generator=g2).to(dtype)
+            for _ in range(4)
+        )
+        batch = tuple(t.requires_grad_() for t in (q2, k2, v2))
+        per_sample = topk_blocks(q2, k2, block=block, topk=topk, causal=True, keep_diagonal=True)
+        shared = KVBlocks(per_sample.num_blocks[:1], per_sample.indices[:1], trusted=True)
+        attend(per_sample, batch, go2)
+        attend(shared, batch, go2)
+        row["per_sample_ms"] = timer(lambda: attend(per_sample, batch, go2))
+        row["shared_ms"] = timer(lambda: attend(shared, batch, go2))
+        row["per_sample_over_shared"] = row["per_sample_ms"] / row["shared_ms"]
+        return row
+
+    rows = []
+    for block in blocks:
+        row = one(block)
+        rows.append(row)
+        if progress:
+            print(
+                f"[dynamic] block {block}: "
+                + ", ".join(f"{k} {v:.3f}" for k, v in row.items() if isinstance(v, float)),
+                file=sys.stderr,
+                flush=True,
+            )
+        if cuda:
+            torch.cuda.empty_cache()
+    return rows
