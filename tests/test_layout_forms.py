@@ -231,6 +231,22 @@ def test_grouped_query_and_layout_errors():
         )
 
 
+def test_block_lists_on_another_device_than_the_inputs_are_refused():
+    q = torch.randn(1, 2, 32, 8, device=DEVICE)
+    n = torch.ones(1, 2, 2, dtype=torch.int32, device="meta")
+    lists = KVBlocks(n, torch.zeros(1, 2, 2, 1, dtype=torch.int32, device="meta"))
+    assert_raises_with(
+        ValueError,
+        ["layout must be KVBlocks on the inputs' device", "lists.to(q.device)"],
+        block_sparse_attention,
+        q,
+        q,
+        q,
+        lists,
+        block=16,
+    )
+
+
 def test_block_lists_on_two_devices_are_refused():
     n = torch.ones(1, 1, 2, dtype=torch.int32)
     idx = torch.zeros(1, 1, 2, 1, dtype=torch.int32, device="meta")

@@ -170,7 +170,7 @@ def check_attention_inputs(
                 "pad the sequence (SparseAttentionUtils.pad_to_block_size) "
                 "and mask the padding with key_padding_mask.",
             )
-    layout = _layout_4d(where, layout, B, H, Hkv, Lq // block, Lk // block)
+    layout = _layout_4d(where, layout, B, H, Hkv, Lq // block, Lk // block, q.device)
     if scale is None:
         scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -198,7 +198,7 @@ def check_attention_inputs(
     )
 
 
-def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int):
+def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int, device):
     """The layout as ``[B_l, H_l, nb_q, nb_k]``: a 2-D or 3-D tensor gains the leading
     dims; a :class:`~blocksparse_attn.KVBlocks` stays block lists (its values checked unless
     a CUDA graph is being captured; :func:`dense_layout` gives its dense form)."""
@@ -217,6 +217,14 @@ def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int)
                 f"KVBlocks of shape [1 or {B}, {heads}, {nbq}] (batch, heads, L_q/block)",
                 f"KVBlocks of shape {tuple(layout.shape)}",
                 fix,
+            )
+        if layout.device != device:
+            raise bad_argument(
+                where,
+                "layout",
+                f"KVBlocks on the inputs' device ({device})",
+                f"KVBlocks on {layout.device}",
+                "move them with lists.to(q.device) (block lists are not copied silently).",
             )
         capturing = layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         if not (layout.trusted or capturing):
