@@ -67,33 +67,36 @@ def build_block_list_index(
     dev = lists.device
     rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
 
-    # every list entry, used or not, at sub-block granularity
-    used = torch.arange(width, device=dev) < counts[..., None].long()
-    h = torch.arange(H, device=dev)[:, None, None].expand(H, nbq, width)
-    i = torch.arange(nbq, device=dev)[None, :, None].expand(H, nbq, width)
+    # every list entry, used or not, at sub-block granularity, one row per sub-row of
+    # queries ([H, sub-rows, entries]), padded to whole tile rows
+    used = torch.arange(width, device=dev) < counts[..., None].long()  # [H, nb_q, M]
     j = lists.long()
-    if e > 1:
+    if e > 1:  # a block is e x e sub-blocks: sub-rows i * e + d, sub-columns j * e + d
         d = torch.arange(e, device=dev)
-        i = i[..., None, None] * e + d[:, None]
-        j = j[..., None, None] * e + d[None, :]
-        h, used = (t[..., None, None] for t in (h, used))
-        h, i, j, used = torch.broadcast_tensors(h, i, j, used)
-    h, i, j, used = (t.reshape(-1) for t in (h, i, j, used))
-    ti, tj = i // sm, j // sn
+        j = (j[:, :, None, :, None] * e + d).expand(H, nbq, e, width, e)
+        used = used[:, :, None, :, None].expand(H, nbq, e, width, e)
+    j, used = j.reshape(H, nbq * e, -1), used.reshape(H, nbq * e, -1)
+    spare = rt * sm - nbq * e  # sub-rows past the sequence, in the last tile row
+    if spare:
+        j = torch.nn.functional.pad(j, (0, 0, 0, spare))
+        used = torch.nn.functional.pad(used, (0, 0, 0, spare))
+    a = torch.arange(rt * sm, device=dev)[None, :, None] % sm  # sub-row within its tile
+    ti = torch.arange(rt * sm, device=dev)[None, :, None] // sm
+    tj = j // sn
     shift = k_len - q_len  # causal: key c is visible from query r when c <= r + shift
     if causal:  # tiles wholly after the diagonal are dropped
         used = used & (tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1 + shift)
+    # sort each tile row's entries by (key tile, sub-block): a tile's entries become one
+    # run, repeats are merged; the tile rows are already in order (no global sort)
+    unused = ct * MAX_SUB_BLOCKS
+    local = torch.where(used, tj * MAX_SUB_BLOCKS + a * sn + j % sn, unused)
+    local = local.view(H * rt, -1)
+    local = torch.sort(local.to(torch.int32) if unused < 2**31 else local, dim=-1)[0].long()
     none = H * rt * ct  # the key of unused entries: after every tile
-    key = torch.where(used, (h * rt + ti) * ct + tj, none)
-    bit = (i % sm) * sn + (j % sn)
-
-    # sort by (tile, sub-block): a tile's entries become one run; repeats are merged.
-    # int32 keys when they fit: a radix sort's passes follow the key's width
+    row = torch.arange(H * rt, device=dev)[:, None]
+    key = torch.where(local < unused, row * ct + local // MAX_SUB_BLOCKS, none).reshape(-1)
+    bit = (local % MAX_SUB_BLOCKS).reshape(-1)
     entry = key * MAX_SUB_BLOCKS + bit
-    if (none + 1) * MAX_SUB_BLOCKS < 2**31:
-        entry = entry.to(torch.int32)
-    entry = torch.sort(entry)[0].long()
-    key, bit = entry // MAX_SUB_BLOCKS, entry % MAX_SUB_BLOCKS
     real = key < none
     new_bit = real & (entry != _previous(entry, -1))
     first = real & (key != _previous(key, -1))
