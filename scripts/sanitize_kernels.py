@@ -1,7 +1,7 @@
 """Run every attention kernel once on odd shapes, for ``compute-sanitizer`` (memcheck):
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
-gradient, causal; the fused
+gradient, causal, packed variable-length sequences; the fused
 kernels through pointers and through tensor descriptors (Hopper), the unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
@@ -106,6 +106,23 @@ def main() -> int:
                 print(
                     f"{case} {dtype} masks {modes}: {'ok' if finite else 'NOT FINITE'}", flush=True
                 )
+    # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
+    from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
+
+    cu_q = torch.tensor([0, 37, 40, 140], dtype=torch.int32, device="cuda")
+    cu_k = torch.tensor([0, 37, 121, 221], dtype=torch.int32, device="cuda")
+    q = torch.randn(140, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    k, v = (
+        torch.randn(221, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(2)
+    )
+    config = FixedSparsityConfig(num_heads=2, block=16, num_local_blocks=2)
+    out = block_sparse_attention_varlen(q, k, v, cu_q, cu_k, config, block=16, causal=True)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    torch.cuda.synchronize()
+    finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+    bad += not finite
+    print(f"varlen (3 sequences, GQA, bf16): {'ok' if finite else 'NOT FINITE'}", flush=True)
     return 1 if bad else 0
 
 

@@ -28,6 +28,7 @@ _EXPORTS = {
     "topk_blocks": ".selection",
     "reference_attention": ".reference",
     "block_sparse_attention": ".functional",
+    "block_sparse_attention_varlen": ".varlen",
     "MatMul": ".ops.matmul",
     "Softmax": ".ops.softmax",
     "to_sparse": ".compressed",

@@ -1,0 +1,267 @@
+"""Packed variable-length batches (functional layer): ``block_sparse_attention_varlen``.
+
+Sequences of different lengths are concatenated without padding, FlashAttention's way
+(``q [total_q, H, D]``, ``cu_seqlens``). Each sequence has its own pattern; its queries are
+the last ``L_q`` positions of its ``L_k`` keys (``L_q = L_k`` in training, fewer in chunked
+prefill), and a query uses the layout row of its absolute position.
+
+The fused backend runs all sequences in one launch: keys are placed block-aligned one
+sequence after another, each query at its absolute key position, and the sequences' block
+lists, shifted to those places, form one set of lists (a block never mixes sequences, and
+causality is the ordinary ``key <= query`` in those coordinates). Padding keys are masked;
+padding queries are dropped. With block lists given, nothing is read on the host except
+the value checks, which are skipped for trusted lists or during CUDA-graph capture.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import bad_argument, describe
+from .kv_blocks import KVBlocks
+from .patterns import SparsityConfig
+
+
+def _check_cu(where, name, cu, total, device, max_len, host_checks):
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
+        raise bad_argument(where, name, "a 1-D int32 tensor [n_seq + 1]", describe(cu))
+    if cu.dtype != torch.int32:
+        raise bad_argument(where, name, "int32", describe(cu), f"pass {name}.to(torch.int32).")
+    if cu.device != device:
+        raise bad_argument(where, name, f"on the inputs' device ({device})", describe(cu))
+    if not host_checks:
+        return
+    values = cu.tolist()
+    lengths = [b - a for a, b in zip(values, values[1:])]
+    if values[0] != 0 or values[-1] != total or min(lengths) < 0:
+        raise bad_argument(
+            where,
+            name,
+            f"non-decreasing offsets from 0 to the packed length {total}",
+            values if len(values) <= 12 else f"{values[:6]} ... {values[-3:]}",
+        )
+    if max_len is not None and max(lengths) > max_len:
+        raise bad_argument(
+            where,
+            name,
+            f"sequences of at most max_seqlen = {max_len} tokens",
+            f"a sequence of {max(lengths)}",
+        )
+
+
+def _check_sequence_lists(where, lists: KVBlocks, len_k: torch.Tensor, block: int) -> None:
+    """Each sequence's lists name only its own key blocks, and cover its query blocks
+    (host reads)."""
+    nb = -(-len_k.long() // block)
+    rows = lists.shape[2]
+    if int(nb.max()) > rows:
+        raise bad_argument(
+            where,
+            "layout",
+            f"lists for every key block of the longest sequence ({int(nb.max())} rows)",
+            f"{rows} rows",
+        )
+    width = lists.indices.shape[-1]
+    used = torch.arange(width, device=lists.device) < lists.num_blocks[..., None]
+    bad_count = (lists.num_blocks < 0) | (lists.num_blocks > width)
+    bad = used & ((lists.indices < 0) | (lists.indices >= nb[:, None, None, None]))
+    if bool(bad_count.any()) or bool(bad.any()):
+        s = int((bad.flatten(1).any(1) | bad_count.flatten(1).any(1)).long().argmax())
+        raise bad_argument(
+            where,
+            "layout",
+            "per sequence, counts in [0, max_blocks] and used indices below its number of "
+            "key blocks",
+            f"sequence {s} ({int(nb[s])} key blocks) with counts or indices out of range",
+        )
+
+
+def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlocks:
+    """Block lists ``[n_seq, H_l, nb_k_max]`` of every sequence's square layout (rows =
+    the sequence's absolute query blocks), from a config or a callable; cached per
+    length by the config's ``make_layout``."""
+    per_seq = []
+    for Lk in lengths_k:
+        n = -(-Lk // block) * block
+        grid = layout.make_layout(n) if isinstance(layout, SparsityConfig) else layout(n, device)
+        per_seq.append(KVBlocks.from_layout(grid.to(device) != 0))
+    heads = max(b.shape[1] for b in per_seq)
+    rows = max(b.shape[2] for b in per_seq)
+    width = max(b.indices.shape[-1] for b in per_seq)
+    num = torch.zeros(len(per_seq), heads, rows, dtype=torch.int32, device=device)
+    idx = torch.zeros(len(per_seq), heads, rows, width, dtype=torch.int32, device=device)
+    for s, b in enumerate(per_seq):
+        _, h, r = b.shape
+        num[s, :, :r] = b.num_blocks[0].expand(heads, r)
+        idx[s, :, :r, : b.indices.shape[-1]] = b.indices[0].expand(heads, r, -1)
+    return KVBlocks(num, idx, trusted=True)
+
+
+def block_sparse_attention_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    layout,
+    *,
+    block: int,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    causal: bool = False,
+    scale: float | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over packed sequences of different lengths, each with its own layout.
+
+    Args:
+        q: ``[total_q, H, D]``; ``k``, ``v``: ``[total_k, H_kv, D]`` (grouped-query heads
+            as in :func:`~blocksparse_attn.block_sparse_attention`).
+        cu_seqlens_q, cu_seqlens_k: int32 ``[n_seq + 1]``, the offsets of each sequence
+            (FlashAttention's convention). Sequence ``s`` has ``L_q <= L_k``: its queries
+            are the last ``L_q`` positions of its ``L_k`` keys. Lengths need not be
+            multiples of ``block`` (the last block is partial and masked).
+        layout: each sequence's pattern over its key blocks, rows by absolute query block:
+            a :class:`~blocksparse_attn.SparsityConfig` (made per sequence length), a
+            callable ``(seq_len, device) -> [H_l, nb, nb]`` for a sequence of ``seq_len``
+            (a multiple of the block) tokens, or :class:`~blocksparse_attn.KVBlocks`
+            ``[n_seq, H_l, nb_k_max]`` in each sequence's block coordinates.
+        block: layout block size in tokens.
+        max_seqlen_q, max_seqlen_k: bounds on the lengths (checked when given).
+        causal: key ``j`` visible from query ``i`` of the same sequence when ``j`` is not
+            after ``i``'s position (bottom-right aligned).
+        scale: score scale, default ``D ** -0.5``.
+        return_lse: also return the log-sum-exp ``[total_q, H]``.
+        backend: ``'fused'``, ``'reference'`` or ``'auto'`` (as in
+            :func:`~blocksparse_attn.block_sparse_attention`; the unfused backend does
+            not take varlen inputs).
+
+    Returns ``out [total_q, H, D]`` (and ``lse``).
+    """
+    from .functional import block_sparse_attention
+
+    where = "block_sparse_attention_varlen"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 3:
+            raise bad_argument(where, name, "a 3-D tensor [total, heads, D]", describe(t))
+    if backend not in ("auto", "fused", "reference"):
+        raise bad_argument(where, "backend", "'auto', 'fused' or 'reference'", repr(backend))
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    host_checks = not capturing
+    _check_cu(where, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, host_checks)
+    _check_cu(where, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, host_checks)
+    n_seq = cu_seqlens_q.numel() - 1
+    if cu_seqlens_k.numel() - 1 != n_seq:
+        raise bad_argument(
+            where,
+            "cu_seqlens_k",
+            f"{n_seq + 1} offsets, as cu_seqlens_q",
+            describe(cu_seqlens_k),
+        )
+    len_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
+    if host_checks and bool((len_q > len_k).any()):
+        raise bad_argument(
+            where,
+            "cu_seqlens_q",
+            "sequences with no more queries than keys (queries are the last positions)",
+            f"query lengths {len_q.tolist()[:8]} for key lengths {len_k.tolist()[:8]}",
+        )
+    if isinstance(layout, KVBlocks):
+        lists = layout
+        if lists.shape[0] != n_seq or lists.device != q.device:
+            raise bad_argument(
+                where,
+                "layout",
+                f"KVBlocks [{n_seq}, H_l, nb_k_max] (one set of lists per sequence) on {q.device}",
+                f"KVBlocks of shape {tuple(lists.shape)} on {lists.device}",
+            )
+        if host_checks and not lists.trusted:
+            _check_sequence_lists(where, lists, len_k, block)
+    elif isinstance(layout, SparsityConfig) or callable(layout):
+        lists = _sequence_lists(layout, len_k.tolist(), block, q.device)
+    else:
+        raise bad_argument(
+            where,
+            "layout",
+            "a SparsityConfig, a callable (seq_len, device) -> layout, or KVBlocks",
+            describe(layout),
+        )
+    packed = _packed_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, lists, block)
+    pq, pk, pv, plists, keep, q_pos = packed
+    out = block_sparse_attention(
+        pq,
+        pk,
+        pv,
+        plists,
+        block=block,
+        scale=scale,
+        causal=causal,
+        key_padding_mask=keep,
+        key_padding_mask_mode="mul",
+        backend=backend,
+        return_lse=return_lse,
+    )
+    if return_lse:
+        out, lse = out
+        return out[0, :, q_pos].transpose(0, 1), lse[0, :, q_pos].transpose(0, 1)
+    return out[0, :, q_pos].transpose(0, 1)
+
+
+def _packed_problem(q, k, v, cu_q, cu_k, lists: KVBlocks, block: int):
+    """The packed, block-aligned problem (see the module docstring): ``q [1, H, P, D]``,
+    ``k, v [1, H_kv, P, D]``, block lists ``[1, H_l, P // block]``, the key padding mask
+    ``[1, P]`` (True at real keys) and each query's packed position ``[total_q]``. ``P``
+    is a bound known from the shapes: ``(ceil(total_k / block) + n_seq) * block``."""
+    dev = q.device
+    n_seq = cu_q.numel() - 1
+    total_q, total_k = q.shape[0], k.shape[0]
+    len_q = (cu_q[1:] - cu_q[:-1]).long()
+    len_k = (cu_k[1:] - cu_k[:-1]).long()
+    nb = -(-len_k // block)
+    first = torch.cumsum(nb, 0) - nb  # each sequence's first packed block
+    n_blocks = -(-total_k // block) + n_seq
+    P = n_blocks * block
+
+    def owner(cu, n):  # the sequence of each of n packed tokens
+        return torch.searchsorted(cu[1:].long(), torch.arange(n, device=dev), right=True)
+
+    sq, sk = owner(cu_q, total_q), owner(cu_k, total_k)
+    k_pos = first[sk] * block + torch.arange(total_k, device=dev) - cu_k[:-1].long()[sk]
+    q_pos = (
+        first[sq] * block
+        + (len_k - len_q)[sq]
+        + torch.arange(total_q, device=dev)
+        - cu_q[:-1].long()[sq]
+    )
+    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
+    pq = q.new_zeros(P, H, D).index_put((q_pos,), q)
+    pk = k.new_zeros(P, Hkv, D).index_put((k_pos,), k)
+    pv = v.new_zeros(P, Hkv, D).index_put((k_pos,), v)
+    keep = torch.zeros(1, P, dtype=torch.bool, device=dev)
+    keep[0, k_pos] = True
+
+    # each packed block's sequence and block within it; blocks past the last sequence
+    # (the bound's spare) belong to none and attend nothing
+    starts = first
+    blk = torch.arange(n_blocks, device=dev)
+    seq = torch.searchsorted(starts, blk, right=True) - 1
+    local = blk - starts[seq]
+    inside = local < nb[seq]
+    _, Hl, rows = lists.shape
+    row = torch.clamp(local, max=rows - 1)
+    num = lists.num_blocks[seq, :, row].transpose(0, 1)  # [H_l, n_blocks]
+    idx = lists.indices[seq, :, row].transpose(0, 1).long() + first[seq][None, :, None]
+    # only blocks that hold a query of their sequence attend (chunked prefill: the
+    # earlier blocks hold keys only)
+    q_lo = (first + (len_k - len_q) // block)[seq]
+    num = torch.where(inside & (blk >= q_lo), num, 0)
+    plists = KVBlocks(num[None].to(torch.int32), idx[None].to(torch.int32), lists.trusted)
+
+    def batch(t):
+        return t.transpose(0, 1).unsqueeze(0)
+
+    return batch(pq), batch(pk), batch(pv), plists, keep, q_pos

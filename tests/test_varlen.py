@@ -1,0 +1,149 @@
+"""Packed variable-length batches: every backend against a sequence-by-sequence
+computation in fp64 (output, gradients, log-sum-exp), for training (L_q = L_k), chunked
+prefill (fewer queries than keys, bottom-right causal), grouped-query heads, lengths that
+are not multiples of the block, and each form of layout; the errors."""
+
+import pytest
+import torch
+
+from blocksparse_attn import FixedSparsityConfig, KVBlocks, block_sparse_attention_varlen
+
+from attention_cases import max_err, poison
+from helpers import DEVICE, assert_raises_with
+
+pytestmark = pytest.mark.interpreter
+
+
+def cu(lengths):
+    out = [0]
+    for n in lengths:
+        out.append(out[-1] + n)
+    return torch.tensor(out, dtype=torch.int32, device=DEVICE)
+
+
+def square_layout(layout, n_keys, block):
+    """Sequence layout ``[H_l, nb, nb]`` for ``n_keys`` keys, from any layout form."""
+    n = -(-n_keys // block) * block
+    if isinstance(layout, FixedSparsityConfig):
+        return layout.make_layout(n)
+    return layout(n, "cpu")
+
+
+def independent(q, k, v, lens_q, lens_k, grids, block, causal):
+    """Sequence by sequence, dense fp64 softmax with the token mask written out: query i of
+    a sequence is at position L_k - L_q + i and sees key j when its grid row keeps j's
+    block (and j <= that position when causal)."""
+    H, Hkv = q.shape[1], k.shape[1]
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    outs, lses = [], []
+    oq = ok = 0
+    for s, (Lq, Lk) in enumerate(zip(lens_q, lens_k)):
+        qs = leaves[0][oq : oq + Lq].transpose(0, 1)  # [H, Lq, D]
+        ks = leaves[1][ok : ok + Lk].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        vs = leaves[2][ok : ok + Lk].transpose(0, 1).repeat_interleave(H // Hkv, 0)
+        grid = grids[s] != 0
+        grid = grid.repeat_interleave(H // grid.shape[0], 0)
+        pos = torch.arange(Lq) + Lk - Lq
+        keys = torch.arange(Lk)
+        keep = grid[:, pos // block][:, :, keys // block]
+        if causal:
+            keep = keep & (keys[None, :] <= pos[:, None])
+        scores = (qs @ ks.transpose(-1, -2)) * q.shape[-1] ** -0.5
+        scores = scores.masked_fill(~keep.to(scores.device), float("-inf"))
+        lse = torch.logsumexp(scores, -1)
+        p = torch.where(keep.to(scores.device), torch.exp(scores - lse[..., None]), 0.0)
+        p = torch.nan_to_num(p)
+        outs.append((p @ vs).transpose(0, 1))
+        lses.append(lse.transpose(0, 1))
+        oq, ok = oq + Lq, ok + Lk
+    return torch.cat(outs), torch.cat(lses), leaves
+
+
+def lists_for(grids, n_seq, block, lens_k):
+    """The sequences' grids as KVBlocks [n_seq, H_l, nb_max] (shuffled, padded rows)."""
+    rows = max(g.shape[-1] for g in grids)
+    heads = grids[0].shape[0]
+    dense = torch.zeros(n_seq, heads, rows, rows, dtype=torch.bool)
+    for s, g in enumerate(grids):
+        dense[s, :, : g.shape[1], : g.shape[2]] = g != 0
+    return KVBlocks.from_layout(dense.to(DEVICE))
+
+
+CASES = {  # lens_q, lens_k, H, Hkv, block, causal
+    "training": ([37, 64, 5, 100], [37, 64, 5, 100], 4, 2, 16, True),
+    "chunked_prefill": ([16, 3, 0], [50, 80, 7], 2, 1, 16, True),
+    "bidirectional": ([20, 33], [20, 33], 2, 2, 16, False),
+}
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("form", ["config", "callable", "lists"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_sequence_by_sequence(monkeypatch, backend, form, case):
+    poison(monkeypatch)
+    lens_q, lens_k, H, Hkv, block, causal = CASES[case]
+    torch.manual_seed(0)
+    q = torch.randn(sum(lens_q), H, 16, device=DEVICE)
+    k, v = (torch.randn(sum(lens_k), Hkv, 16, device=DEVICE) for _ in range(2))
+    config = FixedSparsityConfig(num_heads=Hkv, block=block, num_local_blocks=2)
+    g = torch.Generator().manual_seed(1)
+
+    def random_layout(n, device):
+        nb = n // block
+        grid = torch.rand(Hkv, nb, nb, generator=g) < 0.5
+        return grid | torch.eye(nb, dtype=torch.bool)
+
+    source = config if form == "config" else random_layout
+    grids = [square_layout(source, n, block) for n in lens_k]
+    layout = source if form == "config" else lists_for(grids, len(lens_k), block, lens_k)
+    if form == "callable":
+        made = iter(grids)
+        layout = lambda n, device: next(made)  # noqa: E731 (the grids drawn above, in order)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = block_sparse_attention_varlen(
+        *leaves,
+        cu(lens_q),
+        cu(lens_k),
+        layout,
+        block=block,
+        causal=causal,
+        return_lse=True,
+        backend=backend,
+    )
+    want, want_lse, ref_leaves = independent(q, k, v, lens_q, lens_k, grids, block, causal)
+    assert out.shape == q.shape and max_err(out, want) < 1e-4
+    assert torch.equal(torch.isneginf(lse), torch.isneginf(want_lse.float()))
+    finite = torch.isfinite(want_lse)
+    assert max_err(lse[finite], want_lse[finite]) < 1e-4
+    grad_out = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    ref = torch.autograd.grad(want, ref_leaves, grad_out.double())
+    for name, a, e in zip(("dq", "dk", "dv"), got, ref):
+        assert max_err(a, e) < 1e-4, name
+
+
+def test_errors():
+    q = torch.randn(10, 2, 8, device=DEVICE)
+    config = FixedSparsityConfig(num_heads=2, block=4)
+    good = cu([4, 6])
+
+    def call(cq, ck, layout=config, **kw):
+        return block_sparse_attention_varlen(q, q, q, cq, ck, layout, block=4, **kw)
+
+    assert_raises_with(ValueError, ["cu_seqlens_q", "int32"], call, good.long(), good)
+    assert_raises_with(
+        ValueError, ["cu_seqlens_k", "from 0 to the packed length 10"], call, good, cu([4, 5])
+    )
+    bad = torch.tensor([0, 7, 4, 10], dtype=torch.int32, device=DEVICE)
+    assert_raises_with(ValueError, ["non-decreasing"], call, bad, bad)
+    assert_raises_with(
+        ValueError, ["max_seqlen = 5", "a sequence of 6"], call, good, good, max_seqlen_k=5
+    )
+    shifted = torch.tensor([0, 5, 10], dtype=torch.int32, device=DEVICE)
+    assert_raises_with(ValueError, ["no more queries than keys"], call, shifted, good)
+    n = torch.ones(2, 2, 2, dtype=torch.int32, device=DEVICE)
+    lists = KVBlocks(n, torch.ones(2, 2, 2, 1, dtype=torch.int32, device=DEVICE))  # block 1
+    assert_raises_with(ValueError, ["sequence 0 (1 key blocks)"], call, good, good, lists)
+    assert_raises_with(
+        ValueError, ["backend", "'fused' or 'reference'"], call, good, good, backend="unfused"
+    )
