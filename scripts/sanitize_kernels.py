@@ -1,7 +1,7 @@
 """Run every attention kernel once on odd shapes, for ``compute-sanitizer`` (memcheck):
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
-gradient, causal, packed variable-length sequences; the fused
+gradient, causal, packed variable-length sequences, a paged KV cache; the fused
 kernels through pointers and through tensor descriptors (Hopper), the unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
@@ -123,6 +123,21 @@ def main() -> int:
     finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
     bad += not finite
     print(f"varlen (3 sequences, GQA, bf16): {'ok' if finite else 'NOT FINITE'}", flush=True)
+    # one new token per sequence against a paged cache (its layout row gathered on the GPU)
+    from blocksparse_attn import block_sparse_decode
+
+    pages = torch.randn(12, 32, 2, 64, device="cuda", dtype=torch.bfloat16)
+    table = torch.randperm(12, device="cuda").view(3, 4).to(torch.int32)
+    lens = torch.tensor([0, 57, 127], dtype=torch.int32, device="cuda")
+    new = torch.randn(3, 1, 2, 64, device="cuda", dtype=torch.bfloat16)
+    q1 = torch.randn(3, 1, 4, 64, device="cuda", dtype=torch.bfloat16)
+    out = block_sparse_decode(
+        q1, pages, pages.clone(), lens, config, block=16, k_new=new, v_new=new, block_table=table
+    )
+    torch.cuda.synchronize()
+    finite = bool(torch.isfinite(out).all())
+    bad += not finite
+    print(f"decode (paged, 3 sequences): {'ok' if finite else 'NOT FINITE'}", flush=True)
     return 1 if bad else 0
 
 

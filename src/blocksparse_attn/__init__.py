@@ -29,6 +29,7 @@ _EXPORTS = {
     "reference_attention": ".reference",
     "block_sparse_attention": ".functional",
     "block_sparse_attention_varlen": ".varlen",
+    "block_sparse_decode": ".decode",
     "MatMul": ".ops.matmul",
     "Softmax": ".ops.softmax",
     "to_sparse": ".compressed",

@@ -1,0 +1,250 @@
+"""Attention of new tokens against a KV cache (functional layer): ``block_sparse_decode``.
+
+The new queries of sequence ``b`` are the last ``L_new`` of its ``n_b`` tokens (``n_b`` =
+``cache_seqlens[b]``, plus ``L_new`` when ``k_new``/``v_new`` are appended), and each uses
+the layout row of its absolute position, as in prefill.
+
+One new token per sequence (decoding) runs on the cache in place: the cache is read as
+``[B, H_kv, L_max, D]`` through its strides, each sequence's single query sees every key
+before ``n_b`` (a key padding mask hides the rest), and its layout row is gathered on the
+device. Several new tokens (chunked prefill, speculative decoding) go through
+:func:`~blocksparse_attn.block_sparse_attention_varlen`, which copies each sequence's
+cached keys into a packed batch. A paged cache (``block_table``) is gathered into a
+contiguous one first (a copy); kernels that read pages directly, and a split of one long
+sequence's keys across programs, are not built yet.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ._errors import bad_argument, describe
+from .kv_blocks import KVBlocks
+from .patterns import SparsityConfig
+
+
+def _rows(layout, n_keys: int, block: int, device) -> KVBlocks:
+    """Block lists ``[B_l, H_l, nb]`` of the pattern over ``n_keys`` tokens (rows =
+    absolute query blocks, each row's blocks ascending)."""
+    if isinstance(layout, KVBlocks):
+        return layout
+    if isinstance(layout, SparsityConfig):
+        grid = layout.make_layout(n_keys)
+    else:
+        grid = layout(n_keys, device)
+    return KVBlocks.from_layout(grid.to(device) != 0)
+
+
+def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:
+    """Lists shared by the batch expanded to ``B`` sequences."""
+    if lists.shape[0] == B:
+        return lists
+    return KVBlocks(
+        lists.num_blocks.expand(B, -1, -1), lists.indices.expand(B, -1, -1, -1), lists.trusted
+    )
+
+
+def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
+    """The lists with the key blocks at or past ``nb [B, 1, 1]`` (not yet written) dropped,
+    used entries first. Device operations only."""
+    width = lists.indices.shape[-1]
+    used = torch.arange(width, device=nb.device) < lists.num_blocks[..., None]
+    keep = used & (lists.indices < nb[..., None])
+    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+    return KVBlocks(
+        keep.sum(-1).to(torch.int32), lists.indices.gather(-1, order), trusted=lists.trusted
+    )
+
+
+def _contiguous_cache(where, k_cache, v_cache, block_table, block):
+    """``(k, v)`` as ``[B, L_max, H_kv, D]``: the cache itself, or the pages of
+    ``block_table`` gathered (a copy)."""
+    if block_table is None:
+        return k_cache, v_cache
+    pages = k_cache.shape[0]
+    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+        if bool(((block_table < 0) | (block_table >= pages)).any()):
+            raise bad_argument(
+                where,
+                "block_table",
+                f"page numbers in [0, {pages})",
+                f"values up to {int(block_table.max())}",
+            )
+    B = block_table.shape[0]
+    k = k_cache[block_table.long()].reshape(B, -1, *k_cache.shape[2:])
+    v = v_cache[block_table.long()].reshape(B, -1, *v_cache.shape[2:])
+    return k, v
+
+
+def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
+    if (
+        not isinstance(block_table, torch.Tensor)
+        or block_table.dim() != 2
+        or block_table.shape[0] != B
+        or block_table.dtype != torch.int32
+    ):
+        raise bad_argument(
+            where, "block_table", f"an int32 tensor [{B}, max_pages]", describe(block_table)
+        )
+    if k_cache.shape[1] % block:
+        raise bad_argument(
+            where,
+            "k_cache",
+            f"pages of a multiple of block={block} tokens",
+            f"page size {k_cache.shape[1]}",
+            "allocate the paged cache with pages of whole blocks.",
+        )
+
+
+def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
+    """Write ``k_new``/``v_new`` ``[B, L_new, H_kv, D]`` into the cache at
+    ``cache_seqlens`` (through the pages of ``block_table`` when given), in place."""
+    B, L_new = k_new.shape[:2]
+    pos = cache_seqlens.long()[:, None] + torch.arange(L_new, device=k_new.device)
+    rows = torch.arange(B, device=k_new.device)[:, None].expand(B, L_new)
+    if block_table is None:
+        index = (rows, pos)
+    else:
+        page_size = k_cache.shape[1]
+        page = block_table.long()[rows, pos // page_size]
+        index = (page, pos % page_size)
+    k_cache.index_put_(index, k_new)
+    v_cache.index_put_(index, v_new)
+
+
+def block_sparse_decode(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cache_seqlens: torch.Tensor,
+    layout,
+    *,
+    block: int,
+    k_new: torch.Tensor | None = None,
+    v_new: torch.Tensor | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    block_table: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention of ``L_new`` new queries per sequence against a KV cache, appending the
+    new keys and values first.
+
+    Args:
+        q: ``[B, L_new, H, D]``.
+        k_cache, v_cache: ``[B, L_max, H_kv, D]`` with ``L_max`` a multiple of ``block``,
+            or pages ``[num_pages, page_size, H_kv, D]`` with ``block_table``.
+        cache_seqlens: int32 ``[B]``, the tokens each sequence has in the cache (not
+            updated here, as in FlashAttention's ``flash_attn_with_kvcache``).
+        layout: the pattern over a sequence's absolute blocks: a
+            :class:`~blocksparse_attn.SparsityConfig`, a callable ``(seq_len, device) ->
+            [H_l, nb, nb]``, or :class:`~blocksparse_attn.KVBlocks` ``[B or 1, H_l, nb]``.
+        block: layout block size in tokens.
+        k_new, v_new: ``[B, L_new, H_kv, D]`` written into the cache at ``cache_seqlens``
+            (in place) before attending; the cache must have room.
+        causal: a new query sees the keys up to its own position (bottom-right aligned).
+        scale: score scale, default ``D ** -0.5``.
+        block_table: int32 ``[B, max_pages]``, page numbers of each sequence (paged
+            cache; pages of a multiple of ``block`` tokens).
+        return_lse: also return the log-sum-exp ``[B, L_new, H]``.
+        backend: ``'auto'``, ``'fused'`` or ``'reference'``.
+
+    Returns ``out [B, L_new, H, D]`` (and ``lse``).
+    """
+    from .functional import block_sparse_attention
+    from .varlen import block_sparse_attention_varlen
+
+    where = "block_sparse_decode"
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        raise bad_argument(where, "q", "a 4-D tensor [B, L_new, H, D]", describe(q))
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise bad_argument(where, name, "a 4-D tensor [B, L_max, H_kv, D]", describe(t))
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+    B, L_new, H, D = q.shape
+    if (
+        not isinstance(cache_seqlens, torch.Tensor)
+        or cache_seqlens.shape != (B,)
+        or cache_seqlens.dtype != torch.int32
+    ):
+        raise bad_argument(
+            where, "cache_seqlens", f"an int32 tensor [{B}]", describe(cache_seqlens)
+        )
+    if (k_new is None) != (v_new is None):
+        raise bad_argument(where, "k_new, v_new", "both or neither", "only one of them")
+    if block_table is not None:
+        _check_pages(where, k_cache, block_table, B, block)
+    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
+    L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    if block_table is None and L_max % block:
+        raise bad_argument(
+            where,
+            "k_cache",
+            f"a cache length that is a multiple of block={block}",
+            f"L_max = {L_max}",
+            "allocate the cache rounded up to the block.",
+        )
+    n = cache_seqlens.long() + (L_new if k_new is not None else 0)  # tokens after appending
+    if not capturing:
+        if bool((n > L_max).any()) or bool((n < L_new).any()):
+            raise bad_argument(
+                where,
+                "cache_seqlens",
+                f"lengths with room for the new tokens (cache_seqlens + new <= {L_max}) "
+                f"that hold the {L_new} new queries' positions",
+                f"cache_seqlens {cache_seqlens.tolist()[:8]} with {L_new} new tokens",
+            )
+    if k_new is not None:
+        _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
+    k, v = _contiguous_cache(where, k_cache, v_cache, block_table, block)
+    lists = _rows(layout, L_max, block, q.device)
+    nb = -(-n // block)
+    if L_new == 1:  # on the cache in place: one query sees every key before n
+        lists = _per_sequence(lists, B)
+        heads = lists.shape[1]
+        row = ((n - 1) // block)[:, None, None].expand(B, heads, 1)  # the query's block
+        num = lists.num_blocks.gather(-1, row)
+        idx = lists.indices.gather(2, row[..., None].expand(-1, -1, -1, lists.indices.shape[-1]))
+        mine = _present(KVBlocks(num, idx, lists.trusted), nb[:, None, None])
+        q4 = torch.nn.functional.pad(q.permute(0, 2, 1, 3), (0, 0, 0, block - 1))
+        keep = torch.arange(L_max, device=q.device)[None, :] < n[:, None]
+        result = block_sparse_attention(
+            q4,
+            k.permute(0, 2, 1, 3),
+            v.permute(0, 2, 1, 3),
+            mine,
+            block=block,
+            scale=scale,
+            key_padding_mask=keep,
+            key_padding_mask_mode="mul",
+            backend=backend,
+            return_lse=return_lse,
+        )
+        out, lse = result if return_lse else (result, None)
+        out = out[:, :, :1].permute(0, 2, 1, 3)
+        return (out, lse[:, :, :1].transpose(1, 2)) if return_lse else out
+    # several new queries: a packed batch of each sequence's keys (a copy; selecting them
+    # reads the lengths on the host)
+    cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * L_new
+    cu_k = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)]).to(torch.int32)
+    keys = torch.arange(L_max, device=q.device)[None, :] < n[:, None]
+    per_seq = _per_sequence(lists, B)
+    result = block_sparse_attention_varlen(
+        q.reshape(B * L_new, H, D),
+        k[keys],
+        v[keys],
+        cu_q,
+        cu_k,
+        _present(per_seq, nb[:, None, None]),
+        block=block,
+        causal=causal,
+        scale=scale,
+        return_lse=return_lse,
+        backend=backend,
+    )
+    if return_lse:
+        out, lse = result
+        return out.view(B, L_new, H, D), lse.view(B, L_new, H)
+    return result.view(B, L_new, H, D)

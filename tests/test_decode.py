@@ -1,0 +1,151 @@
+"""Attention against a KV cache: every backend against a direct computation in fp64 over
+each sequence's keys (one new token on the cache in place, several new tokens, without
+appending, a paged cache, block lists), the append itself, and the errors."""
+
+import pytest
+import torch
+
+from blocksparse_attn import FixedSparsityConfig, KVBlocks, block_sparse_decode
+
+from attention_cases import max_err, poison
+from helpers import DEVICE, assert_raises_with
+
+pytestmark = pytest.mark.interpreter
+
+B, H, HKV, D, BLOCK, L_MAX = 3, 4, 2, 16, 16, 128
+CONFIG = FixedSparsityConfig(
+    num_heads=HKV, block=BLOCK, num_local_blocks=2, attention="unidirectional"
+)
+
+
+def direct(q, k, v, n, grid, causal=True):
+    """Per sequence: its queries at positions n - L_new .., its keys [0, n), the layout row
+    of each query's block, fp64."""
+    L_new = q.shape[1]
+    outs = []
+    for b in range(q.shape[0]):
+        pos = torch.arange(L_new) + int(n[b]) - L_new
+        keys = torch.arange(int(n[b]))
+        g = grid.repeat_interleave(H // grid.shape[0], 0) != 0
+        keep = g[:, pos // BLOCK][:, :, keys // BLOCK]
+        if causal:
+            keep = keep & (keys[None, :] <= pos[:, None])
+        qs = q[b].double().transpose(0, 1)  # [H, L_new, D]
+        ks = k[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(H // HKV, 0)
+        vs = v[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(H // HKV, 0)
+        s = (qs @ ks.transpose(-1, -2)) * D**-0.5
+        s = s.masked_fill(~keep.to(s.device), float("-inf"))
+        outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+    return torch.stack(outs)
+
+
+def problem(L_new, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, L_new, H, D, generator=g).to(DEVICE)
+    k_cache, v_cache = (torch.randn(B, L_MAX, HKV, D, generator=g).to(DEVICE) for _ in range(2))
+    k_new, v_new = (torch.randn(B, L_new, HKV, D, generator=g).to(DEVICE) for _ in range(2))
+    seqlens = torch.tensor([5, 63 - L_new + 1, 100], dtype=torch.int32, device=DEVICE)
+    return q, k_cache, v_cache, k_new, v_new, seqlens
+
+
+@pytest.mark.parametrize("backend", ["fused", "reference"])
+@pytest.mark.parametrize("L_new", [1, 5])
+@pytest.mark.parametrize("form", ["config", "lists"])
+def test_appends_and_attends(monkeypatch, backend, L_new, form):
+    poison(monkeypatch)
+    q, k_cache, v_cache, k_new, v_new, seqlens = problem(L_new)
+    before = k_cache.clone()
+    grid = CONFIG.make_layout(L_MAX)
+    layout = CONFIG if form == "config" else KVBlocks.from_layout(grid.to(DEVICE))
+    out = block_sparse_decode(
+        q, k_cache, v_cache, seqlens, layout, block=BLOCK, k_new=k_new, v_new=v_new, backend=backend
+    )
+    for b in range(B):  # the new keys were written after each sequence's cached ones
+        s = int(seqlens[b])
+        assert torch.equal(k_cache[b, s : s + L_new], k_new[b])
+        assert torch.equal(k_cache[b, :s], before[b, :s])
+    want = direct(q, k_cache, v_cache, seqlens.long() + L_new, grid)
+    assert out.shape == q.shape and max_err(out, want) < 1e-4
+
+
+@pytest.mark.parametrize("L_new", [1, 3])
+def test_without_appending_the_last_tokens_are_the_queries(monkeypatch, L_new):
+    poison(monkeypatch)
+    q, k_cache, v_cache, _, _, seqlens = problem(L_new, seed=1)
+    out = block_sparse_decode(q, k_cache, v_cache, seqlens, CONFIG, block=BLOCK, backend="fused")
+    want = direct(q, k_cache, v_cache, seqlens, CONFIG.make_layout(L_MAX))
+    assert max_err(out, want) < 1e-4
+
+
+@pytest.mark.parametrize("L_new", [1, 3])
+def test_paged_cache(monkeypatch, L_new):
+    poison(monkeypatch)
+    q, k_cache, v_cache, k_new, v_new, seqlens = problem(L_new, seed=2)
+    page = 32
+    order = torch.randperm(B * L_MAX // page, generator=torch.Generator().manual_seed(3))
+    table = order.view(B, L_MAX // page).to(torch.int32).to(DEVICE)
+    k_pages, v_pages = (
+        torch.empty(B * L_MAX // page, page, HKV, D, device=DEVICE) for _ in range(2)
+    )
+    for src, dst in ((k_cache, k_pages), (v_cache, v_pages)):
+        dst[table.long()] = src.view(B, L_MAX // page, page, HKV, D)
+    out = block_sparse_decode(
+        q,
+        k_pages,
+        v_pages,
+        seqlens,
+        CONFIG,
+        block=BLOCK,
+        k_new=k_new,
+        v_new=v_new,
+        block_table=table,
+    )
+    contiguous = block_sparse_decode(
+        q, k_cache, v_cache, seqlens, CONFIG, block=BLOCK, k_new=k_new, v_new=v_new
+    )
+    assert torch.equal(k_pages[table.long()].view(B, L_MAX, HKV, D), k_cache)
+    assert max_err(out, contiguous) < 1e-5
+
+
+def test_errors():
+    q, k_cache, v_cache, k_new, v_new, seqlens = problem(1)
+
+    def call(**kw):
+        args = dict(k_new=k_new, v_new=v_new, block=BLOCK)
+        args.update(kw)
+        return block_sparse_decode(
+            q, k_cache, v_cache, args.pop("seqlens", seqlens), CONFIG, **args
+        )
+
+    full = torch.full((B,), L_MAX, dtype=torch.int32, device=DEVICE)
+    assert_raises_with(ValueError, ["cache_seqlens", "room for the new tokens"], call, seqlens=full)
+    assert_raises_with(ValueError, ["cache_seqlens", "int32"], call, seqlens=seqlens.long())
+    assert_raises_with(ValueError, ["k_new, v_new", "both or neither"], call, v_new=None)
+    assert_raises_with(ValueError, ["multiple of block=48"], call, block=48)
+    pages = torch.zeros(4, 24, HKV, D, device=DEVICE)
+    table = torch.zeros(B, 2, dtype=torch.int32, device=DEVICE)
+    assert_raises_with(
+        ValueError,
+        ["pages of a multiple of block=16", "page size 24"],
+        block_sparse_decode,
+        q,
+        pages,
+        pages,
+        seqlens,
+        CONFIG,
+        block=BLOCK,
+        block_table=table,
+    )
+    pages = torch.zeros(4, 32, HKV, D, device=DEVICE)
+    assert_raises_with(
+        ValueError,
+        ["block_table", "page numbers in [0, 4)"],
+        block_sparse_decode,
+        q,
+        pages,
+        pages,
+        torch.ones(B, dtype=torch.int32, device=DEVICE),
+        CONFIG,
+        block=BLOCK,
+        block_table=table + 7,
+    )
