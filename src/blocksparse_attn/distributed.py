@@ -1,0 +1,380 @@
+"""Context parallelism on ``torch.distributed`` (functional layer): one sequence split across
+the ranks of a process group, each rank holding a contiguous shard of it.
+
+Two strategies, both exact:
+
+* ``"all_to_all"``: an all-to-all turns sequence shards of every head into whole sequences
+  of ``H / P`` heads; each rank runs attention on its heads (the layout's heads sliced to
+  match) and a second all-to-all turns the output back. Any layout; ``H`` and ``H_kv``
+  divisible by ``P``. Per rank it moves about ``(P - 1) / P`` of its q, k, v and output
+  shards each way (and as much again in the backward).
+* ``"kv_exchange"``: each rank keeps its queries and receives only the key/value blocks
+  that its rows of the layout attend and that other ranks hold (for a window, the
+  neighbours' edges and the global blocks), then attends its shard's keys after them, so
+  the causal diagonal stays where it is. Communication follows the layout's cross-shard
+  blocks, not ``L``; the gradients of received blocks go back to their owners and are
+  summed there.
+
+``"auto"`` picks the one that moves fewer bytes per rank by the counts above (``kv_exchange``
+when ``H`` or ``H_kv`` is not divisible by ``P``). The layout is read on the host (it is
+the same on every rank); shapes are compared across ranks before any other collective, so
+a mismatch raises on every rank instead of hanging.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from ._errors import bad_argument, describe
+
+STRATEGIES = ("auto", "all_to_all", "kv_exchange")
+
+
+def _group_size_rank(where, group):
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError(
+            f"{where}: torch.distributed is not initialised. Fix: call "
+            "torch.distributed.init_process_group(...) on every rank first (torchrun sets "
+            "up the environment for it)."
+        )
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def shard_sequence(x: torch.Tensor, group=None, dim: int = 2) -> torch.Tensor:
+    """This rank's contiguous shard of ``x`` along ``dim`` (the sequence), for the
+    sharding :func:`context_parallel_attention` expects: rank ``r`` of ``P`` holds
+    positions ``r * L / P`` to ``(r + 1) * L / P``."""
+    P, r = _group_size_rank("shard_sequence", group)
+    if x.shape[dim] % P:
+        raise bad_argument(
+            "shard_sequence",
+            "x",
+            f"a length along dim {dim} divisible by the {P} ranks",
+            describe(x),
+        )
+    return x.chunk(P, dim)[r].contiguous()
+
+
+class _AllGather(torch.autograd.Function):
+    """All-gather along ``dim``; the backward sums the gradient over ranks and keeps this
+    rank's part."""
+
+    @staticmethod
+    def forward(ctx, x, dim, group):
+        ctx.dim, ctx.group = dim, group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts, dim)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        rank, P = dist.get_rank(ctx.group), dist.get_world_size(ctx.group)
+        return grad.chunk(P, ctx.dim)[rank], None, None
+
+
+def unshard_sequence(x: torch.Tensor, group=None, dim: int = 2) -> torch.Tensor:
+    """The whole sequence from every rank's shard (differentiable)."""
+    _group_size_rank("unshard_sequence", group)
+    return _AllGather.apply(x, dim, group)
+
+
+class _AllToAll(torch.autograd.Function):
+    """Split ``x`` in ``P`` along ``split``, send part ``p`` to rank ``p``, concatenate what
+    arrives along ``cat`` (in rank order); the backward does the reverse."""
+
+    @staticmethod
+    def forward(ctx, x, split, cat, group):
+        ctx.split, ctx.cat, ctx.group = split, cat, group
+        return _all_to_all(x, split, cat, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_to_all(grad, ctx.cat, ctx.split, ctx.group), None, None, None
+
+
+def _all_to_all(x, split, cat, group):
+    P = dist.get_world_size(group)
+    inputs = [t.contiguous() for t in x.chunk(P, split)]
+    outputs = [torch.empty_like(inputs[0]) for _ in range(P)]
+    dist.all_to_all(outputs, inputs, group=group)
+    return torch.cat(outputs, cat)
+
+
+def _exchange_rows(x, send, sizes, group):
+    """Rows ``send[p]`` of ``x [B, h, n, D]`` (dim 2) to rank ``p``; ``sizes[p]`` rows
+    arrive from rank ``p``: ``[B, h, sum(sizes), D]`` in rank order. One uneven
+    all-to-all over a rows-first buffer."""
+    B, h, _, D = x.shape
+    rows_first = x.permute(2, 0, 1, 3)
+    out_rows = sum(sizes)
+    send_buf = torch.cat([rows_first.index_select(0, r).reshape(-1) for r in send])
+    recv_buf = x.new_empty(out_rows * B * h * D)
+    dist.all_to_all_single(
+        recv_buf,
+        send_buf,
+        output_split_sizes=[n * B * h * D for n in sizes],
+        input_split_sizes=[len(r) * B * h * D for r in send],
+        group=group,
+    )
+    return recv_buf.view(out_rows, B, h, D).permute(1, 2, 0, 3)
+
+
+class _Exchange(torch.autograd.Function):
+    """Send rows of this rank's shard to the ranks that need them (see
+    :func:`_exchange_rows`); the backward sends the gradients of the received rows back,
+    and the owner adds them into its rows (a row several ranks received sums their
+    gradients)."""
+
+    @staticmethod
+    def forward(ctx, x, send, sizes, group):
+        ctx.send, ctx.sizes, ctx.group, ctx.shape = send, sizes, group, x.shape
+        return _exchange_rows(x, send, sizes, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = [torch.arange(n, device=grad.device) for n in ctx.sizes]
+        offsets = [0]
+        for n in ctx.sizes:
+            offsets.append(offsets[-1] + n)
+        back = [r + o for r, o in zip(rows, offsets)]  # every received row, to its sender
+        returned = _exchange_rows(grad.contiguous(), back, [len(r) for r in ctx.send], ctx.group)
+        dx = grad.new_zeros(ctx.shape)
+        dx.index_add_(2, torch.cat(ctx.send), returned)
+        return dx, None, None, None
+
+
+def _check_across_ranks(where, P, group, local: list) -> None:
+    """Every rank's ``[passed its local checks, B, H, H_kv, S, D, layout heads, nb,
+    layout checksum]``, compared before anything else is exchanged, so that every rank
+    raises (the failing rank its own error, the others this one) instead of hanging."""
+    mine = torch.tensor([float(x) for x in local], dtype=torch.float64)
+    all_ranks = [torch.empty_like(mine) for _ in range(P)]
+    dist.all_gather(all_ranks, mine, group=group)
+    failed = [r for r, t in enumerate(all_ranks) if t[0] == 0]
+    if failed:
+        if mine[0] == 0:
+            return  # this rank raises its own error
+        raise RuntimeError(f"{where}: rank(s) {failed} refused their inputs (see their error).")
+    if any(not torch.equal(t, all_ranks[0]) for t in all_ranks):
+        shapes = [t[1:6].long().tolist() for t in all_ranks]
+        raise bad_argument(
+            where,
+            "q, k, v, layout",
+            "shards of one shape and the same layout on every rank",
+            f"per rank [B, H, H_kv, shard length, D]: {shapes} (layouts compared too)",
+            "shard the sequence evenly (shard_sequence) and pass the same layout everywhere.",
+        )
+
+
+def _host_grid(where, layout) -> torch.Tensor:
+    """The layout as a bool ``[B_l, H_l, nb, nb]`` tensor on the host."""
+    from .patterns._checks import layout_tensor
+
+    if isinstance(layout, torch.Tensor) and layout.dim() == 4:
+        return layout_tensor(where, layout.flatten(0, 1)).view(layout.shape).cpu() != 0
+    return layout_tensor(where, layout).unsqueeze(0).cpu() != 0
+
+
+def _checksum(layout, grid) -> float:
+    """A number that differs between layouts with high probability: the kept count of
+    each row, weighted by its position (cached per layout tensor)."""
+    from .index import _cached
+
+    def compute():
+        rows = grid.sum(-1).flatten().double()
+        weights = torch.arange(1, rows.numel() + 1, dtype=torch.float64).remainder(9973)
+        return float((rows * weights).sum())
+
+    return _cached(layout, ("cp-checksum",), compute)
+
+
+def _bytes_all_to_all(B, H, Hkv, S, D, P) -> float:
+    return 2 * (P - 1) / P * B * S * D * (2 * H + 2 * Hkv)  # q and out, k and v
+
+
+def _needed_blocks(grid: torch.Tensor, rank: int, nbs: int, causal: bool) -> torch.Tensor:
+    """Key blocks outside this rank's shard that its query blocks attend (any head or
+    sample), ascending."""
+    rows = grid[..., rank * nbs : (rank + 1) * nbs, :]
+    cols = rows.reshape(-1, grid.shape[-1]).any(0)
+    cols[rank * nbs : (rank + 1) * nbs] = False
+    if causal:
+        cols[(rank + 1) * nbs :] = False
+    return cols.nonzero().flatten()
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: torch.Tensor,
+    *,
+    block: int,
+    group=None,
+    strategy: str = "auto",
+    causal: bool = False,
+    scale: float | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    key_padding_mask_mode: str = "add",
+    rpe: torch.Tensor | None = None,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Block-sparse attention over a sequence split across the ranks of ``group``.
+
+    Args:
+        q: this rank's shard ``[B, H, S, D]`` (``S = L / P``, rank ``r`` holding positions
+            ``r * S`` to ``(r + 1) * S``; :func:`shard_sequence` cuts it); ``k``, ``v``:
+            ``[B, H_kv, S, D]``.
+        layout: the whole layout ``[H_l, L / block, L / block]`` (2-D, 3-D, or a layout per
+            sample ``[B, H_l, ., .]``), the same on every rank; ``S`` a multiple of
+            ``block``.
+        block, causal, scale, backend: as in
+            :func:`~blocksparse_attn.block_sparse_attention`.
+        group: the process group (default: the world).
+        strategy: ``"all_to_all"``, ``"kv_exchange"`` or ``"auto"`` (module docstring).
+        key_padding_mask: this rank's shard ``[B, S]`` of the mask, in
+            ``key_padding_mask_mode``.
+        rpe: this rank's query rows ``[B or 1, H or 1, S, L]`` of the bias.
+        return_lse: also return this rank's log-sum-exp ``[B, H, S]``.
+
+    Returns this rank's shard of the output ``[B, H, S, D]`` (and ``lse``). Gradients flow
+    back through the collectives to every rank's shards.
+    """
+    from .functional import block_sparse_attention
+
+    where = "context_parallel_attention"
+    P, rank = _group_size_rank(where, group)
+    # local checks first, then one collective that tells every rank whether all passed
+    error, summary = None, [0.0] * 8
+    try:
+        if strategy not in STRATEGIES:
+            raise bad_argument(
+                where, "strategy", " or ".join(map(repr, STRATEGIES)), repr(strategy)
+            )
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise bad_argument(where, name, "a 4-D shard [B, heads, S, D]", describe(t))
+        grid = _host_grid(where, layout)
+        B, H, S, D = q.shape
+        summary = [B, H, k.shape[1], S, D, *grid.shape[1:3], _checksum(layout, grid)]
+    except (ValueError, TypeError) as e:
+        error = e
+    _check_across_ranks(where, P, group, [error is None, *summary])
+    if error is not None:
+        raise error
+    Hkv = k.shape[1]
+    nb = grid.shape[-1]
+    if S % block or nb * block != P * S:
+        raise bad_argument(
+            where,
+            "layout",
+            f"{P} shards x {S} tokens = {P * S} tokens in blocks of {block} (shards of whole "
+            "blocks)",
+            f"a layout of {nb} blocks ({nb * block} tokens) over shards of {S}",
+        )
+    divisible = H % P == 0 and Hkv % P == 0
+    if strategy == "all_to_all" and not divisible:
+        raise bad_argument(
+            where,
+            "strategy",
+            f"'kv_exchange' or 'auto' when H ({H}) or H_kv ({Hkv}) is not divisible by the "
+            f"{P} ranks",
+            "'all_to_all'",
+        )
+    nbs = S // block
+    needed = [_needed_blocks(grid, r, nbs, causal) for r in range(P)]
+    if strategy == "auto":
+        exchanged = max(len(n) for n in needed) * block * B * D * 2 * Hkv * 2  # fwd + bwd
+        by_heads = _bytes_all_to_all(B, H, Hkv, S, D, P) if divisible else float("inf")
+        strategy = "kv_exchange" if exchanged <= by_heads else "all_to_all"
+    kw = dict(block=block, scale=scale, causal=causal, backend=backend, return_lse=return_lse)
+    if strategy == "all_to_all":
+        return _by_heads(
+            q,
+            k,
+            v,
+            grid,
+            rank,
+            P,
+            group,
+            key_padding_mask,
+            key_padding_mask_mode,
+            rpe,
+            kw,
+            block_sparse_attention,
+        )
+    return _by_key_blocks(
+        q,
+        k,
+        v,
+        grid,
+        needed,
+        rank,
+        P,
+        group,
+        key_padding_mask,
+        key_padding_mask_mode,
+        rpe,
+        kw,
+        block_sparse_attention,
+    )
+
+
+def _by_heads(q, k, v, grid, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
+    H = q.shape[1]
+    qh, kh, vh = (_AllToAll.apply(t, 1, 2, group) for t in (q, k, v))  # [B, h/P, L, D]
+    heads = grid.shape[1]
+    if heads > 1:  # the layout heads of my query heads (1, H_kv or H of them)
+        per = heads // P
+        grid = grid[:, rank * per : (rank + 1) * per]
+    lay = grid.to(q.device) if grid.shape[0] > 1 else grid[0].to(q.device)
+    if kpm is not None:
+        kpm = unshard_sequence(kpm, group, dim=1)
+    if rpe is not None:
+        rpe = rpe.expand(-1, H, -1, -1) if rpe.shape[1] == 1 else rpe
+        rpe = _AllToAll.apply(rpe, 1, 2, group)  # my heads, every query row
+    result = attend(
+        qh, kh, vh, lay, key_padding_mask=kpm, key_padding_mask_mode=kpm_mode, rpe=rpe, **kw
+    )
+    out, lse = result if kw["return_lse"] else (result, None)
+    out = _AllToAll.apply(out, 2, 1, group)  # back to [B, H, S, D]
+    if lse is None:
+        return out
+    return out, _AllToAll.apply(lse.unsqueeze(-1), 2, 1, group).squeeze(-1)
+
+
+def _by_key_blocks(q, k, v, grid, needed, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
+    S = q.shape[2]
+    block = kw["block"]
+    nbs = S // block
+    dev = q.device
+
+    def rows_of(blocks):  # token rows (within their shard) of global key blocks
+        offs = torch.arange(block)
+        return ((blocks % nbs)[:, None] * block + offs).flatten().to(dev)
+
+    # what I send to each rank: the blocks of my shard it needs; what I receive from each
+    send = [rows_of(n[(n // nbs) == rank]) for n in needed]
+    mine = needed[rank]
+    sizes = [int(((mine // nbs) == p).sum()) * block for p in range(P)]
+    k_in, v_in = (_Exchange.apply(t, send, sizes, group) for t in (k, v))
+    foreign = (mine[:, None] * block + torch.arange(block)).flatten().to(dev)  # positions
+    # keys: the received blocks (ascending: by owner, then block), then my whole shard
+    kk = torch.cat([k_in, k], 2)
+    vv = torch.cat([v_in, v], 2)
+    cols = torch.cat([mine, torch.arange(rank * nbs, (rank + 1) * nbs)])
+    lay = grid[..., rank * nbs : (rank + 1) * nbs, :][..., cols]
+    lay = lay.to(dev) if lay.shape[0] > 1 else lay[0].to(dev)
+    if kpm is not None:
+        full = unshard_sequence(kpm, group, dim=1)
+        kpm = torch.cat([full[:, foreign], kpm], 1)
+    if rpe is not None:  # my rows, the columns of the keys as laid out here
+        own = torch.arange(rank * S, (rank + 1) * S, device=dev)
+        rpe = rpe.index_select(3, torch.cat([foreign, own]))
+    return attend(
+        q, kk, vv, lay, key_padding_mask=kpm, key_padding_mask_mode=kpm_mode, rpe=rpe, **kw
+    )

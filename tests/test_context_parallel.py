@@ -1,0 +1,136 @@
+"""Context parallelism over gloo (CPU processes): each strategy's output, log-sum-exp and
+gradient shards equal the single-process result, for window+global, BigBird, causal fixed
+and random layouts with grouped K/V heads, a key padding mask and rpe; and every rank
+raises, none hangs, on bad input."""
+
+import math
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from blocksparse_attn import (
+    BigBirdSparsityConfig,
+    FixedSparsityConfig,
+    block_sparse_attention,
+)
+from blocksparse_attn.distributed import context_parallel_attention, shard_sequence
+
+B, H, HKV, L, D, BLOCK = 2, 8, 4, 256, 8, 16
+
+
+def layouts():
+    nb = L // BLOCK
+    window = torch.ones(nb, nb, dtype=torch.bool).triu(-1).tril(1)
+    window[:, :1] = window[:1, :] = True  # one global block
+    g = torch.Generator().manual_seed(5)
+    random = torch.rand(HKV, nb, nb, generator=g) < 0.2
+    return {
+        "window_global": (window.long(), False),
+        "bigbird": (BigBirdSparsityConfig(H, BLOCK, seed=3).make_layout(L), False),
+        "causal_fixed": (
+            FixedSparsityConfig(
+                1, BLOCK, num_local_blocks=4, attention="unidirectional"
+            ).make_layout(L),
+            True,
+        ),
+        "random": (random.long(), True),
+    }
+
+
+def _exact(rank, P, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    try:
+        torch.manual_seed(0)
+        q = torch.randn(B, H, L, D, dtype=torch.float64)
+        k, v = (torch.randn(B, HKV, L, D, dtype=torch.float64) for _ in range(2))
+        kpm = torch.zeros(B, L, dtype=torch.float64)
+        kpm[1, -7:] = -math.inf
+        rpe = 0.1 * torch.randn(1, H, L, L, dtype=torch.float64)
+        grad_out = torch.randn(B, H, L, D, dtype=torch.float64)
+        for name, (layout, causal) in layouts().items():
+            leaves = [t.clone().requires_grad_() for t in (q, k, v, rpe)]
+            kw = dict(block=BLOCK, causal=causal, backend="reference")
+            out, lse = block_sparse_attention(
+                *leaves[:3], layout, key_padding_mask=kpm, rpe=leaves[3], return_lse=True, **kw
+            )
+            full = (out, lse, *torch.autograd.grad(out, leaves, grad_out))
+            for strategy in ("all_to_all", "kv_exchange"):
+                shards = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
+                rpe_rows = rpe.chunk(P, 2)[rank].clone().requires_grad_()
+                out, lse = context_parallel_attention(
+                    *shards,
+                    layout,
+                    strategy=strategy,
+                    key_padding_mask=shard_sequence(kpm, dim=1),
+                    rpe=rpe_rows,
+                    return_lse=True,
+                    **kw,
+                )
+                grads = torch.autograd.grad(out, [*shards, rpe_rows], shard_sequence(grad_out))
+                mine = (
+                    shard_sequence(full[0]),
+                    shard_sequence(full[1]),
+                    *(shard_sequence(g) for g in full[2:5]),
+                    full[5].chunk(P, 2)[rank],
+                )
+                got = (out, lse, *grads)
+                for what, a, e in zip(("out", "lse", "dq", "dk", "dv", "drpe"), got, mine):
+                    ok = torch.allclose(a, e, atol=1e-9) or (
+                        what == "lse"
+                        and torch.equal(torch.isinf(a), torch.isinf(e))
+                        and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=1e-9)
+                    )
+                    assert ok, f"{name} {strategy} {what} rank {rank}: {(a - e).abs().max()}"
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@pytest.mark.parametrize("P", [2, 4])
+def test_strategies_equal_one_process(tmp_path, P):
+    mp.spawn(_exact, args=(P, str(tmp_path / "rendezvous")), nprocs=P, join=True)
+
+
+def _bad(rank, P, init_file, errors):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    try:
+        layout = torch.ones(L // BLOCK, L // BLOCK, dtype=torch.long)
+        S = L // P if rank == 0 else L // P - BLOCK  # rank 1's shard is a block short
+        q = torch.randn(1, H, S, D)
+        try:
+            context_parallel_attention(q, q[:, :HKV], q[:, :HKV], layout, block=BLOCK)
+        except (ValueError, RuntimeError) as e:
+            errors[rank] = str(e)
+        q = torch.randn(1, H, L // P, D)
+        bad_layout = layout.float() if rank == 1 else layout  # a float layout on rank 1
+        try:
+            context_parallel_attention(q, q, q, bad_layout, block=BLOCK)
+        except (ValueError, RuntimeError) as e:
+            errors[rank + P] = str(e)
+        try:  # 3 heads over 2 ranks
+            context_parallel_attention(
+                q[:, :3], q[:, :3], q[:, :3], layout, block=BLOCK, strategy="all_to_all"
+            )
+        except ValueError as e:
+            errors[rank + 2 * P] = str(e)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_bad_input_raises_on_every_rank(tmp_path):
+    errors = mp.Manager().dict()
+    mp.spawn(_bad, args=(2, str(tmp_path / "rendezvous"), errors), nprocs=2, join=True)
+    assert "shards of one shape" in errors[0] and "shards of one shape" in errors[1]
+    assert "must be an integer or bool tensor" in errors[3]  # the rank with the float layout
+    assert "rank(s) [1] refused their inputs" in errors[2]
+    assert all("'kv_exchange' or 'auto' when H (3)" in errors[i] for i in (4, 5))
+
+
+def test_not_initialised_is_an_error():
+    q = torch.randn(1, 2, 32, 8)
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        context_parallel_attention(q, q, q, torch.ones(2, 2, dtype=torch.long), block=16)
