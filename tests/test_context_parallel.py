@@ -94,6 +94,39 @@ def test_strategies_equal_one_process(tmp_path, P):
     mp.spawn(_exact, args=(P, str(tmp_path / "rendezvous")), nprocs=P, join=True)
 
 
+def _module(rank, P, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    try:
+        from blocksparse_attn import SparseSelfAttention
+
+        config = FixedSparsityConfig(H, BLOCK, num_local_blocks=4, attention="unidirectional")
+        whole = SparseSelfAttention(config, max_seq_length=L, backend="reference")
+        sharded = SparseSelfAttention(
+            config,
+            max_seq_length=L,
+            backend="reference",
+            context_parallel_group=dist.group.WORLD,
+            context_parallel_strategy="kv_exchange",
+        )
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for _ in range(3))
+        kpm = torch.zeros(B, L, dtype=torch.float64)
+        kpm[0, -3:] = -math.inf
+        want = shard_sequence(whole(q, k, v, key_padding_mask=kpm))
+        got = sharded(
+            *(shard_sequence(t) for t in (q, k, v)), key_padding_mask=shard_sequence(kpm, dim=1)
+        )
+        assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_module_with_a_context_parallel_group(tmp_path):
+    mp.spawn(_module, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
 def _bad(rank, P, init_file, errors):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
     try:

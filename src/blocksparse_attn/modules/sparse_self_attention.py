@@ -25,6 +25,12 @@ class SparseSelfAttention(nn.Module):
             ``True`` when the config's ``attention`` is ``'unidirectional'``.
         backend: ``'auto'``, ``'fused'``, ``'unfused'`` or ``'reference'``
             (see :func:`~blocksparse_attn.block_sparse_attention`).
+        context_parallel_group: a ``torch.distributed`` process group (or
+            ``torch.distributed.group.WORLD``) across which each sequence is sharded: the
+            inputs, ``key_padding_mask`` and the output are this rank's contiguous shard,
+            ``rpe`` its query rows (see
+            :func:`~blocksparse_attn.distributed.context_parallel_attention`).
+        context_parallel_strategy: ``'auto'``, ``'all_to_all'`` or ``'kv_exchange'``.
 
     The layout is the buffer ``master_layout`` (saved in ``state_dict``, moved by ``.to()``).
     When ``torch.distributed`` is initialised, rank 0's layout is broadcast to every rank
@@ -47,6 +53,8 @@ class SparseSelfAttention(nn.Module):
         *,
         causal: bool | None = None,
         backend: str = "auto",
+        context_parallel_group=None,
+        context_parallel_strategy: str = "auto",
     ):
         super().__init__()
         where = "SparseSelfAttention"
@@ -73,6 +81,8 @@ class SparseSelfAttention(nn.Module):
             causal = getattr(sparsity_config, "attention", None) == "unidirectional"
         self.causal = bool(causal)
         self.register_buffer("master_layout", sparsity_config.make_layout(max_seq_length))
+        self.context_parallel_group = context_parallel_group
+        self.context_parallel_strategy = context_parallel_strategy
         self._need_layout_synchronization = True
         self._layouts: dict[int, torch.Tensor] = {}
         self._ops: dict[tuple, tuple] = {}
@@ -206,6 +216,8 @@ class SparseSelfAttention(nn.Module):
                 "build the config with the number of heads of this layer "
                 "(heads per model-parallel partition).",
             )
+        if self.context_parallel_group is not None:
+            return self._context_parallel(query, key, value, rpe, key_padding_mask, attn_mask)
         layout = self.get_layout(L)
         return block_sparse_attention(
             query,
@@ -219,6 +231,36 @@ class SparseSelfAttention(nn.Module):
             attn_mask=attn_mask,
             key_padding_mask_mode=self.key_padding_mask_mode,
             attn_mask_mode=self.attn_mask_mode,
+            backend=self.backend,
+        )
+
+    def _context_parallel(self, query, key, value, rpe, key_padding_mask, attn_mask):
+        """Forward on this rank's shard of a sequence split across
+        ``context_parallel_group``."""
+        import torch.distributed as dist
+
+        from ..distributed import context_parallel_attention
+
+        if attn_mask is not None:
+            raise NotImplementedError(
+                "SparseSelfAttention: attn_mask with context parallelism is not supported. "
+                "Fix: express it in the layout, or use key_padding_mask and rpe."
+            )
+        if key_padding_mask is not None and key_padding_mask.dim() == 4:  # BERT's [B,1,1,S]
+            key_padding_mask = key_padding_mask.reshape(key_padding_mask.shape[0], -1)
+        P = dist.get_world_size(self.context_parallel_group)
+        return context_parallel_attention(
+            query,
+            key,
+            value,
+            self.get_layout(query.shape[2] * P),
+            block=self.block,
+            group=self.context_parallel_group,
+            strategy=self.context_parallel_strategy,
+            causal=self.causal,
+            key_padding_mask=key_padding_mask,
+            key_padding_mask_mode=self.key_padding_mask_mode,
+            rpe=rpe,
             backend=self.backend,
         )
 
