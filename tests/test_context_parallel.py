@@ -39,19 +39,27 @@ def layouts():
     }
 
 
-def _exact(rank, P, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+def _exact(rank, P, init_file, gpu=False):
+    """Every strategy against one process's result: fp64 on the reference backend over
+    gloo, or fp32 on the fused kernels over NCCL (one GPU per rank)."""
+    if gpu:
+        torch.cuda.set_device(rank)
+    dist.init_process_group(
+        "nccl" if gpu else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=P
+    )
+    dtype, dev = (torch.float32, "cuda") if gpu else (torch.float64, "cpu")
+    tol = 2e-4 if gpu else 1e-9
     try:
         torch.manual_seed(0)
-        q = torch.randn(B, H, L, D, dtype=torch.float64)
-        k, v = (torch.randn(B, HKV, L, D, dtype=torch.float64) for _ in range(2))
-        kpm = torch.zeros(B, L, dtype=torch.float64)
+        q = torch.randn(B, H, L, D, dtype=dtype).to(dev)
+        k, v = (torch.randn(B, HKV, L, D, dtype=dtype).to(dev) for _ in range(2))
+        kpm = torch.zeros(B, L, dtype=dtype).to(dev)
         kpm[1, -7:] = -math.inf
-        rpe = 0.1 * torch.randn(1, H, L, L, dtype=torch.float64)
-        grad_out = torch.randn(B, H, L, D, dtype=torch.float64)
+        rpe = 0.1 * torch.randn(1, H, L, L, dtype=dtype).to(dev)
+        grad_out = torch.randn(B, H, L, D, dtype=dtype).to(dev)
         for name, (layout, causal) in layouts().items():
             leaves = [t.clone().requires_grad_() for t in (q, k, v, rpe)]
-            kw = dict(block=BLOCK, causal=causal, backend="reference")
+            kw = dict(block=BLOCK, causal=causal, backend="fused" if gpu else "reference")
             out, lse = block_sparse_attention(
                 *leaves[:3], layout, key_padding_mask=kpm, rpe=leaves[3], return_lse=True, **kw
             )
@@ -77,10 +85,10 @@ def _exact(rank, P, init_file):
                 )
                 got = (out, lse, *grads)
                 for what, a, e in zip(("out", "lse", "dq", "dk", "dv", "drpe"), got, mine):
-                    ok = torch.allclose(a, e, atol=1e-9) or (
+                    ok = torch.allclose(a, e, atol=tol) or (
                         what == "lse"
                         and torch.equal(torch.isinf(a), torch.isinf(e))
-                        and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=1e-9)
+                        and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=tol)
                     )
                     assert ok, f"{name} {strategy} {what} rank {rank}: {(a - e).abs().max()}"
         dist.barrier()
@@ -92,6 +100,14 @@ def _exact(rank, P, init_file):
 @pytest.mark.parametrize("P", [2, 4])
 def test_strategies_equal_one_process(tmp_path, P):
     mp.spawn(_exact, args=(P, str(tmp_path / "rendezvous")), nprocs=P, join=True)
+
+
+@pytest.mark.skipif(
+    not (dist.is_available() and dist.is_nccl_available() and torch.cuda.device_count() >= 2),
+    reason="needs two CUDA GPUs and NCCL",
+)
+def test_strategies_on_two_gpus_with_nccl(tmp_path):
+    mp.spawn(_exact, args=(2, str(tmp_path / "rendezvous"), True), nprocs=2, join=True)
 
 
 def _module(rank, P, init_file):
