@@ -17,7 +17,9 @@ Two strategies, both exact:
 
 ``"auto"`` picks the one that moves fewer bytes per rank by the counts above (``kv_exchange``
 when ``H`` or ``H_kv`` is not divisible by ``P``). The layout is read on the host (it is
-the same on every rank); shapes are compared across ranks before any other collective, so
+the same on every rank), once per layout tensor and again after an in-place edit; each
+rank's part of it is one cached tensor, so its compiled index is cached too. Shapes are
+compared across ranks before any other collective, so
 a mismatch raises on every rank instead of hanging.
 """
 
@@ -27,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from ._errors import bad_argument, describe
+from .index import _cached
 
 STRATEGIES = ("auto", "all_to_all", "kv_exchange")
 
@@ -181,7 +184,6 @@ def _host_grid(where, layout) -> torch.Tensor:
 def _checksum(layout, grid) -> float:
     """A number that differs between layouts with high probability: the kept count of
     each row, weighted by its position (cached per layout tensor)."""
-    from .index import _cached
 
     def compute():
         rows = grid.sum(-1).flatten().double()
@@ -258,7 +260,7 @@ def context_parallel_attention(
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise bad_argument(where, name, "a 4-D shard [B, heads, S, D]", describe(t))
-        grid = _host_grid(where, layout)
+        grid = _cached(layout, ("cp-grid",), lambda: _host_grid(where, layout))
         B, H, S, D = q.shape
         summary = [B, H, k.shape[1], S, D, *grid.shape[1:3], _checksum(layout, grid)]
     except (ValueError, TypeError) as e:
@@ -286,7 +288,11 @@ def context_parallel_attention(
             "'all_to_all'",
         )
     nbs = S // block
-    needed = [_needed_blocks(grid, r, nbs, causal) for r in range(P)]
+    needed = _cached(
+        layout,
+        ("cp-needed", P, nbs, causal),
+        lambda: [_needed_blocks(grid, r, nbs, causal) for r in range(P)],
+    )
     if strategy == "auto":
         exchanged = max(len(n) for n in needed) * block * B * D * 2 * Hkv * 2  # fwd + bwd
         by_heads = _bytes_all_to_all(B, H, Hkv, S, D, P) if divisible else float("inf")
@@ -297,6 +303,7 @@ def context_parallel_attention(
             q,
             k,
             v,
+            layout,
             grid,
             rank,
             P,
@@ -311,6 +318,7 @@ def context_parallel_attention(
         q,
         k,
         v,
+        layout,
         grid,
         needed,
         rank,
@@ -324,14 +332,19 @@ def context_parallel_attention(
     )
 
 
-def _by_heads(q, k, v, grid, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
+def _by_heads(q, k, v, layout, grid, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
     H = q.shape[1]
     qh, kh, vh = (_AllToAll.apply(t, 1, 2, group) for t in (q, k, v))  # [B, h/P, L, D]
-    heads = grid.shape[1]
-    if heads > 1:  # the layout heads of my query heads (1, H_kv or H of them)
-        per = heads // P
-        grid = grid[:, rank * per : (rank + 1) * per]
-    lay = grid.to(q.device) if grid.shape[0] > 1 else grid[0].to(q.device)
+
+    def local():  # the layout heads of my query heads (1, H_kv or H of them)
+        mine = grid
+        if grid.shape[1] > 1:
+            per = grid.shape[1] // P
+            mine = grid[:, rank * per : (rank + 1) * per]
+        return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(q.device)
+
+    # one tensor per (layout, rank): the attention call caches its compiled index on it
+    lay = _cached(layout, ("cp-heads", P, rank, str(q.device)), local)
     if kpm is not None:
         kpm = unshard_sequence(kpm, group, dim=1)
     if rpe is not None:
@@ -347,7 +360,7 @@ def _by_heads(q, k, v, grid, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
     return out, _AllToAll.apply(lse.unsqueeze(-1), 2, 1, group).squeeze(-1)
 
 
-def _by_key_blocks(q, k, v, grid, needed, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
+def _by_key_blocks(q, k, v, layout, grid, needed, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
     S = q.shape[2]
     block = kw["block"]
     nbs = S // block
@@ -367,8 +380,12 @@ def _by_key_blocks(q, k, v, grid, needed, rank, P, group, kpm, kpm_mode, rpe, kw
     kk = torch.cat([k_in, k], 2)
     vv = torch.cat([v_in, v], 2)
     cols = torch.cat([mine, torch.arange(rank * nbs, (rank + 1) * nbs)])
-    lay = grid[..., rank * nbs : (rank + 1) * nbs, :][..., cols]
-    lay = lay.to(dev) if lay.shape[0] > 1 else lay[0].to(dev)
+
+    def local():  # my rows; the columns of the received blocks, then of my shard
+        mine = grid[..., rank * nbs : (rank + 1) * nbs, :][..., cols]
+        return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(dev)
+
+    lay = _cached(layout, ("cp-blocks", P, rank, kw["causal"], str(dev)), local)
     if kpm is not None:
         full = unshard_sequence(kpm, group, dim=1)
         kpm = torch.cat([full[:, foreign], kpm], 1)
