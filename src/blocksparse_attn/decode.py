@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from .kv_blocks import KVBlocks
+from .kv_blocks import KVBlocks, config_lists
 from .patterns import SparsityConfig
 
 
@@ -29,10 +29,8 @@ def _rows(layout, n_keys: int, block: int, device) -> KVBlocks:
     if isinstance(layout, KVBlocks):
         return layout
     if isinstance(layout, SparsityConfig):
-        grid = layout.make_layout(n_keys)
-    else:
-        grid = layout(n_keys, device)
-    return KVBlocks.from_layout(grid.to(device) != 0)
+        return config_lists(layout, n_keys, device)
+    return KVBlocks.from_layout(layout(n_keys, device).to(device) != 0)
 
 
 def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:

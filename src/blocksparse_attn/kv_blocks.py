@@ -11,6 +11,7 @@ layout and its block lists are the same layout: :meth:`KVBlocks.from_layout` and
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -161,3 +162,21 @@ class KVBlocks:
             order = torch.argsort((~used).long(), dim=-1, stable=True)
             return cls((n + full_n).to(torch.int32), both.gather(-1, order).to(torch.int32))
         return cls(n.to(torch.int32), idx.to(torch.int32))
+
+
+_CONFIG_LISTS: dict[tuple, tuple[weakref.ref, KVBlocks]] = {}
+
+
+def config_lists(config, n_tokens: int, device) -> KVBlocks:
+    """The block lists ``[1, H_l, nb]`` of ``config.make_layout(n_tokens)`` on ``device``,
+    made once per config, length and device (while the config lives): decoding and packed
+    batches ask for the same pattern on every call."""
+    key = (id(config), n_tokens, str(device))
+    held = _CONFIG_LISTS.get(key)
+    if held is not None and held[0]() is config:
+        return held[1]
+    grid = config.make_layout(n_tokens).to(device) != 0
+    lists = KVBlocks.from_layout(grid)
+    lists = KVBlocks(lists.num_blocks, lists.indices, trusted=True)
+    _CONFIG_LISTS[key] = (weakref.ref(config, lambda _, k=key: _CONFIG_LISTS.pop(k, None)), lists)
+    return lists

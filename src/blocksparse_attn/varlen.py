@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from .kv_blocks import KVBlocks
+from .kv_blocks import KVBlocks, config_lists
 from .patterns import SparsityConfig
 
 
@@ -78,13 +78,15 @@ def _check_sequence_lists(where, lists: KVBlocks, len_k: torch.Tensor, block: in
 
 def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlocks:
     """Block lists ``[n_seq, H_l, nb_k_max]`` of every sequence's square layout (rows =
-    the sequence's absolute query blocks), from a config or a callable; cached per
-    length by the config's ``make_layout``."""
+    the sequence's absolute query blocks), from a config (its lists cached per length) or
+    a callable."""
     per_seq = []
     for Lk in lengths_k:
         n = -(-Lk // block) * block
-        grid = layout.make_layout(n) if isinstance(layout, SparsityConfig) else layout(n, device)
-        per_seq.append(KVBlocks.from_layout(grid.to(device) != 0))
+        if isinstance(layout, SparsityConfig):
+            per_seq.append(config_lists(layout, n, device))
+        else:
+            per_seq.append(KVBlocks.from_layout(layout(n, device).to(device) != 0))
     heads = max(b.shape[1] for b in per_seq)
     rows = max(b.shape[2] for b in per_seq)
     width = max(b.indices.shape[-1] for b in per_seq)
