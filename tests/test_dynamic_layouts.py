@@ -21,7 +21,7 @@ OFFSETS = ("row_ptr", "col_ptr", "row_lead", "row_order", "col_order")
 
 def shuffled_with_repeats(layout: torch.Tensor, g: torch.Generator) -> KVBlocks:
     """The block lists of ``layout`` in a random order, each non-empty row's first block
-    listed a second time."""
+    listed a second time, the indices not contiguous."""
     lists = KVBlocks.from_layout(layout)
     n, idx = lists.num_blocks, lists.indices
     used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
@@ -29,7 +29,8 @@ def shuffled_with_repeats(layout: torch.Tensor, g: torch.Generator) -> KVBlocks:
     idx = idx.gather(-1, torch.argsort(torch.where(used, noise, 2.0), -1))
     idx = torch.cat([idx, idx[..., :1]], -1)  # room for one more entry per row
     idx.scatter_(-1, n.long()[..., None], idx[..., :1])
-    return KVBlocks(torch.where(n > 0, n + 1, n).to(torch.int32), idx.to(torch.int32))
+    idx = idx.to(torch.int32).transpose(1, 2).contiguous().transpose(1, 2)  # other strides
+    return KVBlocks(torch.where(n > 0, n + 1, n).to(torch.int32), idx)
 
 
 @pytest.mark.parametrize(

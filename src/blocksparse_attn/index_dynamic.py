@@ -90,7 +90,7 @@ def build_block_list_index(
     # run, repeats are merged; the tile rows are already in order (no global sort)
     unused = ct * MAX_SUB_BLOCKS
     local = torch.where(used, tj * MAX_SUB_BLOCKS + a * sn + j % sn, unused)
-    local = local.view(H * rt, -1)
+    local = local.reshape(H * rt, -1)  # lists of any strides
     local = torch.sort(local.to(torch.int32) if unused < 2**31 else local, dim=-1)[0].long()
     none = H * rt * ct  # the key of unused entries: after every tile
     row = torch.arange(H * rt, device=dev)[:, None]

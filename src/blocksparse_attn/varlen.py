@@ -254,14 +254,22 @@ def _packed_problem(q, k, v, cu_q, cu_k, lists: KVBlocks, block: int):
     local = blk - starts[seq]
     inside = local < nb[seq]
     _, Hl, rows = lists.shape
-    row = torch.clamp(local, max=rows - 1)
-    num = lists.num_blocks[seq, :, row].transpose(0, 1)  # [H_l, n_blocks]
-    idx = lists.indices[seq, :, row].transpose(0, 1).long() + first[seq][None, :, None]
+    if rows == 0 or lists.indices.shape[-1] == 0:  # no key blocks anywhere: nothing attends
+        num = torch.zeros(Hl, n_blocks, dtype=torch.int32, device=dev)
+        idx = torch.zeros(Hl, n_blocks, 1, dtype=torch.long, device=dev)
+    else:
+        row = torch.clamp(local, max=rows - 1)
+        num = lists.num_blocks[seq, :, row].transpose(0, 1)  # [H_l, n_blocks]
+        idx = lists.indices[seq, :, row].transpose(0, 1).long() + first[seq][None, :, None]
     # only blocks that hold a query of their sequence attend (chunked prefill: the
     # earlier blocks hold keys only)
     q_lo = (first + (len_k - len_q) // block)[seq]
     num = torch.where(inside & (blk >= q_lo), num, 0)
-    plists = KVBlocks(num[None].to(torch.int32), idx[None].to(torch.int32), lists.trusted)
+    plists = KVBlocks(
+        num[None].to(torch.int32).contiguous(),
+        idx[None].to(torch.int32).contiguous(),
+        lists.trusted,
+    )
 
     def batch(t):
         return t.transpose(0, 1).unsqueeze(0)
