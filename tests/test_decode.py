@@ -4,6 +4,8 @@ appending, a paged cache, block lists), the append itself, and the errors."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from blocksparse_attn import FixedSparsityConfig, KVBlocks, block_sparse_decode
 
@@ -35,7 +37,8 @@ def direct(q, k, v, n, grid, causal=True):
         vs = v[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(H // HKV, 0)
         s = (qs @ ks.transpose(-1, -2)) * D**-0.5
         s = s.masked_fill(~keep.to(s.device), float("-inf"))
-        outs.append((torch.softmax(s, -1) @ vs).transpose(0, 1))
+        p = torch.nan_to_num(torch.softmax(s, -1))  # a query with nothing to attend: zeros
+        outs.append((p @ vs).transpose(0, 1))
     return torch.stack(outs)
 
 
@@ -149,3 +152,51 @@ def test_errors():
         block=BLOCK,
         block_table=table + 7,
     )
+
+
+@settings(
+    max_examples=10 if DEVICE == "cpu" else 25,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_random_caches(monkeypatch, data):
+    """Random batch, cache length, new tokens, fill levels, appending or not, contiguous
+    or paged: the fused backend against the direct computation."""
+    poison(monkeypatch)
+    draw = data.draw
+    Bn = draw(st.integers(1, 3))
+    L_max = BLOCK * draw(st.integers(2, 6))
+    L_new = draw(st.integers(1, 4))
+    append = draw(st.booleans())
+    low = 0 if append else L_new
+    high = L_max - L_new if append else L_max
+    lens = [draw(st.integers(low, high)) for _ in range(Bn)]
+    seed = draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(Bn, L_new, H, D, generator=g).to(DEVICE)
+    k_cache, v_cache = (torch.randn(Bn, L_max, HKV, D, generator=g).to(DEVICE) for _ in range(2))
+    new = [torch.randn(Bn, L_new, HKV, D, generator=g).to(DEVICE) for _ in range(2)]
+    grid = (torch.rand(HKV, L_max // BLOCK, L_max // BLOCK, generator=g) < 0.5).long()
+    seqlens = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    kw = dict(k_new=new[0], v_new=new[1]) if append else {}
+    pages = L_max // BLOCK if draw(st.booleans()) else 0
+    k_in, v_in, table = k_cache.clone(), v_cache.clone(), None
+    if pages:  # one block per page, pages in a random order
+        order = torch.randperm(Bn * pages, generator=g)
+        table = order.view(Bn, pages).to(torch.int32).to(DEVICE)
+        k_in, v_in = (torch.empty(Bn * pages, BLOCK, HKV, D, device=DEVICE) for _ in range(2))
+        for src, dst in ((k_cache, k_in), (v_cache, v_in)):
+            dst[table.long()] = src.view(Bn, pages, BLOCK, HKV, D)
+    out = block_sparse_decode(
+        q, k_in, v_in, seqlens, lambda n, device: grid, block=BLOCK, block_table=table, **kw
+    )
+    if append:  # what the cache holds now
+        for b in range(Bn):
+            k_cache[b, lens[b] : lens[b] + L_new] = new[0][b]
+            v_cache[b, lens[b] : lens[b] + L_new] = new[1][b]
+    n = seqlens.long() + (L_new if append else 0)
+    want = direct(q, k_cache, v_cache, n, grid)
+    assert max_err(out, want) < 1e-4
