@@ -482,3 +482,29 @@ def test_dynamic_step_on_cpu_and_its_table():
     assert row["per_sample_over_shared"] == 1.0 and "step_graph_ms" not in row
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": rows})
     assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 |" in text
+
+
+def test_varlen_and_decode_suites_on_cpu_and_their_tables():
+    # the suites' code paths at tiny sizes on the CPU (reference backend, no FlexAttention
+    # rows there); no timing is asserted
+    from blocksparse_attn.tools.bench_serving import (
+        decode_suite,
+        document_lengths,
+        varlen_suite,
+    )
+
+    lengths = document_lengths(1000, 4, 100, 400, 16)
+    assert sum(lengths) == 1000 and len(lengths) == 4
+    assert any(n % 16 for n in lengths)  # lengths off the block are part of the case
+
+    def timer(fn):
+        fn()
+        return 2.0
+
+    common = dict(heads=2, head_dim=16, dtype=torch.float32, device="cpu", timer=timer)
+    (packed,) = varlen_suite(total=600, docs=3, block=16, progress=False, **common)
+    assert packed["packed_over_padded"] == 1.0 and sum(packed["lengths"]) == 600
+    (dec,) = decode_suite(batch=2, context=256, kv_heads=1, block=16, progress=False, **common)
+    assert dec["selected_mib"] > 0 and dec["gb_per_s"] > 0
+    text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": [packed, dec]})
+    assert "| 2.000 | 2.000 | 1.00 |" in text and "Decoding one token (B2, context 256" in text

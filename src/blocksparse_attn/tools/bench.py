@@ -17,6 +17,7 @@ from . import bench_harness as harness
 from .bench_cases import anchor_cases, density_cases, gqa_cases, quick_cases, select
 from .bench_harness import GQA_BACKENDS, MODES
 from .bench_report import print_table, read_jsonl, write_report
+from .bench_serving import decode_suite, varlen_suite
 from .bench_suites import (
     DENSITY_BACKENDS,
     dynamic_step,
@@ -74,6 +75,8 @@ def bench_main(args) -> int:
         written = save()
     for name, section in (
         ("dynamic", dynamic_step),
+        ("varlen", varlen_suite),
+        ("decode", decode_suite),
         ("matmul", matmul_throughput),
         ("max-length", max_length_search),
         ("index", index_cost),

@@ -10,7 +10,8 @@ table.
   ``name, pattern, seq_len, batch, heads, head_dim, block, causal, density, dtype, mode,
   backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this`` (``ms`` null and ``error``
   set where a backend could not run); section rows carry ``suite`` (``max_length``,
-  ``index_cost``, ``matmul``, ``dynamic``) and that section's fields.
+  ``index_cost``, ``matmul``, ``dynamic``, ``varlen``, ``decode``) and that section's
+  fields.
 
 The tables and plots are made from it (``blocksparse-attn bench --from FILE``).
 """
@@ -20,7 +21,7 @@ from __future__ import annotations
 import json
 
 # result rows outside the case table
-SECTIONS = ("max_length", "index_cost", "matmul", "dynamic")
+SECTIONS = ("max_length", "index_cost", "matmul", "dynamic", "varlen", "decode")
 
 
 def _case_cells(report: dict) -> list[list[str]]:
@@ -119,6 +120,32 @@ def markdown(report: dict) -> str:
                 f"{cell(r, 'per_sample_ms')} | {cell(r, 'shared_ms')} | "
                 f"{cell(r, 'per_sample_over_shared', '{:.2f}')} |"
             )
+    packed = [r for r in report["results"] if r.get("suite") == "varlen"]
+    for r in packed:
+        flex = f"{r['flex_ms']:.3f}" if r.get("flex_ms") is not None else r.get("flex_error", "")
+        lines += [
+            "",
+            f"Packed documents ({r['docs']} of {min(r['lengths'])}-{max(r['lengths'])} tokens, "
+            f"{r['total']:,} in all, H{r['heads']} D{r['head_dim']} block {r['block']}, causal "
+            "window_global per document), forward+backward ms:",
+            "",
+            "| packed (varlen) | padded batch | packed / padded | FlexAttention, document mask |",
+            "|---|---|---|---|",
+            f"| {r['packed_ms']:.3f} | {r['padded_ms']:.3f} | {r['packed_over_padded']:.2f} | "
+            f"{flex} |",
+        ]
+    decoding = [r for r in report["results"] if r.get("suite") == "decode"]
+    for r in decoding:
+        flex = f"{r['flex_ms']:.3f}" if r.get("flex_ms") is not None else r.get("flex_error", "")
+        lines += [
+            "",
+            f"Decoding one token (B{r['batch']}, context {r['context']:,}, H{r['heads']} over "
+            f"{r['kv_heads']} kv heads, D{r['head_dim']}, block {r['block']}, window_global):",
+            "",
+            "| ms | selected K/V MiB | GB/s on them | FlexAttention ms |",
+            "|---|---|---|---|",
+            f"| {r['ms']:.4f} | {r['selected_mib']:.1f} | {r['gb_per_s']:.0f} | {flex} |",
+        ]
     if report.get("tuned"):
         lines += [
             "",

@@ -137,7 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="time the kernels beside FlexAttention and SDPA (GPU)")
     p.add_argument("--quick", action="store_true", help="two small cases (on CPU: reference only)")
-    suites = ["anchors", "density", "gqa", "dynamic", "matmul", "max-length", "index"]
+    suites = [
+        "anchors",
+        "density",
+        "gqa",
+        "dynamic",
+        "varlen",
+        "decode",
+        "matmul",
+        "max-length",
+        "index",
+    ]
     p.add_argument(
         "--suite", nargs="+", choices=suites, default=suites, help="what to run (default: all)"
     )
