@@ -26,6 +26,8 @@ def cu(lengths):
 def square_layout(layout, n_keys, block):
     """Sequence layout ``[H_l, nb, nb]`` for ``n_keys`` keys, from any layout form."""
     n = -(-n_keys // block) * block
+    if n == 0:  # an empty sequence: no blocks (the layout source is not asked)
+        return torch.zeros(1, 0, 0, dtype=torch.long)
     if isinstance(layout, FixedSparsityConfig):
         return layout.make_layout(n)
     return layout(n, "cpu")
@@ -64,7 +66,7 @@ def independent(q, k, v, lens_q, lens_k, grids, block, causal):
 def lists_for(grids, n_seq, block, lens_k):
     """The sequences' grids as KVBlocks [n_seq, H_l, nb_max] (shuffled, padded rows)."""
     rows = max(g.shape[-1] for g in grids)
-    heads = grids[0].shape[0]
+    heads = max(g.shape[0] for g in grids)
     dense = torch.zeros(n_seq, heads, rows, rows, dtype=torch.bool)
     for s, g in enumerate(grids):
         dense[s, :, : g.shape[1], : g.shape[2]] = g != 0
@@ -72,7 +74,7 @@ def lists_for(grids, n_seq, block, lens_k):
 
 
 CASES = {  # lens_q, lens_k, H, Hkv, block, causal
-    "training": ([37, 64, 5, 100], [37, 64, 5, 100], 4, 2, 16, True),
+    "training": ([37, 64, 0, 5, 100], [37, 64, 0, 5, 100], 4, 2, 16, True),
     "chunked_prefill": ([16, 3, 0], [50, 80, 7], 2, 1, 16, True),
     "bidirectional": ([20, 33], [20, 33], 2, 2, 16, False),
 }
@@ -98,9 +100,9 @@ def test_matches_sequence_by_sequence(monkeypatch, backend, form, case):
     source = config if form == "config" else random_layout
     grids = [square_layout(source, n, block) for n in lens_k]
     layout = source if form == "config" else lists_for(grids, len(lens_k), block, lens_k)
-    if form == "callable":
-        made = iter(grids)
-        layout = lambda n, device: next(made)  # noqa: E731 (the grids drawn above, in order)
+    if form == "callable":  # the grids drawn above, for the non-empty sequences in order
+        made = iter([grid for grid, n in zip(grids, lens_k) if n])
+        layout = lambda n, device: next(made)  # noqa: E731
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = block_sparse_attention_varlen(
         *leaves,
@@ -182,8 +184,8 @@ def test_random_packed_batches(monkeypatch, data):
         nb = -(-n // block)
         grids.append((torch.rand(heads, nb, nb, generator=g) < 0.5).long())
     layout = lists_for(grids, n_seq, block, lens_k) if all(lens_k) else None
-    if layout is None:  # an empty sequence: a callable giving the drawn grids in order
-        made = iter(grids)
+    if layout is None:  # an empty sequence: the drawn grids of the others, in order
+        made = iter([grid for grid, n in zip(grids, lens_k) if n])
 
         def layout(n, device):
             return next(made)

@@ -83,7 +83,10 @@ def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlock
     per_seq = []
     for Lk in lengths_k:
         n = -(-Lk // block) * block
-        if isinstance(layout, SparsityConfig):
+        if n == 0:  # an empty sequence: no blocks, nothing asked of the layout source
+            empty = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
+            per_seq.append(KVBlocks(empty, empty[..., None], trusted=True))
+        elif isinstance(layout, SparsityConfig):
             per_seq.append(config_lists(layout, n, device))
         else:
             per_seq.append(KVBlocks.from_layout(layout(n, device).to(device) != 0))
