@@ -39,6 +39,17 @@ class AttentionInputs:
     attn_mask_mode: str
 
 
+def check_block(where: str, block: object) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+
+
+def capturing(device: torch.device) -> bool:
+    """Whether work on ``device`` is being captured in a CUDA graph (nothing can be read
+    back to the host then)."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def check_mode(where: str, name: str, mode: object) -> None:
     if mode not in MASK_MODES:
         raise bad_argument(
@@ -158,8 +169,7 @@ def check_attention_inputs(
         )
     if v.shape != k.shape:
         raise bad_argument(where, "v", f"of the shape of k, {tuple(k.shape)}", describe(v))
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+    check_block(where, block)
     for name, n in (("q", Lq), ("k", Lk)):
         if n % block != 0:
             raise bad_argument(
@@ -226,8 +236,7 @@ def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int,
                 f"KVBlocks on {layout.device}",
                 "move them with lists.to(q.device) (block lists are not copied silently).",
             )
-        capturing = layout.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
-        if not (layout.trusted or capturing):
+        if not (layout.trusted or capturing(layout.device)):
             layout.check(nbk, where)
         return layout
     if isinstance(layout, torch.Tensor) and layout.dim() == 4:

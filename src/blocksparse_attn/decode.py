@@ -19,18 +19,14 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from .kv_blocks import KVBlocks, config_lists
-from .patterns import SparsityConfig
+from ._inputs import capturing, check_block
+from .kv_blocks import KVBlocks, source_lists
 
 
 def _rows(layout, n_keys: int, block: int, device) -> KVBlocks:
     """Block lists ``[B_l, H_l, nb]`` of the pattern over ``n_keys`` tokens (rows =
     absolute query blocks, each row's blocks ascending)."""
-    if isinstance(layout, KVBlocks):
-        return layout
-    if isinstance(layout, SparsityConfig):
-        return config_lists(layout, n_keys, device)
-    return KVBlocks.from_layout(layout(n_keys, device).to(device) != 0)
+    return layout if isinstance(layout, KVBlocks) else source_lists(layout, n_keys, device)
 
 
 def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:
@@ -48,10 +44,7 @@ def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
     width = lists.indices.shape[-1]
     used = torch.arange(width, device=nb.device) < lists.num_blocks[..., None]
     keep = used & (lists.indices < nb[..., None])
-    order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-    return KVBlocks(
-        keep.sum(-1).to(torch.int32), lists.indices.gather(-1, order), trusted=lists.trusted
-    )
+    return KVBlocks.from_entries(keep, lists.indices, lists.trusted)
 
 
 def _contiguous_cache(where, k_cache, v_cache, block_table, block):
@@ -60,7 +53,7 @@ def _contiguous_cache(where, k_cache, v_cache, block_table, block):
     if block_table is None:
         return k_cache, v_cache
     pages = k_cache.shape[0]
-    if not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()):
+    if not capturing(block_table.device):
         if bool(((block_table < 0) | (block_table >= pages)).any()):
             raise bad_argument(
                 where,
@@ -159,8 +152,7 @@ def block_sparse_decode(
     for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor) or t.dim() != 4:
             raise bad_argument(where, name, "a 4-D tensor [B, L_max, H_kv, D]", describe(t))
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+    check_block(where, block)
     B, L_new, H, D = q.shape
     if (
         not isinstance(cache_seqlens, torch.Tensor)
@@ -174,7 +166,6 @@ def block_sparse_decode(
         raise bad_argument(where, "k_new, v_new", "both or neither", "only one of them")
     if block_table is not None:
         _check_pages(where, k_cache, block_table, B, block)
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
     L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     if block_table is None and L_max % block:
         raise bad_argument(
@@ -185,7 +176,7 @@ def block_sparse_decode(
             "allocate the cache rounded up to the block.",
         )
     n = cache_seqlens.long() + (L_new if k_new is not None else 0)  # tokens after appending
-    if not capturing:
+    if not capturing(q.device):
         if bool((n > L_max).any()) or bool((n < L_new).any()):
             raise bad_argument(
                 where,

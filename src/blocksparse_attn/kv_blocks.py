@@ -147,6 +147,13 @@ class KVBlocks:
         return cls(keep.sum(-1).to(torch.int32), order.to(torch.int32))
 
     @classmethod
+    def from_entries(cls, keep: torch.Tensor, indices: torch.Tensor, trusted=False) -> KVBlocks:
+        """Lists of the entries of ``indices [..., width]`` where ``keep`` (same shape) is
+        true, each row's kept entries first in their order. No host synchronisation."""
+        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
+        return cls(keep.sum(-1).to(torch.int32), indices.gather(-1, order).to(torch.int32), trusted)
+
+    @classmethod
     def from_block_mask(cls, block_mask) -> KVBlocks:
         """The key blocks (at the mask's ``BLOCK_SIZE``) of a FlexAttention ``BlockMask``:
         its partial and full lists together. Its ``mask_mod`` (token-level masking inside
@@ -156,11 +163,10 @@ class KVBlocks:
             full_n, full_idx = block_mask.full_kv_num_blocks, block_mask.full_kv_indices
             width = idx.shape[-1]
             both = torch.cat([idx, full_idx], -1)
-            # pack each row's used entries: partial ones, then full ones
+            # each row's used entries: partial ones, then full ones
             pos = torch.arange(both.shape[-1], device=both.device)
             used = torch.where(pos < width, pos < n[..., None], pos - width < full_n[..., None])
-            order = torch.argsort((~used).long(), dim=-1, stable=True)
-            return cls((n + full_n).to(torch.int32), both.gather(-1, order).to(torch.int32))
+            return cls.from_entries(used, both)
         return cls(n.to(torch.int32), idx.to(torch.int32))
 
 
@@ -180,3 +186,14 @@ def config_lists(config, n_tokens: int, device) -> KVBlocks:
     lists = KVBlocks(lists.num_blocks, lists.indices, trusted=True)
     _CONFIG_LISTS[key] = (weakref.ref(config, lambda _, k=key: _CONFIG_LISTS.pop(k, None)), lists)
     return lists
+
+
+def source_lists(source, n_tokens: int, device) -> KVBlocks:
+    """The block lists ``[1, H_l, nb]`` of a pattern over ``n_tokens`` tokens (rows =
+    absolute query blocks): a ``SparsityConfig`` (:func:`config_lists`, cached) or a
+    callable ``(seq_len, device) -> [H_l, nb, nb]`` (asked on every call)."""
+    from .patterns import SparsityConfig
+
+    if isinstance(source, SparsityConfig):
+        return config_lists(source, n_tokens, device)
+    return KVBlocks.from_layout(source(n_tokens, device).to(device) != 0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
+from ._inputs import check_block
 from .kv_blocks import KVBlocks
 
 
@@ -30,8 +31,7 @@ def _check(where, q, k, block, topk):
         )
     if k.device != q.device:
         raise bad_argument(where, "k", f"on q's device ({q.device})", describe(k))
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise bad_argument(where, "block", "a positive int", repr(block))
+    check_block(where, block)
     for name, n in (("q", Lq), ("k", k.shape[2])):
         if n % block:
             raise bad_argument(

@@ -18,7 +18,8 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from .kv_blocks import KVBlocks, config_lists
+from ._inputs import capturing, check_block
+from .kv_blocks import KVBlocks, source_lists
 from .patterns import SparsityConfig
 
 
@@ -86,10 +87,8 @@ def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlock
         if n == 0:  # an empty sequence: no blocks, nothing asked of the layout source
             empty = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
             per_seq.append(KVBlocks(empty, empty[..., None], trusted=True))
-        elif isinstance(layout, SparsityConfig):
-            per_seq.append(config_lists(layout, n, device))
         else:
-            per_seq.append(KVBlocks.from_layout(layout(n, device).to(device) != 0))
+            per_seq.append(source_lists(layout, n, device))
     heads = max(b.shape[1] for b in per_seq)
     rows = max(b.shape[2] for b in per_seq)
     width = max(b.indices.shape[-1] for b in per_seq)
@@ -152,10 +151,8 @@ def block_sparse_attention_varlen(
             raise bad_argument(where, name, "a 3-D tensor [total, heads, D]", describe(t))
     if backend not in ("auto", "fused", "reference"):
         raise bad_argument(where, "backend", "'auto', 'fused' or 'reference'", repr(backend))
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
-    capturing = q.is_cuda and torch.cuda.is_current_stream_capturing()
-    host_checks = not capturing
+    check_block(where, block)
+    host_checks = not capturing(q.device)
     _check_cu(where, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, host_checks)
     _check_cu(where, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, host_checks)
     n_seq = cu_seqlens_q.numel() - 1

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import bad_argument, describe
+from .._inputs import check_block
 from ..functional import block_sparse_attention
 from ..patterns import SparsityConfig
 from ..selection import topk_blocks
@@ -205,8 +206,7 @@ def register(
             "a SparsityConfig, a callable (seq_len, device) -> layout, or TopK",
             describe(layout_source),
         )
-    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
-        raise bad_argument(where, "block", "a positive int (the layout's block size)", repr(block))
+    check_block(where, block)
     if not isinstance(name, str) or not name:
         raise bad_argument(where, "name", "a non-empty string", repr(name))
     AttentionInterface.register(name, _BlockSparseAttention(layout_source, block, backend))
