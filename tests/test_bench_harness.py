@@ -481,7 +481,7 @@ def test_dynamic_step_on_cpu_and_its_table():
     assert row["suite"] == "dynamic" and row["block"] == 32 and row["index_tiles"]
     assert row["per_sample_over_shared"] == 1.0 and "step_graph_ms" not in row
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": rows})
-    assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 |" in text
+    assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 | 1.000 |  |  | 1.000 |" in text
 
 
 def test_varlen_and_decode_suites_on_cpu_and_their_tables():

@@ -111,6 +111,13 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     raise ValueError(f"bench: backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
 
+def gpu_median_ms(fn) -> float:
+    """Median ms of ``fn`` by ``triton.testing.do_bench`` (the sections' timer on a GPU)."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
 def _median_ms(fn, reps: int = 7) -> float:
     """Median wall time of ``fn`` in ms, for CPU runs (``do_bench`` needs a GPU)."""
     times = []

@@ -11,15 +11,7 @@ import sys
 import torch
 
 from .bench_cases import pattern_layout
-
-
-def _timer_default():
-    from triton.testing import do_bench
-
-    def timer(fn):
-        return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
-    return timer
+from .bench_harness import gpu_median_ms
 
 
 def document_lengths(total: int, docs: int, low: int, high: int, block: int, seed: int = 0):
@@ -49,7 +41,7 @@ def varlen_suite(
     from ..functional import block_sparse_attention
     from ..varlen import block_sparse_attention_varlen
 
-    timer = timer or _timer_default()
+    timer = timer or gpu_median_ms
     cuda = torch.device(device).type == "cuda"
     lengths = document_lengths(total, docs, 1024, 16384, block)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
@@ -109,7 +101,7 @@ def varlen_suite(
     row["packed_over_padded"] = row["packed_ms"] / row["padded_ms"]
     if cuda:
         try:
-            row.update(_flex_documents(leaves, go, cu, lengths, block, total))
+            row.update(_flex_documents(leaves, go, cu, lengths, block, total, timer))
             row["flex_over_ours"] = row["flex_ms"] / row["packed_ms"]
         except Exception as e:  # record why FlexAttention could not run it
             row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
@@ -123,7 +115,7 @@ def _flex_documents(leaves, go, cu, lengths, block, total, timer=None):
     window_global pattern in each document's positions (its block mask made once)."""
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-    timer = timer or _timer_default()
+    timer = timer or gpu_median_ms
     dev = cu.device
     doc = torch.repeat_interleave(
         torch.arange(len(lengths), device=dev), torch.tensor(lengths, device=dev)
@@ -166,7 +158,7 @@ def decode_suite(
     decoding on the same block mask beside it."""
     from ..decode import block_sparse_decode
 
-    timer = timer or _timer_default()
+    timer = timer or gpu_median_ms
     cuda = torch.device(device).type == "cuda"
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(batch, 1, heads, head_dim, device=device, generator=g).to(dtype)

@@ -258,22 +258,25 @@ def _flex_selection_mask(lists, block: int, seq_len: int):
 
     if block != 128:
         return lists.to_block_mask(block, k_len=seq_len, causal=True)
-    n, idx = lists.num_blocks, lists.indices.long()
+    from ..kv_blocks import KVBlocks
+
+    n, idx = lists.num_blocks, lists.indices
     used = torch.arange(idx.shape[-1], device=idx.device) < n[..., None]
     row = torch.arange(idx.shape[-2], device=idx.device)[:, None]
     diag = used & (idx == row)
-    full = used & ~diag
-
-    def packed(keep):  # the kept entries first, in order
-        order = torch.argsort((~keep).to(torch.int8), dim=-1, stable=True)
-        return keep.sum(-1).to(torch.int32), idx.gather(-1, order).to(torch.int32)
+    partial, full = KVBlocks.from_entries(diag, idx), KVBlocks.from_entries(used & ~diag, idx)
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
-    (p_n, p_i), (f_n, f_i) = packed(diag), packed(full)
     return BlockMask.from_kv_blocks(
-        p_n, p_i, f_n, f_i, BLOCK_SIZE=128, mask_mod=causal, seq_lengths=(seq_len, seq_len)
+        partial.num_blocks,
+        partial.indices,
+        full.num_blocks,
+        full.indices,
+        BLOCK_SIZE=128,
+        mask_mod=causal,
+        seq_lengths=(seq_len, seq_len),
     )
 
 
@@ -301,12 +304,7 @@ def dynamic_step(
     from ..kv_blocks import KVBlocks
     from ..selection import topk_blocks
 
-    if timer is None:
-        from triton.testing import do_bench
-
-        def timer(fn):
-            return do_bench(fn, warmup=10, rep=50, return_mode="median")
-
+    timer = timer or harness.gpu_median_ms
     cuda = torch.device(device).type == "cuda"
 
     def one(block: int) -> dict:  # its tensors go when it returns
@@ -353,6 +351,9 @@ def dynamic_step(
             "index_ms": timer(index),
             "index_tiles": sorted(shapes),
         }
+        # the same blocks as a dense layout, its index compiled once and cached: the kernels
+        dense = lists.to_layout(seq_len // block)[0]
+        row["attention_cached_index_ms"] = timer(lambda: attend(dense))
         if cuda:
             row["step_graph_ms"] = _graph_ms(step, timer)
             row["index_graph_ms"] = _graph_ms(index, timer)
