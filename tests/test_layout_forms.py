@@ -98,7 +98,7 @@ def test_matches_independent_computation(
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_block_lists_equal_their_dense_layout(backend):
     q, k, v, layout = problem(2, 4, 2, 2, 2)
-    lists = KVBlocks.from_layout(layout)
+    lists = KVBlocks.from_layout(layout).to(q.device)
     dense = block_sparse_attention(q, k, v, layout, block=16, backend=backend)
     torch.testing.assert_close(
         block_sparse_attention(q, k, v, lists, block=16, backend=backend), dense
@@ -162,7 +162,7 @@ def test_block_list_value_errors():
     bad_index = KVBlocks(
         torch.tensor([[[1, 2]]], dtype=torch.int32),
         torch.tensor([[[[0, 0], [1, 2]]]], dtype=torch.int32),
-    )
+    ).to(DEVICE)
     assert_raises_with(
         ValueError,
         ["indices must be key-block indices in [0, nb_k = 2)", "[2]"],
@@ -175,7 +175,7 @@ def test_block_list_value_errors():
     )
     bad_count = KVBlocks(
         torch.tensor([[[3, 0]]], dtype=torch.int32), torch.zeros(1, 1, 2, 2, dtype=torch.int32)
-    )
+    ).to(DEVICE)
     assert_raises_with(
         ValueError,
         ["num_blocks must be in [0, max_blocks = 2]"],
@@ -188,7 +188,7 @@ def test_block_list_value_errors():
     )
     wrong_rows = KVBlocks(
         torch.ones(1, 1, 3, dtype=torch.int32), torch.zeros(1, 1, 3, 1, dtype=torch.int32)
-    )
+    ).to(DEVICE)
     assert_raises_with(
         ValueError,
         ["KVBlocks of shape [1 or 1, 1 or 1, 2]"],

@@ -70,6 +70,7 @@ def main() -> None:
                 "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
             }
         )
+        print(json.dumps(rows[-1]), flush=True)
         del q, k, v, g
         torch.cuda.empty_cache()
     dist.barrier()
@@ -100,9 +101,9 @@ def main() -> None:
                 "peak_gib_max_rank": float(peak),
             }
         )
+        if rank == 0:
+            print(json.dumps(rows[-1]), flush=True)
     if rank == 0:
-        for r in rows:
-            print(json.dumps(r), flush=True)
         out = os.environ.get("OUT", ".")
         with open(os.path.join(out, "context_parallel_scale.json"), "w") as f:
             json.dump({"gpu": torch.cuda.get_device_name(), "rows": rows}, f, indent=1)

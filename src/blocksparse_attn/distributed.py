@@ -99,11 +99,13 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _all_to_all(x, split, cat, group):
+    # one all_to_all_single over the parts stacked on a leading dim: every backend has it
+    # (gloo in some torch releases has no list all_to_all)
     P = dist.get_world_size(group)
-    inputs = [t.contiguous() for t in x.chunk(P, split)]
-    outputs = [torch.empty_like(inputs[0]) for _ in range(P)]
-    dist.all_to_all(outputs, inputs, group=group)
-    return torch.cat(outputs, cat)
+    inputs = torch.stack(x.chunk(P, split))
+    outputs = torch.empty_like(inputs)
+    dist.all_to_all_single(outputs, inputs, group=group)
+    return torch.cat(outputs.unbind(0), cat)
 
 
 def _exchange_rows(x, send, sizes, group):
