@@ -155,7 +155,10 @@ def _check_across_ranks(where, P, group, local: list) -> None:
     """Every rank's ``[passed its local checks, B, H, H_kv, S, D, layout heads, nb,
     layout checksum]``, compared before anything else is exchanged, so that every rank
     raises (the failing rank its own error, the others this one) instead of hanging."""
-    mine = torch.tensor([float(x) for x in local], dtype=torch.float64)
+    # NCCL moves only CUDA tensors; gloo (and mixed backends) take host ones
+    nccl = dist.get_backend(group) == "nccl"
+    device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
+    mine = torch.tensor([float(x) for x in local], dtype=torch.float64, device=device)
     all_ranks = [torch.empty_like(mine) for _ in range(P)]
     dist.all_gather(all_ranks, mine, group=group)
     failed = [r for r, t in enumerate(all_ranks) if t[0] == 0]
