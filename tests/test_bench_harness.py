@@ -484,6 +484,24 @@ def test_dynamic_step_on_cpu_and_its_table():
     assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 | 1.000 |  |  | 1.000 |" in text
 
 
+@pytest.mark.parametrize("block", [64, 128])
+def test_flex_selection_mask_keeps_the_selection(block):
+    # FlexAttention's mask of a top-k selection narrower than nb_k (what the dynamic suite
+    # hands FlexAttention): its dense grid at 128-token tiles is the selection's, coarsened
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    from blocksparse_attn import topk_blocks
+    from blocksparse_attn.tools.bench_suites import _flex_selection_mask
+
+    L = 1024
+    q, k = torch.randn(1, 2, L, 8), torch.randn(1, 2, L, 8)
+    lists = topk_blocks(q, k, block=block, topk=2, causal=True, keep_diagonal=True)
+    assert lists.indices.shape[-1] < L // block
+    mask = _flex_selection_mask(lists, block, L)
+    grid = lists.to_layout(L // block)
+    tiles = grid.view(1, 2, L // 128, 128 // block, L // 128, 128 // block).any(5).any(3)
+    assert torch.equal(mask.to_dense().bool(), tiles)
+
+
 def test_varlen_and_decode_suites_on_cpu_and_their_tables():
     # the suites' code paths at tiny sizes on the CPU (reference backend, no FlexAttention
     # rows there); no timing is asserted

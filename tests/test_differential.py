@@ -67,7 +67,7 @@ def problems(draw, dtype):
     if lb == 1 and draw(st.booleans()):
         layout = layout[0]
     elif draw(st.booleans()):
-        layout = KVBlocks.from_layout(layout)  # block lists
+        layout = KVBlocks.from_layout(layout).to(DEVICE)  # block lists
     kw = dict(block=block, causal=draw(st.booleans()), scale=draw(st.sampled_from(SCALES)))
     masks = []
     kpm_mode = draw(st.sampled_from((None, "add", "mul")))

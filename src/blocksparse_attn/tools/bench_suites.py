@@ -265,15 +265,18 @@ def _flex_selection_mask(lists, block: int, seq_len: int):
     row = torch.arange(idx.shape[-2], device=idx.device)[:, None]
     diag = used & (idx == row)
     partial, full = KVBlocks.from_entries(diag, idx), KVBlocks.from_entries(used & ~diag, idx)
+    # from_kv_blocks takes the width of its index tensors for the number of key blocks (it
+    # builds the transposed lists from a dense grid that wide): pad them to nb_k
+    widen = (0, seq_len // block - idx.shape[-1])
 
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx
 
     return BlockMask.from_kv_blocks(
         partial.num_blocks,
-        partial.indices,
+        torch.nn.functional.pad(partial.indices, widen),
         full.num_blocks,
-        full.indices,
+        torch.nn.functional.pad(full.indices, widen),
         BLOCK_SIZE=128,
         mask_mod=causal,
         seq_lengths=(seq_len, seq_len),
