@@ -270,7 +270,14 @@ def _unchanged(layout: torch.Tensor, copy: torch.Tensor) -> bool:
     the index it captured."""
     if layout.is_cuda and torch.cuda.is_current_stream_capturing():
         return True
-    return layout.shape == copy.shape and torch.equal(layout, copy)
+    if layout.shape != copy.shape or layout.dtype != copy.dtype:
+        return False
+    if layout.is_contiguous() and copy.is_contiguous() and not layout.is_floating_point():
+        # the bytes as 8-byte words: several times faster on the host than bool by bool
+        a, b = layout.reshape(-1).view(torch.uint8), copy.reshape(-1).view(torch.uint8)
+        if a.numel() % 8 == 0:
+            return torch.equal(a.view(torch.int64), b.view(torch.int64))
+    return torch.equal(layout, copy)
 
 
 def frozen(layout: torch.Tensor) -> torch.Tensor:
