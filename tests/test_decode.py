@@ -150,8 +150,11 @@ def test_errors():
         torch.ones(B, dtype=torch.int32, device=DEVICE),
         CONFIG,
         block=BLOCK,
+        k_new=k_new,
+        v_new=v_new,
         block_table=table + 7,
     )
+    assert not pages.any()  # refused before anything was written through the table
 
 
 @settings(
