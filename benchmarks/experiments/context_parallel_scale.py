@@ -40,7 +40,10 @@ def main() -> None:
     rows = []
     one = 1 << 21  # 2M tokens on one GPU
     if rank == 0:
-        layout = pattern_layout("window_global", one, BLOCK)
+        # on the GPU, as context_parallel_attention keeps its per-rank layouts: the check that
+        # a layout was not edited compares it on its device each call, and on the host
+        # under torchrun (one OpenMP thread) that comparison alone took longer than the step
+        layout = pattern_layout("window_global", one, BLOCK).cuda()
         q, k, v, g = (
             torch.randn(1, H, one, D, device="cuda", dtype=torch.bfloat16) for _ in range(4)
         )
