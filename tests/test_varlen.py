@@ -81,10 +81,15 @@ CASES = {  # lens_q, lens_k, H, Hkv, block, causal
 
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
-@pytest.mark.parametrize("form", ["config", "callable", "lists"])
+@pytest.mark.parametrize("form", ["config", "callable", "callable_one_by_one", "lists"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_matches_sequence_by_sequence(monkeypatch, backend, form, case):
     poison(monkeypatch)
+    if form == "callable_one_by_one":  # layouts too large to gather into one grid
+        import blocksparse_attn.varlen
+
+        monkeypatch.setattr(blocksparse_attn.varlen, "_GRID_ENTRIES", 0)
+        form = "callable"
     lens_q, lens_k, H, Hkv, block, causal = CASES[case]
     torch.manual_seed(0)
     q = torch.randn(sum(lens_q), H, 16, device=DEVICE)
@@ -150,6 +155,14 @@ def test_errors():
     assert_raises_with(ValueError, ["sequence 0 (1 key blocks)"], call, good, good, lists)
     assert_raises_with(
         ValueError, ["backend", "'fused' or 'reference'"], call, good, good, backend="unfused"
+    )
+    assert_raises_with(  # a layout for another length than the sequence's 4 tokens (1 block)
+        ValueError,
+        ["a callable giving a sequence of 4 tokens a [H_l, 1, 1] layout", "(1, 2, 2)"],
+        call,
+        good,
+        good,
+        lambda n, device: torch.ones(1, 2, 2, dtype=torch.long),
     )
 
 

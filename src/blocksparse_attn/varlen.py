@@ -77,18 +77,37 @@ def _check_sequence_lists(where, lists: KVBlocks, len_k: torch.Tensor, block: in
         )
 
 
-def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlocks:
+# a callable's layouts are gathered into one dense grid of at most this many entries (one
+# copy to the device, one conversion to lists); larger sets are converted one by one
+_GRID_ENTRIES = 1 << 26
+
+
+def _sequence_lists(where, layout, lengths_k: list[int], block: int, device) -> KVBlocks:
     """Block lists ``[n_seq, H_l, nb_k_max]`` of every sequence's square layout (rows =
     the sequence's absolute query blocks), from a config (its lists cached per length) or
-    a callable."""
-    per_seq = []
-    for Lk in lengths_k:
-        n = -(-Lk // block) * block
-        if n == 0:  # an empty sequence: no blocks, nothing asked of the layout source
-            empty = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
-            per_seq.append(KVBlocks(empty, empty[..., None], trusted=True))
-        else:
-            per_seq.append(source_lists(layout, n, device))
+    a callable (asked once per sequence, its layouts gathered and converted together)."""
+    sizes = [-(-Lk // block) for Lk in lengths_k]
+    if not isinstance(layout, SparsityConfig):
+        grids = [_sequence_grid(where, layout, nb, block, device) for nb in sizes]
+        heads = max([g.shape[0] for g in grids if g is not None], default=1)
+        rows = max(sizes)
+        if len(sizes) * heads * rows * rows <= _GRID_ENTRIES:
+            on = next((g.device for g in grids if g is not None), torch.device("cpu"))
+            dense = torch.zeros(len(sizes), heads, rows, rows, dtype=torch.bool, device=on)
+            for s, g in enumerate(grids):
+                if g is not None:
+                    dense[s, :, : sizes[s], : sizes[s]] = g.to(on) != 0
+            lists = KVBlocks.from_layout(dense.to(device))
+            return KVBlocks(lists.num_blocks, lists.indices, trusted=True)
+        per_seq = [
+            _empty_lists(device) if g is None else KVBlocks.from_layout(g.to(device) != 0)
+            for g in grids
+        ]
+    else:
+        per_seq = [
+            _empty_lists(device) if nb == 0 else source_lists(layout, nb * block, device)
+            for nb in sizes
+        ]
     heads = max(b.shape[1] for b in per_seq)
     rows = max(b.shape[2] for b in per_seq)
     width = max(b.indices.shape[-1] for b in per_seq)
@@ -99,6 +118,32 @@ def _sequence_lists(layout, lengths_k: list[int], block: int, device) -> KVBlock
         num[s, :, :r] = b.num_blocks[0].expand(heads, r)
         idx[s, :, :r, : b.indices.shape[-1]] = b.indices[0].expand(heads, r, -1)
     return KVBlocks(num, idx, trusted=True)
+
+
+def _empty_lists(device) -> KVBlocks:
+    """The lists of an empty sequence: no blocks (nothing is asked of the layout source)."""
+    empty = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
+    return KVBlocks(empty, empty[..., None], trusted=True)
+
+
+def _sequence_grid(where, source, nb: int, block: int, device):
+    """A callable's layout for a sequence of ``nb`` blocks, checked: ``[H_l, nb, nb]``
+    (``None`` for an empty sequence)."""
+    from .patterns._checks import layout_tensor
+
+    if nb == 0:
+        return None
+    grid = layout_tensor(where, source(nb * block, device))
+    if grid.dim() == 2:
+        grid = grid[None]
+    if tuple(grid.shape[1:]) != (nb, nb):
+        raise bad_argument(
+            where,
+            "layout",
+            f"a callable giving a sequence of {nb * block} tokens a [H_l, {nb}, {nb}] layout",
+            f"a layout of shape {tuple(grid.shape)}",
+        )
+    return grid
 
 
 def block_sparse_attention_varlen(
@@ -184,7 +229,7 @@ def block_sparse_attention_varlen(
         if host_checks and not lists.trusted:
             _check_sequence_lists(where, lists, len_k, block)
     elif isinstance(layout, SparsityConfig) or callable(layout):
-        lists = _sequence_lists(layout, len_k.tolist(), block, q.device)
+        lists = _sequence_lists(where, layout, len_k.tolist(), block, q.device)
     else:
         raise bad_argument(
             where,
