@@ -181,7 +181,7 @@ def block_sparse_decode(
         )
     n = cache_seqlens.long() + (L_new if k_new is not None else 0)  # tokens after appending
     if not capturing(q.device):
-        if bool((n > L_max).any()) or bool((n < L_new).any()):
+        if bool(((n > L_max) | (n < L_new)).any()):  # one read-back
             raise bad_argument(
                 where,
                 "cache_seqlens",
