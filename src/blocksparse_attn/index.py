@@ -165,18 +165,8 @@ def build_index(
             f"shape {tuple(grid.shape)}",
             "make the layout for these sequence lengths and this block.",
         )
-    g = sub_block_size(block, tile_m, tile_n)
-    sm, sn = tile_m // g, tile_n // g
-    if sm * sn > MAX_SUB_BLOCKS:
-        raise bad_argument(
-            where,
-            "tile_m x tile_n",
-            f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
-            f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
-            "use a smaller tile for this block.",
-        )
+    g, sm, sn, rt, ct = tiling(where, block, q_len, k_len, tile_m, tile_n)
     dev = grid.device
-    rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
 
     h, i, j = grid.nonzero(as_tuple=True)
     e = block // g
@@ -203,35 +193,64 @@ def build_index(
         )
         th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
         partial = kept < sm * sn
+    if causal:  # tiles wholly after the diagonal are dropped
+        shift = k_len - q_len
+        visible = tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1 + shift
+        th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
+    return assemble(
+        th, ti, tj, bits, ~partial, None, H, block, q_len, k_len, tile_m, tile_n, g, causal
+    )
+
+
+def tiling(where: str, block: int, q_len: int, k_len: int, tile_m: int, tile_n: int):
+    """``(sub, sm, sn, rt, ct)`` of ``tile_m x tile_n`` tiles over a layout of ``block``:
+    the sub-block size, sub-blocks per tile row and column, tile rows and columns."""
+    g = sub_block_size(block, tile_m, tile_n)
+    sm, sn = tile_m // g, tile_n // g
+    if sm * sn > MAX_SUB_BLOCKS:
+        raise bad_argument(
+            where,
+            "tile_m x tile_n",
+            f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
+            f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
+            "use a smaller tile for this block.",
+        )
+    return g, sm, sn, -(-q_len // tile_m), -(-k_len // tile_n)
+
+
+def assemble(th, ti, tj, bits, full, real, H, block, q_len, k_len, tile_m, tile_n, sub, causal):
+    """The index from its kept tiles, sorted by (head, tile row, key tile): their
+    coordinates ``th, ti, tj``, sub-block ``bits``, and ``full`` (every sub-block kept).
+    ``real`` (``None``: all) marks the kept tiles among padding entries, which come last
+    with ``th = H``; the offsets end before them. No host synchronisation."""
+    dev = th.device
+    rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
+    partial = ~full
     # ragged ends: a tile reaching past the sequence needs element masks
     if q_len % tile_m:
         partial = partial | (ti == rt - 1)
     if k_len % tile_n:
         partial = partial | (tj == ct - 1)
-    if causal:  # key c is visible from query r when c <= r + shift
-        shift = k_len - q_len
-        row_lo = ti * tile_m
-        row_hi = torch.clamp(row_lo + tile_m, max=q_len) - 1
-        col_lo, col_hi = tj * tile_n, tj * tile_n + tile_n - 1
-        visible = col_lo <= row_hi + shift
-        partial = partial | (col_hi > row_lo + shift)
-        th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
+    if causal:  # the diagonal's tiles: key c is visible from query r when c <= r + shift
+        partial = partial | (tj * tile_n + tile_n - 1 > ti * tile_m + k_len - q_len)
+    if real is not None:
+        partial = partial & real
     partial = partial.to(torch.int32)
 
-    # offsets by binary search over the sorted list keys: no host synchronisation
+    # offsets by binary search over the sorted keys; padding rows (H * rt) sort last
     rows = th * rt + ti
-    row_ptr = torch.searchsorted(rows, torch.arange(H * rt + 1, device=dev)).to(torch.int32)
+    row_ptr = torch.searchsorted(rows, torch.arange(H * rt + 1, device=dev))
     cols = th * ct + tj
-    col_order = torch.argsort(cols * rt + ti)
-    sorted_cols = cols[col_order]
-    col_ptr = torch.searchsorted(sorted_cols, torch.arange(H * ct + 1, device=dev))
+    col_order = torch.argsort(cols * rt + ti, stable=True)
+    col_ptr = torch.searchsorted(cols[col_order], torch.arange(H * ct + 1, device=dev))
     row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
     # a tile leads its row when no partial tile comes before it or is it
     seen = partial.cumsum(0)
     lead = seen == (seen - partial)[row_ptr[rows]]
-    row_lead = torch.zeros(H * rt, dtype=torch.int32, device=dev).scatter_add_(
-        0, rows, lead.to(torch.int32)
-    )
+    if real is not None:
+        lead = lead & real
+    row_lead = torch.zeros(H * rt + 1, dtype=torch.int32, device=dev)
+    row_lead.scatter_add_(0, rows, lead.to(torch.int32))
     return SparseIndex(
         heads=H,
         block=block,
@@ -239,15 +258,15 @@ def build_index(
         k_len=k_len,
         tile_m=tile_m,
         tile_n=tile_n,
-        sub=g,
+        sub=sub,
         causal=causal,
         row_tiles=rt,
         col_tiles=ct,
-        row_ptr=row_ptr,
+        row_ptr=row_ptr.to(torch.int32),
         row_idx=tj.to(torch.int32),
         row_bits=bits,
         row_partial=partial,
-        row_lead=row_lead,
+        row_lead=row_lead[: H * rt],
         col_ptr=col_ptr.to(torch.int32),
         col_idx=ti[col_order].to(torch.int32),
         col_bits=bits[col_order],

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument
-from .index import MAX_SUB_BLOCKS, SparseIndex, sub_block_size
+from .index import MAX_SUB_BLOCKS, SparseIndex, assemble, tiling
 from .kv_blocks import KVBlocks
 
 
@@ -54,18 +54,9 @@ def build_block_list_index(
             f"{nbq} rows",
             "make the lists for this sequence length and block.",
         )
-    g = sub_block_size(block, tile_m, tile_n)
-    sm, sn, e = tile_m // g, tile_n // g, block // g
-    if sm * sn > MAX_SUB_BLOCKS:
-        raise bad_argument(
-            where,
-            "tile_m x tile_n",
-            f"at most {MAX_SUB_BLOCKS} sub-blocks of {g} tokens",
-            f"{tile_m}x{tile_n} over block {block} ({sm}x{sn} sub-blocks)",
-            "use a smaller tile for this block.",
-        )
+    g, sm, sn, rt, ct = tiling(where, block, q_len, k_len, tile_m, tile_n)
+    e = block // g
     dev = lists.device
-    rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
 
     # every list entry, used or not, at sub-block granularity, one row per sub-row of
     # queries ([H, sub-rows, entries]), padded to whole tile rows
@@ -112,46 +103,7 @@ def build_block_list_index(
     bits, kept = bits[:cap], kept[:cap]
 
     th, ti, tj = tile // (rt * ct), (tile // ct) % rt, tile % ct  # padding: th = H
-    partial = kept < sm * sn
-    if q_len % tile_m:
-        partial = partial | (ti == rt - 1)
-    if k_len % tile_n:
-        partial = partial | (tj == ct - 1)
-    if causal:
-        partial = partial | (tj * tile_n + tile_n - 1 > ti * tile_m + shift)
-    partial = (partial & (tile < none)).to(torch.int32)
-
-    rows = th * rt + ti  # ascending; padding rows H * rt sort last
-    row_ptr = torch.searchsorted(rows, torch.arange(H * rt + 1, device=dev))
-    cols = th * ct + tj
-    col_order = torch.argsort(cols * rt + ti, stable=True)
-    col_ptr = torch.searchsorted(cols[col_order], torch.arange(H * ct + 1, device=dev))
-    seen = partial.cumsum(0)
-    lead = (seen == (seen - partial)[row_ptr[rows]]) & (tile < none)
-    row_lead = torch.zeros(H * rt + 1, dtype=torch.int32, device=dev)
-    row_lead.scatter_add_(0, rows, lead.to(torch.int32))
-    row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
-    return SparseIndex(
-        heads=H,
-        block=block,
-        q_len=q_len,
-        k_len=k_len,
-        tile_m=tile_m,
-        tile_n=tile_n,
-        sub=g,
-        causal=causal,
-        row_tiles=rt,
-        col_tiles=ct,
-        row_ptr=row_ptr.to(torch.int32),
-        row_idx=tj.to(torch.int32),
-        row_bits=bits,
-        row_partial=partial,
-        row_lead=row_lead[: H * rt],
-        col_ptr=col_ptr.to(torch.int32),
-        col_idx=ti[col_order].to(torch.int32),
-        col_bits=bits[col_order],
-        col_partial=partial[col_order],
-        col_pos=col_order.to(torch.int32),
-        row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
-        col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
+    full = kept == sm * sn
+    return assemble(
+        th, ti, tj, bits, full, tile < none, H, block, q_len, k_len, tile_m, tile_n, g, causal
     )
