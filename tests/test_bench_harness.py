@@ -215,6 +215,19 @@ def test_unsupported_backend_reason_is_recorded():
     assert row["ms"] is None and "backend must be one of" in row["error"]
 
 
+def fake_result(backend, mode, ms=1.0):
+    """A timed step as ``time_backend`` returns it."""
+    return {
+        "backend": backend,
+        "mode": mode,
+        "dtype": "bfloat16",
+        "ms": ms,
+        "tflops": 1.0,
+        "peak_mib": 1.0,
+        "peak_total_mib": 1.0,
+    }
+
+
 def fake_gpu_bench(monkeypatch, time_backend):
     """``bench`` as on a GPU machine, timing with ``time_backend``."""
     from blocksparse_attn.tools import bench, bench_harness
@@ -238,15 +251,7 @@ def test_run_cut_short_keeps_every_timed_step(tmp_path, monkeypatch):
         if len(timed) == 4:  # the third step (two backends per step): a time limit strikes
             raise KeyboardInterrupt
         timed.append(backend)
-        return {
-            "backend": backend,
-            "mode": mode,
-            "dtype": "bfloat16",
-            "ms": 1.0 + len(timed),
-            "tflops": 1.0,
-            "peak_mib": 1.0,
-            "peak_total_mib": 1.0,
-        }
+        return fake_result(backend, mode, ms=1.0 + len(timed))
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     args = build_parser().parse_args(
@@ -274,15 +279,7 @@ def test_match_selects_cases_by_name(tmp_path, monkeypatch, capsys):
 
     def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
         timed.append(case.name)
-        return {
-            "backend": backend,
-            "mode": mode,
-            "dtype": "bfloat16",
-            "ms": 1.0,
-            "tflops": 1.0,
-            "peak_mib": 1.0,
-            "peak_total_mib": 1.0,
-        }
+        return fake_result(backend, mode)
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     from blocksparse_attn.tools import bench_report
@@ -429,15 +426,7 @@ def test_gqa_suite_times_native_repeated_and_peers(tmp_path, monkeypatch):
 
     def fake_time_backend(backend, case, layout, mode, dtype, device="cuda"):
         timed.append((case.name, backend))
-        return {
-            "backend": backend,
-            "mode": mode,
-            "dtype": "bfloat16",
-            "ms": 1.0,
-            "tflops": 1.0,
-            "peak_mib": 1.0,
-            "peak_total_mib": 1.0,
-        }
+        return fake_result(backend, mode)
 
     bench = fake_gpu_bench(monkeypatch, fake_time_backend)
     from blocksparse_attn.tools import bench_report
