@@ -116,15 +116,20 @@ def test_errors():
     def call(**kw):
         args = dict(k_new=k_new, v_new=v_new, block=BLOCK)
         args.update(kw)
-        return block_sparse_decode(
-            q, k_cache, v_cache, args.pop("seqlens", seqlens), CONFIG, **args
-        )
+        seq, layout = args.pop("seqlens", seqlens), args.pop("layout", CONFIG)
+        return block_sparse_decode(q, k_cache, v_cache, seq, layout, **args)
 
     full = torch.full((B,), L_MAX, dtype=torch.int32, device=DEVICE)
     assert_raises_with(ValueError, ["cache_seqlens", "room for the new tokens"], call, seqlens=full)
     assert_raises_with(ValueError, ["cache_seqlens", "int32"], call, seqlens=seqlens.long())
     assert_raises_with(ValueError, ["k_new, v_new", "both or neither"], call, v_new=None)
     assert_raises_with(ValueError, ["multiple of block=48"], call, block=48)
+    assert_raises_with(
+        ValueError,
+        ["a callable giving a [H_l, 8, 8] layout for 128 tokens", "(2, 4, 4)"],
+        call,
+        layout=lambda n, device: torch.ones(2, 4, 4, dtype=torch.long),
+    )
     pages = torch.zeros(4, 24, HKV, D, device=DEVICE)
     table = torch.zeros(B, 2, dtype=torch.int32, device=DEVICE)
     assert_raises_with(

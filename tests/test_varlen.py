@@ -158,7 +158,7 @@ def test_errors():
     )
     assert_raises_with(  # a layout for another length than the sequence's 4 tokens (1 block)
         ValueError,
-        ["a callable giving a sequence of 4 tokens a [H_l, 1, 1] layout", "(1, 2, 2)"],
+        ["a callable giving a [H_l, 1, 1] layout for 4 tokens", "(1, 2, 2)"],
         call,
         good,
         good,

@@ -23,10 +23,12 @@ from ._inputs import capturing, check_block
 from .kv_blocks import KVBlocks, source_lists
 
 
-def _rows(layout, n_keys: int, block: int, device) -> KVBlocks:
+def _rows(where, layout, n_keys: int, block: int, device) -> KVBlocks:
     """Block lists ``[B_l, H_l, nb]`` of the pattern over ``n_keys`` tokens (rows =
     absolute query blocks, each row's blocks ascending)."""
-    return layout if isinstance(layout, KVBlocks) else source_lists(layout, n_keys, device)
+    if isinstance(layout, KVBlocks):
+        return layout
+    return source_lists(where, layout, n_keys, block, device)
 
 
 def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:
@@ -192,7 +194,7 @@ def block_sparse_decode(
     if k_new is not None:
         _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     k, v = _contiguous_cache(k_cache, v_cache, block_table)
-    lists = _rows(layout, L_max, block, q.device)
+    lists = _rows(where, layout, L_max, block, q.device)
     nb = -(-n // block)
     if L_new == 1:  # on the cache in place: one query sees every key before n
         lists = _per_sequence(lists, B)

@@ -188,12 +188,31 @@ def config_lists(config, n_tokens: int, device) -> KVBlocks:
     return lists
 
 
-def source_lists(source, n_tokens: int, device) -> KVBlocks:
+def source_grid(where: str, source, n_tokens: int, block: int, device) -> torch.Tensor:
+    """A callable's layout ``(seq_len, device) -> [H_l, nb, nb]`` over ``n_tokens`` tokens
+    (a multiple of ``block``), checked: ``[H_l, nb, nb]``, where it was made."""
+    from .patterns._checks import layout_tensor
+
+    nb = n_tokens // block
+    grid = layout_tensor(where, source(n_tokens, device))
+    if grid.dim() == 2:
+        grid = grid[None]
+    if tuple(grid.shape[1:]) != (nb, nb):
+        raise bad_argument(
+            where,
+            "layout",
+            f"a callable giving a [H_l, {nb}, {nb}] layout for {n_tokens} tokens",
+            f"a layout of shape {tuple(grid.shape)}",
+        )
+    return grid
+
+
+def source_lists(where: str, source, n_tokens: int, block: int, device) -> KVBlocks:
     """The block lists ``[1, H_l, nb]`` of a pattern over ``n_tokens`` tokens (rows =
     absolute query blocks): a ``SparsityConfig`` (:func:`config_lists`, cached) or a
-    callable ``(seq_len, device) -> [H_l, nb, nb]`` (asked on every call)."""
+    callable (:func:`source_grid`, asked on every call)."""
     from .patterns import SparsityConfig
 
     if isinstance(source, SparsityConfig):
         return config_lists(source, n_tokens, device)
-    return KVBlocks.from_layout(source(n_tokens, device).to(device) != 0)
+    return KVBlocks.from_layout(source_grid(where, source, n_tokens, block, device).to(device) != 0)

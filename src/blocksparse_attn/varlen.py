@@ -19,7 +19,7 @@ import torch
 
 from ._errors import bad_argument, describe
 from ._inputs import capturing, check_block
-from .kv_blocks import KVBlocks, source_lists
+from .kv_blocks import KVBlocks, config_lists, source_grid
 from .patterns import SparsityConfig
 
 
@@ -88,7 +88,8 @@ def _sequence_lists(where, layout, lengths_k: list[int], block: int, device) -> 
     a callable (asked once per sequence, its layouts gathered and converted together)."""
     sizes = [-(-Lk // block) for Lk in lengths_k]
     if not isinstance(layout, SparsityConfig):
-        grids = [_sequence_grid(where, layout, nb, block, device) for nb in sizes]
+        # an empty sequence asks nothing of the source
+        grids = [source_grid(where, layout, n * block, block, device) if n else None for n in sizes]
         heads = max([g.shape[0] for g in grids if g is not None], default=1)
         rows = max(sizes)
         if len(sizes) * heads * rows * rows <= _GRID_ENTRIES:
@@ -105,7 +106,7 @@ def _sequence_lists(where, layout, lengths_k: list[int], block: int, device) -> 
         ]
     else:
         per_seq = [
-            _empty_lists(device) if nb == 0 else source_lists(layout, nb * block, device)
+            _empty_lists(device) if nb == 0 else config_lists(layout, nb * block, device)
             for nb in sizes
         ]
     heads = max(b.shape[1] for b in per_seq)
@@ -124,26 +125,6 @@ def _empty_lists(device) -> KVBlocks:
     """The lists of an empty sequence: no blocks (nothing is asked of the layout source)."""
     empty = torch.zeros(1, 1, 0, dtype=torch.int32, device=device)
     return KVBlocks(empty, empty[..., None], trusted=True)
-
-
-def _sequence_grid(where, source, nb: int, block: int, device):
-    """A callable's layout for a sequence of ``nb`` blocks, checked: ``[H_l, nb, nb]``
-    (``None`` for an empty sequence)."""
-    from .patterns._checks import layout_tensor
-
-    if nb == 0:
-        return None
-    grid = layout_tensor(where, source(nb * block, device))
-    if grid.dim() == 2:
-        grid = grid[None]
-    if tuple(grid.shape[1:]) != (nb, nb):
-        raise bad_argument(
-            where,
-            "layout",
-            f"a callable giving a sequence of {nb * block} tokens a [H_l, {nb}, {nb}] layout",
-            f"a layout of shape {tuple(grid.shape)}",
-        )
-    return grid
 
 
 def block_sparse_attention_varlen(
