@@ -56,28 +56,33 @@ def problem(B, H, Hkv, layout_batch, layout_heads, L=64, D=16, block=16):
     return q, k, v, layout
 
 
+@pytest.mark.parametrize("form", ["dense", "lists"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     "B, H, Hkv, layout_batch, layout_heads, padding",
     [
-        (2, 4, 2, 2, 2, False),  # GQA, a layout per sample and kv head: one folded launch
-        (2, 4, 2, 2, 4, True),  # per query head, with padding: sample by sample
+        (2, 4, 2, 2, 2, False),  # GQA, a layout per sample and kv head: one launch
+        (2, 4, 2, 2, 4, True),  # per query head, with padding (dense: sample by sample)
         (3, 4, 1, 1, 1, True),  # MQA, one shared layout
         (2, 2, 2, 2, 1, False),  # MHA, a layout per sample
         (1, 6, 3, 1, 3, False),  # a layout per kv head, shared by the batch
     ],
 )
 def test_matches_independent_computation(
-    monkeypatch, backend, B, H, Hkv, layout_batch, layout_heads, padding
+    monkeypatch, form, backend, B, H, Hkv, layout_batch, layout_heads, padding
 ):
     poison(monkeypatch)
     q, k, v, layout = problem(B, H, Hkv, layout_batch, layout_heads)
+    # block lists per sample: the fused kernels schedule each sample's lists and masks in
+    # one launch (dense per-sample layouts are folded or run sample by sample)
     kw = dict(block=16, causal=True)
     if padding:
         kw["key_padding_mask"] = torch.zeros(B, 64, device=DEVICE)
         kw["key_padding_mask"][:, 50:] = -math.inf
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     arg = layout if layout_batch > 1 else layout[0]
+    if form == "lists":
+        arg = KVBlocks.from_layout(layout).to(DEVICE)
     if backend == "unfused":
         out, lse = block_sparse_attention(*leaves, arg, backend=backend, **kw), None
     else:

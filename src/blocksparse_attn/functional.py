@@ -62,30 +62,24 @@ def _sample(lay, b: int):
     return lay[b]
 
 
-def _fold_layout(lay, B: int, heads: int):
-    """A per-sample layout ``[B, H_l, ...]`` with the batch folded into the heads
-    (``heads``: expand ``H_l`` to that many first, -1 keeps it)."""
-    if isinstance(lay, KVBlocks):
-        n, idx = lay.num_blocks, lay.indices
-        return KVBlocks(
-            n.expand(B, heads, -1).reshape(1, -1, n.shape[-1]),
-            idx.expand(B, heads, -1, -1).reshape(1, -1, *idx.shape[-2:]),
-            lay.trusted,
-        )
+def _fold_layout(lay: torch.Tensor, B: int, heads: int) -> torch.Tensor:
+    """A dense per-sample layout ``[B, H_l, nb_q, nb_k]`` with the batch folded into the
+    heads (``heads``: expand ``H_l`` to that many first, -1 keeps it)."""
     return lay.expand(B, heads, -1, -1).flatten(0, 1)
 
 
 def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     """``run(inputs, layout)`` -> ``(out, lse or None)`` on inputs the Triton kernels take:
-    one ``[H_l, nb_q, nb_k]`` layout for the batch.
+    one ``[H_l, nb_q, nb_k]`` layout for the batch, or block lists per sample (fused).
 
     ``grouped``: the kernels read grouped K/V heads and layouts of ``H_kv`` heads
     themselves (the fused kernels); otherwise K/V and the layout are repeated to the query
-    heads first (the repeat's gradient sums over each group). A layout per sample runs as
-    one launch over ``B * H`` heads when there is no key padding mask (which the kernels
-    read per batch), else sample by sample. The caller's own 2-D/3-D tensor goes to the
-    kernels as it is, so its compiled index is cached; a layout made here is compiled on
-    every call."""
+    heads first (the repeat's gradient sums over each group). Block lists per sample go to
+    the fused kernels as they are (one launch; each sample's programs read its own lists
+    and masks). A dense layout per sample runs as one launch over ``B * H`` heads when
+    there is no key padding mask (which the kernels read per batch), else sample by
+    sample. The caller's own 2-D/3-D tensor goes to the kernels as it is, so its compiled
+    index is cached; a layout made here is compiled on every call."""
     B, H = x.q.shape[:2]
     if grouped:  # the fused kernels read block lists as they are (built on the device)
         lay = x.layout
@@ -95,6 +89,8 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
         return run(x, layout if mine else _sample(lay, 0))
+    if grouped and isinstance(lay, KVBlocks):  # the kernels run lists per sample as they are
+        return run(x, lay)
     Lq, Lk = x.q.shape[2], x.k.shape[2]
     rpe = x.rpe
     if x.key_padding_mask is None:  # fold the batch into the heads: one launch

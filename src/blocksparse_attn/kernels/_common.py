@@ -295,11 +295,13 @@ def _exp_diff(s, m, NATURAL: tl.constexpr):
 
 
 @triton.jit
-def _schedule(ORDER, heads_per_layout_head, batch, tiles, GROUP: tl.constexpr):
+def _schedule(ORDER, heads_per_layout_head, batch, tiles, H, GROUP: tl.constexpr):
     """Map this program to (list id, tile, batch, head). Lists are visited longest first
     (``ORDER``, from the index) in groups of ``GROUP``: the programs of a group run batch
     by batch and head by head, so the programs running at once share their batch-head's
-    keys and values in the L2 cache, and a long list never waits for more than a group."""
+    keys and values in the L2 cache, and a long list never waits for more than a group.
+    Lists of every sample (``B * H_l`` list heads, see :func:`schedule_args`) come with
+    ``batch = 1``: their head number runs over ``B * H`` and is split here."""
     rep = batch * heads_per_layout_head
     pid = tl.program_id(0)
     n_lists = tl.num_programs(0) // rep
@@ -310,8 +312,20 @@ def _schedule(ORDER, heads_per_layout_head, batch, tiles, GROUP: tl.constexpr):
     list_id = tl.load(ORDER + first + r % size)
     tile = list_id % tiles
     h = list_id // tiles * heads_per_layout_head + k % heads_per_layout_head
-    b = k // heads_per_layout_head
-    return list_id, tile, b.to(tl.int64), h.to(tl.int64)
+    b = k // heads_per_layout_head + h // H
+    return list_id, tile, b.to(tl.int64), (h % H).to(tl.int64)
+
+
+def schedule_args(layout, index, B: int, H: int) -> dict:
+    """The schedule's ``B`` and ``heads_per_layout_head`` (see :func:`_schedule`): a layout
+    shared by the batch has ``H_l`` list heads, each run for every sample; block lists per
+    sample (:class:`~blocksparse_attn.KVBlocks` of ``B > 1`` rows) have ``B * H_l``, each
+    run for its own sample only, so one launch serves the batch with per-sample key
+    padding masks read as they are."""
+    from ..kv_blocks import KVBlocks
+
+    per_sample = B if isinstance(layout, KVBlocks) and layout.shape[0] > 1 else 1
+    return dict(B=B // per_sample, heads_per_layout_head=per_sample * H // index.heads)
 
 
 _TUNED: dict[tuple, dict] = {}  # (kernel, dtype, device, tuning key) -> launch options

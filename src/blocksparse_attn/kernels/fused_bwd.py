@@ -34,6 +34,7 @@ from ._common import (
     matrix_args,
     natural_units,
     prune_descriptors,
+    schedule_args,
     unit_last_stride,
     upcast_dots,
 )
@@ -157,7 +158,7 @@ def _bsa_bwd_dkdv_kernel(
     DESC: tl.constexpr,
 ):
     col_ptr, col_idx, col_bits, col_partial, col_order = COLS
-    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, GROUP)
+    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, H, GROUP)
     hk = h // kv_group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -271,7 +272,7 @@ def _bsa_bwd_dq_kernel(
     DESC: tl.constexpr,
 ):
     row_ptr, row_idx, row_bits, row_partial, row_order = ROWS
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, H, GROUP)
     hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -438,7 +439,6 @@ def fused_attention_backward(
         LSE=stats[0] if natural else stats,
         LOG2L=stats[1] if natural else stats,
         DELTA=delta,
-        B=B,
         H=H,
         Lq=Lq,
         Lk=Lk,
@@ -466,7 +466,7 @@ def fused_attention_backward(
             DV=matrix_args(dv),
             COLS=(idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order),
             col_tiles=idx.col_tiles,
-            heads_per_layout_head=H // idx.heads,
+            **schedule_args(layout, idx, B, H),
             BLOCK_M=kv_tiles.m,
             BLOCK_N=kv_tiles.n,
             SUB=idx.sub,
@@ -484,7 +484,7 @@ def fused_attention_backward(
             DS=ds,
             ROWS=(idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order),
             row_tiles=idx.row_tiles,
-            heads_per_layout_head=H // idx.heads,
+            **schedule_args(layout, idx, B, H),
             BLOCK_M=q_tiles.m,
             BLOCK_N=q_tiles.n,
             SUB=idx.sub,

@@ -37,6 +37,7 @@ from ._common import (
     matrix_args,
     natural_units,
     prune_descriptors,
+    schedule_args,
     unit_last_stride,
     upcast_dots,
 )
@@ -102,7 +103,7 @@ def _bsa_fwd_kernel(
     DESC: tl.constexpr,
 ):
     row_ptr, row_idx, row_bits, row_partial, row_lead, row_order = ROWS
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, GROUP)
+    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, H, GROUP)
     hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -277,12 +278,11 @@ def fused_attention_forward(
         LSE=stats[0] if natural else stats,
         LOG2L=stats[1] if natural else stats,
         ROWS=rows,
-        B=B,
         H=H,
         Lq=Lq,
         Lk=Lk,
         row_tiles=index.row_tiles,
-        heads_per_layout_head=H // index.heads,
+        **schedule_args(layout, index, B, H),
         kv_group=H // k.shape[1],
         qk_scale=scale if natural else scale * LOG2E.value,
         HEAD_DIM=D,
