@@ -114,6 +114,7 @@ def poison(monkeypatch):
     from blocksparse_attn.kernels import (
         blocksparse_matmul,
         blocksparse_softmax,
+        decode,
         fused_bwd,
         fused_fwd,
     )
@@ -121,7 +122,7 @@ def poison(monkeypatch):
     def nan_empty(shape, dtype, device):
         return torch.full(shape, math.nan, dtype=dtype, device=device)
 
-    for module in (fused_fwd, fused_bwd, blocksparse_matmul, blocksparse_softmax):
+    for module in (fused_fwd, fused_bwd, decode, blocksparse_matmul, blocksparse_softmax):
         monkeypatch.setattr(module, "empty", nan_empty)
 
 

@@ -20,26 +20,31 @@ CONFIG = FixedSparsityConfig(
 )
 
 
-def direct(q, k, v, n, grid, causal=True):
+def direct(q, k, v, n, grid, causal=True, block=BLOCK, with_lse=False):
     """Per sequence: its queries at positions n - L_new .., its keys [0, n), the layout row
-    of each query's block, fp64."""
-    L_new = q.shape[1]
-    outs = []
+    of each query's block (``grid [H_l, nb, nb]``, or ``[B, H_l, nb, nb]`` per sequence),
+    fp64; with ``with_lse`` also the log-sum-exp ``[B, L_new, H]``."""
+    L_new, H, D = q.shape[1:]
+    group = H // k.shape[2]
+    outs, lses = [], []
     for b in range(q.shape[0]):
         pos = torch.arange(L_new) + int(n[b]) - L_new
         keys = torch.arange(int(n[b]))
-        g = grid.repeat_interleave(H // grid.shape[0], 0) != 0
-        keep = g[:, pos // BLOCK][:, :, keys // BLOCK]
+        mine = grid[b] if grid.dim() == 4 else grid
+        g = mine.cpu().repeat_interleave(H // mine.shape[0], 0) != 0
+        keep = g[:, pos // block][:, :, keys // block]
         if causal:
             keep = keep & (keys[None, :] <= pos[:, None])
         qs = q[b].double().transpose(0, 1)  # [H, L_new, D]
-        ks = k[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(H // HKV, 0)
-        vs = v[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(H // HKV, 0)
+        ks = k[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(group, 0)
+        vs = v[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(group, 0)
         s = (qs @ ks.transpose(-1, -2)) * D**-0.5
         s = s.masked_fill(~keep.to(s.device), float("-inf"))
         p = torch.nan_to_num(torch.softmax(s, -1))  # a query with nothing to attend: zeros
         outs.append((p @ vs).transpose(0, 1))
-    return torch.stack(outs)
+        lses.append(torch.logsumexp(s, -1).transpose(0, 1))
+    out = torch.stack(outs)
+    return (out, torch.stack(lses)) if with_lse else out
 
 
 def problem(L_new, seed=0):
@@ -110,6 +115,83 @@ def test_paged_cache(monkeypatch, L_new):
     assert max_err(out, contiguous) < 1e-5
 
 
+@pytest.mark.parametrize(
+    "heads, kv_heads, layout_heads, per_sequence, block, page",
+    [
+        (4, 2, 2, False, 16, 0),  # a group shares its list: one program per group
+        (4, 1, 1, True, 16, 32),  # MQA, lists per sequence, paged
+        (4, 2, 4, False, 16, 0),  # a list per query head: one program per head
+        (6, 3, 3, True, 48, 0),  # a block that is not a power of two
+        (2, 2, 1, False, 160, 160),  # a block of two key tiles, paged
+    ],
+)
+def test_decoding_kernels(monkeypatch, heads, kv_heads, layout_heads, per_sequence, block, page):
+    """The decoding kernels (one new token, fused) against the direct computation, output
+    and log-sum-exp: grouped heads packed or not, lists per sequence with repeated entries
+    and an empty row, keys past each sequence's end poisoned with NaN (they must stay
+    hidden), contiguous and paged caches."""
+    poison(monkeypatch)
+    g = torch.Generator().manual_seed(heads * 100 + block)
+    Bn, nb, Dh = 3, 6, 16
+    L_max = nb * block
+    q = torch.randn(Bn, 1, heads, Dh, generator=g).to(DEVICE)
+    k_cache, v_cache = (torch.randn(Bn, L_max, kv_heads, Dh, generator=g) for _ in range(2))
+    seqlens = torch.tensor([1, 2 * block + 3, L_max], dtype=torch.int32)
+    for t in (k_cache, v_cache):  # what an unwritten cache may hold
+        for b in range(Bn):
+            t[b, int(seqlens[b]) :] = float("nan")
+    grid = (torch.rand(Bn if per_sequence else 1, layout_heads, nb, nb, generator=g) < 0.6).long()
+    grid[..., 0] = 1
+    grid[1 if per_sequence else 0, 0, 2] = 0  # sequence 1's query row, empty for head 0
+    lists = KVBlocks.from_layout(grid)
+    idx = torch.cat([lists.indices, lists.indices[..., :2]], -1)  # repeats after the used ones
+    num = lists.num_blocks
+    idx[..., 1], idx[..., 0] = idx[..., 0].clone(), idx[..., 1].clone()  # any order
+    idx = torch.cat([idx[..., :1], idx], -1)  # the first entry twice
+    lists = KVBlocks(num + (num > 0).int(), idx).to(DEVICE)
+    k_in, v_in, table = k_cache.to(DEVICE), v_cache.to(DEVICE), None
+    if page:
+        pages = L_max // page
+        order = torch.randperm(Bn * pages, generator=g)
+        table = order.view(Bn, pages).to(torch.int32).to(DEVICE)
+        k_in, v_in = (torch.empty(Bn * pages, page, kv_heads, Dh, device=DEVICE) for _ in range(2))
+        for src, dst in ((k_cache, k_in), (v_cache, v_in)):
+            dst[table.long()] = src.to(DEVICE).view(Bn, pages, page, kv_heads, Dh)
+    out, lse = block_sparse_decode(
+        q,
+        k_in,
+        v_in,
+        seqlens.to(DEVICE),
+        lists,
+        block=block,
+        block_table=table,
+        return_lse=True,
+        backend="fused",
+    )
+    want, want_lse = direct(
+        q, k_cache, v_cache, seqlens, grid if per_sequence else grid[0], block=block, with_lse=True
+    )
+    assert out.shape == q.shape and max_err(out, want) < 1e-4
+    hidden = torch.isneginf(want_lse)
+    assert hidden.any()  # the empty row is part of the case
+    assert torch.equal(torch.isneginf(lse.cpu()), hidden)
+    assert max_err(lse[~hidden.to(lse.device)], want_lse[~hidden]) < 1e-4
+
+
+def test_decoding_with_gradients_takes_the_general_kernels(monkeypatch):
+    # the decoding kernels have no backward: inputs that require grad get the general fused
+    # kernels' gradients, equal to the reference's
+    poison(monkeypatch)
+    q, k_cache, v_cache, _, _, seqlens = problem(1, seed=4)
+    grads = []
+    for backend in ("fused", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (q, k_cache, v_cache)]
+        out = block_sparse_decode(*leaves, seqlens, CONFIG, block=BLOCK, backend=backend)
+        grads.append(torch.autograd.grad(out, leaves, torch.ones_like(out)))
+    for got, want in zip(*grads):
+        assert max_err(got, want) < 1e-4
+
+
 def test_errors():
     q, k_cache, v_cache, k_new, v_new, seqlens = problem(1)
 
@@ -124,9 +206,17 @@ def test_errors():
     assert_raises_with(ValueError, ["cache_seqlens", "int32"], call, seqlens=seqlens.long())
     assert_raises_with(ValueError, ["k_new, v_new", "both or neither"], call, v_new=None)
     assert_raises_with(ValueError, ["multiple of block=48"], call, block=48)
+    wrong_rows = KVBlocks.from_layout(torch.ones(1, HKV, 4, 4, dtype=torch.long, device=DEVICE))
+    assert_raises_with(
+        ValueError, ["KVBlocks of shape [3 or 1, H_l, 8]", "[1, 2, 4]"], call, layout=wrong_rows
+    )
+    three = KVBlocks.from_layout(torch.ones(1, 3, 8, 8, dtype=torch.long, device=DEVICE))
+    assert_raises_with(
+        ValueError, ["1, H_kv = 2 or H = 4 layout heads", "3 heads"], call, layout=three
+    )
     assert_raises_with(
         ValueError,
-        ["a callable giving a [H_l, 8, 8] layout for 128 tokens", "(2, 4, 4)"],
+        ["pattern over L_max = 128 tokens, [H_l, 8, 8]", "(2, 4, 4)"],
         call,
         layout=lambda n, device: torch.ones(2, 4, 4, dtype=torch.long),
     )
@@ -199,7 +289,15 @@ def test_random_caches(monkeypatch, data):
         for src, dst in ((k_cache, k_in), (v_cache, v_in)):
             dst[table.long()] = src.view(Bn, pages, BLOCK, HKV, D)
     out = block_sparse_decode(
-        q, k_in, v_in, seqlens, lambda n, device: grid, block=BLOCK, block_table=table, **kw
+        q,
+        k_in,
+        v_in,
+        seqlens,
+        lambda n, device: grid,
+        block=BLOCK,
+        block_table=table,
+        backend="fused",
+        **kw,
     )
     if append:  # what the cache holds now
         for b in range(Bn):

@@ -4,14 +4,15 @@ The new queries of sequence ``b`` are the last ``L_new`` of its ``n_b`` tokens (
 ``cache_seqlens[b]``, plus ``L_new`` when ``k_new``/``v_new`` are appended), and each uses
 the layout row of its absolute position, as in prefill.
 
-One new token per sequence (decoding) runs on the cache in place: the cache is read as
-``[B, H_kv, L_max, D]`` through its strides, each sequence's single query sees every key
-before ``n_b`` (a key padding mask hides the rest), and its layout row is gathered on the
-device. Several new tokens (chunked prefill, speculative decoding) go through
-:func:`~blocksparse_attn.block_sparse_attention_varlen`, which copies each sequence's
-cached keys into a packed batch. A paged cache (``block_table``) is gathered into a
-contiguous one first (a copy); kernels that read pages directly, and a split of one long
-sequence's keys across programs, are not built yet.
+One new token per sequence (decoding) runs on the cache in place. On the fused backend the
+decoding kernels (``kernels.decode``) read each sequence's layout row as a block list,
+contiguous or paged caches directly, a grouped-query group's heads in one program, and a
+long row split across programs merged by log-sum-exp; they compute no gradient, so inputs
+that require one take the general fused kernels (the cache read as ``[B, H_kv, L_max, D]``
+through its strides, a key padding mask hiding the keys at or past ``n_b``, a paged cache
+gathered into a contiguous one). Several new tokens (chunked prefill, speculative
+decoding) go through :func:`~blocksparse_attn.block_sparse_attention_varlen`, which copies
+each sequence's cached keys into a packed batch.
 """
 
 from __future__ import annotations
@@ -23,12 +24,152 @@ from ._inputs import capturing, check_block
 from .kv_blocks import KVBlocks, source_lists
 
 
-def _rows(where, layout, n_keys: int, block: int, device) -> KVBlocks:
-    """Block lists ``[B_l, H_l, nb]`` of the pattern over ``n_keys`` tokens (rows =
-    absolute query blocks, each row's blocks ascending)."""
+def _check_heads(where, heads: int, H: int, H_kv: int) -> None:
+    if heads not in (1, H_kv, H):
+        raise bad_argument(
+            where, "layout", f"1, H_kv = {H_kv} or H = {H} layout heads", f"{heads} heads"
+        )
+
+
+def _check_lists(where, lists: KVBlocks, B: int, H: int, H_kv: int, L_max: int, block: int, device):
+    """Block lists given as the layout: on ``device``, ``[B or 1, H_l, L_max / block]``,
+    their values checked (a host synchronisation) unless trusted or being captured."""
+    nb = L_max // block
+    if lists.device != device:
+        raise bad_argument(
+            where,
+            "layout",
+            f"KVBlocks on the inputs' device ({device})",
+            f"KVBlocks on {lists.device}",
+            "move them with lists.to(q.device).",
+        )
+    if lists.shape[0] not in (1, B) or lists.shape[2] != nb:
+        raise bad_argument(
+            where,
+            "layout",
+            f"KVBlocks of shape [{B} or 1, H_l, {nb}] (rows of the pattern over "
+            f"L_max = {L_max} tokens)",
+            f"KVBlocks of shape {list(lists.shape)}",
+        )
+    _check_heads(where, lists.shape[1], H, H_kv)
+    if not lists.trusted and not capturing(device):
+        lists.check(nb, where)
+
+
+def _pattern_grid(where, source, L_max: int, block: int, device) -> torch.Tensor:
+    """A callable's layout over ``L_max`` tokens, checked: ``[H_l, nb, nb]``."""
+    from .patterns._checks import layout_tensor
+
+    nb = L_max // block
+    grid = layout_tensor(where, source(L_max, device))
+    if grid.dim() == 2:
+        grid = grid[None]
+    if tuple(grid.shape[1:]) != (nb, nb):
+        raise bad_argument(
+            where,
+            "layout",
+            f"a callable giving the pattern over L_max = {L_max} tokens, [H_l, {nb}, {nb}]",
+            f"a layout of shape {tuple(grid.shape)}",
+        )
+    return grid
+
+
+def _rows(where, layout, L_max: int, block: int, device) -> KVBlocks:
+    """Block lists ``[B_l, H_l, nb]`` of the pattern over ``L_max`` tokens (rows = absolute
+    query blocks); a callable's layout is checked first."""
     if isinstance(layout, KVBlocks):
         return layout
-    return source_lists(where, layout, n_keys, block, device)
+    from .patterns import SparsityConfig
+
+    if not isinstance(layout, SparsityConfig):
+        grid = _pattern_grid(where, layout, L_max, block, device)
+        return KVBlocks.from_layout(grid.to(device) != 0)
+    return source_lists(layout, L_max, device)
+
+
+def _unique(num: torch.Tensor, idx: torch.Tensor):
+    """Each row's used entries once, ascending, first (a key block listed twice is attended
+    once): ``(num, idx)`` of ``[..]`` and ``[.., W]``. Device operations only."""
+    spare = torch.iinfo(torch.int32).max
+    used = torch.arange(idx.shape[-1], device=idx.device) < num[..., None]
+    ordered = torch.where(used, idx, spare).sort(-1).values
+    repeat = torch.zeros_like(used)
+    repeat[..., 1:] = ordered[..., 1:] == ordered[..., :-1]
+    ordered = torch.where(repeat, spare, ordered).sort(-1).values
+    return (ordered != spare).sum(-1).to(torch.int32), ordered
+
+
+def _query_lists(where, layout, row, B, L_max, block, device):
+    """``(num [B, H_l], idx [B, H_l, W])``: the block list of each sequence's newest query
+    block ``row [B]`` in the pattern over ``L_max`` tokens, each key block once (lists given
+    as the layout were checked by :func:`_check_lists`)."""
+    from .patterns import SparsityConfig
+
+    if not isinstance(layout, (KVBlocks, SparsityConfig)):  # a callable: only the rows
+        grid = _pattern_grid(where, layout, L_max, block, device)
+        rows = grid.to(device)[:, row] != 0  # [H_l, B, nb]
+        lists = KVBlocks.from_layout(rows.transpose(0, 1)[:, :, None])
+        return lists.num_blocks[:, :, 0], lists.indices[:, :, 0]
+    lists = _per_sequence(_rows(where, layout, L_max, block, device), B)
+    heads, width = lists.shape[1], lists.indices.shape[-1]
+    at = row.view(B, 1, 1).expand(B, heads, 1)
+    num = lists.num_blocks.gather(2, at)[:, :, 0]
+    idx = lists.indices.gather(2, at[..., None].expand(B, heads, 1, width))[:, :, 0]
+    if isinstance(layout, KVBlocks) and not layout.trusted:
+        num, idx = _unique(num, idx)
+    return num, idx
+
+
+def _decode_kernel(where, q, k_cache, v_cache, n, layout, block, scale, block_table):
+    """``(out [B, 1, H, D], lse [B, 1, H])`` of one new query per sequence by the decoding
+    kernels (see the module docstring)."""
+    from .kernels._common import unit_last_stride
+    from .kernels.decode import decode_attention
+
+    B, _, H, D = q.shape
+    L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    row = ((n - 1) // block).clamp(min=0)
+    num, idx = _query_lists(where, layout, row, B, L_max, block, q.device)
+    _check_heads(where, num.shape[1], H, k_cache.shape[2])
+    out, lse = decode_attention(
+        unit_last_stride(q[:, 0]),
+        unit_last_stride(k_cache),
+        unit_last_stride(v_cache),
+        n.to(torch.int32),
+        num,
+        idx,
+        block=block,
+        scale=D**-0.5 if scale is None else float(scale),
+        block_table=block_table,
+    )
+    return out[:, None], lse[:, None]
+
+
+def _decoding_kernels_run(where, q, k_cache, v_cache, backend) -> bool:
+    """Whether one new token per sequence goes to the decoding kernels: the fused backend
+    (``'auto'`` on CUDA) on inputs the kernels take, and no gradient wanted."""
+    from .kernels.availability import (
+        FUSED_MAX_HEAD_DIM_FWD,
+        KERNEL_DTYPES,
+        kernel_unavailable_reasons,
+    )
+
+    if backend == "reference":
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k_cache, v_cache)):
+        return False  # the general fused kernels have the backward
+    reasons = kernel_unavailable_reasons(q.device)
+    if q.dtype not in KERNEL_DTYPES:
+        reasons.append(f"dtype {q.dtype} is not supported (float16, bfloat16, float32)")
+    if q.shape[-1] > FUSED_MAX_HEAD_DIM_FWD:
+        reasons.append(f"head dim {q.shape[-1]} > {FUSED_MAX_HEAD_DIM_FWD}")
+    if backend == "fused" and reasons:
+        raise NotImplementedError(
+            f"{where}: backend='fused' cannot run these inputs: "
+            + "; ".join(reasons)
+            + ". Fix: use backend='reference' or change the inputs."
+        )
+    return backend == "fused" or (q.device.type == "cuda" and not reasons)
 
 
 def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:
@@ -49,11 +190,20 @@ def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
     return KVBlocks.from_entries(keep, lists.indices, lists.trusted)
 
 
-def _contiguous_cache(k_cache, v_cache, block_table):
+def _contiguous_cache(where, k_cache, v_cache, block_table, block):
     """``(k, v)`` as ``[B, L_max, H_kv, D]``: the cache itself, or the pages of
     ``block_table`` gathered (a copy)."""
     if block_table is None:
         return k_cache, v_cache
+    pages = k_cache.shape[0]
+    if not capturing(block_table.device):
+        if bool(((block_table < 0) | (block_table >= pages)).any()):
+            raise bad_argument(
+                where,
+                "block_table",
+                f"page numbers in [0, {pages})",
+                f"values up to {int(block_table.max())}",
+            )
     B = block_table.shape[0]
     k = k_cache[block_table.long()].reshape(B, -1, *k_cache.shape[2:])
     v = v_cache[block_table.long()].reshape(B, -1, *v_cache.shape[2:])
@@ -66,13 +216,9 @@ def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
         or block_table.dim() != 2
         or block_table.shape[0] != B
         or block_table.dtype != torch.int32
-        or block_table.device != k_cache.device
     ):
         raise bad_argument(
-            where,
-            "block_table",
-            f"an int32 tensor [{B}, max_pages] on the cache's device ({k_cache.device})",
-            describe(block_table),
+            where, "block_table", f"an int32 tensor [{B}, max_pages]", describe(block_table)
         )
     if k_cache.shape[1] % block:
         raise bad_argument(
@@ -82,15 +228,6 @@ def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
             f"page size {k_cache.shape[1]}",
             "allocate the paged cache with pages of whole blocks.",
         )
-    pages = k_cache.shape[0]
-    if not capturing(block_table.device):  # before anything is written through it
-        if bool(((block_table < 0) | (block_table >= pages)).any()):
-            raise bad_argument(
-                where,
-                "block_table",
-                f"page numbers in [0, {pages})",
-                f"values up to {int(block_table.max())}",
-            )
 
 
 def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
@@ -191,10 +328,16 @@ def block_sparse_decode(
                 f"that hold the {L_new} new queries' positions",
                 f"cache_seqlens {cache_seqlens.tolist()[:8]} with {L_new} new tokens",
             )
+    if isinstance(layout, KVBlocks):
+        _check_lists(where, layout, B, H, k_cache.shape[2], L_max, block, q.device)
     if k_new is not None:
         _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
-    k, v = _contiguous_cache(k_cache, v_cache, block_table)
+    if L_new == 1 and _decoding_kernels_run(where, q, k_cache, v_cache, backend):
+        out, lse = _decode_kernel(where, q, k_cache, v_cache, n, layout, block, scale, block_table)
+        return (out, lse) if return_lse else out
+    k, v = _contiguous_cache(where, k_cache, v_cache, block_table, block)
     lists = _rows(where, layout, L_max, block, q.device)
+    _check_heads(where, lists.shape[1], H, k_cache.shape[2])
     nb = -(-n // block)
     if L_new == 1:  # on the cache in place: one query sees every key before n
         lists = _per_sequence(lists, B)
