@@ -306,3 +306,57 @@ def test_random_caches(monkeypatch, data):
     n = seqlens.long() + (L_new if append else 0)
     want = direct(q, k_cache, v_cache, n, grid)
     assert max_err(out, want) < 1e-4
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs a CUDA GPU")
+@pytest.mark.parametrize("paged", [False, True])
+def test_decoding_replays_from_a_cuda_graph(paged):
+    """One decoding step (append, then attend) captured once for a fixed batch shape and
+    replayed with new tokens, new lengths and new cache contents: each replay equals the
+    eager step on the same inputs."""
+    lists = KVBlocks.from_layout(CONFIG.make_layout(L_MAX).to(DEVICE))
+    lists = KVBlocks(lists.num_blocks, lists.indices, trusted=True)
+
+    def inputs(seed):
+        g = torch.Generator(device=DEVICE).manual_seed(seed)
+        q = torch.randn(B, 1, H, D, device=DEVICE, generator=g)
+        k_cache, v_cache = (torch.randn(B, L_MAX, HKV, D, device=DEVICE, generator=g) for _ in "kv")
+        new = [torch.randn(B, 1, HKV, D, device=DEVICE, generator=g) for _ in "kv"]
+        lens = torch.randint(0, L_MAX, (B,), device=DEVICE, generator=g).to(torch.int32)
+        return [q, k_cache, v_cache, *new, lens]
+
+    table = torch.arange(B * 4, device=DEVICE).view(B, 4).flip(0).to(torch.int32)
+
+    def step(q, k_cache, v_cache, k_new, v_new, lens):
+        if paged:  # pages of 32 tokens, the sequences' pages in reverse order
+            k_cache, v_cache = (t.view(B * 4, 32, HKV, D) for t in (k_cache, v_cache))
+        return block_sparse_decode(
+            q,
+            k_cache,
+            v_cache,
+            lens,
+            lists,
+            block=BLOCK,
+            k_new=k_new,
+            v_new=v_new,
+            block_table=table if paged else None,
+            return_lse=True,
+        )
+
+    static = inputs(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(*[t.clone() for t in static])  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step(*static)
+    for seed in (1, 2):
+        new = inputs(seed)
+        for s, n in zip(static, new):
+            s.copy_(n)
+        graph.replay()
+        eager = step(*new)
+        for a, e in zip(captured, eager):
+            assert torch.equal(a, e)

@@ -190,20 +190,11 @@ def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
     return KVBlocks.from_entries(keep, lists.indices, lists.trusted)
 
 
-def _contiguous_cache(where, k_cache, v_cache, block_table, block):
+def _contiguous_cache(k_cache, v_cache, block_table):
     """``(k, v)`` as ``[B, L_max, H_kv, D]``: the cache itself, or the pages of
     ``block_table`` gathered (a copy)."""
     if block_table is None:
         return k_cache, v_cache
-    pages = k_cache.shape[0]
-    if not capturing(block_table.device):
-        if bool(((block_table < 0) | (block_table >= pages)).any()):
-            raise bad_argument(
-                where,
-                "block_table",
-                f"page numbers in [0, {pages})",
-                f"values up to {int(block_table.max())}",
-            )
     B = block_table.shape[0]
     k = k_cache[block_table.long()].reshape(B, -1, *k_cache.shape[2:])
     v = v_cache[block_table.long()].reshape(B, -1, *v_cache.shape[2:])
@@ -216,9 +207,13 @@ def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
         or block_table.dim() != 2
         or block_table.shape[0] != B
         or block_table.dtype != torch.int32
+        or block_table.device != k_cache.device
     ):
         raise bad_argument(
-            where, "block_table", f"an int32 tensor [{B}, max_pages]", describe(block_table)
+            where,
+            "block_table",
+            f"an int32 tensor [{B}, max_pages] on the cache's device ({k_cache.device})",
+            describe(block_table),
         )
     if k_cache.shape[1] % block:
         raise bad_argument(
@@ -228,6 +223,15 @@ def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
             f"page size {k_cache.shape[1]}",
             "allocate the paged cache with pages of whole blocks.",
         )
+    pages = k_cache.shape[0]
+    if not capturing(block_table.device):  # before anything is written through it
+        if bool(((block_table < 0) | (block_table >= pages)).any()):
+            raise bad_argument(
+                where,
+                "block_table",
+                f"page numbers in [0, {pages})",
+                f"values up to {int(block_table.max())}",
+            )
 
 
 def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
@@ -335,7 +339,7 @@ def block_sparse_decode(
     if L_new == 1 and _decoding_kernels_run(where, q, k_cache, v_cache, backend):
         out, lse = _decode_kernel(where, q, k_cache, v_cache, n, layout, block, scale, block_table)
         return (out, lse) if return_lse else out
-    k, v = _contiguous_cache(where, k_cache, v_cache, block_table, block)
+    k, v = _contiguous_cache(k_cache, v_cache, block_table)
     lists = _rows(where, layout, L_max, block, q.device)
     _check_heads(where, lists.shape[1], H, k_cache.shape[2])
     nb = -(-n // block)

@@ -189,7 +189,9 @@ def _bsa_bwd_dkdv_kernel(
         partial = tl.load(col_partial + t)
         offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
         m_ok = offs_m < Lq
-        for g in range(GROUP_HEADS):  # the group's heads in order: a deterministic sum
+        # the group's heads in order (a deterministic sum), unrolled: no inner loop, so the
+        # loop over query tiles keeps its software pipelining
+        for g in tl.static_range(GROUP_HEADS):
             h = hh * GROUP_HEADS + g
             if GROUP_HEADS > 1:  # (pointer loads: the launcher allows no descriptors then)
                 qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
