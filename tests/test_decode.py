@@ -207,18 +207,21 @@ def test_errors():
     assert_raises_with(ValueError, ["k_new, v_new", "both or neither"], call, v_new=None)
     assert_raises_with(ValueError, ["multiple of block=48"], call, block=48)
     wrong_rows = KVBlocks.from_layout(torch.ones(1, HKV, 4, 4, dtype=torch.long, device=DEVICE))
-    assert_raises_with(
-        ValueError, ["KVBlocks of shape [3 or 1, H_l, 8]", "[1, 2, 4]"], call, layout=wrong_rows
-    )
+    expected = "KVBlocks of shape [1 or 3, 1, 2 or 4, 8]"
+    assert_raises_with(ValueError, [expected, "(1, 2, 4)"], call, layout=wrong_rows)
     three = KVBlocks.from_layout(torch.ones(1, 3, 8, 8, dtype=torch.long, device=DEVICE))
+    assert_raises_with(ValueError, [expected, "(1, 3, 8)"], call, layout=three)
     assert_raises_with(
-        ValueError, ["1, H_kv = 2 or H = 4 layout heads", "3 heads"], call, layout=three
+        ValueError,
+        ["a callable giving a [H_l, 8, 8] layout for 128 tokens", "(2, 4, 4)"],
+        call,
+        layout=lambda n, device: torch.ones(2, 4, 4, dtype=torch.long),
     )
     assert_raises_with(
         ValueError,
-        ["pattern over L_max = 128 tokens, [H_l, 8, 8]", "(2, 4, 4)"],
+        ["1, H_kv = 2 or H = 4 layout heads", "3 heads"],
         call,
-        layout=lambda n, device: torch.ones(2, 4, 4, dtype=torch.long),
+        layout=lambda n, device: torch.ones(3, 8, 8, dtype=torch.long),
     )
     pages = torch.zeros(4, 24, HKV, D, device=DEVICE)
     table = torch.zeros(B, 2, dtype=torch.int32, device=DEVICE)

@@ -180,7 +180,7 @@ def check_attention_inputs(
                 "pad the sequence (SparseAttentionUtils.pad_to_block_size) "
                 "and mask the padding with key_padding_mask.",
             )
-    layout = _layout_4d(where, layout, B, H, Hkv, Lq // block, Lk // block, q.device)
+    layout = check_layout(where, layout, B, H, Hkv, Lq // block, Lk // block, q.device)
     if scale is None:
         scale = D**-0.5
     elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
@@ -208,7 +208,7 @@ def check_attention_inputs(
     )
 
 
-def _layout_4d(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int, device):
+def check_layout(where: str, layout, B: int, H: int, Hkv: int, nbq: int, nbk: int, device):
     """The layout as ``[B_l, H_l, nb_q, nb_k]``: a 2-D or 3-D tensor gains the leading
     dims; a :class:`~blocksparse_attn.KVBlocks` stays block lists (its values checked unless
     a CUDA graph is being captured; :func:`dense_layout` gives its dense form)."""

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from ._inputs import capturing, check_block
-from .kv_blocks import KVBlocks, source_lists
+from ._inputs import capturing, check_block, check_layout
+from .kv_blocks import KVBlocks, source_grid, source_lists
 
 
 def _check_heads(where, heads: int, H: int, H_kv: int) -> None:
@@ -31,60 +31,12 @@ def _check_heads(where, heads: int, H: int, H_kv: int) -> None:
         )
 
 
-def _check_lists(where, lists: KVBlocks, B: int, H: int, H_kv: int, L_max: int, block: int, device):
-    """Block lists given as the layout: on ``device``, ``[B or 1, H_l, L_max / block]``,
-    their values checked (a host synchronisation) unless trusted or being captured."""
-    nb = L_max // block
-    if lists.device != device:
-        raise bad_argument(
-            where,
-            "layout",
-            f"KVBlocks on the inputs' device ({device})",
-            f"KVBlocks on {lists.device}",
-            "move them with lists.to(q.device).",
-        )
-    if lists.shape[0] not in (1, B) or lists.shape[2] != nb:
-        raise bad_argument(
-            where,
-            "layout",
-            f"KVBlocks of shape [{B} or 1, H_l, {nb}] (rows of the pattern over "
-            f"L_max = {L_max} tokens)",
-            f"KVBlocks of shape {list(lists.shape)}",
-        )
-    _check_heads(where, lists.shape[1], H, H_kv)
-    if not lists.trusted and not capturing(device):
-        lists.check(nb, where)
-
-
-def _pattern_grid(where, source, L_max: int, block: int, device) -> torch.Tensor:
-    """A callable's layout over ``L_max`` tokens, checked: ``[H_l, nb, nb]``."""
-    from .patterns._checks import layout_tensor
-
-    nb = L_max // block
-    grid = layout_tensor(where, source(L_max, device))
-    if grid.dim() == 2:
-        grid = grid[None]
-    if tuple(grid.shape[1:]) != (nb, nb):
-        raise bad_argument(
-            where,
-            "layout",
-            f"a callable giving the pattern over L_max = {L_max} tokens, [H_l, {nb}, {nb}]",
-            f"a layout of shape {tuple(grid.shape)}",
-        )
-    return grid
-
-
-def _rows(where, layout, L_max: int, block: int, device) -> KVBlocks:
-    """Block lists ``[B_l, H_l, nb]`` of the pattern over ``L_max`` tokens (rows = absolute
-    query blocks); a callable's layout is checked first."""
+def _rows(where, layout, n_keys: int, block: int, device) -> KVBlocks:
+    """Block lists ``[B_l, H_l, nb]`` of the pattern over ``n_keys`` tokens (rows =
+    absolute query blocks, each row's blocks ascending)."""
     if isinstance(layout, KVBlocks):
         return layout
-    from .patterns import SparsityConfig
-
-    if not isinstance(layout, SparsityConfig):
-        grid = _pattern_grid(where, layout, L_max, block, device)
-        return KVBlocks.from_layout(grid.to(device) != 0)
-    return source_lists(layout, L_max, device)
+    return source_lists(where, layout, n_keys, block, device)
 
 
 def _unique(num: torch.Tensor, idx: torch.Tensor):
@@ -102,11 +54,11 @@ def _unique(num: torch.Tensor, idx: torch.Tensor):
 def _query_lists(where, layout, row, B, L_max, block, device):
     """``(num [B, H_l], idx [B, H_l, W])``: the block list of each sequence's newest query
     block ``row [B]`` in the pattern over ``L_max`` tokens, each key block once (lists given
-    as the layout were checked by :func:`_check_lists`)."""
+    as the layout were checked by :func:`~blocksparse_attn._inputs.check_layout`)."""
     from .patterns import SparsityConfig
 
     if not isinstance(layout, (KVBlocks, SparsityConfig)):  # a callable: only the rows
-        grid = _pattern_grid(where, layout, L_max, block, device)
+        grid = source_grid(where, layout, L_max, block, device)
         rows = grid.to(device)[:, row] != 0  # [H_l, B, nb]
         lists = KVBlocks.from_layout(rows.transpose(0, 1)[:, :, None])
         return lists.num_blocks[:, :, 0], lists.indices[:, :, 0]
@@ -333,7 +285,9 @@ def block_sparse_decode(
                 f"cache_seqlens {cache_seqlens.tolist()[:8]} with {L_new} new tokens",
             )
     if isinstance(layout, KVBlocks):
-        _check_lists(where, layout, B, H, k_cache.shape[2], L_max, block, q.device)
+        check_layout(
+            where, layout, B, H, k_cache.shape[2], L_max // block, L_max // block, q.device
+        )
     if k_new is not None:
         _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     if L_new == 1 and _decoding_kernels_run(where, q, k_cache, v_cache, backend):
