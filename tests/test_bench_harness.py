@@ -515,3 +515,4 @@ def test_varlen_and_decode_suites_on_cpu_and_their_tables():
     assert dec["selected_mib"] > 0 and dec["gb_per_s"] > 0
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": [packed, dec]})
     assert "| 2.000 | 2.000 | 1.00 |" in text and "Decoding one token (B2, context 256" in text
+    assert "| 2.0000 / - |" in text  # no CUDA graph on the CPU

@@ -118,6 +118,20 @@ def gpu_median_ms(fn) -> float:
     return do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
+def graph_ms(step, timer) -> float:
+    """``step`` captured in a CUDA graph (after a warm-up on a side stream), its replay
+    timed by ``timer``."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return timer(graph.replay)
+
+
 def _median_ms(fn, reps: int = 7) -> float:
     """Median wall time of ``fn`` in ms, for CPU runs (``do_bench`` needs a GPU)."""
     times = []

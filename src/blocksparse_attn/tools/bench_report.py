@@ -138,15 +138,24 @@ def markdown(report: dict) -> str:
         ]
     decoding = [r for r in report["results"] if r.get("suite") == "decode"]
     for r in decoding:
-        flex = f"{r['flex_ms']:.3f}" if r.get("flex_ms") is not None else r.get("flex_error", "")
+
+        def ms(key):
+            value = r.get(key)
+            return f"{value:.4f}" if value is not None else r.get("flex_error", "-")
+
+        gb = f"{r['gb_per_s']:.0f}"
+        if r.get("graph_gb_per_s") is not None:
+            gb += f" / {r['graph_gb_per_s']:.0f}"
         lines += [
             "",
             f"Decoding one token (B{r['batch']}, context {r['context']:,}, H{r['heads']} over "
-            f"{r['kv_heads']} kv heads, D{r['head_dim']}, block {r['block']}, window_global):",
+            f"{r['kv_heads']} kv heads, D{r['head_dim']}, block {r['block']}, window_global), "
+            "called eagerly / replayed from a CUDA graph:",
             "",
             "| ms | selected K/V MiB | GB/s on them | FlexAttention ms |",
             "|---|---|---|---|",
-            f"| {r['ms']:.4f} | {r['selected_mib']:.1f} | {r['gb_per_s']:.0f} | {flex} |",
+            f"| {ms('ms')} / {ms('graph_ms')} | {r['selected_mib']:.1f} | {gb} | "
+            f"{ms('flex_ms')} / {ms('flex_graph_ms')} |",
         ]
     if report.get("tuned"):
         lines += [

@@ -12,7 +12,7 @@ import torch
 
 from ..kv_blocks import KVBlocks
 from .bench_cases import pattern_layout
-from .bench_harness import gpu_median_ms
+from .bench_harness import gpu_median_ms, graph_ms
 
 
 def document_lengths(total: int, docs: int, low: int, high: int, block: int, seed: int = 0):
@@ -155,8 +155,9 @@ def decode_suite(
     progress: bool = True,
 ) -> list[dict]:
     """One new token per sequence against a KV cache of ``context`` tokens (window_global
-    pattern): time, and GB/s on the key/value bytes the layout selects; FlexAttention's
-    decoding on the same block mask beside it."""
+    pattern): time called eagerly and replayed from a CUDA graph (as a server runs its
+    decoding step), and GB/s on the key/value bytes the layout selects; FlexAttention's
+    decoding on the same block mask beside it, both ways."""
     from ..decode import block_sparse_decode
 
     timer = timer or gpu_median_ms
@@ -194,6 +195,8 @@ def decode_suite(
     }
     row["gb_per_s"] = selected / row["ms"] / 1e6
     if cuda:
+        row["graph_ms"] = graph_ms(step, timer)
+        row["graph_gb_per_s"] = selected / row["graph_ms"] / 1e6
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
@@ -213,6 +216,8 @@ def decode_suite(
             flex_step()
             row["flex_ms"] = timer(flex_step)
             row["flex_over_ours"] = row["flex_ms"] / row["ms"]
+            row["flex_graph_ms"] = graph_ms(flex_step, timer)
+            row["flex_over_ours_graph"] = row["flex_graph_ms"] / row["graph_ms"]
         except Exception as e:  # record why FlexAttention could not run it
             row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
     if progress:

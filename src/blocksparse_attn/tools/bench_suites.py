@@ -234,20 +234,6 @@ def matmul_throughput(
     return rows
 
 
-def _graph_ms(step, timer) -> float | None:
-    """``step`` captured in a CUDA graph (after a warm-up on a side stream), its replay
-    timed by ``timer``."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return timer(graph.replay)
-
-
 def _flex_selection_mask(lists, block: int, seq_len: int):
     """A FlexAttention ``BlockMask`` holding a top-k selection, the way a FlexAttention user
     feeds one each step: at block 128 the lists directly (``BlockMask.from_kv_blocks``, the
@@ -358,8 +344,8 @@ def dynamic_step(
         dense = lists.to_layout(seq_len // block)[0]
         row["attention_cached_index_ms"] = timer(lambda: attend(dense))
         if cuda:
-            row["step_graph_ms"] = _graph_ms(step, timer)
-            row["index_graph_ms"] = _graph_ms(index, timer)
+            row["step_graph_ms"] = harness.graph_ms(step, timer)
+            row["index_graph_ms"] = harness.graph_ms(index, timer)
             row["index_share"] = row["index_graph_ms"] / row["step_graph_ms"]
             try:
                 from torch.nn.attention.flex_attention import flex_attention
