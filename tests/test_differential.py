@@ -13,7 +13,7 @@ import math
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, note, settings
 from hypothesis import strategies as st
 
 from blocksparse_attn import KVBlocks, block_sparse_attention, reference_attention
@@ -26,9 +26,12 @@ pytestmark = pytest.mark.interpreter
 if ON_GPU:  # each example compiles kernel variants: a few seconds apiece
     BLOCKS, MAX_BLOCKS, HEAD_DIMS = (16, 32, 64, 128), 12, (16, 40, 64, 96, 128)
     DTYPES, EXAMPLES = (torch.float16, torch.bfloat16, torch.float32), 15
+    # no shrinking: every smaller example compiles kernels anew; the failing one is reported
+    PHASES = (Phase.explicit, Phase.reuse, Phase.generate)
 else:
     BLOCKS, MAX_BLOCKS, HEAD_DIMS = (16, 32), 4, (8, 16, 24, 40)
     DTYPES, EXAMPLES = (torch.float32, torch.float16), 12
+    PHASES = tuple(Phase)
 
 MASK_VALUES = (0.0, -1.5, 2.0, torch.finfo(torch.float32).min, -math.inf)
 SCALES = (None, 0.3, 2.0, -0.5, 0.0)
@@ -102,6 +105,23 @@ def problems(draw, dtype):
     return q, k, v, layout, kw, masks
 
 
+def _summary(q, k, layout, kw, masks) -> str:
+    """The example in one line (the drawn tensors themselves print as values)."""
+    form = (
+        f"KVBlocks {tuple(layout.indices.shape)}"
+        if isinstance(layout, KVBlocks)
+        else f"dense {tuple(layout.shape)}"
+    )
+    options = {
+        name: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else value
+        for name, value in kw.items()
+    }
+    return (
+        f"q {tuple(q.shape)} {q.dtype} strides {q.stride()}, k {tuple(k.shape)}, layout {form}, "
+        f"{options}, mask gradients {masks}"
+    )
+
+
 def _run(backend, q, k, v, layout, kw, masks, with_lse):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     kw = dict(kw)
@@ -141,6 +161,7 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(
     max_examples=EXAMPLES,
+    phases=PHASES,
     deadline=None,
     derandomize=True,
     database=None,
@@ -153,6 +174,7 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
 @given(data=st.data())
 def test_backend_matches_fp64_reference(monkeypatch, backend, dtype, data):
     q, k, v, layout, kw, masks = data.draw(problems(dtype))
+    note(_summary(q, k, layout, kw, masks))
     poison(monkeypatch)
     with_lse = backend != "unfused"
     out, lse, leaves, names = _run(backend, q, k, v, layout, kw, masks, with_lse)

@@ -183,19 +183,19 @@ def _bsa_bwd_dkdv_kernel(
 
     start = tl.load(col_ptr + col)
     end = tl.load(col_ptr + col + 1)
-    for t in range(start, end):
-        i = tl.load(col_idx + t)
-        bits = tl.load(col_bits + t)
-        partial = tl.load(col_partial + t)
-        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-        m_ok = offs_m < Lq
-        # the group's heads in order (a deterministic sum), unrolled: no inner loop, so the
-        # loop over query tiles keeps its software pipelining
-        for g in tl.static_range(GROUP_HEADS):
-            h = hh * GROUP_HEADS + g
-            if GROUP_HEADS > 1:  # (pointer loads: the launcher allows no descriptors then)
-                qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-                dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    # the group's heads one after another (a deterministic sum), each over the column's
+    # query tiles: the inner loop, software-pipelined (one set of buffers for any group)
+    for g in range(GROUP_HEADS):
+        h = hh * GROUP_HEADS + g
+        if GROUP_HEADS > 1:  # (pointer loads: the launcher allows no descriptors then)
+            qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+            dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+        for t in range(start, end):
+            i = tl.load(col_idx + t)
+            bits = tl.load(col_bits + t)
+            partial = tl.load(col_partial + t)
+            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+            m_ok = offs_m < Lq
             row_base = (b * H + h) * Lq
             q = _load_tile(qm, i * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
             do = _load_tile(dom, i * BLOCK_M, Lq, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
