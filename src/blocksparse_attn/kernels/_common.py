@@ -322,21 +322,10 @@ def schedule_args(layout, index, B: int, H: int) -> dict:
     sample (:class:`~blocksparse_attn.KVBlocks` of ``B > 1`` rows) have ``B * H_l``, each
     run for its own sample only, so one launch serves the batch with per-sample key
     padding masks read as they are."""
-    per_sample = _lists_per_sample(layout, B)
-    return dict(B=B // per_sample, heads_per_layout_head=per_sample * H // index.heads)
-
-
-def _lists_per_sample(layout, B: int) -> int:
-    """``B`` for block lists per sample (their samples are list heads of the index), else 1."""
     from ..kv_blocks import KVBlocks
 
-    return B if isinstance(layout, KVBlocks) and layout.shape[0] > 1 else 1
-
-
-def layout_heads(layout, index, B: int) -> int:
-    """The layout's heads ``H_l`` (the index's list heads, less the samples of lists per
-    sample)."""
-    return index.heads // _lists_per_sample(layout, B)
+    per_sample = B if isinstance(layout, KVBlocks) and layout.shape[0] > 1 else 1
+    return dict(B=B // per_sample, heads_per_layout_head=per_sample * H // index.heads)
 
 
 _TUNED: dict[tuple, dict] = {}  # (kernel, dtype, device, tuning key) -> launch options

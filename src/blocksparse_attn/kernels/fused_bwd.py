@@ -30,7 +30,6 @@ from ._common import (
     empty,
     input_precision,
     launch,
-    layout_heads,
     mask_args,
     matrix_args,
     natural_units,
@@ -114,14 +113,14 @@ def _score_gradient(p, dp, delta, guard):
     return ds
 
 
-@triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["GROUP_HEADS"], prune_configs_by=_PRUNE)
+@triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bsa_bwd_dkdv_kernel(
     Q,  # Q, K, V, DO, DK, DV: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
     V,
     DO,
-    DK,  # [B, H / GROUP_HEADS, L_k, D]: per kv head, or per query head summed after
+    DK,  # per query head: [B, H, L_k, D]
     DV,
     LSE,  # the forward's row statistics
     LOG2L,
@@ -155,87 +154,76 @@ def _bsa_bwd_dkdv_kernel(
     UPCAST: tl.constexpr,
     NATURAL: tl.constexpr,
     GROUP: tl.constexpr,
-    GROUP_HEADS: tl.constexpr,  # query heads one program serves (a group sharing its lists)
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
     col_ptr, col_idx, col_bits, col_partial, col_order = COLS
-    # hh: the program's head among H / GROUP_HEADS (the kv head when it serves the group)
-    col, pid_n, b, hh = _schedule(
-        col_order, heads_per_layout_head, B, col_tiles, H // GROUP_HEADS, GROUP
-    )
-    hk = hh * GROUP_HEADS // kv_group
+    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, H, GROUP)
+    hk = h // kv_group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     nd_ok = (offs_n < Lk)[:, None] & (offs_d < HEAD_DIM)[None, :]
     km = _matrix(K, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     vm = _matrix(V, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
-    qm = _matrix(Q, b, hh * GROUP_HEADS, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-    dom = _matrix(DO, b, hh * GROUP_HEADS, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
+    dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     # keys hidden from every query (padding): read as zeros (see _keys_seen)
     padded = _keys_seen(
         0, offs_n, b, Lk, Lk, 0, KPM, BLOCK_N, BLOCK_N, BLOCK_N, False, False, HAS_KPM, KPM_MUL
     )
     k = _load_rows(km, pid_n * BLOCK_N, padded, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     v = _load_rows(vm, pid_n * BLOCK_N, padded, V[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
+    row_base = (b * H + h) * Lq
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     start = tl.load(col_ptr + col)
     end = tl.load(col_ptr + col + 1)
-    # the group's heads one after another (a deterministic sum), each over the column's
-    # query tiles: the inner loop, software-pipelined (one set of buffers for any group)
-    for g in range(GROUP_HEADS):
-        h = hh * GROUP_HEADS + g
-        if GROUP_HEADS > 1:  # (pointer loads: the launcher allows no descriptors then)
-            qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-            dom = _matrix(DO, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
-        for t in range(start, end):
-            i = tl.load(col_idx + t)
-            bits = tl.load(col_bits + t)
-            partial = tl.load(col_partial + t)
-            offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
-            m_ok = offs_m < Lq
-            row_base = (b * H + h) * Lq
-            q = _load_tile(qm, i * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
-            do = _load_tile(dom, i * BLOCK_M, Lq, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
-            m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
-            delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-            s = _score_tile(
-                q,
-                k,
-                offs_m,
-                offs_n,
-                b,
-                h,
-                Lq,
-                Lk,
-                qk_scale,
-                bits,
-                partial,
-                RPE,
-                KPM,
-                AM,
-                BLOCK_M,
-                BLOCK_N,
-                SUB,
-                HAS_SUB,
-                CAUSAL,
-                HAS_RPE,
-                HAS_KPM,
-                KPM_MUL,
-                HAS_AM,
-                AM_MUL,
-                INPUT_PRECISION,
-                UPCAST,
-            )
-            p = _probabilities(s, m, log2_l, NATURAL)
-            dv = _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST, dv)
-            dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
-            ds = _score_gradient(p, dp, delta, partial != 0)
-            dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
-    _store_tile(DK, b, hh, offs_n, offs_d, dk * scale, nd_ok)
-    _store_tile(DV, b, hh, offs_n, offs_d, dv, nd_ok)
+    for t in range(start, end):
+        i = tl.load(col_idx + t)
+        bits = tl.load(col_bits + t)
+        partial = tl.load(col_partial + t)
+        offs_m = i * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_ok = offs_m < Lq
+        q = _load_tile(qm, i * BLOCK_M, Lq, Q[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+        do = _load_tile(dom, i * BLOCK_M, Lq, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, DESC, False)
+        m, log2_l = _row_statistics(LSE, LOG2L, row_base + offs_m, m_ok, NATURAL)
+        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
+        s = _score_tile(
+            q,
+            k,
+            offs_m,
+            offs_n,
+            b,
+            h,
+            Lq,
+            Lk,
+            qk_scale,
+            bits,
+            partial,
+            RPE,
+            KPM,
+            AM,
+            BLOCK_M,
+            BLOCK_N,
+            SUB,
+            HAS_SUB,
+            CAUSAL,
+            HAS_RPE,
+            HAS_KPM,
+            KPM_MUL,
+            HAS_AM,
+            AM_MUL,
+            INPUT_PRECISION,
+            UPCAST,
+        )
+        p = _probabilities(s, m, log2_l, NATURAL)
+        dv = _dot(tl.trans(p.to(do.dtype)), do, INPUT_PRECISION, UPCAST, dv)
+        dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
+        ds = _score_gradient(p, dp, delta, partial != 0)
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
+    _store_tile(DK, b, h, offs_n, offs_d, dk * scale, nd_ok)
+    _store_tile(DV, b, h, offs_n, offs_d, dv, nd_ok)
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"], prune_configs_by=_PRUNE)
@@ -434,14 +422,9 @@ def fused_attention_backward(
     H_kv = k.shape[1]
     kv_group = H // H_kv
     dq = empty((B, H, Lq, D), q.dtype, q.device)
-    # grouped-query attention: one dK/dV program serves a kv head's whole group when the
-    # group shares its lists (layout heads 1 or H_kv); with a layout per query head each
-    # query head's share is written in fp32 and summed below
-    shared = H_kv % layout_heads(layout, kv_index, B) == 0
-    group_heads = kv_group if kv_group > 1 and shared else 1
-    summed = kv_group > 1 and group_heads == 1
-    dk = empty((B, H // group_heads, Lk, D), torch.float32 if summed else k.dtype, k.device)
-    dv = empty((B, H // group_heads, Lk, D), torch.float32 if summed else v.dtype, v.device)
+    # grouped-query attention: the kernel writes each query head's share, summed below
+    dk = empty((B, H, Lk, D), k.dtype if kv_group == 1 else torch.float32, k.device)
+    dv = empty((B, H, Lk, D), v.dtype if kv_group == 1 else torch.float32, v.device)
     store_ds = any(bias_grads)
     ds = torch.zeros((B, H, Lq, Lk), dtype=torch.float32, device=q.device) if store_ds else q
     masks = mask_args(
@@ -476,16 +459,14 @@ def fused_attention_backward(
     idx = kv_index
     launch(
         _bsa_bwd_dkdv_kernel,
-        (idx.col_tiles * B * H // group_heads,),
+        (idx.col_tiles * B * H,),
         dict(
             common,
             DK=matrix_args(dk),
             DV=matrix_args(dv),
             COLS=(idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order),
             col_tiles=idx.col_tiles,
-            **schedule_args(layout, idx, B, H // group_heads),
-            GROUP_HEADS=group_heads,
-            ALLOW_DESC=common["ALLOW_DESC"] and group_heads == 1,
+            **schedule_args(layout, idx, B, H),
             BLOCK_M=kv_tiles.m,
             BLOCK_N=kv_tiles.n,
             SUB=idx.sub,
@@ -512,7 +493,7 @@ def fused_attention_backward(
         ),
         q_config,
     )
-    if summed:
+    if kv_group > 1:
         dk = dk.view(B, H_kv, kv_group, Lk, D).sum(2).to(k.dtype)
         dv = dv.view(B, H_kv, kv_group, Lk, D).sum(2).to(v.dtype)
     rpe_grad, kpm_grad, am_grad = bias_grads
