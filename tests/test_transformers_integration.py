@@ -117,3 +117,50 @@ def test_packed_sequences_are_refused_not_ignored(dense_name):
         position_ids=position_ids,
         use_cache=False,
     )
+
+
+@pytest.mark.parametrize("backend", ["auto", "fused"])
+def test_decoding_steps_read_the_cache_in_place(monkeypatch, backend):
+    """Without padding, each decoding step (one new token) goes to ``block_sparse_decode``
+    (on the fused backend, the decoding kernels) and the tokens are those of re-running the
+    whole sequence each step; a left-padded batch keeps the general path."""
+    import blocksparse_attn.integrations.transformers as integration
+
+    calls = []
+
+    def counted(*args, **kw):
+        calls.append(args[0].shape)
+        return integration.block_sparse_decode.__wrapped__(*args, **kw)
+
+    counted.__wrapped__ = integration.block_sparse_decode
+    monkeypatch.setattr(integration, "block_sparse_decode", counted)
+    source = FixedSparsityConfig(
+        num_heads=2, block=8, num_local_blocks=2, attention="unidirectional"
+    )
+    name = register(source, name=f"bs-decode-{backend}", backend=backend)
+    model = llama(name, seed=9)
+    ids, mask = batch([19, 19], 19, seed=10)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    cached = model.generate(ids, use_cache=True, **kw)
+    layers = model.config.num_hidden_layers
+    assert len(calls) == layers * 5 and all(shape[:2] == (2, 1) for shape in calls)
+    calls.clear()
+    assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
+    assert not calls  # without a cache every step is a prefill
+    padded, padded_mask = batch([19, 12], 19, seed=10)
+    model.generate(padded, attention_mask=padded_mask, max_new_tokens=3, pad_token_id=0)
+    assert not calls
+
+
+def test_decoding_steps_with_a_callable_layout_match_sdpa():
+    # a callable source on the decoding path (its layout asked once per length): dense
+    # blocks, so the tokens are SDPA's
+    def dense(n_tokens, device):
+        nb = n_tokens // 8
+        return torch.ones(1, nb, nb, dtype=torch.long, device=device)
+
+    ours = llama(register(dense, name="bs-callable-test", block=8), seed=11)
+    sdpa = llama("sdpa", seed=11)
+    ids, mask = batch([17, 17], 17, seed=12)
+    kw = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(ours.generate(ids, **kw), sdpa.generate(ids, **kw))

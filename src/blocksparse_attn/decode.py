@@ -72,16 +72,15 @@ def _query_lists(where, layout, row, B, L_max, block, device):
     return num, idx
 
 
-def _decode_kernel(where, q, k_cache, v_cache, n, layout, block, scale, block_table):
+def _decode_kernel(where, q, k_cache, v_cache, n, layout, L_pad, block, scale, block_table):
     """``(out [B, 1, H, D], lse [B, 1, H])`` of one new query per sequence by the decoding
-    kernels (see the module docstring)."""
+    kernels (see the module docstring); ``L_pad``: the pattern's length."""
     from .kernels._common import unit_last_stride
     from .kernels.decode import decode_attention
 
     B, _, H, D = q.shape
-    L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     row = ((n - 1) // block).clamp(min=0)
-    num, idx = _query_lists(where, layout, row, B, L_max, block, q.device)
+    num, idx = _query_lists(where, layout, row, B, L_pad, block, q.device)
     _check_heads(where, num.shape[1], H, k_cache.shape[2])
     out, lse = decode_attention(
         unit_last_stride(q[:, 0]),
@@ -142,11 +141,15 @@ def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
     return KVBlocks.from_entries(keep, lists.indices, lists.trusted)
 
 
-def _contiguous_cache(k_cache, v_cache, block_table):
-    """``(k, v)`` as ``[B, L_max, H_kv, D]``: the cache itself, or the pages of
-    ``block_table`` gathered (a copy)."""
+def _contiguous_cache(k_cache, v_cache, block_table, L_pad: int):
+    """``(k, v)`` as ``[B, L_pad, H_kv, D]``: the cache itself, the cache with zero rows
+    up to whole blocks (a copy), or the pages of ``block_table`` gathered (a copy; pages
+    hold whole blocks)."""
     if block_table is None:
-        return k_cache, v_cache
+        rows = L_pad - k_cache.shape[1]
+        if rows == 0:
+            return k_cache, v_cache
+        return tuple(torch.nn.functional.pad(t, (0, 0, 0, 0, 0, rows)) for t in (k_cache, v_cache))
     B = block_table.shape[0]
     k = k_cache[block_table.long()].reshape(B, -1, *k_cache.shape[2:])
     v = v_cache[block_table.long()].reshape(B, -1, *v_cache.shape[2:])
@@ -223,8 +226,9 @@ def block_sparse_decode(
 
     Args:
         q: ``[B, L_new, H, D]``.
-        k_cache, v_cache: ``[B, L_max, H_kv, D]`` with ``L_max`` a multiple of ``block``,
-            or pages ``[num_pages, page_size, H_kv, D]`` with ``block_table``.
+        k_cache, v_cache: ``[B, L_max, H_kv, D]`` (any strides; the pattern is taken
+            over ``L_max`` rounded up to the block), or pages
+            ``[num_pages, page_size, H_kv, D]`` with ``block_table``.
         cache_seqlens: int32 ``[B]``, the tokens each sequence has in the cache (not
             updated here, as in FlashAttention's ``flash_attn_with_kvcache``).
         layout: the pattern over a sequence's absolute blocks: a
@@ -266,14 +270,7 @@ def block_sparse_decode(
     if block_table is not None:
         _check_pages(where, k_cache, block_table, B, block)
     L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    if block_table is None and L_max % block:
-        raise bad_argument(
-            where,
-            "k_cache",
-            f"a cache length that is a multiple of block={block}",
-            f"L_max = {L_max}",
-            "allocate the cache rounded up to the block.",
-        )
+    L_pad = -(-L_max // block) * block  # the pattern's length: whole blocks
     n = cache_seqlens.long() + (L_new if k_new is not None else 0)  # tokens after appending
     if not capturing(q.device):
         if bool(((n > L_max) | (n < L_new)).any()):  # one read-back
@@ -286,15 +283,17 @@ def block_sparse_decode(
             )
     if isinstance(layout, KVBlocks):
         check_layout(
-            where, layout, B, H, k_cache.shape[2], L_max // block, L_max // block, q.device
+            where, layout, B, H, k_cache.shape[2], L_pad // block, L_pad // block, q.device
         )
     if k_new is not None:
         _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     if L_new == 1 and _decoding_kernels_run(where, q, k_cache, v_cache, backend):
-        out, lse = _decode_kernel(where, q, k_cache, v_cache, n, layout, block, scale, block_table)
+        out, lse = _decode_kernel(
+            where, q, k_cache, v_cache, n, layout, L_pad, block, scale, block_table
+        )
         return (out, lse) if return_lse else out
-    k, v = _contiguous_cache(k_cache, v_cache, block_table)
-    lists = _rows(where, layout, L_max, block, q.device)
+    k, v = _contiguous_cache(k_cache, v_cache, block_table, L_pad)
+    lists = _rows(where, layout, L_pad, block, q.device)
     _check_heads(where, lists.shape[1], H, k_cache.shape[2])
     nb = -(-n // block)
     if L_new == 1:  # on the cache in place: one query sees every key before n
@@ -305,7 +304,7 @@ def block_sparse_decode(
         idx = lists.indices.gather(2, row[..., None].expand(-1, -1, -1, lists.indices.shape[-1]))
         mine = _present(KVBlocks(num, idx, lists.trusted), nb[:, None, None])
         q4 = torch.nn.functional.pad(q.permute(0, 2, 1, 3), (0, 0, 0, block - 1))
-        keep = torch.arange(L_max, device=q.device)[None, :] < n[:, None]
+        keep = torch.arange(L_pad, device=q.device)[None, :] < n[:, None]
         result = block_sparse_attention(
             q4,
             k.permute(0, 2, 1, 3),
@@ -325,7 +324,7 @@ def block_sparse_decode(
     # reads the lengths on the host)
     cu_q = torch.arange(B + 1, device=q.device, dtype=torch.int32) * L_new
     cu_k = torch.cat([n.new_zeros(1), torch.cumsum(n, 0)]).to(torch.int32)
-    keys = torch.arange(L_max, device=q.device)[None, :] < n[:, None]
+    keys = torch.arange(L_pad, device=q.device)[None, :] < n[:, None]
     per_seq = _per_sequence(lists, B)
     result = block_sparse_attention_varlen(
         q.reshape(B * L_new, H, D),

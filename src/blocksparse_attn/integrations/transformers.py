@@ -13,7 +13,10 @@ Lengths need not be multiples of the block: queries and keys are padded so that 
 token keeps its absolute position's block (queries at the front by ``(L_k - L_q) % block``,
 both at the end to the block) and the padding is masked, so the layout's blocks are the
 same in prefill and in every decoding step; causal attention is bottom-right aligned (the
-newest token is the last query).
+newest token is the last query). A decoding step (one new token per sequence, no padding
+in the batch, no gradient, a fixed pattern) goes to
+:func:`~blocksparse_attn.block_sparse_decode`, which reads the cache's keys in place (on the
+fused backend, the decoding kernels); other calls pad and copy as above.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from .._errors import bad_argument, describe
-from .._inputs import check_block
+from .._inputs import capturing, check_block
+from ..decode import block_sparse_decode
 from ..functional import block_sparse_attention
 from ..patterns import SparsityConfig
 from ..selection import topk_blocks
@@ -53,17 +57,63 @@ class _BlockSparseAttention:
     def __init__(self, layout_source, block: int, backend: str):
         self.source, self.block, self.backend = layout_source, block, backend
         self._layouts: dict[tuple, torch.Tensor] = {}  # (key blocks, device) -> layout
+        self._mask_seen: torch.Tensor | None = None  # the last padding mask looked at
+        self._mask_full = False  # whether it keeps every key
+
+    def _keeps_every_key(self, mask: torch.Tensor | None) -> bool:
+        """Whether the padding mask hides no key. One read-back per mask: ``transformers``
+        hands every layer of a forward the same mask tensor."""
+        if mask is None:
+            return True
+        if mask is not self._mask_seen:
+            self._mask_seen, self._mask_full = mask, bool(mask.all())
+        return self._mask_full
+
+    def _decodes(self, query, key, attention_mask, causal: bool) -> bool:
+        """Whether this call is a decoding step for :func:`block_sparse_decode`: one new
+        query per sequence, causal, a fixed pattern, no gradient, no padding."""
+        return (
+            query.shape[2] == 1
+            and causal
+            and not isinstance(self.source, TopK)
+            and not (torch.is_grad_enabled() and query.requires_grad)
+            and not capturing(query.device)
+            and self._keeps_every_key(attention_mask)
+        )
+
+    def _decode(self, query, key, value, scaling):
+        """One new query per sequence against the cache's keys ``[B, H_kv, L_k, D]``, read
+        in place (the newest key is the query's own); returns ``[B, 1, H, D]``."""
+        B, Lk = query.shape[0], key.shape[2]
+        if isinstance(self.source, SparsityConfig):
+            layout = self.source
+        else:  # the callable's layout, made once per length
+
+            def layout(n_tokens, device):
+                return self._layout(n_tokens, device)
+
+        lengths = torch.full((B,), Lk, dtype=torch.int32, device=query.device)
+        return block_sparse_decode(
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            lengths,
+            layout,
+            block=self.block,
+            scale=scaling,
+            backend=self.backend,
+        )
 
     def _layout(self, n_keys: int, device) -> torch.Tensor:
-        """The square layout ``[H_l, nb, nb]`` for ``n_keys`` padded keys, made once per
-        length (so its compiled index is cached too)."""
+        """The square layout ``[H_l, nb, nb]`` for ``n_keys`` padded keys on ``device``,
+        made once per length (so its compiled index is cached too)."""
         key = (n_keys, str(device))
         if key not in self._layouts:
             if isinstance(self.source, SparsityConfig):
                 layout = self.source.make_layout(n_keys)
             else:
                 layout = self.source(n_keys, device)
-            self._layouts[key] = layout
+            self._layouts[key] = layout.to(device) if isinstance(layout, torch.Tensor) else layout
         return self._layouts[key]
 
     def __call__(
@@ -95,6 +145,8 @@ class _BlockSparseAttention:
         Lk = key.shape[2]
         if not causal and Lq != Lk:
             raise NotImplementedError(f"{where}: non-causal attention with L_q != L_k")
+        if self._decodes(query, key, attention_mask, causal):
+            return self._decode(query, key, value, scaling), None
         # every token at its absolute position's block: queries are the last L_q positions
         front = (Lk - Lq) % block
         Lq_pad = -(-(front + Lq) // block) * block
