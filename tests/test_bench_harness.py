@@ -491,6 +491,16 @@ def test_flex_selection_mask_keeps_the_selection(block):
     assert torch.equal(mask.to_dense().bool(), tiles)
 
 
+@pytest.mark.parametrize("block", [32, 64, 128])
+def test_window_global_config_is_the_window_global_pattern(block):
+    from blocksparse_attn.tools.bench_cases import pattern_layout, window_global_config
+
+    config = window_global_config(block)
+    for n_blocks in (17, 31, 114):  # at least the window (DeepSpeed's rule for the config)
+        grid = config.make_layout(n_blocks * block) != 0
+        assert torch.equal(grid, pattern_layout("window_global", n_blocks * block, block))
+
+
 def test_varlen_and_decode_suites_on_cpu_and_their_tables():
     # the suites' code paths at tiny sizes on the CPU (reference backend, no FlexAttention
     # rows there); no timing is asserted
@@ -509,8 +519,9 @@ def test_varlen_and_decode_suites_on_cpu_and_their_tables():
         return 2.0
 
     common = dict(heads=2, head_dim=16, dtype=torch.float32, device="cpu", timer=timer)
-    (packed,) = varlen_suite(total=600, docs=3, block=16, progress=False, **common)
-    assert packed["packed_over_padded"] == 1.0 and sum(packed["lengths"]) == 600
+    # documents of at least the pattern's 33-block window at block 16
+    (packed,) = varlen_suite(total=1800, docs=3, block=16, progress=False, **common)
+    assert packed["packed_over_padded"] == 1.0 and sum(packed["lengths"]) == 1800
     (dec,) = decode_suite(batch=2, context=256, kv_heads=1, block=16, progress=False, **common)
     assert dec["selected_mib"] > 0 and dec["gb_per_s"] > 0
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": [packed, dec]})

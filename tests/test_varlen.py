@@ -165,6 +165,25 @@ def test_errors():
         lambda n, device: torch.ones(1, 2, 2, dtype=torch.long),
     )
 
+    def heads_by_length(n, device):  # 2 heads for the 4-token sequence, 3 for the other
+        nb = n // 4
+        return torch.ones(2 if n == 4 else 3, nb, nb, dtype=torch.long)
+
+    for gathered in (True, False):  # the grids gathered into one, or converted one by one
+        with pytest.MonkeyPatch.context() as m:
+            if not gathered:
+                import blocksparse_attn.varlen
+
+                m.setattr(blocksparse_attn.varlen, "_GRID_ENTRIES", 0)
+            assert_raises_with(
+                ValueError,
+                ["1 or 3 layout heads for every sequence", "with 2 heads"],
+                call,
+                good,
+                good,
+                heads_by_length,
+            )
+
 
 @settings(
     max_examples=10 if DEVICE == "cpu" else 25,

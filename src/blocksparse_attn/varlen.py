@@ -91,6 +91,7 @@ def _sequence_lists(where, layout, lengths_k: list[int], block: int, device) -> 
         # an empty sequence asks nothing of the source
         grids = [source_grid(where, layout, n * block, block, device) if n else None for n in sizes]
         heads = max([g.shape[0] for g in grids if g is not None], default=1)
+        _check_layout_heads(where, [g.shape[0] for g in grids if g is not None], heads)
         rows = max(sizes)
         if len(sizes) * heads * rows * rows <= _GRID_ENTRIES:
             on = next((g.device for g in grids if g is not None), torch.device("cpu"))
@@ -109,15 +110,50 @@ def _sequence_lists(where, layout, lengths_k: list[int], block: int, device) -> 
             _empty_lists(device) if nb == 0 else config_lists(layout, nb * block, device)
             for nb in sizes
         ]
+    return _stacked(where, per_seq, device)
+
+
+def _check_layout_heads(where, counts: list[int], heads: int) -> None:
+    """Every sequence's layout has 1 or ``heads`` heads (the most any has)."""
+    odd = [h for h in counts if h not in (1, heads)]
+    if odd:
+        raise bad_argument(
+            where,
+            "layout",
+            f"1 or {heads} layout heads for every sequence (the most any sequence's has)",
+            f"a sequence's layout with {odd[0]} heads",
+            "give every sequence's layout the same heads.",
+        )
+
+
+def _stacked(where, per_seq: list[KVBlocks], device) -> KVBlocks:
+    """Lists ``[1, H_l or 1, r_s, w_s]`` of each sequence as one ``[n_seq, H_l, r, w]``
+    (zeros past each sequence's rows and widths): the lists concatenated flat, then one
+    gather, whatever the number of sequences."""
     heads = max(b.shape[1] for b in per_seq)
     rows = max(b.shape[2] for b in per_seq)
     width = max(b.indices.shape[-1] for b in per_seq)
-    num = torch.zeros(len(per_seq), heads, rows, dtype=torch.int32, device=device)
-    idx = torch.zeros(len(per_seq), heads, rows, width, dtype=torch.int32, device=device)
-    for s, b in enumerate(per_seq):
-        _, h, r = b.shape
-        num[s, :, :r] = b.num_blocks[0].expand(heads, r)
-        idx[s, :, :r, : b.indices.shape[-1]] = b.indices[0].expand(heads, r, -1)
+    _check_layout_heads(where, [b.shape[1] for b in per_seq], heads)
+    zero = torch.zeros(1, dtype=torch.int32, device=device)  # read past every sequence's lists
+    flat_num = torch.cat([b.num_blocks.reshape(-1) for b in per_seq] + [zero])
+    flat_idx = torch.cat([b.indices.reshape(-1) for b in per_seq] + [zero])
+    meta, num_at, idx_at = [], 0, 0  # per sequence: heads, rows, width, offsets
+    for b in per_seq:
+        meta.append((b.shape[1], b.shape[2], b.indices.shape[-1], num_at, idx_at))
+        num_at, idx_at = num_at + b.num_blocks.numel(), idx_at + b.indices.numel()
+    h_s, r_s, w_s, num_off, idx_off = (
+        torch.tensor(meta, dtype=torch.int64).to(device).T[:, :, None, None]
+    )
+    head = torch.arange(heads, device=device)[:, None] % h_s  # [n_seq, H_l, 1]: 0 or h
+    row = torch.arange(rows, device=device)
+    entry = head * r_s + row  # [n_seq, H_l, r]: the row's place in its sequence's lists
+    inside = row < r_s
+    num = flat_num[torch.where(inside, num_off + entry, num_at)]  # past the rows: the zero
+    col = torch.arange(width, device=device)
+    keep = inside[..., None] & (col < w_s[..., None])
+    idx = flat_idx[
+        torch.where(keep, idx_off[..., None] + entry[..., None] * w_s[..., None] + col, idx_at)
+    ]
     return KVBlocks(num, idx, trusted=True)
 
 

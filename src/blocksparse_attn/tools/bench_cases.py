@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..patterns import FixedSparsityConfig
+from ..patterns import BSLongformerSparsityConfig, FixedSparsityConfig
 
 PATTERNS = ("dense", "causal_dense", "window_global", "causal_fixed", "random")
 DENSITIES = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -40,6 +40,19 @@ class Case:
 
     def as_dict(self) -> dict:
         return asdict(self) | {"name": self.name}
+
+
+def window_global_config(block: int) -> BSLongformerSparsityConfig:
+    """``window_global`` as a config (its layout for every length equals
+    ``pattern_layout("window_global", ...)``): a pattern given once, whose lists the packed
+    and decoding paths cache per length."""
+    half, glob = max(1, 256 // block), max(1, 128 // block)
+    return BSLongformerSparsityConfig(
+        num_heads=1,
+        block=block,
+        num_sliding_window_blocks=2 * half + 1,
+        global_block_indices=list(range(glob)),
+    )
 
 
 def pattern_layout(
