@@ -3,11 +3,18 @@ columns in dK/dV) set the critical path? Times the forward and the whole backwar
 layouts per case: the full pattern, its band alone, and its global rows/columns alone (a few
 long lists: their time is about one long list's run). Writes $OUT/long_lists.json.
 
-    PYTHONPATH=src python3 benchmarks/experiments/long_lists.py
+With ``--long``: the one-GPU problem at 2M tokens (B1 H16 D64, block 128) beside what each
+rank computes under context parallelism's all-to-all at 4M tokens on two GPUs (the whole
+sequence for half the heads, B1 H8): the same work, but each global row and column twice as
+long. If the long lists set the critical path, the 4M case runs longer than the 2M case,
+and by about its global layout's time.
+
+    PYTHONPATH=src python3 benchmarks/experiments/long_lists.py [--long]
 """
 
 import json
 import os
+import sys
 
 import torch
 import triton
@@ -19,6 +26,7 @@ from blocksparse_attn.tools.bench_cases import Case
 
 def main() -> None:
     out_dir = os.environ.get("OUT", ".")
+    long = "--long" in sys.argv[1:]
     cases = [
         Case("window_global", 16384, 2, 8, 128, 128),
         Case("window_global", 16384, 2, 8, 128, 64),
@@ -26,6 +34,12 @@ def main() -> None:
         Case("window_global", 4096, 8, 8, 128, 64),
         Case("window_global", 4096, 8, 16, 64, 64),
     ]
+    if long:
+        cases = [
+            Case("window_global", 2**21, 1, 16, 64, 128),
+            Case("window_global", 2**22, 1, 8, 64, 128),
+        ]
+    timing = dict(warmup=2, rep=800) if long else dict(warmup=25, rep=200)
     rows = []
     for case in cases:
         full = case.layout()
@@ -44,10 +58,10 @@ def main() -> None:
             lay = lay.cuda()
             o, lse = fused_attention_forward(q, k, v, lay, **kw)
             fwd = triton.testing.do_bench(
-                lambda: fused_attention_forward(q, k, v, lay, **kw), warmup=25, rep=200
+                lambda: fused_attention_forward(q, k, v, lay, **kw), **timing
             )
             bwd = triton.testing.do_bench(
-                lambda: fused_attention_backward(do, q, k, v, o, lse, lay, **kw), warmup=25, rep=200
+                lambda: fused_attention_backward(do, q, k, v, o, lse, lay, **kw), **timing
             )
             row = {
                 "case": case.name,
@@ -58,7 +72,8 @@ def main() -> None:
             }
             print(json.dumps(row), flush=True)
             rows.append(row)
-            with open(os.path.join(out_dir, "long_lists.json"), "w") as f:
+            name = "long_lists_long.json" if long else "long_lists.json"
+            with open(os.path.join(out_dir, name), "w") as f:
                 json.dump(rows, f, indent=1)
 
 
