@@ -522,6 +522,7 @@ def test_varlen_and_decode_suites_on_cpu_and_their_tables():
     # documents of at least the pattern's 33-block window at block 16
     (packed,) = varlen_suite(total=1800, docs=3, block=16, progress=False, **common)
     assert packed["packed_over_padded"] == 1.0 and sum(packed["lengths"]) == 1800
+    assert packed["packed_new_batch_ms"] == 2.0
     (dec,) = decode_suite(batch=2, context=256, kv_heads=1, block=16, progress=False, **common)
     assert dec["selected_mib"] > 0 and dec["gb_per_s"] > 0
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": [packed, dec]})

@@ -131,6 +131,45 @@ def test_matches_sequence_by_sequence(monkeypatch, backend, form, case):
         assert max_err(a, e) < 1e-4, name
 
 
+def test_a_batch_seen_again_reuses_its_packing(monkeypatch):
+    """Layers attend the same batch one after another: with a config, a call with the
+    offsets of a recent call reuses its packed lists and their compiled index (no build);
+    new offsets, also written into the same tensor in place, are packed afresh. Every
+    result equals the sequence-by-sequence computation."""
+    import blocksparse_attn.index_dynamic as index_dynamic
+
+    builds = []
+    build = index_dynamic.build_block_list_index
+
+    def counted(*args, **kw):
+        builds.append(kw["tile_m"])
+        return build(*args, **kw)
+
+    monkeypatch.setattr(index_dynamic, "build_block_list_index", counted)
+    config = FixedSparsityConfig(num_heads=2, block=16, num_local_blocks=2)
+    torch.manual_seed(3)
+    q, k, v = (torch.randn(120, 2, 16, device=DEVICE) for _ in range(3))
+
+    def run(offsets, lengths):
+        out = block_sparse_attention_varlen(
+            q, k, v, offsets, offsets, config, block=16, causal=True, backend="fused"
+        )
+        grids = [square_layout(config, n, 16) for n in lengths]
+        want = independent(q, k, v, lengths, lengths, grids, 16, True)[0]
+        assert max_err(out, want) < 1e-4
+
+    offsets = cu([50, 70])
+    run(offsets, [50, 70])
+    assert builds
+    builds.clear()
+    run(offsets, [50, 70])  # the same batch: packing and index reused
+    run(cu([50, 70]), [50, 70])  # equal offsets in another tensor
+    assert not builds
+    offsets.copy_(cu([90, 30]))  # the same tensor, new documents
+    run(offsets, [90, 30])
+    assert builds
+
+
 def test_errors():
     q = torch.randn(10, 2, 8, device=DEVICE)
     config = FixedSparsityConfig(num_heads=2, block=4)

@@ -3,7 +3,8 @@ source function. The bench varlen suite's 16 documents packed to 131072 tokens, 
 causal window_global per document, but 2 heads of dimension 16 on CPU tensors with the
 attention kernel launches stubbed out: only the work around the kernels runs. Each
 operation is counted once (``TorchDispatchMode``) against the innermost blocksparse_attn
-function that called it. On a GPU each is a host-side dispatch and most a kernel launch.
+function that called it, for a batch not seen before and for the same batch again (a
+model's next layer). On a GPU each is a host-side dispatch and most a kernel launch.
 The argument ``callable`` passes the pattern as a callable instead of a config.
 
     TRITON_INTERPRET=1 PYTHONPATH=src python3 benchmarks/experiments/varlen_host_ops.py config
@@ -18,6 +19,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import blocksparse_attn.kernels.fused_bwd as fused_bwd
 import blocksparse_attn.kernels.fused_fwd as fused_fwd
+import blocksparse_attn.varlen as varlen
 from blocksparse_attn.tools.bench_cases import pattern_layout, window_global_config
 from blocksparse_attn.tools.bench_serving import document_lengths
 from blocksparse_attn.varlen import block_sparse_attention_varlen
@@ -70,12 +72,15 @@ def main() -> None:
         )
         torch.autograd.grad(out, leaves, grad_out)
 
-    step()  # the config's lists made and cached, as after a first call
-    with Sites() as counter:
-        step()
-    print(f"{source}: {sum(counter.sites.values())} operations dispatched")
-    for site, count in counter.sites.most_common(12):
-        print(f"  {count:4d}  {site}")
+    step()  # the config's lists made and cached per length, as after a first batch
+    for case in ("a new batch", "the same batch again"):
+        if case == "a new batch":
+            varlen.forget_packings()  # as if the offsets had not been seen
+        with Sites() as counter:
+            step()
+        print(f"{source}, {case}: {sum(counter.sites.values())} operations dispatched")
+        for site, count in counter.sites.most_common(8):
+            print(f"  {count:4d}  {site}")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,8 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     else:
         k, v, lay = per_query_head(x)
         x = replace(x, k=k, v=v)
+    if lay.shape[0] == 1 and isinstance(lay, KVBlocks):  # as given: their index may be cached
+        return run(x, lay)
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
         return run(x, layout if mine else _sample(lay, 0))

@@ -306,18 +306,37 @@ def frozen(layout: torch.Tensor) -> torch.Tensor:
     gives a new copy, compiled afresh, instead of the index of the old layout. The
     attention functions freeze the caller's layout once per call; the backward reuses the
     forward's copy."""
-    lid = id(layout)
-    mine = _COPIES.get(lid)
-    if mine is not None and mine() is layout:
+    if is_private(layout):
         return layout
+    lid = id(layout)
     held = _FROZEN.get(lid)
     if held is not None and held[0]() is layout and _unchanged(layout, held[1]):
         return held[1]
     copy = layout.detach().clone()
-    cid = id(copy)
     _FROZEN[lid] = (weakref.ref(layout, lambda _, i=lid: _drop(_FROZEN, i)), copy)
-    _COPIES[cid] = weakref.ref(copy, lambda _, i=cid: _drop(_COPIES, i))
+    _register(copy)
     return copy
+
+
+def _register(copy: torch.Tensor) -> None:
+    """Mark ``copy`` as the library's own (see :func:`frozen`), while it lives."""
+    cid = id(copy)
+    _COPIES[cid] = weakref.ref(copy, lambda _, i=cid: _drop(_COPIES, i))
+
+
+def is_private(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a copy :func:`frozen` or :func:`private_lists` made."""
+    mine = _COPIES.get(id(t))
+    return mine is not None and mine() is t
+
+
+def private_lists(blocks):
+    """``blocks`` (:class:`~blocksparse_attn.KVBlocks` the library made and never edits)
+    marked as private: the attention functions take them without a copy, so their
+    compiled index is cached on them for as long as they live."""
+    _register(blocks.num_blocks)
+    _register(blocks.indices)
+    return blocks
 
 
 def _drop(table: dict, key: int) -> None:

@@ -15,10 +15,13 @@ the value checks, which are skipped for trusted lists or during CUDA-graph captu
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from ._errors import bad_argument, describe
 from ._inputs import capturing, check_block
+from .index import private_lists
 from .kv_blocks import KVBlocks, config_lists, source_grid
 from .patterns import SparsityConfig
 
@@ -31,7 +34,7 @@ def _check_cu(where, name, cu, total, device, max_len, host_checks):
     if cu.device != device:
         raise bad_argument(where, name, f"on the inputs' device ({device})", describe(cu))
     if not host_checks:
-        return
+        return None
     values = cu.tolist()
     lengths = [b - a for a, b in zip(values, values[1:])]
     if values[0] != 0 or values[-1] != total or min(lengths) < 0:
@@ -48,6 +51,7 @@ def _check_cu(where, name, cu, total, device, max_len, host_checks):
             f"sequences of at most max_seqlen = {max_len} tokens",
             f"a sequence of {max(lengths)}",
         )
+    return values
 
 
 def _check_sequence_lists(where, lists: KVBlocks, len_k: torch.Tensor, block: int) -> None:
@@ -215,8 +219,12 @@ def block_sparse_attention_varlen(
         raise bad_argument(where, "backend", "'auto', 'fused' or 'reference'", repr(backend))
     check_block(where, block)
     host_checks = not capturing(q.device)
-    _check_cu(where, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, host_checks)
-    _check_cu(where, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, host_checks)
+    offsets_q = _check_cu(
+        where, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, host_checks
+    )
+    offsets_k = _check_cu(
+        where, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, host_checks
+    )
     n_seq = cu_seqlens_q.numel() - 1
     if cu_seqlens_k.numel() - 1 != n_seq:
         raise bad_argument(
@@ -225,16 +233,28 @@ def block_sparse_attention_varlen(
             f"{n_seq + 1} offsets, as cu_seqlens_q",
             describe(cu_seqlens_k),
         )
-    len_q = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
     len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    if host_checks and bool((len_q > len_k).any()):
-        raise bad_argument(
-            where,
-            "cu_seqlens_q",
-            "sequences with no more queries than keys (queries are the last positions)",
-            f"query lengths {len_q.tolist()[:8]} for key lengths {len_k.tolist()[:8]}",
-        )
-    if isinstance(layout, KVBlocks):
+    if host_checks:  # the offsets were read above
+        lens_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
+        lens_k = [b - a for a, b in zip(offsets_k, offsets_k[1:])]
+        if any(a > b for a, b in zip(lens_q, lens_k)):
+            raise bad_argument(
+                where,
+                "cu_seqlens_q",
+                "sequences with no more queries than keys (queries are the last positions)",
+                f"query lengths {lens_q[:8]} for key lengths {lens_k[:8]}",
+            )
+    held = None
+    if isinstance(layout, SparsityConfig) and host_checks:  # the same batch as a recent call?
+        key = (tuple(offsets_q), tuple(offsets_k), id(layout), block, str(q.device))
+        held = _PACKINGS.pop(key, None)
+        if held is not None and held[0]() is layout:
+            _PACKINGS[key] = held  # the most recent last
+        else:
+            held = None
+    if held is not None:
+        packing = held[1]
+    elif isinstance(layout, KVBlocks):
         lists = layout
         if lists.shape[0] != n_seq or lists.device != q.device:
             raise bad_argument(
@@ -246,7 +266,8 @@ def block_sparse_attention_varlen(
         if host_checks and not lists.trusted:
             _check_sequence_lists(where, lists, len_k, block)
     elif isinstance(layout, SparsityConfig) or callable(layout):
-        lists = _sequence_lists(where, layout, len_k.tolist(), block, q.device)
+        lengths_k = lens_k if host_checks else len_k.tolist()
+        lists = _sequence_lists(where, layout, lengths_k, block, q.device)
     else:
         raise bad_argument(
             where,
@@ -254,8 +275,14 @@ def block_sparse_attention_varlen(
             "a SparsityConfig, a callable (seq_len, device) -> layout, or KVBlocks",
             describe(layout),
         )
-    packed = _packed_problem(q, k, v, cu_seqlens_q, cu_seqlens_k, lists, block)
-    pq, pk, pv, plists, keep, q_pos = packed
+    if held is None:
+        packing = _packing(cu_seqlens_q, cu_seqlens_k, lists, block, q.shape[0], k.shape[0])
+        if isinstance(layout, SparsityConfig) and host_checks:
+            _PACKINGS[key] = (weakref.ref(layout), packing)
+            while len(_PACKINGS) > _PACKINGS_KEPT:
+                _PACKINGS.pop(next(iter(_PACKINGS)))
+    plists, keep, q_pos, k_pos, P = packing
+    pq, pk, pv = _pack(q, k, v, q_pos, k_pos, P)
     out = block_sparse_attention(
         pq,
         pk,
@@ -275,14 +302,14 @@ def block_sparse_attention_varlen(
     return out[0, :, q_pos].transpose(0, 1)
 
 
-def _packed_problem(q, k, v, cu_q, cu_k, lists: KVBlocks, block: int):
-    """The packed, block-aligned problem (see the module docstring): ``q [1, H, P, D]``,
-    ``k, v [1, H_kv, P, D]``, block lists ``[1, H_l, P // block]``, the key padding mask
-    ``[1, P]`` (True at real keys) and each query's packed position ``[total_q]``. ``P``
-    is a bound known from the shapes: ``(ceil(total_k / block) + n_seq) * block``."""
-    dev = q.device
+def _packing(cu_q, cu_k, lists: KVBlocks, block: int, total_q: int, total_k: int):
+    """Where the packed, block-aligned problem puts everything (see the module docstring):
+    block lists ``[1, H_l, P // block]`` (private: the attention functions neither copy
+    them nor rebuild their index while they live), the key padding mask ``[1, P]`` (True at
+    real keys), each query's and key's packed position ``[total_q]``, ``[total_k]``, and
+    ``P``, a bound known from the shapes: ``(ceil(total_k / block) + n_seq) * block``."""
+    dev = cu_q.device
     n_seq = cu_q.numel() - 1
-    total_q, total_k = q.shape[0], k.shape[0]
     len_q = (cu_q[1:] - cu_q[:-1]).long()
     len_k = (cu_k[1:] - cu_k[:-1]).long()
     nb = -(-len_k // block)
@@ -301,10 +328,6 @@ def _packed_problem(q, k, v, cu_q, cu_k, lists: KVBlocks, block: int):
         + torch.arange(total_q, device=dev)
         - cu_q[:-1].long()[sq]
     )
-    H, Hkv, D = q.shape[1], k.shape[1], q.shape[2]
-    pq = q.new_zeros(P, H, D).index_put((q_pos,), q)
-    pk = k.new_zeros(P, Hkv, D).index_put((k_pos,), k)
-    pv = v.new_zeros(P, Hkv, D).index_put((k_pos,), v)
     keep = torch.zeros(1, P, dtype=torch.bool, device=dev)
     keep[0, k_pos] = True
 
@@ -327,13 +350,33 @@ def _packed_problem(q, k, v, cu_q, cu_k, lists: KVBlocks, block: int):
     # earlier blocks hold keys only)
     q_lo = (first + (len_k - len_q) // block)[seq]
     num = torch.where(inside & (blk >= q_lo), num, 0)
-    plists = KVBlocks(
-        num[None].to(torch.int32).contiguous(),
-        idx[None].to(torch.int32).contiguous(),
-        lists.trusted,
+    plists = private_lists(
+        KVBlocks(
+            num[None].to(torch.int32).contiguous(),
+            idx[None].to(torch.int32).contiguous(),
+            lists.trusted,
+        )
     )
+    return plists, keep, q_pos, k_pos, P
 
-    def batch(t):
-        return t.transpose(0, 1).unsqueeze(0)
 
-    return batch(pq), batch(pk), batch(pv), plists, keep, q_pos
+def _pack(q, k, v, q_pos, k_pos, P: int):
+    """``q [1, H, P, D]`` and ``k, v [1, H_kv, P, D]`` at their packed positions, zeros
+    between sequences."""
+
+    def packed(t, pos):
+        return t.new_zeros(P, *t.shape[1:]).index_put((pos,), t).transpose(0, 1).unsqueeze(0)
+
+    return packed(q, q_pos), packed(k, k_pos), packed(v, k_pos)
+
+
+# the packing of the most recent batches by their offsets and config (a model's layers
+# attend the same batch one after another); each holds its lists' compiled index too
+_PACKINGS: dict[tuple, tuple] = {}
+_PACKINGS_KEPT = 4
+
+
+def forget_packings() -> None:
+    """Drop the packings kept for recent batches (their memory; a benchmark of the first
+    layer's cost)."""
+    _PACKINGS.clear()
