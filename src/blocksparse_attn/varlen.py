@@ -10,7 +10,10 @@ sequence after another, each query at its absolute key position, and the sequenc
 lists, shifted to those places, form one set of lists (a block never mixes sequences, and
 causality is the ordinary ``key <= query`` in those coordinates). Padding keys are masked;
 padding queries are dropped. With block lists given, nothing is read on the host except
-the value checks, which are skipped for trusted lists or during CUDA-graph capture.
+the value checks, which are skipped for trusted lists or during CUDA-graph capture. With a
+config, the offsets are read once per call, and the packing of the last few batches (lists
+and their compiled index) is kept by the offsets' values: a model's layers on one batch
+pack it once.
 """
 
 from __future__ import annotations
