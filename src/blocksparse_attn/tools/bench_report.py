@@ -142,11 +142,11 @@ def markdown(report: dict) -> str:
         ]
     decoding = [r for r in report["results"] if r.get("suite") == "decode"]
     for r in decoding:
-
-        def ms(key):
-            value = r.get(key)
-            return f"{value:.4f}" if value is not None else r.get("flex_error", "-")
-
+        ours = [_cell(r, key, "{:.4f}") or "-" for key in ("ms", "graph_ms")]
+        flex = [
+            _cell(r, key, "{:.4f}") or r.get("flex_error", "-")
+            for key in ("flex_ms", "flex_graph_ms")
+        ]
         gb = f"{r['gb_per_s']:.0f}"
         if r.get("graph_gb_per_s") is not None:
             gb += f" / {r['graph_gb_per_s']:.0f}"
@@ -158,8 +158,7 @@ def markdown(report: dict) -> str:
             "",
             "| ms | selected K/V MiB | GB/s on them | FlexAttention ms |",
             "|---|---|---|---|",
-            f"| {ms('ms')} / {ms('graph_ms')} | {r['selected_mib']:.1f} | {gb} | "
-            f"{ms('flex_ms')} / {ms('flex_graph_ms')} |",
+            f"| {ours[0]} / {ours[1]} | {r['selected_mib']:.1f} | {gb} | {flex[0]} / {flex[1]} |",
         ]
     if report.get("tuned"):
         lines += [
