@@ -51,7 +51,7 @@ def _unique(num: torch.Tensor, idx: torch.Tensor):
     return (ordered != spare).sum(-1).to(torch.int32), ordered
 
 
-def _query_lists(where, layout, row, B, L_max, block, device):
+def _query_lists(where, layout, row, L_max, block, device):
     """``(num [B, H_l], idx [B, H_l, W])``: the block list of each sequence's newest query
     block ``row [B]`` in the pattern over ``L_max`` tokens, each key block once (lists given
     as the layout were checked by :func:`~blocksparse_attn._inputs.check_layout`)."""
@@ -62,11 +62,8 @@ def _query_lists(where, layout, row, B, L_max, block, device):
         rows = grid.to(device)[:, row] != 0  # [H_l, B, nb]
         lists = KVBlocks.from_layout(rows.transpose(0, 1)[:, :, None])
         return lists.num_blocks[:, :, 0], lists.indices[:, :, 0]
-    lists = _per_sequence(_rows(where, layout, L_max, block, device), B)
-    heads, width = lists.shape[1], lists.indices.shape[-1]
-    at = row.view(B, 1, 1).expand(B, heads, 1)
-    num = lists.num_blocks.gather(2, at)[:, :, 0]
-    idx = lists.indices.gather(2, at[..., None].expand(B, heads, 1, width))[:, :, 0]
+    mine = _row_lists(_rows(where, layout, L_max, block, device), row)
+    num, idx = mine.num_blocks[:, :, 0], mine.indices[:, :, 0]
     if isinstance(layout, KVBlocks) and not layout.trusted:
         num, idx = _unique(num, idx)
     return num, idx
@@ -80,7 +77,7 @@ def _decode_kernel(where, q, k_cache, v_cache, n, layout, L_pad, block, scale, b
 
     B, _, H, D = q.shape
     row = ((n - 1) // block).clamp(min=0)
-    num, idx = _query_lists(where, layout, row, B, L_pad, block, q.device)
+    num, idx = _query_lists(where, layout, row, L_pad, block, q.device)
     _check_heads(where, num.shape[1], H, k_cache.shape[2])
     out, lse = decode_attention(
         unit_last_stride(q[:, 0]),
@@ -130,6 +127,18 @@ def _per_sequence(lists: KVBlocks, B: int) -> KVBlocks:
     return KVBlocks(
         lists.num_blocks.expand(B, -1, -1), lists.indices.expand(B, -1, -1, -1), lists.trusted
     )
+
+
+def _row_lists(lists: KVBlocks, row: torch.Tensor) -> KVBlocks:
+    """Row ``row[b]`` of each sequence's lists (shared lists or one set per sequence):
+    ``[B, H_l, 1]``."""
+    lists = _per_sequence(lists, row.shape[0])
+    B, heads = lists.shape[:2]
+    at = row.view(B, 1, 1).expand(B, heads, 1)
+    width = lists.indices.shape[-1]
+    num = lists.num_blocks.gather(2, at)
+    idx = lists.indices.gather(2, at[..., None].expand(B, heads, 1, width))
+    return KVBlocks(num, idx, lists.trusted)
 
 
 def _present(lists: KVBlocks, nb: torch.Tensor) -> KVBlocks:
@@ -297,12 +306,8 @@ def block_sparse_decode(
     _check_heads(where, lists.shape[1], H, k_cache.shape[2])
     nb = -(-n // block)
     if L_new == 1:  # on the cache in place: one query sees every key before n
-        lists = _per_sequence(lists, B)
-        heads = lists.shape[1]
-        row = ((n - 1) // block)[:, None, None].expand(B, heads, 1)  # the query's block
-        num = lists.num_blocks.gather(-1, row)
-        idx = lists.indices.gather(2, row[..., None].expand(-1, -1, -1, lists.indices.shape[-1]))
-        mine = _present(KVBlocks(num, idx, lists.trusted), nb[:, None, None])
+        row = ((n - 1) // block).clamp(min=0)  # the query's block
+        mine = _present(_row_lists(lists, row), nb[:, None, None])
         q4 = torch.nn.functional.pad(q.permute(0, 2, 1, 3), (0, 0, 0, block - 1))
         keep = torch.arange(L_pad, device=q.device)[None, :] < n[:, None]
         result = block_sparse_attention(
