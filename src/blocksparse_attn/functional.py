@@ -86,13 +86,11 @@ def _on_kernels(x: AttentionInputs, layout, run, grouped: bool):
     else:
         k, v, lay = per_query_head(x)
         x = replace(x, k=k, v=v)
-    if lay.shape[0] == 1 and isinstance(lay, KVBlocks):  # as given: their index may be cached
-        return run(x, lay)
+    if isinstance(lay, KVBlocks) and (lay.shape[0] == 1 or grouped):
+        return run(x, lay)  # as given (their index may be cached), per sample or shared
     if lay.shape[0] == 1:
         mine = isinstance(layout, torch.Tensor) and layout.dim() <= 3 and lay is x.layout
         return run(x, layout if mine else _sample(lay, 0))
-    if grouped and isinstance(lay, KVBlocks):  # the kernels run lists per sample as they are
-        return run(x, lay)
     Lq, Lk = x.q.shape[2], x.k.shape[2]
     rpe = x.rpe
     if x.key_padding_mask is None:  # fold the batch into the heads: one launch

@@ -194,12 +194,18 @@ def build_index(
         th, ti, tj = tiles // (rt * ct), (tiles // ct) % rt, tiles % ct
         partial = kept < sm * sn
     if causal:  # tiles wholly after the diagonal are dropped
-        shift = k_len - q_len
-        visible = tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1 + shift
+        visible = causal_visible(ti, tj, tile_m, tile_n, q_len, k_len)
         th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
     return assemble(
         th, ti, tj, bits, ~partial, None, H, block, q_len, k_len, tile_m, tile_n, g, causal
     )
+
+
+def causal_visible(ti, tj, tile_m: int, tile_n: int, q_len: int, k_len: int):
+    """Whether tile ``(ti, tj)`` holds a key some query of it sees under bottom-right causal
+    alignment (key ``c`` visible from query ``r`` when ``c <= r + k_len - q_len``)."""
+    last_query = torch.clamp(ti * tile_m + tile_m, max=q_len) - 1
+    return tj * tile_n <= last_query + k_len - q_len
 
 
 def tiling(where: str, block: int, q_len: int, k_len: int, tile_m: int, tile_n: int):
@@ -328,6 +334,11 @@ def is_private(t: torch.Tensor) -> bool:
     """Whether ``t`` is a copy :func:`frozen` or :func:`private_lists` made."""
     mine = _COPIES.get(id(t))
     return mine is not None and mine() is t
+
+
+def is_private_lists(blocks) -> bool:
+    """Whether both tensors of ``blocks`` were marked by :func:`private_lists`."""
+    return is_private(blocks.num_blocks) and is_private(blocks.indices)
 
 
 def private_lists(blocks):

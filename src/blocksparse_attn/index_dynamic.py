@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument
-from .index import MAX_SUB_BLOCKS, SparseIndex, assemble, tiling
+from .index import MAX_SUB_BLOCKS, SparseIndex, assemble, causal_visible, tiling
 from .kv_blocks import KVBlocks
 
 
@@ -74,9 +74,8 @@ def build_block_list_index(
     a = torch.arange(rt * sm, device=dev)[None, :, None] % sm  # sub-row within its tile
     ti = torch.arange(rt * sm, device=dev)[None, :, None] // sm
     tj = j // sn
-    shift = k_len - q_len  # causal: key c is visible from query r when c <= r + shift
     if causal:  # tiles wholly after the diagonal are dropped
-        used = used & (tj * tile_n <= torch.clamp(ti * tile_m + tile_m, max=q_len) - 1 + shift)
+        used = used & causal_visible(ti, tj, tile_m, tile_n, q_len, k_len)
     # sort each tile row's entries by (key tile, sub-block): a tile's entries become one
     # run, repeats are merged; the tile rows are already in order (no global sort)
     unused = ct * MAX_SUB_BLOCKS

@@ -69,7 +69,7 @@ class _BlockSparseAttention:
             self._mask_seen, self._mask_full = mask, bool(mask.all())
         return self._mask_full
 
-    def _decodes(self, query, key, attention_mask, causal: bool) -> bool:
+    def _decodes(self, query, attention_mask, causal: bool) -> bool:
         """Whether this call is a decoding step for :func:`block_sparse_decode`: one new
         query per sequence, causal, a fixed pattern, no gradient, no padding."""
         return (
@@ -145,7 +145,7 @@ class _BlockSparseAttention:
         Lk = key.shape[2]
         if not causal and Lq != Lk:
             raise NotImplementedError(f"{where}: non-causal attention with L_q != L_k")
-        if self._decodes(query, key, attention_mask, causal):
+        if self._decodes(query, attention_mask, causal):
             return self._decode(query, key, value, scaling), None
         # every token at its absolute position's block: queries are the last L_q positions
         front = (Lk - Lq) % block

@@ -311,13 +311,13 @@ def fused_attention(
     """Differentiable fused attention on checked inputs: ``(out, lse)``. Under
     ``torch.compile`` the custom ops (opaque to the compiler, with fake implementations);
     in eager mode a plain ``autograd.Function`` over the same implementations."""
-    from ..index import frozen, is_private
+    from ..index import frozen, is_private_lists
     from ..kernels.fused_fwd import row_statistics_lse
 
     if isinstance(layout, KVBlocks):
         if torch.compiler.is_compiling():  # the custom ops take tensors: lists packed
             layout = _packed_lists(layout)
-        elif not (is_private(layout.num_blocks) and is_private(layout.indices)):
+        elif not is_private_lists(layout):
             # a copy, so that the backward reads the forward's lists
             layout = KVBlocks(layout.num_blocks.clone(), layout.indices.clone(), True)
     elif not torch.compiler.is_compiling():  # the backward then reads the forward's copy
