@@ -29,7 +29,9 @@ from .kv_blocks import KVBlocks, config_lists, source_grid
 from .patterns import SparsityConfig
 
 
-def _check_cu(where, name, cu, total, device, max_len, host_checks):
+def _check_cu(where, name, cu, total, device, max_len, host_checks) -> list[int] | None:
+    """Checks ``cu``; with ``host_checks``, reads it once and returns the sequence lengths
+    (None without)."""
     if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.numel() < 2:
         raise bad_argument(where, name, "a 1-D int32 tensor [n_seq + 1]", describe(cu))
     if cu.dtype != torch.int32:
@@ -54,7 +56,7 @@ def _check_cu(where, name, cu, total, device, max_len, host_checks):
             f"sequences of at most max_seqlen = {max_len} tokens",
             f"a sequence of {max(lengths)}",
         )
-    return values
+    return lengths
 
 
 def _check_sequence_lists(where, lists: KVBlocks, len_k: torch.Tensor, block: int) -> None:
@@ -222,10 +224,10 @@ def block_sparse_attention_varlen(
         raise bad_argument(where, "backend", "'auto', 'fused' or 'reference'", repr(backend))
     check_block(where, block)
     host_checks = not capturing(q.device)
-    offsets_q = _check_cu(
+    lens_q = _check_cu(
         where, "cu_seqlens_q", cu_seqlens_q, q.shape[0], q.device, max_seqlen_q, host_checks
     )
-    offsets_k = _check_cu(
+    lens_k = _check_cu(
         where, "cu_seqlens_k", cu_seqlens_k, k.shape[0], q.device, max_seqlen_k, host_checks
     )
     n_seq = cu_seqlens_q.numel() - 1
@@ -237,9 +239,7 @@ def block_sparse_attention_varlen(
             describe(cu_seqlens_k),
         )
     len_k = cu_seqlens_k[1:] - cu_seqlens_k[:-1]
-    if host_checks:  # the offsets were read above
-        lens_q = [b - a for a, b in zip(offsets_q, offsets_q[1:])]
-        lens_k = [b - a for a, b in zip(offsets_k, offsets_k[1:])]
+    if host_checks:  # the lengths were read above
         if any(a > b for a, b in zip(lens_q, lens_k)):
             raise bad_argument(
                 where,
@@ -249,7 +249,7 @@ def block_sparse_attention_varlen(
             )
     held = None
     if isinstance(layout, SparsityConfig) and host_checks:  # the same batch as a recent call?
-        key = (tuple(offsets_q), tuple(offsets_k), id(layout), block, str(q.device))
+        key = (tuple(lens_q), tuple(lens_k), id(layout), block, str(q.device))
         held = _PACKINGS.pop(key, None)
         if held is not None and held[0]() is layout:
             _PACKINGS[key] = held  # the most recent last
