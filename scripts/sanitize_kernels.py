@@ -138,10 +138,10 @@ def main() -> int:
     finite = bool(torch.isfinite(out).all())
     bad += not finite
     print(f"decode (paged, 3 sequences): {'ok' if finite else 'NOT FINITE'}", flush=True)
-    # a contiguous cache, head dim 40, block 48 (a key tile of 64, partly masked), a list per
-    # query head
-    cache = torch.randn(2, 3, 144, 2, 40, device="cuda", dtype=torch.float16)
-    lens = torch.tensor([1, 100, 144], dtype=torch.int32, device="cuda")
+    # a contiguous cache of 140 tokens (not whole blocks), head dim 40, block 48 (a key tile
+    # of 64, partly masked), a list per query head
+    cache = torch.randn(2, 3, 140, 2, 40, device="cuda", dtype=torch.float16)
+    lens = torch.tensor([1, 100, 140], dtype=torch.int32, device="cuda")
     q1 = torch.randn(3, 1, 4, 40, device="cuda", dtype=torch.float16)
     grid = (torch.rand(4, 3, 3) < 0.6).long()
     grid[..., 0] = 1
@@ -149,7 +149,10 @@ def main() -> int:
     torch.cuda.synchronize()
     finite = bool(torch.isfinite(out).all())
     bad += not finite
-    print(f"decode (contiguous, block 48, D 40): {'ok' if finite else 'NOT FINITE'}", flush=True)
+    print(
+        f"decode (contiguous, 140 tokens, block 48, D 40): {'ok' if finite else 'NOT FINITE'}",
+        flush=True,
+    )
     return 1 if bad else 0
 
 

@@ -58,13 +58,17 @@ def problem(L_new, seed=0):
 
 @pytest.mark.parametrize("backend", ["fused", "reference"])
 @pytest.mark.parametrize("L_new", [1, 5])
-@pytest.mark.parametrize("form", ["config", "lists"])
+@pytest.mark.parametrize("form", ["config", "lists", "trusted lists"])
 def test_appends_and_attends(monkeypatch, backend, L_new, form):
+    # the decoding kernels take a config's and trusted lists whole (the kernel picks each
+    # sequence's row) and other lists' rows picked and deduplicated
     poison(monkeypatch)
     q, k_cache, v_cache, k_new, v_new, seqlens = problem(L_new)
     before = k_cache.clone()
     grid = CONFIG.make_layout(L_MAX)
     layout = CONFIG if form == "config" else KVBlocks.from_layout(grid.to(DEVICE))
+    if form == "trusted lists":
+        layout = KVBlocks(layout.num_blocks, layout.indices, trusted=True)
     out = block_sparse_decode(
         q, k_cache, v_cache, seqlens, layout, block=BLOCK, k_new=k_new, v_new=v_new, backend=backend
     )

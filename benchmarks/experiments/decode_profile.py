@@ -43,10 +43,9 @@ def main() -> None:
     lengths = torch.full((B,), CONTEXT, dtype=torch.int32, device=dev)
     made = KVBlocks.from_layout(pattern_layout("window_global", CONTEXT, BLOCK).to(dev))
     lists = KVBlocks(made.num_blocks, made.indices, trusted=True)
-    # the newest token's row (the last block row), as the kernels take it
-    num = made.num_blocks[:, :, -1].expand(B, -1).contiguous()
-    idx = made.indices[:, :, -1].expand(B, -1, -1).contiguous()
-    print("num", num[0].tolist(), "width", idx.shape)
+    # the pattern's lists, from which the kernel picks the newest token's row
+    num, idx = made.num_blocks, made.indices
+    print("num", num[0, :, -1].tolist(), "width", idx.shape)
 
     def step():
         return block_sparse_decode(q, k_cache, v_cache, lengths, lists, block=BLOCK)

@@ -51,43 +51,52 @@ def _unique(num: torch.Tensor, idx: torch.Tensor):
     return (ordered != spare).sum(-1).to(torch.int32), ordered
 
 
-def _query_lists(where, layout, row, L_max, block, device):
-    """``(num [B, H_l], idx [B, H_l, W])``: the block list of each sequence's newest query
-    block ``row [B]`` in the pattern over ``L_max`` tokens, each key block once (lists given
-    as the layout were checked by :func:`~blocksparse_attn._inputs.check_layout`)."""
+def _query_lists(where, layout, n, L_pad, block, device):
+    """``(num, idx)`` for the decoding kernels: ``[B|1, H_l, nb]`` and ``[B|1, H_l, nb, W]``,
+    the pattern's lists over ``L_pad`` tokens, from which the kernel takes each sequence's
+    newest block row (a ``SparsityConfig``'s, cached, and trusted lists); or that row
+    already picked, ``[B, H_l, 1]`` and ``[B, H_l, 1, W]`` for the ``n [B]`` keys of each
+    sequence: a callable's (only those rows are converted) and lists given untrusted (each
+    key block kept once; they were checked by
+    :func:`~blocksparse_attn._inputs.check_layout`)."""
     from .patterns import SparsityConfig
 
+    row = ((n.long() - 1) // block).clamp(min=0)
     if not isinstance(layout, (KVBlocks, SparsityConfig)):  # a callable: only the rows
-        grid = source_grid(where, layout, L_max, block, device)
+        grid = source_grid(where, layout, L_pad, block, device)
         rows = grid.to(device)[:, row] != 0  # [H_l, B, nb]
         lists = KVBlocks.from_layout(rows.transpose(0, 1)[:, :, None])
-        return lists.num_blocks[:, :, 0], lists.indices[:, :, 0]
-    mine = _row_lists(_rows(where, layout, L_max, block, device), row)
-    num, idx = mine.num_blocks[:, :, 0], mine.indices[:, :, 0]
-    if isinstance(layout, KVBlocks) and not layout.trusted:
-        num, idx = _unique(num, idx)
-    return num, idx
+        return lists.num_blocks, lists.indices
+    lists = _rows(where, layout, L_pad, block, device)
+    if lists.trusted:
+        return lists.num_blocks, lists.indices
+    mine = _row_lists(lists, row)
+    return _unique(mine.num_blocks, mine.indices)
 
 
-def _decode_kernel(where, q, k_cache, v_cache, n, layout, L_pad, block, scale, block_table):
+def _decode_kernel(
+    where, q, k_cache, v_cache, cache_seqlens, added, layout, L_pad, block, scale, block_table
+):
     """``(out [B, 1, H, D], lse [B, 1, H])`` of one new query per sequence by the decoding
-    kernels (see the module docstring); ``L_pad``: the pattern's length."""
+    kernels (see the module docstring): sequence ``b`` has ``cache_seqlens[b] + added``
+    keys; ``L_pad``: the pattern's length."""
     from .kernels._common import unit_last_stride
     from .kernels.decode import decode_attention
 
     B, _, H, D = q.shape
-    row = ((n - 1) // block).clamp(min=0)
-    num, idx = _query_lists(where, layout, row, L_pad, block, q.device)
+    n = cache_seqlens + added if added else cache_seqlens
+    num, idx = _query_lists(where, layout, n, L_pad, block, q.device)
     _check_heads(where, num.shape[1], H, k_cache.shape[2])
     out, lse = decode_attention(
         unit_last_stride(q[:, 0]),
         unit_last_stride(k_cache),
         unit_last_stride(v_cache),
-        n.to(torch.int32),
+        cache_seqlens,
         num,
         idx,
         block=block,
         scale=D**-0.5 if scale is None else float(scale),
+        added=added,
         block_table=block_table,
     )
     return out[:, None], lse[:, None]
@@ -280,9 +289,10 @@ def block_sparse_decode(
         _check_pages(where, k_cache, block_table, B, block)
     L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     L_pad = -(-L_max // block) * block  # the pattern's length: whole blocks
-    n = cache_seqlens.long() + (L_new if k_new is not None else 0)  # tokens after appending
-    if not capturing(q.device):
-        if bool(((n > L_max) | (n < L_new)).any()):  # one read-back
+    added = L_new if k_new is not None else 0  # tokens after appending: cache_seqlens + added
+    if not capturing(q.device) and B:
+        low, high = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one read-back
+        if high + added > L_max or low + added < L_new:
             raise bad_argument(
                 where,
                 "cache_seqlens",
@@ -298,9 +308,20 @@ def block_sparse_decode(
         _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table)
     if L_new == 1 and _decoding_kernels_run(where, q, k_cache, v_cache, backend):
         out, lse = _decode_kernel(
-            where, q, k_cache, v_cache, n, layout, L_pad, block, scale, block_table
+            where,
+            q,
+            k_cache,
+            v_cache,
+            cache_seqlens,
+            added,
+            layout,
+            L_pad,
+            block,
+            scale,
+            block_table,
         )
         return (out, lse) if return_lse else out
+    n = cache_seqlens.long() + added
     k, v = _contiguous_cache(k_cache, v_cache, block_table, L_pad)
     lists = _rows(where, layout, L_pad, block, q.device)
     _check_heads(where, lists.shape[1], H, k_cache.shape[2])

@@ -1,8 +1,10 @@
 """Decoding kernels: one new query per sequence against a KV cache, reading the query's
 block list directly (no compiled index).
 
-The row of sequence ``b`` is the list of key blocks its newest token attends; the keys at
-or past the sequence length ``n_b`` are hidden (the cache holds whatever was there before).
+The row of sequence ``b`` is the list of key blocks its newest token attends: the kernel
+picks it from the pattern's lists by the token's block, ``(n_b - 1) // block``, or is given
+it already picked. The keys at or past the sequence length ``n_b`` are hidden (the cache
+holds whatever was there before).
 A program takes one sequence and one kv head and packs the query heads that share the kv
 head and the list (a grouped-query group, when the layout has 1 or ``H_kv`` heads) into the
 rows of its tiles, so each K/V block is read once per group. The list of a row is split
@@ -29,11 +31,12 @@ def _bsa_decode_split_kernel(
     K,  # (pointer, stride_b or stride_page, stride_row, stride_h): the cache
     V,
     TABLE,  # (pointer, stride_b): the block table (paged caches)
-    N,  # [B] int32: keys in each sequence
-    NUM,  # (pointer, stride_b, stride_h): [B|1, H_l] entries used per row
-    IDX,  # (pointer, stride_b, stride_h): [B|1, H_l, W] key blocks
+    N,  # [B] int32: keys in each sequence before ``added`` more
+    NUM,  # (pointer, stride_b, stride_h, stride_row): [B|1, H_l, R] entries used per row
+    IDX,  # (pointer, stride_b, stride_h, stride_row): [B|1, H_l, R, W] key blocks
     ACC,  # [B, H, S, D] float32 partial outputs (unnormalised)
     STATS,  # [2, B, H, S] float32: running maximum (base 2) and sum
+    added,  # keys appended after N (the sequence has N + added)
     H,
     S,
     stats_size,  # B * H * S
@@ -59,11 +62,13 @@ def _bsa_decode_split_kernel(
     h0 = (pid % programs_per_batch) * pack  # first query head of this program
     hk = h0 // group
     lh = h0 // heads_per_layout_head
-    n = tl.load(N + b)
+    n = tl.load(N + b) + added
+    row = tl.maximum(n - 1, 0) // BLOCK  # the newest token's block (stride 0: given)
 
-    num_ptr, num_sb, num_sh = NUM
-    idx_ptr, idx_sb, idx_sh = IDX
-    count = tl.load(num_ptr + b * num_sb + lh * num_sh)
+    num_ptr, num_sb, num_sh, num_sr = NUM
+    idx_ptr, idx_sb, idx_sh, idx_sr = IDX
+    count = tl.load(num_ptr + b * num_sb + lh * num_sh + row * num_sr)
+    idx_row = idx_ptr + b * idx_sb + lh * idx_sh + row.to(tl.int64) * idx_sr
     share = tl.cdiv(count, S)
     start = split * share
     end = tl.minimum(start + share, count)
@@ -87,7 +92,7 @@ def _bsa_decode_split_kernel(
     l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
     acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
     for t in range(start, end):
-        j = tl.load(idx_ptr + b * idx_sb + lh * idx_sh + t).to(tl.int64)
+        j = tl.load(idx_row + t).to(tl.int64)
         first = j * BLOCK
         if first < n:  # blocks not yet written hold nothing to attend
             if PAGED:  # a block lies inside one page
@@ -171,6 +176,11 @@ def _batch_stride(t: torch.Tensor) -> int:
     return t.stride(0) if t.shape[0] > 1 else 0
 
 
+def _row_stride(t: torch.Tensor) -> int:
+    """A row given (one row, ``R = 1``) is read whatever the token's block: stride 0."""
+    return t.stride(2) if t.shape[2] > 1 else 0
+
+
 def _splits(rows: int, width: int, device: torch.device) -> int:
     """Programs per row: enough for about two waves of the GPU's multiprocessors, at most
     one per list entry, a power of two up to 16 (2 under the interpreter, which has no
@@ -192,6 +202,7 @@ def decode_attention(
     *,
     block: int,
     scale: float,
+    added: int = 0,
     block_table: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, D], lse [B, H])`` of one query per sequence.
@@ -200,12 +211,15 @@ def decode_attention(
         q: ``[B, H, D]`` (unit last stride).
         k_cache, v_cache: ``[B, L_max, H_kv, D]``, or ``[pages, page_size, H_kv, D]`` with
             ``block_table``; unit last stride.
-        lengths: int32 ``[B]``, the keys of each sequence (the query is the last of them).
-        num: int32 ``[B|1, H_l]``, entries used in each row's list.
-        idx: int32 ``[B|1, H_l, W]``, the key blocks of each row, each at most once among the
-            used entries (blocks at or past a sequence's length are skipped).
+        lengths: int32 ``[B]``; sequence ``b`` has ``lengths[b] + added`` keys, the query
+            being the last of them.
+        num: int32 ``[B|1, H_l, R]``, entries used in each list: ``R`` = the pattern's
+            block rows (the kernel takes row ``(n_b - 1) // block``) or 1 (the row given).
+        idx: int32 ``[B|1, H_l, R, W]``, the key blocks of each list, each at most once
+            among the used entries (blocks at or past a sequence's length are skipped).
         block: layout block size (any; read in tiles of up to 128 keys).
         scale: score scale.
+        added: keys appended after ``lengths`` (0, or the new token's 1).
         block_table: int32 ``[B, max_pages]`` (paged caches; page size a multiple of
             ``block``).
     """
@@ -231,8 +245,9 @@ def decode_attention(
         V=(v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
         TABLE=(table, table.stride(0) if paged else 0),
         N=lengths,
-        NUM=(num, _batch_stride(num), num.stride(1)),
-        IDX=(idx, _batch_stride(idx), idx.stride(1)),
+        NUM=(num, _batch_stride(num), num.stride(1), _row_stride(num)),
+        IDX=(idx, _batch_stride(idx), idx.stride(1), _row_stride(idx)),
+        added=added,
         ACC=acc,
         STATS=stats,
         H=H,
