@@ -2,6 +2,8 @@
 each sequence's keys (one new token on the cache in place, several new tokens, without
 appending, a paged cache, block lists), the append itself, and the errors."""
 
+import functools
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -187,6 +189,24 @@ def test_decoding_kernels(monkeypatch, heads, kv_heads, layout_heads, per_sequen
     assert hidden.any()  # the empty row is part of the case
     assert torch.equal(torch.isneginf(lse), hidden)
     assert max_err(lse[~hidden], want_lse[~hidden]) < 1e-4
+
+
+def test_decoding_kernels_clamp_lengths_past_the_cache(monkeypatch):
+    # during CUDA-graph capture no length can be checked on the host: the kernel reads a
+    # length past the cache as the cache's, never past it (nor past the lists' last row)
+    from blocksparse_attn.kernels.decode import decode_attention
+
+    poison(monkeypatch)
+    q, k_cache, v_cache, _, _, _ = problem(1, seed=6)
+    k_cache, v_cache = k_cache[:, :120], v_cache[:, :120]  # the last block partly past it
+    lists = KVBlocks.from_layout(CONFIG.make_layout(L_MAX).to(DEVICE) != 0)
+    run = functools.partial(decode_attention, q[:, 0], k_cache, v_cache, block=BLOCK, scale=D**-0.5)
+    full = torch.full((B,), 120, dtype=torch.int32, device=DEVICE)
+    want = run(full, lists.num_blocks, lists.indices)
+    past = full + torch.tensor([1, 40, 1000], dtype=torch.int32, device=DEVICE)
+    got = run(past, lists.num_blocks, lists.indices)
+    for a, b in zip(got, want):
+        assert torch.equal(a, b)
 
 
 def test_decoding_with_gradients_takes_the_general_kernels(monkeypatch):

@@ -37,6 +37,8 @@ def _bsa_decode_split_kernel(
     ACC,  # [B, H, S, D] float32 partial outputs (unnormalised)
     STATS,  # [2, B, H, S] float32: running maximum (base 2) and sum
     added,  # keys appended after N (the sequence has N + added)
+    n_keys,  # the cache's capacity per sequence: lengths past it are read as it
+    last_row,  # R - 1: the last list row (rows past it are read as it)
     H,
     S,
     stats_size,  # B * H * S
@@ -62,8 +64,10 @@ def _bsa_decode_split_kernel(
     h0 = (pid % programs_per_batch) * pack  # first query head of this program
     hk = h0 // group
     lh = h0 // heads_per_layout_head
-    n = tl.load(N + b) + added
-    row = tl.maximum(n - 1, 0) // BLOCK  # the newest token's block (stride 0: given)
+    # lengths are checked on the host, except during CUDA-graph capture: clamped here, so a
+    # wrong one never reads past the cache or the lists
+    n = tl.minimum(tl.load(N + b) + added, n_keys)
+    row = tl.minimum(tl.maximum(n - 1, 0) // BLOCK, last_row)  # the newest token's block
 
     num_ptr, num_sb, num_sh, num_sr = NUM
     idx_ptr, idx_sb, idx_sh, idx_sr = IDX
@@ -248,6 +252,8 @@ def decode_attention(
         NUM=(num, _batch_stride(num), num.stride(1), _row_stride(num)),
         IDX=(idx, _batch_stride(idx), idx.stride(1), _row_stride(idx)),
         added=added,
+        n_keys=k_cache.shape[1] * (block_table.shape[1] if paged else 1),
+        last_row=num.shape[2] - 1,
         ACC=acc,
         STATS=stats,
         H=H,
