@@ -22,10 +22,11 @@ CONFIG = FixedSparsityConfig(
 )
 
 
-def direct(q, k, v, n, grid, causal=True, block=BLOCK, with_lse=False):
+def direct(q, k, v, n, grid, causal=True, block=BLOCK, with_lse=False, first=None):
     """Per sequence: its queries at positions n - L_new .., its keys [0, n), the layout row
     of each query's block (``grid [H_l, nb, nb]``, or ``[B, H_l, nb, nb]`` per sequence),
-    fp64; with ``with_lse`` also the log-sum-exp ``[B, L_new, H]``."""
+    fp64; with ``with_lse`` also the log-sum-exp ``[B, L_new, H]``; with ``first [B]`` the
+    keys before each sequence's first hidden."""
     L_new, H, D = q.shape[1:]
     group = H // k.shape[2]
     outs, lses = [], []
@@ -37,6 +38,8 @@ def direct(q, k, v, n, grid, causal=True, block=BLOCK, with_lse=False):
         keep = g[:, pos // block][:, :, keys // block]
         if causal:
             keep = keep & (keys[None, :] <= pos[:, None])
+        if first is not None:  # the sequence's leading keys hidden
+            keep = keep & (keys[None, :] >= int(first[b]))
         qs = q[b].double().transpose(0, 1)  # [H, L_new, D]
         ks = k[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(group, 0)
         vs = v[b, : int(n[b])].double().transpose(0, 1).repeat_interleave(group, 0)
@@ -189,6 +192,54 @@ def test_decoding_kernels(monkeypatch, heads, kv_heads, layout_heads, per_sequen
     assert hidden.any()  # the empty row is part of the case
     assert torch.equal(torch.isneginf(lse), hidden)
     assert max_err(lse[~hidden], want_lse[~hidden]) < 1e-4
+
+
+@pytest.mark.parametrize("backend, grad", [("fused", False), ("fused", True), ("reference", False)])
+def test_first_key_hides_the_leading_keys(monkeypatch, backend, grad):
+    # a left-padded batch: each sequence's keys before first_key are hidden (the decoding
+    # kernels, the general kernels when gradients are wanted, the reference)
+    poison(monkeypatch)
+    q, k_cache, v_cache, k_new, v_new, seqlens = problem(1, seed=7)
+    first = torch.tensor([0, 20, 99], dtype=torch.int32, device=DEVICE)
+    q = q.clone().requires_grad_(grad)
+    append = {} if grad else dict(k_new=k_new, v_new=v_new)
+    out = block_sparse_decode(
+        q,
+        k_cache,
+        v_cache,
+        seqlens,
+        CONFIG,
+        block=BLOCK,
+        first_key=first,
+        backend=backend,
+        **append,
+    )
+    n = seqlens.long() + (0 if grad else 1)
+    want = direct(q.detach(), k_cache, v_cache, n, CONFIG.make_layout(L_MAX), first=first.cpu())
+    assert max_err(out.detach(), want) < 1e-4
+    plain = direct(q.detach(), k_cache, v_cache, n, CONFIG.make_layout(L_MAX))
+    assert max_err(want, plain) > 1e-3  # the hidden keys do matter here
+
+
+def test_first_key_errors():
+    q, k_cache, v_cache, k_new, v_new, seqlens = problem(1)
+
+    def call(first, q=q, **kw):
+        return block_sparse_decode(
+            q, k_cache, v_cache, seqlens, CONFIG, block=BLOCK, first_key=first, **kw
+        )
+
+    i32 = dict(dtype=torch.int32, device=DEVICE)
+    assert_raises_with(ValueError, ["first_key", "int32 tensor [3]"], call, seqlens.long())
+    late = seqlens.clone()  # the newest token itself hidden
+    assert_raises_with(ValueError, ["first_key", "the newest token stays visible"], call, late)
+    assert_raises_with(
+        ValueError, ["first_key", "[0, cache_seqlens"], call, torch.full((3,), -1, **i32)
+    )
+    several = torch.zeros(B, 2, H, D, device=DEVICE)
+    assert_raises_with(
+        NotImplementedError, ["first_key", "one new token only"], call, seqlens * 0, q=several
+    )
 
 
 def test_decoding_kernels_clamp_lengths_past_the_cache(monkeypatch):

@@ -121,9 +121,10 @@ def test_packed_sequences_are_refused_not_ignored(dense_name):
 
 @pytest.mark.parametrize("backend", ["auto", "fused"])
 def test_decoding_steps_read_the_cache_in_place(monkeypatch, backend):
-    """Without padding, each decoding step (one new token) goes to ``block_sparse_decode``
-    (on the fused backend, the decoding kernels) and the tokens are those of re-running the
-    whole sequence each step; a left-padded batch keeps the general path."""
+    """Without padding or with left padding, each decoding step (one new token) goes to
+    ``block_sparse_decode`` (on the fused backend, the decoding kernels; the padding as
+    hidden leading keys) and the tokens are those of re-running the whole sequence each
+    step; padding inside a row keeps the general path."""
     import blocksparse_attn.integrations.transformers as integration
 
     calls = []
@@ -148,7 +149,17 @@ def test_decoding_steps_read_the_cache_in_place(monkeypatch, backend):
     assert torch.equal(cached, model.generate(ids, use_cache=False, **kw))
     assert not calls  # without a cache every step is a prefill
     padded, padded_mask = batch([19, 12], 19, seed=10)
-    model.generate(padded, attention_mask=padded_mask, max_new_tokens=3, pad_token_id=0)
+    kw["attention_mask"] = padded_mask
+    cached = model.generate(padded, use_cache=True, **kw)
+    assert len(calls) == layers * 5
+    assert torch.equal(cached, model.generate(padded, use_cache=False, **kw))
+    calls.clear()
+    hole = mask.clone()
+    hole[0, 5] = 0  # padding inside a row: not left padding
+    prefill = model(input_ids=ids, attention_mask=hole, use_cache=True)
+    new = prefill.logits[:, -1:].argmax(-1)
+    step_mask = torch.cat([hole, torch.ones_like(hole[:, :1])], 1)
+    model(input_ids=new, attention_mask=step_mask, past_key_values=prefill.past_key_values)
     assert not calls
 
 

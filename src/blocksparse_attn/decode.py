@@ -75,7 +75,18 @@ def _query_lists(where, layout, n, L_pad, block, device):
 
 
 def _decode_kernel(
-    where, q, k_cache, v_cache, cache_seqlens, added, layout, L_pad, block, scale, block_table
+    where,
+    q,
+    k_cache,
+    v_cache,
+    cache_seqlens,
+    added,
+    layout,
+    L_pad,
+    block,
+    scale,
+    block_table,
+    first_key=None,
 ):
     """``(out [B, 1, H, D], lse [B, 1, H])`` of one new query per sequence by the decoding
     kernels (see the module docstring): sequence ``b`` has ``cache_seqlens[b] + added``
@@ -98,6 +109,7 @@ def _decode_kernel(
         scale=D**-0.5 if scale is None else float(scale),
         added=added,
         block_table=block_table,
+        first_key=first_key,
     )
     return out[:, None], lse[:, None]
 
@@ -207,6 +219,24 @@ def _check_pages(where, k_cache, block_table, B: int, block: int) -> None:
             )
 
 
+def _check_first_key(where, first_key, B: int, L_new: int, device) -> None:
+    if (
+        not isinstance(first_key, torch.Tensor)
+        or first_key.shape != (B,)
+        or first_key.dtype != torch.int32
+        or first_key.device != device
+    ):
+        raise bad_argument(
+            where, "first_key", f"an int32 tensor [{B}] on {device}", describe(first_key)
+        )
+    if L_new != 1:
+        raise NotImplementedError(
+            f"{where}: first_key with {L_new} new tokens per sequence: hidden leading keys "
+            "are supported for one new token only. Fix: leave first_key out (attend from "
+            "key 0) or decode one token at a time."
+        )
+
+
 def _append(k_cache, v_cache, k_new, v_new, cache_seqlens, block_table):
     """Write ``k_new``/``v_new`` ``[B, L_new, H_kv, D]`` into the cache at
     ``cache_seqlens`` (through the pages of ``block_table`` when given), in place."""
@@ -236,6 +266,7 @@ def block_sparse_decode(
     causal: bool = True,
     scale: float | None = None,
     block_table: torch.Tensor | None = None,
+    first_key: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
 ):
@@ -259,6 +290,9 @@ def block_sparse_decode(
         scale: score scale, default ``D ** -0.5``.
         block_table: int32 ``[B, max_pages]``, page numbers of each sequence (paged
             cache; pages of a multiple of ``block`` tokens).
+        first_key: int32 ``[B]``, each sequence's first visible key: the keys before it
+            (a left-padded batch's padding) are hidden; positions still count from 0.
+            One new token per sequence only.
         return_lse: also return the log-sum-exp ``[B, L_new, H]``.
         backend: ``'auto'``, ``'fused'`` or ``'reference'``.
 
@@ -287,11 +321,25 @@ def block_sparse_decode(
         raise bad_argument(where, "k_new, v_new", "both or neither", "only one of them")
     if block_table is not None:
         _check_pages(where, k_cache, block_table, B, block)
+    if first_key is not None:
+        _check_first_key(where, first_key, B, L_new, q.device)
     L_max = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
     L_pad = -(-L_max // block) * block  # the pattern's length: whole blocks
     added = L_new if k_new is not None else 0  # tokens after appending: cache_seqlens + added
     if not capturing(q.device) and B:
-        low, high = torch.stack(torch.aminmax(cache_seqlens)).tolist()  # one read-back
+        stats = [*torch.aminmax(cache_seqlens)]
+        if first_key is not None:  # each sequence's first key before its newest
+            hidden = (first_key < 0) | (first_key >= cache_seqlens + added)
+            stats.append(hidden.any().to(torch.int32))
+        low, high, *hidden = torch.stack(stats).tolist()  # one read-back
+        if hidden and hidden[0]:
+            raise bad_argument(
+                where,
+                "first_key",
+                "first keys in [0, cache_seqlens + new) (the newest token stays visible)",
+                f"first_key {first_key.tolist()[:8]} for cache_seqlens "
+                f"{cache_seqlens.tolist()[:8]} with {L_new} new tokens",
+            )
         if high + added > L_max or low + added < L_new:
             raise bad_argument(
                 where,
@@ -319,6 +367,7 @@ def block_sparse_decode(
             block,
             scale,
             block_table,
+            first_key,
         )
         return (out, lse) if return_lse else out
     n = cache_seqlens.long() + added
@@ -330,7 +379,10 @@ def block_sparse_decode(
         row = ((n - 1) // block).clamp(min=0)  # the query's block
         mine = _present(_row_lists(lists, row), nb[:, None, None])
         q4 = torch.nn.functional.pad(q.permute(0, 2, 1, 3), (0, 0, 0, block - 1))
-        keep = torch.arange(L_pad, device=q.device)[None, :] < n[:, None]
+        keys = torch.arange(L_pad, device=q.device)[None, :]
+        keep = keys < n[:, None]
+        if first_key is not None:
+            keep = keep & (keys >= first_key[:, None])
         result = block_sparse_attention(
             q4,
             k.permute(0, 2, 1, 3),

@@ -58,32 +58,40 @@ class _BlockSparseAttention:
         self.source, self.block, self.backend = layout_source, block, backend
         self._layouts: dict[tuple, torch.Tensor] = {}  # (key blocks, device) -> layout
         self._mask_seen: torch.Tensor | None = None  # the last padding mask looked at
-        self._mask_full = False  # whether it keeps every key
+        self._mask_read: tuple[bool, torch.Tensor | None] = (False, None)  # what it says
 
-    def _keeps_every_key(self, mask: torch.Tensor | None) -> bool:
-        """Whether the padding mask hides no key. One read-back per mask: ``transformers``
-        hands every layer of a forward the same mask tensor."""
-        if mask is None:
-            return True
+    def _left_padding(self, mask: torch.Tensor) -> tuple[bool, torch.Tensor | None]:
+        """Whether the padding mask ``[B, L_k]`` is left padding or none (every row's
+        padding before its tokens, its newest key a token), and then each row's first
+        token (int32 ``[B]``), None without padding. One read-back per mask:
+        ``transformers`` hands every layer of a forward the same mask tensor."""
         if mask is not self._mask_seen:
-            self._mask_seen, self._mask_full = mask, bool(mask.all())
-        return self._mask_full
+            L = mask.shape[1]
+            first = (L - mask.sum(1)).to(torch.int32)
+            left = torch.arange(L, device=mask.device)[None, :] >= first[:, None]
+            facts = torch.stack([(left == mask).all(), mask[:, -1].all(), (first > 0).any()])
+            is_left, newest_real, padded = facts.tolist()
+            ok = bool(is_left and newest_real)
+            self._mask_seen, self._mask_read = mask, (ok, first if ok and padded else None)
+        return self._mask_read
 
     def _decodes(self, query, attention_mask, causal: bool) -> bool:
         """Whether this call is a decoding step for :func:`block_sparse_decode`: one new
-        query per sequence, causal, a fixed pattern, no gradient, no padding."""
+        query per sequence, causal, a fixed pattern, no gradient, no padding or left
+        padding."""
         return (
             query.shape[2] == 1
             and causal
             and not isinstance(self.source, TopK)
             and not (torch.is_grad_enabled() and query.requires_grad)
             and not capturing(query.device)
-            and self._keeps_every_key(attention_mask)
+            and (attention_mask is None or self._left_padding(attention_mask)[0])
         )
 
-    def _decode(self, query, key, value, scaling):
+    def _decode(self, query, key, value, scaling, attention_mask):
         """One new query per sequence against the cache's keys ``[B, H_kv, L_k, D]``, read
-        in place (the newest key is the query's own); returns ``[B, 1, H, D]``."""
+        in place (the newest key is the query's own; a left-padded row's padding hidden);
+        returns ``[B, 1, H, D]``."""
         B, Lk = query.shape[0], key.shape[2]
         if isinstance(self.source, SparsityConfig):
             layout = self.source
@@ -93,6 +101,7 @@ class _BlockSparseAttention:
                 return self._layout(n_tokens, device)
 
         lengths = torch.full((B,), Lk, dtype=torch.int32, device=query.device)
+        first = None if attention_mask is None else self._left_padding(attention_mask)[1]
         return block_sparse_decode(
             query.transpose(1, 2),
             key.transpose(1, 2),
@@ -101,6 +110,7 @@ class _BlockSparseAttention:
             layout,
             block=self.block,
             scale=scaling,
+            first_key=first,
             backend=self.backend,
         )
 
@@ -146,7 +156,7 @@ class _BlockSparseAttention:
         if not causal and Lq != Lk:
             raise NotImplementedError(f"{where}: non-causal attention with L_q != L_k")
         if self._decodes(query, attention_mask, causal):
-            return self._decode(query, key, value, scaling), None
+            return self._decode(query, key, value, scaling, attention_mask), None
         # every token at its absolute position's block: queries are the last L_q positions
         front = (Lk - Lq) % block
         Lq_pad = -(-(front + Lq) // block) * block

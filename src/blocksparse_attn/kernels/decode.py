@@ -32,6 +32,7 @@ def _bsa_decode_split_kernel(
     V,
     TABLE,  # (pointer, stride_b): the block table (paged caches)
     N,  # [B] int32: keys in each sequence before ``added`` more
+    FIRST,  # [B] int32: each sequence's first visible key (with HAS_FIRST; left padding)
     NUM,  # (pointer, stride_b, stride_h, stride_row): [B|1, H_l, R] entries used per row
     IDX,  # (pointer, stride_b, stride_h, stride_row): [B|1, H_l, R, W] key blocks
     ACC,  # [B, H, S, D] float32 partial outputs (unnormalised)
@@ -54,6 +55,7 @@ def _bsa_decode_split_kernel(
     BLOCK_N: tl.constexpr,  # keys per tile: a power of two, 16 to 128
     CHUNKS: tl.constexpr,  # tiles per block
     PAGED: tl.constexpr,
+    HAS_FIRST: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):
@@ -68,6 +70,9 @@ def _bsa_decode_split_kernel(
     # wrong one never reads past the cache or the lists
     n = tl.minimum(tl.load(N + b) + added, n_keys)
     row = tl.minimum(tl.maximum(n - 1, 0) // BLOCK, last_row)  # the newest token's block
+    lo = 0
+    if HAS_FIRST:  # keys before it are hidden
+        lo = tl.load(FIRST + b)
 
     num_ptr, num_sb, num_sh, num_sr = NUM
     idx_ptr, idx_sb, idx_sh, idx_sr = IDX
@@ -98,7 +103,7 @@ def _bsa_decode_split_kernel(
     for t in range(start, end):
         j = tl.load(idx_row + t).to(tl.int64)
         first = j * BLOCK
-        if first < n:  # blocks not yet written hold nothing to attend
+        if (first < n) & (first + BLOCK > lo):  # blocks with a key to attend
             if PAGED:  # a block lies inside one page
                 page = tl.load(t_ptr + b * t_sb + first // page_size).to(tl.int64)
                 k_base = k_ptr + page * k_s0 + (first % page_size) * k_row + hk * k_sh
@@ -108,7 +113,8 @@ def _bsa_decode_split_kernel(
                 v_base = v_ptr + b * v_s0 + first * v_row + hk * v_sh
             for c in tl.static_range(CHUNKS):  # the block in tiles of BLOCK_N keys
                 within = c * BLOCK_N + offs_n
-                seen = (within < BLOCK) & (first + within < n)
+                key = first + within
+                seen = (within < BLOCK) & (key < n) & (key >= lo)
                 ok = seen[:, None] & d_ok[None, :]
                 k = tl.load(k_base + within[:, None] * k_row + offs_d[None, :], mask=ok, other=0.0)
                 v = tl.load(v_base + within[:, None] * v_row + offs_d[None, :], mask=ok, other=0.0)
@@ -208,6 +214,7 @@ def decode_attention(
     scale: float,
     added: int = 0,
     block_table: torch.Tensor | None = None,
+    first_key: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, H, D], lse [B, H])`` of one query per sequence.
 
@@ -224,6 +231,8 @@ def decode_attention(
         block: layout block size (any; read in tiles of up to 128 keys).
         scale: score scale.
         added: keys appended after ``lengths`` (0, or the new token's 1).
+        first_key: int32 ``[B]``, each sequence's first visible key (keys before it, a
+            left-padded batch's padding, are hidden).
         block_table: int32 ``[B, max_pages]`` (paged caches; page size a multiple of
             ``block``).
     """
@@ -249,6 +258,7 @@ def decode_attention(
         V=(v_cache, v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)),
         TABLE=(table, table.stride(0) if paged else 0),
         N=lengths,
+        FIRST=first_key if first_key is not None else lengths,
         NUM=(num, _batch_stride(num), num.stride(1), _row_stride(num)),
         IDX=(idx, _batch_stride(idx), idx.stride(1), _row_stride(idx)),
         added=added,
@@ -271,6 +281,7 @@ def decode_attention(
         BLOCK_N=block_n,
         CHUNKS=-(-block // block_n),
         PAGED=paged,
+        HAS_FIRST=first_key is not None,
         INPUT_PRECISION=precision,
         UPCAST=upcast,
     )
