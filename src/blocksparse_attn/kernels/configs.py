@@ -62,13 +62,18 @@ def forward_tiles(head_dim: int, block: int, density: float = 1.0, itemsize: int
 
 
 def backward_tiles(
-    head_dim: int, block: int, density: float = 1.0, itemsize: int = 2
+    head_dim: int, block: int, density: float = 1.0, itemsize: int = 2, lists: bool = False
 ) -> tuple[Tiles, Tiles]:
     """(dK/dV tiles, dQ tiles): dK/dV programs own ``n`` keys and step over ``m`` queries;
-    dQ programs own ``m`` queries and step over ``n`` keys."""
+    dQ programs own ``m`` queries and step over ``n`` keys. ``lists``: the layout is block
+    lists whose index is built each step; dQ then takes the dK/dV tiles, so that one index
+    serves the backward (and the forward, whose sparse tiles are the same). On top-k
+    layouts the 64x64 dQ was also the faster one at block 64 (backward 2.41 against
+    3.16 ms) and within 4% at block 128 (4.30 against 4.15 ms), where one index build
+    fewer saves more (benchmarks/NOTES.md, dynamic step)."""
     if interpreting():
         return _shrink(block, 64, 64), _shrink(block, 64, 64)
-    if itemsize > 2:
+    if itemsize > 2 or lists:
         return _shrink(block, 64, 64), _shrink(block, 64, 64)
     return _shrink(block, 64, 64), _shrink(block, 128, 64)
 

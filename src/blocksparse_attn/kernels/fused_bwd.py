@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from ..index import get_density, get_index
+from ..kv_blocks import KVBlocks
 from ._common import (
     LOG2E,
     _dot,
@@ -384,7 +385,11 @@ def fused_attention_backward(
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     kv_tiles, q_tiles = tiles or backward_tiles(
-        D, block, get_density(layout, Lk // block), q.element_size()
+        D,
+        block,
+        get_density(layout, Lk // block),
+        q.element_size(),
+        isinstance(layout, KVBlocks),  # built each step: one index for every kernel
     )
     kv_index = get_index(
         layout,

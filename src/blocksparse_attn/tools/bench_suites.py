@@ -318,7 +318,7 @@ def dynamic_step(
         density = topk / (seq_len // block)
         size = q.element_size()
         shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
-        shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size)}
+        shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size, True)}
 
         def index():
             for m, n in sorted(shapes):
