@@ -1,8 +1,9 @@
 """Run every attention kernel once on odd shapes, for ``compute-sanitizer`` (memcheck):
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
-gradient, causal, packed variable-length sequences, a paged KV cache; the fused
-kernels through pointers and through tensor descriptors (Hopper), the unfused operators.
+gradient, causal, long lists cut into parts, packed variable-length sequences, a paged KV
+cache; the fused kernels through pointers and through tensor descriptors (Hopper), the
+unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
 
@@ -63,49 +64,63 @@ def problem(B, H, Hkv, Lq, Lk, D, block, causal, dtype, modes):
     )
 
 
+def fused_case(case, dtype, modes) -> bool:
+    """Both fused kernels through pointers and descriptors, then the unfused operators."""
+    q, k, v, layout, kw = problem(*case, dtype, modes)
+    x = check_attention_inputs("sanitize", q, k, v, layout, **kw)
+    args = dict(
+        block=x.block,
+        scale=x.scale,
+        causal=x.causal,
+        rpe=x.rpe,
+        key_padding_mask=x.key_padding_mask,
+        attn_mask=x.attn_mask,
+        key_padding_mask_mode=x.key_padding_mask_mode,
+        attn_mask_mode=x.attn_mask_mode,
+    )
+    results = []
+    for desc in (0, 1):
+        config = {"num_warps": 4, "num_stages": 2, "DESC": desc}
+        out, stats = fused_attention_forward(q, k, v, layout, config=config, **args)
+        grads = fused_attention_backward(
+            torch.randn_like(out),
+            q,
+            k,
+            v,
+            out,
+            stats,
+            layout,
+            bias_grads=(True, modes[0] == "add", modes[1] == "add"),
+            configs=(config, config),
+            **args,
+        )
+        results += [out, *(g for g in grads if g is not None)]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = block_sparse_attention(*leaves, layout, backend="unfused", **kw)
+    results += [out, *torch.autograd.grad(out.float().sum(), leaves)]
+    torch.cuda.synchronize()
+    return all(bool(torch.isfinite(r).all()) for r in results)
+
+
 def main() -> int:
     bad = 0
     for n, case in enumerate(CASES):
         for dtype in (torch.float16, torch.bfloat16)[n % 2 :][:1]:  # fp16 and bf16 in turn
             for modes in (("add", "mul"), ("mul", "add")):
-                q, k, v, layout, kw = problem(*case, dtype, modes)
-                x = check_attention_inputs("sanitize", q, k, v, layout, **kw)
-                args = dict(
-                    block=x.block,
-                    scale=x.scale,
-                    causal=x.causal,
-                    rpe=x.rpe,
-                    key_padding_mask=x.key_padding_mask,
-                    attn_mask=x.attn_mask,
-                    key_padding_mask_mode=x.key_padding_mask_mode,
-                    attn_mask_mode=x.attn_mask_mode,
-                )
-                results = []
-                for desc in (0, 1):
-                    config = {"num_warps": 4, "num_stages": 2, "DESC": desc}
-                    out, stats = fused_attention_forward(q, k, v, layout, config=config, **args)
-                    grads = fused_attention_backward(
-                        torch.randn_like(out),
-                        q,
-                        k,
-                        v,
-                        out,
-                        stats,
-                        layout,
-                        bias_grads=(True, modes[0] == "add", modes[1] == "add"),
-                        configs=(config, config),
-                        **args,
-                    )
-                    results += [out, *(g for g in grads if g is not None)]
-                leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-                out = block_sparse_attention(*leaves, layout, backend="unfused", **kw)
-                results += [out, *torch.autograd.grad(out.float().sum(), leaves)]
-                torch.cuda.synchronize()
-                finite = all(bool(torch.isfinite(r).all()) for r in results)
+                finite = fused_case(case, dtype, modes)
                 bad += not finite
                 print(
                     f"{case} {dtype} masks {modes}: {'ok' if finite else 'NOT FINITE'}", flush=True
                 )
+    # every list longer than half the mean cut into parts (partial results, merge kernels)
+    from blocksparse_attn import index
+
+    index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
+    for case in (CASES[0], CASES[3]):
+        finite = fused_case(case, torch.float16, ("add", "mul"))
+        bad += not finite
+        print(f"{case} lists in parts: {'ok' if finite else 'NOT FINITE'}", flush=True)
+    index.PART_MIN, index.PART_OVER_MEAN = 64, 4
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

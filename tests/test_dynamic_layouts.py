@@ -16,7 +16,8 @@ from attention_cases import max_err, poison
 from helpers import DEVICE, ON_GPU, assert_raises_with
 
 ARRAYS = ("row_idx", "row_bits", "row_partial", "col_idx", "col_bits", "col_partial", "col_pos")
-OFFSETS = ("row_ptr", "col_ptr", "row_lead", "row_order", "col_order")
+OFFSETS = ("row_ptr", "col_ptr", "row_lead")
+WORK = ("items", "order", "split", "first")
 
 
 def shuffled_with_repeats(layout: torch.Tensor, g: torch.Generator) -> KVBlocks:
@@ -52,6 +53,11 @@ def test_index_from_lists_equals_index_from_layout(block, tiles, causal, nbq):
         assert torch.equal(getattr(got, name)[: want.nnz], getattr(want, name)), name
     for name in OFFSETS:
         assert torch.equal(getattr(got, name), getattr(want, name)), name
+    for walk in ("rows", "cols"):  # short lists: each runs whole
+        for name in WORK:
+            assert torch.equal(
+                getattr(getattr(got, walk), name), getattr(getattr(want, walk), name)
+            )
     assert torch.equal(got.to_layout(), want.to_layout())
 
 

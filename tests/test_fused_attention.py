@@ -193,6 +193,48 @@ def test_programs_in_groups_cover_every_tile(monkeypatch, layout_heads):
 
 
 @pytest.mark.parametrize(
+    "density, causal, kpm, layout_heads, config",
+    [
+        (0.5, False, None, None, None),
+        (1.0, True, None, 1, None),  # the forward's mask-free lead tiles split across parts
+        (0.4, True, "add", None, None),  # natural units: maximum and sum kept apart
+        (0.7, False, "mul", 1, DESC),
+    ],
+)
+def test_long_lists_cut_into_parts(monkeypatch, density, causal, kpm, layout_heads, config):
+    # every list longer than half the mean runs in parts, merged after
+    from blocksparse_attn import index
+    from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
+
+    monkeypatch.setattr(index, "PART_MIN", 1)
+    monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
+    cut = []  # parts per launch: the forward's rows, dK/dV's columns (twice), dQ's rows
+
+    def part_slots(work, *args):
+        cut.append(work.parts)
+        return _common.part_slots(work, *args)
+
+    monkeypatch.setattr(fused_fwd, "part_slots", part_slots)
+    monkeypatch.setattr(fused_bwd, "part_slots", part_slots)
+    run_and_check(
+        monkeypatch,
+        2,
+        3,
+        256,
+        256,
+        32,
+        torch.float32,
+        block=16,
+        density=density,
+        causal=causal,
+        kpm=kpm,
+        layout_heads=layout_heads,
+        config=config,
+    )
+    assert len(cut) >= 4 and min(cut) > 0, cut  # every kernel ran parts and merged them
+
+
+@pytest.mark.parametrize(
     "Lq, Lk, block, layout_heads, config",
     [
         (208, 336, 16, None, None),

@@ -5,7 +5,15 @@ import gc
 import pytest
 import torch
 
-from blocksparse_attn.index import _CACHE, build_index, get_density, get_index
+from blocksparse_attn.index import (
+    _CACHE,
+    PART_MIN,
+    PART_OVER_MEAN,
+    build_index,
+    get_density,
+    get_index,
+    part_length,
+)
 
 from helpers import assert_raises_with
 
@@ -70,11 +78,67 @@ def test_round_trip(block, tile_m, tile_n, shape, density):
     assert csr == csc
     row_len = (idx.row_ptr[1:] - idx.row_ptr[:-1]).tolist()
     col_len = (idx.col_ptr[1:] - idx.col_ptr[:-1]).tolist()
-    # the orders are permutations, longest first
-    assert sorted(idx.row_order.tolist()) == list(range(len(row_len)))
-    assert sorted(idx.col_order.tolist()) == list(range(len(col_len)))
-    assert [row_len[r] for r in idx.row_order.tolist()] == sorted(row_len, reverse=True)
-    assert [col_len[c] for c in idx.col_order.tolist()] == sorted(col_len, reverse=True)
+    # short lists run whole, longest first
+    for work, lengths, ptr in ((idx.rows, row_len, idx.row_ptr), (idx.cols, col_len, idx.col_ptr)):
+        assert work.parts == 0 and work.items[:, 3].eq(-1).all()
+        assert work.items[:, 0].tolist() == list(range(len(lengths)))
+        assert torch.equal(work.items[:, 1], ptr[:-1]) and torch.equal(work.items[:, 2], ptr[1:])
+        assert [lengths[r] for r in work.order.tolist()] == sorted(lengths, reverse=True)
+
+
+def check_work(work, ptr, longest):
+    """``work`` runs every entry of every list once: whole lists up to ``longest`` entries,
+    longer ones in parts of at most ``longest`` numbered in list order."""
+    items = work.items.tolist()
+    assert sorted(work.order.tolist()) == list(range(len(items)))
+    spans = [e - s for _, s, e, _ in items]
+    assert [spans[i] for i in work.order.tolist()] == sorted(spans, reverse=True)
+    parts = []
+    for r in range(ptr.numel() - 1):
+        mine = [it for it in items if it[0] == r]
+        n = int(ptr[r + 1] - ptr[r])
+        assert [mine[0][1], mine[-1][2]] == [int(ptr[r]), int(ptr[r + 1])]
+        assert all(a[2] == b[1] for a, b in zip(mine, mine[1:]))  # contiguous, in order
+        if n <= longest:
+            assert len(mine) == 1 and mine[0][3] == -1
+        else:
+            assert all(e - s <= longest for _, s, e, _ in mine)
+            parts.append((r, [it[3] for it in mine]))
+    assert work.parts == sum(len(p) for _, p in parts)
+    assert work.split.tolist() == [r for r, _ in parts]
+    for s, (_, numbers) in enumerate(parts):
+        assert numbers == list(range(int(work.first[s]), int(work.first[s + 1])))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_long_lists_are_cut_into_parts(causal):
+    # a global row and a global column among short band lists (window_global's shape)
+    n = 160
+    layout = torch.zeros(2, n, n, dtype=torch.int64)
+    for i in range(n):
+        layout[:, i, max(0, i - 1) : i + 2] = 1
+    layout[:, 0], layout[:, :, 0] = 1, 1
+    idx = build_index(layout, 16, tile_m=16, tile_n=16, causal=causal)
+    rows, cols = idx.row_ptr.diff(), idx.col_ptr.diff()
+    for work, ptr, counts in ((idx.rows, idx.row_ptr, rows), (idx.cols, idx.col_ptr, cols)):
+        longest = part_length(counts)
+        assert longest == max(PART_MIN, -(-PART_OVER_MEAN * counts.sum().item() // len(counts)))
+        check_work(work, ptr, longest)
+    # causal: the global row sees only its diagonal, the global column every row
+    assert idx.rows.parts == 0 if causal else idx.rows.split.tolist() == [0, n]
+    assert idx.cols.split.tolist() == [0, n]
+
+
+def test_parts_of_any_length(monkeypatch):
+    import blocksparse_attn.index as index
+
+    monkeypatch.setattr(index, "PART_MIN", 1)
+    monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
+    layout = random_layout(3, 9, 7, 0.6)
+    idx = build_index(layout, 32, tile_m=32, tile_n=32)
+    check_work(idx.rows, idx.row_ptr, part_length(idx.row_ptr.diff()))
+    check_work(idx.cols, idx.col_ptr, part_length(idx.col_ptr.diff()))
+    assert idx.rows.parts > 0 and idx.cols.parts > 0
 
 
 def test_compressed_order_is_layout_nonzero():

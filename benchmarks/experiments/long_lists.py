@@ -9,7 +9,9 @@ sequence for half the heads, B1 H8): the same work, but each global row and colu
 long. If the long lists set the critical path, the 4M case runs longer than the 2M case,
 and by about its global layout's time.
 
-    PYTHONPATH=src python3 benchmarks/experiments/long_lists.py [--long]
+With ``--full``: the full layout only (a before/after check of one source tree).
+
+    PYTHONPATH=src python3 benchmarks/experiments/long_lists.py [--long] [--full]
 """
 
 import json
@@ -54,7 +56,8 @@ def main() -> None:
         shape = (case.batch, case.heads, case.seq_len, case.head_dim)
         q, k, v, do = (torch.randn(shape, device="cuda", dtype=torch.bfloat16) for _ in range(4))
         kw = dict(block=case.block, scale=case.head_dim**-0.5)
-        for name, lay in (("full", full), ("band", band), ("global", glob)):
+        layouts = (("full", full), ("band", band), ("global", glob))
+        for name, lay in layouts[:1] if "--full" in sys.argv[1:] else layouts:
             lay = lay.cuda()
             o, lse = fused_attention_forward(q, k, v, lay, **kw)
             fwd = triton.testing.do_bench(

@@ -18,6 +18,11 @@ Two orderings of the kept tiles are stored: row-major ``(h, i, j)`` with row off
 the forward walk and DeepSpeed's compressed-format order when ``tile == block``), and
 column-major ``(h, j, i)`` with column offsets (CSC, the backward walk over query tiles).
 
+A list much longer than the others (a global row or column: every tile of the sequence)
+would keep its one program running long after the rest finish. :func:`build_index` cuts
+such lists into parts (:class:`Work`): each part runs as its own program and writes a
+partial result, which a merge kernel combines. Short lists run whole, as one part.
+
 Building is vectorised torch on the layout's device, O(nnz) memory: no Python loop over
 blocks and no token-level tensor.
 """
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -34,6 +39,76 @@ from ._errors import bad_argument
 from .patterns._checks import layout_tensor
 
 MAX_SUB_BLOCKS = 64  # bits in the per-tile mask
+
+# A list is cut into parts when it is longer than this many times the mean non-empty list,
+# and longer than PART_MIN tiles; its parts are about that long.
+PART_OVER_MEAN = 4
+PART_MIN = 64
+
+
+def part_length(counts: torch.Tensor) -> int:
+    """The longest list :func:`build_index` runs whole, from the list lengths ``counts``:
+    ``PART_OVER_MEAN`` times the mean non-empty list, at least ``PART_MIN`` tiles.
+    (A dense or causal layout has no list that long: nothing is cut.)"""
+    used = counts[counts > 0]
+    mean = float(used.float().mean()) if used.numel() else 0.0
+    return max(PART_MIN, math.ceil(PART_OVER_MEAN * mean))
+
+
+@dataclass(frozen=True)
+class Work:
+    """How the programs of one walk (the row lists or the column lists) divide the lists.
+
+    Attributes:
+        items: ``[n_items, 4]`` int32, one program's work per row: the list (``head *
+            tiles + tile``), the first and the end of its entries (offsets into the CSR or
+            CSC arrays), and its part number (``-1``: the whole list, written in place;
+            otherwise the slot of its partial result).
+        order: ``[n_items]`` int32, the items longest first (kernels start the long ones
+            first so they do not finish last).
+        split: ``[n_split]`` int32, the lists cut into parts.
+        first: ``[n_split + 1]`` int32, where each split list's parts start: the parts of
+            ``split[s]`` are ``first[s] .. first[s + 1]``.
+        parts: the number of parts (``first[-1]``), known on the host.
+    """
+
+    items: torch.Tensor
+    order: torch.Tensor
+    split: torch.Tensor
+    first: torch.Tensor
+    parts: int
+
+
+def whole_lists(ptr: torch.Tensor) -> Work:
+    """Every list of offsets ``ptr`` as one item, longest first (no host synchronisation)."""
+    ptr = ptr.to(torch.int32)
+    n = ptr.numel() - 1
+    lists = torch.arange(n, device=ptr.device, dtype=torch.int32)
+    items = torch.stack([lists, ptr[:-1], ptr[1:], ptr.new_full((n,), -1)], 1)
+    order = torch.argsort(ptr.diff(), descending=True, stable=True).to(torch.int32)
+    return Work(items, order, split=ptr[:0], first=ptr[:1], parts=0)  # ptr[0] is 0
+
+
+def cut_lists(ptr: torch.Tensor, longest: int) -> Work:
+    """The lists of offsets ``ptr``, each longer than ``longest`` entries cut into
+    ``ceil(n / longest)`` parts of near-equal length (synchronises: sizes from the data)."""
+    counts = ptr.diff().long()
+    n_parts = torch.where(counts > longest, (counts + longest - 1) // longest, 1)
+    if not bool((n_parts > 1).any()):
+        return whole_lists(ptr)
+    dev = ptr.device
+    lists = torch.repeat_interleave(torch.arange(counts.numel(), device=dev), n_parts)
+    first_item = torch.cumsum(n_parts, 0) - n_parts
+    j = torch.arange(lists.numel(), device=dev) - first_item[lists]  # part within its list
+    c, n, base = counts[lists], n_parts[lists], ptr.long()[lists]
+    start, end = base + j * c // n, base + (j + 1) * c // n
+    cut = n > 1
+    part = torch.where(cut, torch.cumsum(cut, 0) - 1, -1)
+    items = torch.stack([lists, start, end, part], 1).to(torch.int32)
+    order = torch.argsort(end - start, descending=True, stable=True).to(torch.int32)
+    split = (n_parts > 1).nonzero().flatten()
+    first = torch.cat([n_parts.new_zeros(1), torch.cumsum(n_parts[split], 0)])
+    return Work(items, order, split.to(torch.int32), first.to(torch.int32), int(first[-1]))
 
 
 @dataclass(frozen=True)
@@ -59,9 +134,8 @@ class SparseIndex:
             the query tiles).
         col_pos: ``[nnz]`` position in the CSR order of each CSC entry (with ``tile ==
             block``: its index in the compressed format).
-        row_order, col_order: ``[heads * row_tiles]`` / ``[heads * col_tiles]`` the (head,
-            tile) lists sorted longest first (``head * tiles + tile``): kernels start the long
-            rows first so they do not finish last.
+        rows, cols: how the programs divide the row lists and the column lists
+            (:class:`Work`).
     """
 
     heads: int
@@ -84,8 +158,8 @@ class SparseIndex:
     col_bits: torch.Tensor
     col_partial: torch.Tensor
     col_pos: torch.Tensor
-    row_order: torch.Tensor
-    col_order: torch.Tensor
+    rows: Work
+    cols: Work
 
     @property
     def nnz(self) -> int:
@@ -196,8 +270,13 @@ def build_index(
     if causal:  # tiles wholly after the diagonal are dropped
         visible = causal_visible(ti, tj, tile_m, tile_n, q_len, k_len)
         th, ti, tj, bits, partial = (x[visible] for x in (th, ti, tj, bits, partial))
-    return assemble(
+    index = assemble(
         th, ti, tj, bits, ~partial, None, H, block, q_len, k_len, tile_m, tile_n, g, causal
+    )
+    return replace(
+        index,
+        rows=cut_lists(index.row_ptr, part_length(index.row_ptr.diff())),
+        cols=cut_lists(index.col_ptr, part_length(index.col_ptr.diff())),
     )
 
 
@@ -228,7 +307,8 @@ def assemble(th, ti, tj, bits, full, real, H, block, q_len, k_len, tile_m, tile_
     """The index from its kept tiles, sorted by (head, tile row, key tile): their
     coordinates ``th, ti, tj``, sub-block ``bits``, and ``full`` (every sub-block kept).
     ``real`` (``None``: all) marks the kept tiles among padding entries, which come last
-    with ``th = H``; the offsets end before them. No host synchronisation."""
+    with ``th = H``; the offsets end before them. Every list runs whole
+    (:func:`whole_lists`). No host synchronisation."""
     dev = th.device
     rt, ct = -(-q_len // tile_m), -(-k_len // tile_n)
     partial = ~full
@@ -249,7 +329,6 @@ def assemble(th, ti, tj, bits, full, real, H, block, q_len, k_len, tile_m, tile_
     cols = th * ct + tj
     col_order = torch.argsort(cols * rt + ti, stable=True)
     col_ptr = torch.searchsorted(cols[col_order], torch.arange(H * ct + 1, device=dev))
-    row_counts, col_counts = row_ptr.diff(), col_ptr.diff()
     # a tile leads its row when no partial tile comes before it or is it
     seen = partial.cumsum(0)
     lead = seen == (seen - partial)[row_ptr[rows]]
@@ -278,8 +357,8 @@ def assemble(th, ti, tj, bits, full, real, H, block, q_len, k_len, tile_m, tile_
         col_bits=bits[col_order],
         col_partial=partial[col_order],
         col_pos=col_order.to(torch.int32),
-        row_order=torch.argsort(row_counts, descending=True, stable=True).to(torch.int32),
-        col_order=torch.argsort(col_counts, descending=True, stable=True).to(torch.int32),
+        rows=whole_lists(row_ptr),
+        cols=whole_lists(col_ptr),
     )
 
 

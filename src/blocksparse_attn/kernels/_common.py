@@ -295,25 +295,113 @@ def _exp_diff(s, m, NATURAL: tl.constexpr):
 
 
 @triton.jit
-def _schedule(ORDER, heads_per_layout_head, batch, tiles, H, GROUP: tl.constexpr):
-    """Map this program to (list id, tile, batch, head). Lists are visited longest first
-    (``ORDER``, from the index) in groups of ``GROUP``: the programs of a group run batch
-    by batch and head by head, so the programs running at once share their batch-head's
-    keys and values in the L2 cache, and a long list never waits for more than a group.
-    Lists of every sample (``B * H_l`` list heads, see :func:`schedule_args`) come with
-    ``batch = 1``: their head number runs over ``B * H`` and is split here."""
-    rep = batch * heads_per_layout_head
-    pid = tl.program_id(0)
-    n_lists = tl.num_programs(0) // rep
-    first = pid // (GROUP * rep) * GROUP
-    size = tl.minimum(n_lists - first, GROUP)
-    r = pid - first * rep
-    k = r // size
-    list_id = tl.load(ORDER + first + r % size)
+def _list_head(list_id, k, heads_per_layout_head, tiles, H):
+    """The tile, batch and head that the ``k``-th program of a list (of ``batch *
+    heads_per_layout_head``, see :func:`_schedule`) serves."""
     tile = list_id % tiles
     h = list_id // tiles * heads_per_layout_head + k % heads_per_layout_head
     b = k // heads_per_layout_head + h // H
-    return list_id, tile, b.to(tl.int64), (h % H).to(tl.int64)
+    return tile, b.to(tl.int64), (h % H).to(tl.int64)
+
+
+@triton.jit
+def _schedule(WORK, heads_per_layout_head, batch, tiles, H, GROUP: tl.constexpr):
+    """Map this program to its work: ``(list id, tile, batch, head, start, end, slot)``.
+
+    ``WORK`` is the index's :class:`~blocksparse_attn.index.Work` as ``(items, order)``.
+    Items (a whole list or a part of a long one) are visited longest first in groups of
+    ``GROUP``: the programs of a group run batch by batch and head by head, so the programs
+    running at once share their batch-head's keys and values in the L2 cache, and a long
+    item never waits for more than a group. Lists of every sample (``B * H_l`` list heads,
+    see :func:`schedule_args`) come with ``batch = 1``: their head number runs over
+    ``B * H`` and is split here. ``start .. end`` are the item's entries; ``slot`` is where
+    a part writes its partial result (``part * batch * heads_per_layout_head + k``), ``-1``
+    for a whole list."""
+    items, order = WORK
+    rep = batch * heads_per_layout_head
+    pid = tl.program_id(0)
+    n_items = tl.num_programs(0) // rep
+    first = pid // (GROUP * rep) * GROUP
+    size = tl.minimum(n_items - first, GROUP)
+    r = pid - first * rep
+    k = r // size
+    item = items + 4 * tl.load(order + first + r % size).to(tl.int64)
+    list_id = tl.load(item)
+    start = tl.load(item + 1)
+    end = tl.load(item + 2)
+    part = tl.load(item + 3)
+    tile, b, h = _list_head(list_id, k, heads_per_layout_head, tiles, H)
+    slot = tl.where(part < 0, -1, part.to(tl.int64) * rep + k)
+    return list_id, tile, b, h, start, end, slot
+
+
+@triton.jit
+def _store_part(PARTS, slot, value, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Store a part's ``[BLOCK_R, BLOCK_D]`` fp32 result in its ``slot`` of ``PARTS``."""
+    offs = tl.arange(0, BLOCK_R)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    tl.store(PARTS + slot * (BLOCK_R * BLOCK_D) + offs, value)
+
+
+@triton.jit
+def _sum_parts_kernel(
+    PARTS,  # [slots, BLOCK_R, BLOCK_D] float32
+    OUT,  # (pointer, stride_b, stride_h, stride_row), see _matrix
+    SPLIT,  # the split lists and where their parts start (index.Work)
+    FIRST,
+    B,
+    H,
+    L,
+    tiles,
+    heads_per_layout_head,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """``OUT`` rows of each split list = ``scale *`` the sum of its parts (one program per
+    split list and batch-head, in the order of :func:`_schedule`)."""
+    rep = B * heads_per_layout_head
+    s = tl.program_id(0) // rep
+    k = tl.program_id(0) % rep
+    tile, b, h = _list_head(tl.load(SPLIT + s), k, heads_per_layout_head, tiles, H)
+    offs = tl.arange(0, BLOCK_R)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for part in range(tl.load(FIRST + s), tl.load(FIRST + s + 1)):
+        acc += tl.load(PARTS + (part * rep + k).to(tl.int64) * (BLOCK_R * BLOCK_D) + offs)
+    rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ok = (rows < L)[:, None] & (cols < HEAD_DIM)[None, :]
+    _store_tile(OUT, b, h, rows, cols, acc * scale, ok)
+
+
+def part_slots(work, sched: dict, rows: int, cols: int, spare: torch.Tensor) -> torch.Tensor:
+    """The float32 buffer the parts of a launch write to, ``[slots, rows, cols]``
+    (``sched``: :func:`schedule_args`); ``spare``, never written, when no list is cut."""
+    if not work.parts:
+        return spare
+    slots = work.parts * sched["B"] * sched["heads_per_layout_head"]
+    return empty((slots, rows, cols), torch.float32, spare.device)
+
+
+def sum_parts(parts, out, work, sched: dict, H: int, L: int, rows: int, scale) -> None:
+    """``out``'s rows of every cut list from the sum of its parts (:func:`_sum_parts_kernel`;
+    nothing when no list is cut)."""
+    if not work.parts:
+        return
+    _sum_parts_kernel[(work.split.numel() * sched["B"] * sched["heads_per_layout_head"],)](
+        PARTS=parts,
+        OUT=matrix_args(out),
+        SPLIT=work.split,
+        FIRST=work.first,
+        H=H,
+        L=L,
+        tiles=-(-L // rows),
+        scale=scale,
+        HEAD_DIM=out.shape[-1],
+        BLOCK_R=rows,
+        BLOCK_D=parts.shape[-1],
+        **sched,
+    )
 
 
 def schedule_args(layout, index, B: int, H: int) -> dict:

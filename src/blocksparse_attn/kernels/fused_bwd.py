@@ -26,6 +26,7 @@ from ._common import (
     _matrix,
     _schedule,
     _score_tile,
+    _store_part,
     _store_tile,
     descriptors_allowed,
     empty,
@@ -34,8 +35,10 @@ from ._common import (
     mask_args,
     matrix_args,
     natural_units,
+    part_slots,
     prune_descriptors,
     schedule_args,
+    sum_parts,
     unit_last_stride,
     upcast_dots,
 )
@@ -126,7 +129,10 @@ def _bsa_bwd_dkdv_kernel(
     LSE,  # the forward's row statistics
     LOG2L,
     DELTA,
-    COLS,  # the index's column lists: (ptr, idx, bits, partial, order)
+    COLS,  # the index's column lists: (ptr, idx, bits, partial)
+    WORK,  # the programs' items: (items, order), see index.Work
+    PARTS,  # where parts of cut columns write dK, dV: [slots, BLOCK_N, BLOCK_D] each
+    PARTS_V,
     RPE,  # masks: (pointer, strides), see mask_args
     KPM,
     AM,
@@ -158,8 +164,10 @@ def _bsa_bwd_dkdv_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
-    col_ptr, col_idx, col_bits, col_partial, col_order = COLS
-    col, pid_n, b, h = _schedule(col_order, heads_per_layout_head, B, col_tiles, H, GROUP)
+    col_ptr, col_idx, col_bits, col_partial = COLS
+    col, pid_n, b, h, start, end, slot = _schedule(
+        WORK, heads_per_layout_head, B, col_tiles, H, GROUP
+    )
     hk = h // kv_group
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -178,8 +186,6 @@ def _bsa_bwd_dkdv_kernel(
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
-    start = tl.load(col_ptr + col)
-    end = tl.load(col_ptr + col + 1)
     for t in range(start, end):
         i = tl.load(col_idx + t)
         bits = tl.load(col_bits + t)
@@ -223,8 +229,12 @@ def _bsa_bwd_dkdv_kernel(
         dp = _dot(do, tl.trans(v), INPUT_PRECISION, UPCAST)
         ds = _score_gradient(p, dp, delta, partial != 0)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, INPUT_PRECISION, UPCAST, dk)
-    _store_tile(DK, b, h, offs_n, offs_d, dk * scale, nd_ok)
-    _store_tile(DV, b, h, offs_n, offs_d, dv, nd_ok)
+    if slot < 0:
+        _store_tile(DK, b, h, offs_n, offs_d, dk * scale, nd_ok)
+        _store_tile(DV, b, h, offs_n, offs_d, dv, nd_ok)
+    else:  # a part of a cut column: summed (and dK scaled) by sum_parts
+        _store_part(PARTS, slot, dk, BLOCK_N, BLOCK_D)
+        _store_part(PARTS_V, slot, dv, BLOCK_N, BLOCK_D)
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"], prune_configs_by=_PRUNE)
@@ -239,7 +249,9 @@ def _bsa_bwd_dq_kernel(
     LSE,  # the forward's row statistics
     LOG2L,
     DELTA,
-    ROWS,  # the index's row lists: (ptr, idx, bits, partial, order)
+    ROWS,  # the index's row lists: (ptr, idx, bits, partial)
+    WORK,  # the programs' items: (items, order), see index.Work
+    PARTS,  # where parts of cut rows write dQ: [slots, BLOCK_M, BLOCK_D]
     RPE,  # masks: (pointer, strides), see mask_args
     KPM,
     AM,
@@ -272,8 +284,10 @@ def _bsa_bwd_dq_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
-    row_ptr, row_idx, row_bits, row_partial, row_order = ROWS
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, H, GROUP)
+    row_ptr, row_idx, row_bits, row_partial = ROWS
+    row, pid_m, b, h, start, end, slot = _schedule(
+        WORK, heads_per_layout_head, B, row_tiles, H, GROUP
+    )
     hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -289,8 +303,6 @@ def _bsa_bwd_dq_kernel(
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    start = tl.load(row_ptr + row)
-    end = tl.load(row_ptr + row + 1)
     for t in range(start, end):
         j = tl.load(row_idx + t)
         bits = tl.load(row_bits + t)
@@ -349,7 +361,12 @@ def _bsa_bwd_dq_kernel(
             ds_ptr = DS + (row_base + offs_m[:, None]) * Lk + offs_n[None, :]
             tl.store(ds_ptr, ds, mask=m_ok[:, None] & (offs_n < Lk)[None, :])
         dq = _dot(ds.to(k.dtype), k, INPUT_PRECISION, UPCAST, dq)
-    _store_tile(DQ, b, h, offs_m, offs_d, dq * scale, m_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    if slot < 0:
+        _store_tile(
+            DQ, b, h, offs_m, offs_d, dq * scale, m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        )
+    else:  # a part of a cut row: summed and scaled by sum_parts
+        _store_part(PARTS, slot, dq, BLOCK_M, BLOCK_D)
 
 
 def fused_attention_backward(
@@ -462,16 +479,22 @@ def fused_attention_backward(
     )
     kv_config, q_config = configs or (None, None)
     idx = kv_index
+    sched = schedule_args(layout, idx, B, H)
+    rep = sched["B"] * sched["heads_per_layout_head"]
+    parts_k, parts_v = (part_slots(idx.cols, sched, kv_tiles.n, BLOCK_D, delta) for _ in range(2))
     launch(
         _bsa_bwd_dkdv_kernel,
-        (idx.col_tiles * B * H,),
+        (idx.cols.items.shape[0] * rep,),
         dict(
             common,
             DK=matrix_args(dk),
             DV=matrix_args(dv),
-            COLS=(idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial, idx.col_order),
+            COLS=(idx.col_ptr, idx.col_idx, idx.col_bits, idx.col_partial),
+            WORK=(idx.cols.items, idx.cols.order),
+            PARTS=parts_k,
+            PARTS_V=parts_v,
             col_tiles=idx.col_tiles,
-            **schedule_args(layout, idx, B, H),
+            **sched,
             BLOCK_M=kv_tiles.m,
             BLOCK_N=kv_tiles.n,
             SUB=idx.sub,
@@ -479,17 +502,24 @@ def fused_attention_backward(
         ),
         kv_config,
     )
+    sum_parts(parts_k, dk, idx.cols, sched, H, Lk, kv_tiles.n, scale)
+    sum_parts(parts_v, dv, idx.cols, sched, H, Lk, kv_tiles.n, 1.0)
     idx = q_index
+    sched = schedule_args(layout, idx, B, H)
+    rep = sched["B"] * sched["heads_per_layout_head"]
+    parts_q = part_slots(idx.rows, sched, q_tiles.m, BLOCK_D, delta)
     launch(
         _bsa_bwd_dq_kernel,
-        (idx.row_tiles * B * H,),
+        (idx.rows.items.shape[0] * rep,),
         dict(
             common,
             DQ=matrix_args(dq),
             DS=ds,
-            ROWS=(idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial, idx.row_order),
+            ROWS=(idx.row_ptr, idx.row_idx, idx.row_bits, idx.row_partial),
+            WORK=(idx.rows.items, idx.rows.order),
+            PARTS=parts_q,
             row_tiles=idx.row_tiles,
-            **schedule_args(layout, idx, B, H),
+            **sched,
             BLOCK_M=q_tiles.m,
             BLOCK_N=q_tiles.n,
             SUB=idx.sub,
@@ -498,6 +528,7 @@ def fused_attention_backward(
         ),
         q_config,
     )
+    sum_parts(parts_q, dq, idx.rows, sched, H, Lq, q_tiles.m, scale)
     if kv_group > 1:
         dk = dk.view(B, H_kv, kv_group, Lk, D).sum(2).to(k.dtype)
         dv = dv.view(B, H_kv, kv_group, Lk, D).sum(2).to(v.dtype)

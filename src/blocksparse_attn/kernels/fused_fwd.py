@@ -23,11 +23,13 @@ from ._common import (
     _dot,
     _exp_diff,
     _keys_seen,
+    _list_head,
     _load_rows,
     _load_tile,
     _matrix,
     _schedule,
     _score_tile,
+    _store_part,
     _store_tile,
     descriptors_allowed,
     empty,
@@ -36,6 +38,7 @@ from ._common import (
     mask_args,
     matrix_args,
     natural_units,
+    part_slots,
     prune_descriptors,
     schedule_args,
     unit_last_stride,
@@ -70,7 +73,10 @@ def _bsa_fwd_kernel(
     O,
     LSE,  # the row statistics (see fused_attention_forward)
     LOG2L,
-    ROWS,  # the index's row lists: (ptr, idx, bits, partial, lead, order)
+    ROWS,  # the index's row lists: (ptr, idx, bits, partial, lead)
+    WORK,  # the programs' items: (items, order), see index.Work
+    PARTS,  # where parts of cut rows write: acc [slots, BLOCK_M, BLOCK_D]
+    PART_STATS,  # and (m, l) [slots, 2, BLOCK_M]
     RPE,  # masks: (pointer, strides), see mask_args
     KPM,
     AM,
@@ -102,12 +108,12 @@ def _bsa_fwd_kernel(
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
 ):
-    row_ptr, row_idx, row_bits, row_partial, row_lead, row_order = ROWS
-    row, pid_m, b, h = _schedule(row_order, heads_per_layout_head, B, row_tiles, H, GROUP)
+    row_ptr, row_idx, row_bits, row_partial, row_lead = ROWS
+    row, pid_m, b, h, start, end, slot = _schedule(
+        WORK, heads_per_layout_head, B, row_tiles, H, GROUP
+    )
     hk = h // kv_group
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < Lq
     qm = _matrix(Q, b, h, Lq, HEAD_DIM, BLOCK_M, BLOCK_D, DESC)
     km = _matrix(K, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
     vm = _matrix(V, b, hk, Lk, HEAD_DIM, BLOCK_N, BLOCK_D, DESC)
@@ -117,13 +123,13 @@ def _bsa_fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    start = tl.load(row_ptr + row)
-    end = tl.load(row_ptr + row + 1)
     mid = start
     if LEAD and not (HAS_RPE or HAS_KPM or HAS_AM):
         # full tiles, no bias: every score is finite, the running maximum too after the
-        # first tile; the scale rides on the exponent's fused multiply-add
-        mid = start + tl.load(row_lead + row)
+        # first tile; the scale rides on the exponent's fused multiply-add. The row's
+        # leading full tiles, those of them in this item
+        lead_end = tl.load(row_ptr + row) + tl.load(row_lead + row)
+        mid = tl.minimum(end, tl.maximum(start, lead_end))
         for t in range(start, mid):
             j = tl.load(row_idx + t)
             k = _load_tile(km, j * BLOCK_N, Lk, K[3], HEAD_DIM, BLOCK_N, BLOCK_D, DESC, True)
@@ -194,6 +200,36 @@ def _bsa_fwd_kernel(
         acc = _dot(p.to(v.dtype), v, INPUT_PRECISION, UPCAST, acc * alpha[:, None])
         m_i = m_new
 
+    if slot < 0:
+        _finish_rows(O, LSE, LOG2L, acc, m_i, l_i, b, h, H, Lq, offs_m, HEAD_DIM, BLOCK_D, NATURAL)
+    else:  # a part of a cut row: unnormalised, merged by _bsa_fwd_merge_kernel
+        _store_part(PARTS, slot, acc, BLOCK_M, BLOCK_D)
+        stats = PART_STATS + slot * (2 * BLOCK_M) + tl.arange(0, BLOCK_M)
+        tl.store(stats, m_i)
+        tl.store(stats + BLOCK_M, l_i)
+
+
+@triton.jit
+def _finish_rows(
+    O,
+    LSE,
+    LOG2L,
+    acc,
+    m_i,
+    l_i,
+    b,
+    h,
+    H,
+    Lq,
+    offs_m,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    NATURAL: tl.constexpr,
+):
+    """Write a query tile's output ``acc / l`` and its row statistics (see
+    :func:`fused_attention_forward`) from the running maximum ``m_i`` and sum ``l_i``."""
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < Lq
     has = l_i > 0
     out = acc / tl.where(has, l_i, 1.0)[:, None]
     log2_l = tl.math.log2(tl.where(has, l_i, 1.0))
@@ -205,6 +241,52 @@ def _bsa_fwd_kernel(
     else:
         lse = tl.where(has, (m_i + log2_l) * LN2, float("-inf"))
         tl.store(LSE + (b * H + h) * Lq + offs_m, lse, mask=m_ok)
+
+
+@triton.jit
+def _bsa_fwd_merge_kernel(
+    O,
+    LSE,
+    LOG2L,
+    PARTS,
+    PART_STATS,
+    SPLIT,  # the cut rows and where their parts start (index.Work)
+    FIRST,
+    B,
+    H,
+    Lq,
+    row_tiles,
+    heads_per_layout_head,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    NATURAL: tl.constexpr,
+):
+    """The output and row statistics of each cut row from its parts' unnormalised outputs,
+    maxima and sums (one program per cut row and batch-head, as in :func:`_schedule`)."""
+    rep = B * heads_per_layout_head
+    s = tl.program_id(0) // rep
+    k = tl.program_id(0) % rep
+    tile, b, h = _list_head(tl.load(SPLIT + s), k, heads_per_layout_head, row_tiles, H)
+    first = tl.load(FIRST + s)
+    end = tl.load(FIRST + s + 1)
+    offs_r = tl.arange(0, BLOCK_M)
+    offs = offs_r[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for part in range(first, end):
+        slot = (part * rep + k).to(tl.int64)
+        m_i = tl.maximum(m_i, tl.load(PART_STATS + slot * (2 * BLOCK_M) + offs_r))
+    m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    for part in range(first, end):
+        slot = (part * rep + k).to(tl.int64)
+        stats = PART_STATS + slot * (2 * BLOCK_M) + offs_r
+        w = _exp_diff(tl.load(stats), m_use, NATURAL)  # 0 for a part that saw nothing
+        l_i += w * tl.load(stats + BLOCK_M)
+        acc += w[:, None] * tl.load(PARTS + slot * (BLOCK_M * BLOCK_D) + offs)
+    offs_m = tile * BLOCK_M + offs_r
+    _finish_rows(O, LSE, LOG2L, acc, m_i, l_i, b, h, H, Lq, offs_m, HEAD_DIM, BLOCK_D, NATURAL)
 
 
 def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
@@ -262,14 +344,11 @@ def fused_attention_forward(
     )
     natural = natural_units(masks)
     stats = empty((2, B, H, Lq) if natural else (B, H, Lq), torch.float32, q.device)
-    rows = (
-        index.row_ptr,
-        index.row_idx,
-        index.row_bits,
-        index.row_partial,
-        index.row_lead,
-        index.row_order,
-    )
+    rows = (index.row_ptr, index.row_idx, index.row_bits, index.row_partial, index.row_lead)
+    sched = schedule_args(layout, index, B, H)
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    parts = part_slots(index.rows, sched, tiles.m, BLOCK_D, stats)
+    part_stats = part_slots(index.rows, sched, 2, tiles.m, stats)
     kwargs = dict(
         Q=matrix_args(q),
         K=matrix_args(k),
@@ -278,15 +357,18 @@ def fused_attention_forward(
         LSE=stats[0] if natural else stats,
         LOG2L=stats[1] if natural else stats,
         ROWS=rows,
+        WORK=(index.rows.items, index.rows.order),
+        PARTS=parts,
+        PART_STATS=part_stats,
         H=H,
         Lq=Lq,
         Lk=Lk,
         row_tiles=index.row_tiles,
-        **schedule_args(layout, index, B, H),
+        **sched,
         kv_group=H // k.shape[1],
         qk_scale=scale if natural else scale * LOG2E.value,
         HEAD_DIM=D,
-        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_D=BLOCK_D,
         BLOCK_M=tiles.m,
         BLOCK_N=tiles.n,
         SUB=index.sub,
@@ -301,5 +383,24 @@ def fused_attention_forward(
         ALLOW_DESC=descriptors_allowed(q, k, v),
         **masks,
     )
-    launch(_bsa_fwd_kernel, (index.row_tiles * B * H,), kwargs, config)
+    rep = sched["B"] * sched["heads_per_layout_head"]
+    launch(_bsa_fwd_kernel, (index.rows.items.shape[0] * rep,), kwargs, config)
+    if index.rows.parts:
+        _bsa_fwd_merge_kernel[(index.rows.split.numel() * rep,)](
+            O=kwargs["O"],
+            LSE=kwargs["LSE"],
+            LOG2L=kwargs["LOG2L"],
+            PARTS=parts,
+            PART_STATS=part_stats,
+            SPLIT=index.rows.split,
+            FIRST=index.rows.first,
+            H=H,
+            Lq=Lq,
+            row_tiles=index.row_tiles,
+            **sched,
+            HEAD_DIM=D,
+            BLOCK_D=BLOCK_D,
+            BLOCK_M=tiles.m,
+            NATURAL=natural,
+        )
     return out, stats
