@@ -1,8 +1,8 @@
 """Property-based differential tests: random problems (shapes with L_q != L_k, grouped-query
 K/V, layouts shared or per sample, dense or as block lists, with empty rows and columns,
 masks in both modes with extreme values, rpe of every broadcast shape, causal, scales of
-either sign, strided inputs), every backend against the reference in fp64: output, gradients
-(q, k, v, rpe, additive masks) and the log-sum-exp.
+either sign, strided inputs, long lists cut into parts), every backend against the
+reference in fp64: output, gradients (q, k, v, rpe, additive masks) and the log-sum-exp.
 
 Kernel error in dtype X must stay within a small factor of plain PyTorch's error in dtype X
 (``attention_cases.assert_within_rule``). On CPU the kernels run under Triton's interpreter
@@ -174,7 +174,14 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
 @given(data=st.data())
 def test_backend_matches_fp64_reference(monkeypatch, backend, dtype, data):
     q, k, v, layout, kw, masks = data.draw(problems(dtype))
-    note(_summary(q, k, layout, kw, masks))
+    # the index's long lists cut into parts at any length (merge kernels on every walk)
+    part_min = data.draw(st.sampled_from((None, 1, 2)))
+    note(_summary(q, k, layout, kw, masks) + f", lists cut from {part_min or 'default'} tiles")
+    if part_min is not None:
+        from blocksparse_attn import index
+
+        monkeypatch.setattr(index, "PART_MIN", part_min)
+        monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
     poison(monkeypatch)
     with_lse = backend != "unfused"
     out, lse, leaves, names = _run(backend, q, k, v, layout, kw, masks, with_lse)
