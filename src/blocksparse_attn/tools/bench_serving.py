@@ -25,7 +25,7 @@ def document_lengths(total: int, docs: int, low: int, high: int, block: int, see
     return [int(n) for n in lengths]
 
 
-def varlen_suite(
+def varlen_steps(
     total: int = 131072,
     docs: int = 16,
     heads: int = 16,
@@ -33,19 +33,16 @@ def varlen_suite(
     block: int = 64,
     dtype=torch.bfloat16,
     device="cuda",
-    timer=None,
-    progress: bool = True,
-) -> list[dict]:
-    """Forward+backward over ``docs`` documents of 1k-16k tokens packed to ``total``
-    (causal window_global per document, given as a config): ours packed (the batch seen
-    before, as by a model's later layers, and new: packed and compiled in the call), ours
-    on the same documents as a padded batch, and FlexAttention with a document mask and the
-    same pattern (its mask made once)."""
+) -> dict:
+    """The varlen suite's problem: ``docs`` documents of 1k-16k tokens packed to ``total``
+    (causal window_global per document, given as a config). Returns the document
+    ``lengths``, the packed tensors (``leaves``, ``grad_out``, ``cu``) and three
+    forward+backward steps: ``packed`` (the batch seen before, as by a model's later
+    layers), ``packed_new_batch`` (packed and compiled in the call) and ``padded`` (the same
+    documents as a padded batch with a key padding mask)."""
     from ..functional import block_sparse_attention
     from ..varlen import block_sparse_attention_varlen, forget_packings
 
-    timer = timer or gpu_median_ms
-    cuda = torch.device(device).type == "cuda"
     lengths = document_lengths(total, docs, 1024, 16384, block)
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
     cu = cu.to(device)
@@ -55,8 +52,8 @@ def varlen_suite(
     )
     leaves = [t.requires_grad_() for t in (q, k, v)]
 
-    # the pattern given once, as FlexAttention's mask is made once below (its lists are
-    # cached per document length; the packed index is compiled on every call)
+    # the pattern given once, as FlexAttention's mask is made once (its lists are cached
+    # per document length; a batch's packing is kept for its next calls)
     pattern = window_global_config(block)
 
     def packed():
@@ -92,8 +89,37 @@ def varlen_suite(
         )
         torch.autograd.grad(out, padded_leaves, batch[3])
 
-    packed()
-    padded()
+    return dict(
+        lengths=lengths,
+        leaves=leaves,
+        grad_out=go,
+        cu=cu,
+        packed=packed,
+        packed_new_batch=packed_new_batch,
+        padded=padded,
+    )
+
+
+def varlen_suite(
+    total: int = 131072,
+    docs: int = 16,
+    heads: int = 16,
+    head_dim: int = 128,
+    block: int = 64,
+    dtype=torch.bfloat16,
+    device="cuda",
+    timer=None,
+    progress: bool = True,
+) -> list[dict]:
+    """Forward+backward over the documents of :func:`varlen_steps`: ours packed (the batch
+    seen before, and new), ours on the same documents as a padded batch, and FlexAttention
+    with a document mask and the same pattern (its mask made once)."""
+    timer = timer or gpu_median_ms
+    cuda = torch.device(device).type == "cuda"
+    steps = varlen_steps(total, docs, heads, head_dim, block, dtype, device)
+    lengths = steps["lengths"]
+    steps["packed"]()
+    steps["padded"]()
     row = {
         "suite": "varlen",
         "total": total,
@@ -103,14 +129,17 @@ def varlen_suite(
         "head_dim": head_dim,
         "block": block,
         "dtype": str(dtype).replace("torch.", ""),
-        "packed_ms": timer(packed),
-        "packed_new_batch_ms": timer(packed_new_batch),
-        "padded_ms": timer(padded),
+        "packed_ms": timer(steps["packed"]),
+        "packed_new_batch_ms": timer(steps["packed_new_batch"]),
+        "padded_ms": timer(steps["padded"]),
     }
     row["packed_over_padded"] = row["packed_ms"] / row["padded_ms"]
     if cuda:
         try:
-            row.update(_flex_documents(leaves, go, cu, lengths, block, total, timer))
+            flex = _flex_documents(
+                steps["leaves"], steps["grad_out"], steps["cu"], lengths, block, total, timer
+            )
+            row.update(flex)
             row["flex_over_ours"] = row["flex_ms"] / row["packed_ms"]
         except Exception as e:  # record why FlexAttention could not run it
             row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
