@@ -1,5 +1,7 @@
 """One sequence split across processes: each rank holds a shard, attention runs on the
-whole sequence, each rank gets its shard of the output and of the gradients.
+whole sequence, each rank gets its shard of the output and of the gradients. Both
+strategies, then the key/value exchange with the balanced shard order, which evens out the
+causal layout's work between the ranks.
 
     torchrun --nproc-per-node 2 examples/context_parallel.py
 
@@ -13,6 +15,7 @@ from blocksparse_attn import FixedSparsityConfig
 from blocksparse_attn.distributed import (
     context_parallel_attention,
     shard_sequence,
+    shard_work,
     unshard_sequence,
 )
 
@@ -28,19 +31,24 @@ def main() -> None:
     layout = FixedSparsityConfig(H, block, num_local_blocks=4, attention="unidirectional")
     layout = layout.make_layout(L)  # the whole layout, the same on every rank
     torch.manual_seed(0)  # the same full tensors everywhere; each rank keeps its shard
-    q, k, v = (shard_sequence(torch.randn(1, H, L, D, device=device)) for _ in range(3))
-    for t in (q, k, v):
-        t.requires_grad_()
-    for strategy in ("all_to_all", "kv_exchange"):
+    whole = [torch.randn(1, H, L, D, device=device) for _ in range(3)]
+    P = dist.get_world_size()
+    runs = [("all_to_all", "contiguous"), ("kv_exchange", "contiguous")]
+    runs.append(("kv_exchange", "balanced"))
+    for strategy, order in runs:
+        q, k, v = (shard_sequence(t, order=order).requires_grad_() for t in whole)
         out = context_parallel_attention(
-            q, k, v, layout, block=block, causal=True, strategy=strategy
+            q, k, v, layout, block=block, causal=True, strategy=strategy, order=order
         )
         out.square().mean().backward()
-        full = unshard_sequence(out.detach())
+        full = unshard_sequence(out.detach(), order=order)
         if rank == 0:
-            print(f"{strategy}: output {tuple(full.shape)}, |out| {full.norm():.4f}")
-        for t in (q, k, v):
-            t.grad = None
+            line = (
+                f"{strategy}, {order} shards: output {tuple(full.shape)}, |out| {full.norm():.4f}"
+            )
+            if strategy == "kv_exchange":  # each rank computes its own rows' kept blocks
+                line += f", blocks per rank {shard_work(layout, P, order, causal=True)}"
+            print(line)
     dist.destroy_process_group()
 
 

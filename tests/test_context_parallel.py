@@ -1,8 +1,10 @@
 """Context parallelism over gloo (CPU processes): each strategy's output, log-sum-exp and
-gradient shards equal the single-process result, for window+global, BigBird, causal fixed
-and random layouts with grouped K/V heads, a key padding mask and rpe; and every rank
+gradient shards, in both shard orders, equal the single-process result, for window+global,
+BigBird, causal fixed and random layouts with grouped K/V heads, a key padding mask and
+rpe; shards round-trip; the balanced order evens causal work; and every rank
 raises, none hangs, on bad input."""
 
+import itertools
 import math
 
 import pytest
@@ -15,7 +17,15 @@ from blocksparse_attn import (
     FixedSparsityConfig,
     block_sparse_attention,
 )
-from blocksparse_attn.distributed import context_parallel_attention, shard_sequence
+from blocksparse_attn.distributed import (
+    context_parallel_attention,
+    shard_positions,
+    shard_sequence,
+    shard_work,
+    unshard_sequence,
+)
+
+STRATEGIES, ORDERS = ("all_to_all", "kv_exchange"), ("contiguous", "balanced")
 
 B, H, HKV, L, D, BLOCK = 2, 8, 4, 256, 8, 16
 
@@ -64,24 +74,26 @@ def _exact(rank, P, init_file, gpu=False):
                 *leaves[:3], layout, key_padding_mask=kpm, rpe=leaves[3], return_lse=True, **kw
             )
             full = (out, lse, *torch.autograd.grad(out, leaves, grad_out))
-            for strategy in ("all_to_all", "kv_exchange"):
-                shards = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
-                rpe_rows = rpe.chunk(P, 2)[rank].clone().requires_grad_()
+            for strategy, order in itertools.product(STRATEGIES, ORDERS):
+                shards = [shard_sequence(t, order=order).requires_grad_() for t in (q, k, v)]
+                rows = shard_positions(L, P, rank, order).to(dev)  # my query rows of rpe
+                rpe_rows = rpe[:, :, rows].clone().requires_grad_()
                 out, lse = context_parallel_attention(
                     *shards,
                     layout,
                     strategy=strategy,
-                    key_padding_mask=shard_sequence(kpm, dim=1),
+                    order=order,
+                    key_padding_mask=shard_sequence(kpm, dim=1, order=order),
                     rpe=rpe_rows,
                     return_lse=True,
                     **kw,
                 )
-                grads = torch.autograd.grad(out, [*shards, rpe_rows], shard_sequence(grad_out))
+                grads = torch.autograd.grad(
+                    out, [*shards, rpe_rows], shard_sequence(grad_out, order=order)
+                )
                 mine = (
-                    shard_sequence(full[0]),
-                    shard_sequence(full[1]),
-                    *(shard_sequence(g) for g in full[2:5]),
-                    full[5].chunk(P, 2)[rank],
+                    *(shard_sequence(t, order=order) for t in full[:5]),
+                    full[5][:, :, rows],
                 )
                 got = (out, lse, *grads)
                 for what, a, e in zip(("out", "lse", "dq", "dk", "dv", "drpe"), got, mine):
@@ -90,7 +102,9 @@ def _exact(rank, P, init_file, gpu=False):
                         and torch.equal(torch.isinf(a), torch.isinf(e))
                         and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=tol)
                     )
-                    assert ok, f"{name} {strategy} {what} rank {rank}: {(a - e).abs().max()}"
+                    assert ok, (
+                        f"{name} {strategy} {order} {what} rank {rank}: {(a - e).abs().max()}"
+                    )
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -117,22 +131,25 @@ def _module(rank, P, init_file):
 
         config = FixedSparsityConfig(H, BLOCK, num_local_blocks=4, attention="unidirectional")
         whole = SparseSelfAttention(config, max_seq_length=L, backend="reference")
-        sharded = SparseSelfAttention(
-            config,
-            max_seq_length=L,
-            backend="reference",
-            context_parallel_group=dist.group.WORLD,
-            context_parallel_strategy="kv_exchange",
-        )
         torch.manual_seed(0)
         q, k, v = (torch.randn(B, H, L, D, dtype=torch.float64) for _ in range(3))
         kpm = torch.zeros(B, L, dtype=torch.float64)
         kpm[0, -3:] = -math.inf
-        want = shard_sequence(whole(q, k, v, key_padding_mask=kpm))
-        got = sharded(
-            *(shard_sequence(t) for t in (q, k, v)), key_padding_mask=shard_sequence(kpm, dim=1)
-        )
-        assert torch.allclose(got, want, atol=1e-9), (got - want).abs().max()
+        for order in ORDERS:
+            sharded = SparseSelfAttention(
+                config,
+                max_seq_length=L,
+                backend="reference",
+                context_parallel_group=dist.group.WORLD,
+                context_parallel_strategy="kv_exchange",
+                context_parallel_order=order,
+            )
+            want = shard_sequence(whole(q, k, v, key_padding_mask=kpm), order=order)
+            got = sharded(
+                *(shard_sequence(t, order=order) for t in (q, k, v)),
+                key_padding_mask=shard_sequence(kpm, dim=1, order=order),
+            )
+            assert torch.allclose(got, want, atol=1e-9), (order, (got - want).abs().max())
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -165,6 +182,16 @@ def _bad(rank, P, init_file, errors):
             )
         except ValueError as e:
             errors[rank + 2 * P] = str(e)
+        try:  # rank 1 says balanced, rank 0 contiguous
+            order = "balanced" if rank == 1 else "contiguous"
+            context_parallel_attention(q, q, q, layout, block=BLOCK, order=order)
+        except (ValueError, RuntimeError) as e:
+            errors[rank + 3 * P] = str(e)
+        try:  # balanced halves of a shard are not whole blocks: 64 rows of block 128
+            coarse = torch.ones(2, 2, dtype=torch.long)
+            context_parallel_attention(q, q, q, coarse, block=128, order="balanced")
+        except ValueError as e:
+            errors[rank + 4 * P] = str(e)
     finally:
         dist.destroy_process_group()
 
@@ -177,9 +204,48 @@ def test_bad_input_raises_on_every_rank(tmp_path):
     assert "must be an integer or bool tensor" in errors[3]  # the rank with the float layout
     assert "rank(s) [1] refused their inputs" in errors[2]
     assert all("'kv_exchange' or 'auto' when H (3)" in errors[i] for i in (4, 5))
+    assert all("the same shard order on every rank" in errors[i] for i in (6, 7))
+    assert all("balanced shards of whole blocks" in errors[i] for i in (8, 9))
 
 
 def test_not_initialised_is_an_error():
     q = torch.randn(1, 2, 32, 8)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         context_parallel_attention(q, q, q, torch.ones(2, 2, dtype=torch.long), block=16)
+
+
+def _round_trip(rank, P, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    try:
+        x = torch.arange(2 * 48, dtype=torch.float64).view(2, 48).requires_grad_()
+        for order in ORDERS:
+            mine = shard_sequence(x, dim=1, order=order)
+            assert torch.equal(mine, x[:, shard_positions(48, P, rank, order)])
+            whole = unshard_sequence(mine, dim=1, order=order)
+            assert torch.equal(whole, x)
+            (g,) = torch.autograd.grad(whole.sum(), x)  # every rank's sum reaches each shard
+            want = torch.zeros_like(x)
+            want[:, shard_positions(48, P, rank, order)] = P
+            assert torch.equal(g, want), order
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_shard_orders_round_trip(tmp_path):
+    mp.spawn(_round_trip, args=(3, str(tmp_path / "rendezvous")), nprocs=3, join=True)
+
+
+def test_balanced_order_evens_causal_work():
+    # rank r of P holds chunks r and 2P - 1 - r of 2P: (chunk 0 + chunk 3) and (1 + 2)
+    assert shard_positions(8, 2, 0, "balanced").tolist() == [0, 1, 6, 7]
+    assert shard_positions(8, 2, 1, "balanced").tolist() == [2, 3, 4, 5]
+    dense = torch.ones(32, 32, dtype=torch.long)
+    total = 32 * 33 // 2
+    contiguous = shard_work(dense, 2, "contiguous", causal=True)
+    assert contiguous == [16 * 17 // 2, total - 16 * 17 // 2]  # about 1 : 3
+    assert shard_work(dense, 2, "balanced", causal=True) == [total // 2] * 2
+    four = shard_work(dense, 4, "balanced", causal=True)
+    assert max(four) - min(four) == 0
+    assert sum(shard_work(dense, 4, "contiguous")) == 32 * 32  # without causal, every block

@@ -1,5 +1,14 @@
 """Context parallelism on ``torch.distributed`` (functional layer): one sequence split across
-the ranks of a process group, each rank holding a contiguous shard of it.
+the ranks of a process group.
+
+Two shard orders (``order``): ``"contiguous"``, rank ``r`` of ``P`` holds positions
+``r * L / P`` to ``(r + 1) * L / P``; ``"balanced"``, the sequence is cut into ``2P`` equal
+chunks and rank ``r`` holds chunks ``r`` and ``2P - 1 - r``, in that order. Under a causal
+layout the contiguous order gives the last rank the most keys to attend (a causal dense
+layout over two ranks: a quarter of the kept blocks on rank 0, three quarters on rank 1);
+the balanced order evens the ranks' rows out (:func:`shard_work` counts them). It matters
+for ``"kv_exchange"``, where each rank computes its own rows; under ``"all_to_all"`` every
+rank computes the whole sequence for its heads whatever the order.
 
 Two strategies, both exact:
 
@@ -25,6 +34,8 @@ a mismatch raises on every rank instead of hanging.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -32,6 +43,7 @@ from ._errors import bad_argument, describe
 from .index import _cached
 
 STRATEGIES = ("auto", "all_to_all", "kv_exchange")
+ORDERS = ("contiguous", "balanced")
 
 
 def _group_size_rank(where, group):
@@ -44,19 +56,59 @@ def _group_size_rank(where, group):
     return dist.get_world_size(group), dist.get_rank(group)
 
 
-def shard_sequence(x: torch.Tensor, group=None, dim: int = 2) -> torch.Tensor:
-    """This rank's contiguous shard of ``x`` along ``dim`` (the sequence), for the
-    sharding :func:`context_parallel_attention` expects: rank ``r`` of ``P`` holds
-    positions ``r * L / P`` to ``(r + 1) * L / P``."""
-    P, r = _group_size_rank("shard_sequence", group)
-    if x.shape[dim] % P:
+def shard_positions(n: int, P: int, rank: int, order: str = "contiguous") -> torch.Tensor:
+    """The positions (of ``n``, along the sequence) that ``rank`` of ``P`` holds, in its
+    shard's order (module docstring); ``n`` divisible by ``P`` (``2P`` when balanced)."""
+    if order not in ORDERS:
+        raise bad_argument("shard order", "order", " or ".join(map(repr, ORDERS)), repr(order))
+    if order == "contiguous":
+        m = n // P
+        return torch.arange(rank * m, (rank + 1) * m)
+    m = n // (2 * P)
+    first, second = rank, 2 * P - 1 - rank
+    return torch.cat(
+        [torch.arange(first * m, (first + 1) * m), torch.arange(second * m, (second + 1) * m)]
+    )
+
+
+def _check_length(where, x, dim, P, order):
+    chunks = P if order == "contiguous" else 2 * P
+    if order not in ORDERS:
+        raise bad_argument(where, "order", " or ".join(map(repr, ORDERS)), repr(order))
+    if x.shape[dim] % chunks:
         raise bad_argument(
-            "shard_sequence",
+            where,
             "x",
-            f"a length along dim {dim} divisible by the {P} ranks",
+            f"a length along dim {dim} divisible by {chunks} ({order} shards over {P} ranks)",
             describe(x),
         )
-    return x.chunk(P, dim)[r].contiguous()
+
+
+def shard_sequence(
+    x: torch.Tensor, group=None, dim: int = 2, order: str = "contiguous"
+) -> torch.Tensor:
+    """This rank's shard of ``x`` along ``dim`` (the sequence), in the shard ``order``
+    :func:`context_parallel_attention` is given (module docstring): contiguous, rank ``r``
+    of ``P`` holds positions ``r * L / P`` to ``(r + 1) * L / P``; balanced, chunks ``r``
+    and ``2P - 1 - r`` of ``2P``."""
+    P, r = _group_size_rank("shard_sequence", group)
+    _check_length("shard_sequence", x, dim, P, order)
+    if order == "contiguous":
+        return x.chunk(P, dim)[r].contiguous()
+    chunks = x.chunk(2 * P, dim)
+    return torch.cat([chunks[r], chunks[2 * P - 1 - r]], dim)
+
+
+def shard_work(layout, P: int, order: str = "contiguous", causal: bool = False) -> list[int]:
+    """Kept blocks in each rank's rows of ``layout`` (``[.., nb, nb]``; with ``causal``,
+    blocks after the diagonal do not count): the attention work each rank does under
+    ``"kv_exchange"`` with this shard ``order``."""
+    grid = _host_grid("shard_work", layout)
+    nb = grid.shape[-1]
+    if causal:
+        grid = grid & torch.ones(nb, nb, dtype=torch.bool).tril()
+    rows = grid.reshape(-1, nb, nb).sum((0, 2))  # kept blocks per block row
+    return [int(rows[shard_positions(nb, P, r, order)].sum()) for r in range(P)]
 
 
 class _AllGather(torch.autograd.Function):
@@ -78,10 +130,27 @@ class _AllGather(torch.autograd.Function):
         return grad.chunk(P, ctx.dim)[rank], None, None
 
 
-def unshard_sequence(x: torch.Tensor, group=None, dim: int = 2) -> torch.Tensor:
-    """The whole sequence from every rank's shard (differentiable)."""
-    _group_size_rank("unshard_sequence", group)
-    return _AllGather.apply(x, dim, group)
+def unshard_sequence(
+    x: torch.Tensor, group=None, dim: int = 2, order: str = "contiguous"
+) -> torch.Tensor:
+    """The whole sequence from every rank's shard in the shard ``order`` (differentiable)."""
+    P, _ = _group_size_rank("unshard_sequence", group)
+    if order not in ORDERS:
+        raise bad_argument("unshard_sequence", "order", " or ".join(map(repr, ORDERS)), repr(order))
+    whole = _AllGather.apply(x, dim, group)  # the shards in rank order
+    if order == "contiguous":
+        return whole
+    return whole.index_select(dim, _to_global(whole.shape[dim], P, order).to(x.device))
+
+
+def _shard_order(n: int, P: int, order: str) -> torch.Tensor:
+    """The position of each entry of the ranks' shards laid end to end, in rank order."""
+    return torch.cat([shard_positions(n, P, r, order) for r in range(P)])
+
+
+def _to_global(n: int, P: int, order: str) -> torch.Tensor:
+    """Indices that put the ranks' shards laid end to end back in sequence order."""
+    return torch.argsort(_shard_order(n, P, order))
 
 
 class _AllToAll(torch.autograd.Function):
@@ -153,7 +222,7 @@ class _Exchange(torch.autograd.Function):
 
 def _check_across_ranks(where, P, group, local: list) -> None:
     """Every rank's ``[passed its local checks, B, H, H_kv, S, D, layout heads, nb,
-    layout checksum]``, compared before anything else is exchanged, so that every rank
+    layout checksum, shard order]``, compared before anything else is exchanged, so that every rank
     raises (the failing rank its own error, the others this one) instead of hanging."""
     # NCCL moves only CUDA tensors; gloo (and mixed backends) take host ones
     nccl = dist.get_backend(group) == "nccl"
@@ -171,7 +240,7 @@ def _check_across_ranks(where, P, group, local: list) -> None:
         raise bad_argument(
             where,
             "q, k, v, layout",
-            "shards of one shape and the same layout on every rank",
+            "shards of one shape, the same layout and the same shard order on every rank",
             f"per rank [B, H, H_kv, shard length, D]: {shapes} (layouts compared too)",
             "shard the sequence evenly (shard_sequence) and pass the same layout everywhere.",
         )
@@ -202,15 +271,26 @@ def _bytes_all_to_all(B, H, Hkv, S, D, P) -> float:
     return 2 * (P - 1) / P * B * S * D * (2 * H + 2 * Hkv)  # q and out, k and v
 
 
-def _needed_blocks(grid: torch.Tensor, rank: int, nbs: int, causal: bool) -> torch.Tensor:
-    """Key blocks outside this rank's shard that its query blocks attend (any head or
-    sample), ascending."""
-    rows = grid[..., rank * nbs : (rank + 1) * nbs, :]
-    cols = rows.reshape(-1, grid.shape[-1]).any(0)
-    cols[rank * nbs : (rank + 1) * nbs] = False
+def _needed_blocks(grid: torch.Tensor, own: torch.Tensor, causal: bool) -> torch.Tensor:
+    """Key blocks outside this rank's blocks ``own`` that its query blocks attend (any head
+    or sample), ascending (with ``causal``, none after its last block)."""
+    cols = grid[..., own, :].reshape(-1, grid.shape[-1]).any(0)
+    cols[own] = False
     if causal:
-        cols[(rank + 1) * nbs :] = False
+        cols[int(own.max()) + 1 :] = False
     return cols.nonzero().flatten()
+
+
+@dataclass(frozen=True)
+class _Shards:
+    """Who holds what: ``P`` ranks, this ``rank``, the shard ``order`` and each rank's
+    global blocks ``own`` in its shard's order."""
+
+    P: int
+    rank: int
+    group: object
+    order: str
+    own: list
 
 
 def context_parallel_attention(
@@ -229,13 +309,13 @@ def context_parallel_attention(
     rpe: torch.Tensor | None = None,
     return_lse: bool = False,
     backend: str = "auto",
+    order: str = "contiguous",
 ):
     """Block-sparse attention over a sequence split across the ranks of ``group``.
 
     Args:
-        q: this rank's shard ``[B, H, S, D]`` (``S = L / P``, rank ``r`` holding positions
-            ``r * S`` to ``(r + 1) * S``; :func:`shard_sequence` cuts it); ``k``, ``v``:
-            ``[B, H_kv, S, D]``.
+        q: this rank's shard ``[B, H, S, D]`` (``S = L / P``, the positions of ``order``;
+            :func:`shard_sequence` cuts it); ``k``, ``v``: ``[B, H_kv, S, D]``.
         layout: the whole layout ``[H_l, L / block, L / block]`` (2-D, 3-D, or a layout per
             sample ``[B, H_l, ., .]``), the same on every rank; ``S`` a multiple of
             ``block``.
@@ -245,8 +325,11 @@ def context_parallel_attention(
         strategy: ``"all_to_all"``, ``"kv_exchange"`` or ``"auto"`` (module docstring).
         key_padding_mask: this rank's shard ``[B, S]`` of the mask, in
             ``key_padding_mask_mode``.
-        rpe: this rank's query rows ``[B or 1, H or 1, S, L]`` of the bias.
+        rpe: this rank's query rows ``[B or 1, H or 1, S, L]`` of the bias (columns in
+            sequence order).
         return_lse: also return this rank's log-sum-exp ``[B, H, S]``.
+        order: the shard order, ``"contiguous"`` or ``"balanced"`` (module docstring;
+            each balanced chunk ``S / 2`` tokens of whole blocks), the same on every rank.
 
     Returns this rank's shard of the output ``[B, H, S, D]`` (and ``lse``). Gradients flow
     back through the collectives to every rank's shards.
@@ -256,18 +339,21 @@ def context_parallel_attention(
     where = "context_parallel_attention"
     P, rank = _group_size_rank(where, group)
     # local checks first, then one collective that tells every rank whether all passed
-    error, summary = None, [0.0] * 8
+    error, summary = None, [0.0] * 9
     try:
         if strategy not in STRATEGIES:
             raise bad_argument(
                 where, "strategy", " or ".join(map(repr, STRATEGIES)), repr(strategy)
             )
+        if order not in ORDERS:
+            raise bad_argument(where, "order", " or ".join(map(repr, ORDERS)), repr(order))
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise bad_argument(where, name, "a 4-D shard [B, heads, S, D]", describe(t))
         grid = _cached(layout, ("cp-grid",), lambda: _host_grid(where, layout))
         B, H, S, D = q.shape
         summary = [B, H, k.shape[1], S, D, *grid.shape[1:3], _checksum(layout, grid)]
+        summary.append(ORDERS.index(order))
     except (ValueError, TypeError) as e:
         error = e
     _check_across_ranks(where, P, group, [error is None, *summary])
@@ -275,12 +361,13 @@ def context_parallel_attention(
         raise error
     Hkv = k.shape[1]
     nb = grid.shape[-1]
-    if S % block or nb * block != P * S:
+    chunk = S if order == "contiguous" else S // 2
+    if S % block or chunk % block or nb * block != P * S:
         raise bad_argument(
             where,
             "layout",
-            f"{P} shards x {S} tokens = {P * S} tokens in blocks of {block} (shards of whole "
-            "blocks)",
+            f"{P} shards x {S} tokens = {P * S} tokens in blocks of {block} ({order} shards "
+            "of whole blocks)",
             f"a layout of {nb} blocks ({nb * block} tokens) over shards of {S}",
         )
     divisible = H % P == 0 and Hkv % P == 0
@@ -292,54 +379,34 @@ def context_parallel_attention(
             f"{P} ranks",
             "'all_to_all'",
         )
-    nbs = S // block
+    own = [shard_positions(nb, P, r, order) for r in range(P)]  # each rank's blocks
     needed = _cached(
         layout,
-        ("cp-needed", P, nbs, causal),
-        lambda: [_needed_blocks(grid, r, nbs, causal) for r in range(P)],
+        ("cp-needed", P, order, causal),
+        lambda: [_needed_blocks(grid, own[r], causal) for r in range(P)],
     )
     if strategy == "auto":
         exchanged = max(len(n) for n in needed) * block * B * D * 2 * Hkv * 2  # fwd + bwd
         by_heads = _bytes_all_to_all(B, H, Hkv, S, D, P) if divisible else float("inf")
         strategy = "kv_exchange" if exchanged <= by_heads else "all_to_all"
     kw = dict(block=block, scale=scale, causal=causal, backend=backend, return_lse=return_lse)
+    shards = _Shards(P, rank, group, order, own)
+    masks = (key_padding_mask, key_padding_mask_mode, rpe)
     if strategy == "all_to_all":
-        return _by_heads(
-            q,
-            k,
-            v,
-            layout,
-            grid,
-            rank,
-            P,
-            group,
-            key_padding_mask,
-            key_padding_mask_mode,
-            rpe,
-            kw,
-            block_sparse_attention,
-        )
-    return _by_key_blocks(
-        q,
-        k,
-        v,
-        layout,
-        grid,
-        needed,
-        rank,
-        P,
-        group,
-        key_padding_mask,
-        key_padding_mask_mode,
-        rpe,
-        kw,
-        block_sparse_attention,
-    )
+        return _by_heads(q, k, v, layout, grid, shards, masks, kw, block_sparse_attention)
+    return _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, block_sparse_attention)
 
 
-def _by_heads(q, k, v, layout, grid, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
-    H = q.shape[1]
+def _by_heads(q, k, v, layout, grid, shards, masks, kw, attend):
+    H, L = q.shape[1], q.shape[2] * shards.P
+    P, rank, group = shards.P, shards.rank, shards.group
+    kpm, kpm_mode, rpe = masks
     qh, kh, vh = (_AllToAll.apply(t, 1, 2, group) for t in (q, k, v))  # [B, h/P, L, D]
+    # the ranks' shards end to end; in sequence order for the causal diagonal and the layout
+    order = None
+    if shards.order != "contiguous":
+        order = _to_global(L, P, shards.order).to(q.device)
+        qh, kh, vh = (t.index_select(2, order) for t in (qh, kh, vh))
 
     def local():  # the layout heads of my query heads (1, H_kv or H of them)
         mine = grid
@@ -351,52 +418,92 @@ def _by_heads(q, k, v, layout, grid, rank, P, group, kpm, kpm_mode, rpe, kw, att
     # one tensor per (layout, rank): the attention call caches its compiled index on it
     lay = _cached(layout, ("cp-heads", P, rank, str(q.device)), local)
     if kpm is not None:
-        kpm = unshard_sequence(kpm, group, dim=1)
+        kpm = unshard_sequence(kpm, group, dim=1, order=shards.order)
     if rpe is not None:
         rpe = rpe.expand(-1, H, -1, -1) if rpe.shape[1] == 1 else rpe
         rpe = _AllToAll.apply(rpe, 1, 2, group)  # my heads, every query row
+        if order is not None:
+            rpe = rpe.index_select(2, order)
     result = attend(
         qh, kh, vh, lay, key_padding_mask=kpm, key_padding_mask_mode=kpm_mode, rpe=rpe, **kw
     )
     out, lse = result if kw["return_lse"] else (result, None)
+    if order is not None:  # back to the shards' order
+        back = _shard_order(L, P, shards.order).to(q.device)
+        out = out.index_select(2, back)
+        lse = lse.index_select(2, back) if lse is not None else None
     out = _AllToAll.apply(out, 2, 1, group)  # back to [B, H, S, D]
     if lse is None:
         return out
     return out, _AllToAll.apply(lse.unsqueeze(-1), 2, 1, group).squeeze(-1)
 
 
-def _by_key_blocks(q, k, v, layout, grid, needed, rank, P, group, kpm, kpm_mode, rpe, kw, attend):
-    S = q.shape[2]
+def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     block = kw["block"]
-    nbs = S // block
+    P, rank, group, own = shards.P, shards.rank, shards.group, shards.own
+    kpm, kpm_mode, rpe = masks
     dev = q.device
+    nb = grid.shape[-1]
+    owner = torch.empty(nb, dtype=torch.long)
+    local_block = torch.empty(nb, dtype=torch.long)  # its place in its owner's shard
+    for p, blocks in enumerate(own):
+        owner[blocks] = p
+        local_block[blocks] = torch.arange(len(blocks))
 
-    def rows_of(blocks):  # token rows (within their shard) of global key blocks
+    def rows_of(blocks):  # token rows (within their owner's shard) of global key blocks
         offs = torch.arange(block)
-        return ((blocks % nbs)[:, None] * block + offs).flatten().to(dev)
+        return (local_block[blocks][:, None] * block + offs).flatten().to(dev)
 
     # what I send to each rank: the blocks of my shard it needs; what I receive from each
-    send = [rows_of(n[(n // nbs) == rank]) for n in needed]
+    send = [rows_of(n[owner[n] == rank]) for n in needed]
     mine = needed[rank]
-    sizes = [int(((mine // nbs) == p).sum()) * block for p in range(P)]
+    received = torch.cat([mine[owner[mine] == p] for p in range(P)])  # by sender, ascending
+    sizes = [int((owner[mine] == p).sum()) * block for p in range(P)]
     k_in, v_in = (_Exchange.apply(t, send, sizes, group) for t in (k, v))
-    foreign = (mine[:, None] * block + torch.arange(block)).flatten().to(dev)  # positions
-    # keys: the received blocks (ascending: by owner, then block), then my whole shard
+    # keys here: the received blocks, then my shard's; each key block's place among them
     kk = torch.cat([k_in, k], 2)
     vv = torch.cat([v_in, v], 2)
-    cols = torch.cat([mine, torch.arange(rank * nbs, (rank + 1) * nbs)])
-
-    def local():  # my rows; the columns of the received blocks, then of my shard
-        mine = grid[..., rank * nbs : (rank + 1) * nbs, :][..., cols]
-        return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(dev)
-
-    lay = _cached(layout, ("cp-blocks", P, rank, kw["causal"], str(dev)), local)
+    here = torch.cat([received, own[rank]])
     if kpm is not None:
-        full = unshard_sequence(kpm, group, dim=1)
-        kpm = torch.cat([full[:, foreign], kpm], 1)
-    if rpe is not None:  # my rows, the columns of the keys as laid out here
-        own = torch.arange(rank * S, (rank + 1) * S, device=dev)
-        rpe = rpe.index_select(3, torch.cat([foreign, own]))
-    return attend(
-        q, kk, vv, lay, key_padding_mask=kpm, key_padding_mask_mode=kpm_mode, rpe=rpe, **kw
-    )
+        kpm = unshard_sequence(kpm, group, dim=1, order=shards.order)  # sequence order
+    # causal: each contiguous run of my blocks attends the keys before it and its own
+    # (bottom-right aligned); otherwise all my rows attend every key here at once
+    runs = _runs(own[rank]) if kw["causal"] else [own[rank]]
+    outs, lses, first = [], [], 0
+    for run in runs:
+        rows = slice(first, first + len(run) * block)
+        first += len(run) * block
+        keys = here if not kw["causal"] else torch.cat([here[here < run[0]].sort()[0], run])
+        at = torch.argsort(here)[torch.searchsorted(here.sort()[0], keys)]  # places in here
+        token = (at[:, None] * block + torch.arange(block)).flatten().to(dev)
+        position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
+
+        def local(run=run, keys=keys):  # the run's rows, the columns of its keys
+            mine = grid[..., run, :][..., keys]
+            return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(dev)
+
+        key = ("cp-blocks", P, rank, shards.order, kw["causal"], int(run[0]), str(dev))
+        lay = _cached(layout, key, local)
+        result = attend(
+            q[:, :, rows],
+            kk.index_select(2, token),
+            vv.index_select(2, token),
+            lay,
+            key_padding_mask=None if kpm is None else kpm[:, position],
+            key_padding_mask_mode=kpm_mode,
+            rpe=None if rpe is None else rpe[..., rows, :].index_select(-1, position),
+            **kw,
+        )
+        out, lse = result if kw["return_lse"] else (result, None)
+        outs.append(out)
+        lses.append(lse)
+    out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
+    if not kw["return_lse"]:
+        return out
+    return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+
+
+def _runs(blocks: torch.Tensor) -> list[torch.Tensor]:
+    """``blocks`` (ascending within each run) cut where they stop being consecutive."""
+    cuts = ((blocks[1:] - blocks[:-1]) != 1).nonzero().flatten() + 1
+    return list(torch.tensor_split(blocks, cuts.tolist()))

@@ -27,10 +27,12 @@ class SparseSelfAttention(nn.Module):
             (see :func:`~blocksparse_attn.block_sparse_attention`).
         context_parallel_group: a ``torch.distributed`` process group (or
             ``torch.distributed.group.WORLD``) across which each sequence is sharded: the
-            inputs, ``key_padding_mask`` and the output are this rank's contiguous shard,
+            inputs, ``key_padding_mask`` and the output are this rank's shard,
             ``rpe`` its query rows (see
             :func:`~blocksparse_attn.distributed.context_parallel_attention`).
         context_parallel_strategy: ``'auto'``, ``'all_to_all'`` or ``'kv_exchange'``.
+        context_parallel_order: the shard order, ``'contiguous'`` or ``'balanced'`` (even
+            causal work under ``'kv_exchange'``; see :mod:`blocksparse_attn.distributed`).
 
     The layout is the buffer ``master_layout`` (saved in ``state_dict``, moved by ``.to()``).
     When ``torch.distributed`` is initialised, rank 0's layout is broadcast to every rank
@@ -55,6 +57,7 @@ class SparseSelfAttention(nn.Module):
         backend: str = "auto",
         context_parallel_group=None,
         context_parallel_strategy: str = "auto",
+        context_parallel_order: str = "contiguous",
     ):
         super().__init__()
         where = "SparseSelfAttention"
@@ -83,6 +86,7 @@ class SparseSelfAttention(nn.Module):
         self.register_buffer("master_layout", sparsity_config.make_layout(max_seq_length))
         self.context_parallel_group = context_parallel_group
         self.context_parallel_strategy = context_parallel_strategy
+        self.context_parallel_order = context_parallel_order
         self._need_layout_synchronization = True
         self._layouts: dict[int, torch.Tensor] = {}
         self._ops: dict[tuple, tuple] = {}
@@ -257,6 +261,7 @@ class SparseSelfAttention(nn.Module):
             block=self.block,
             group=self.context_parallel_group,
             strategy=self.context_parallel_strategy,
+            order=self.context_parallel_order,
             causal=self.causal,
             key_padding_mask=key_padding_mask,
             key_padding_mask_mode=self.key_padding_mask_mode,
