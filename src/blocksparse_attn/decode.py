@@ -51,26 +51,28 @@ def _unique(num: torch.Tensor, idx: torch.Tensor):
     return (ordered != spare).sum(-1).to(torch.int32), ordered
 
 
-def _query_lists(where, layout, n, L_pad, block, device):
+def _query_lists(where, layout, lengths, added, L_pad, block, device):
     """``(num, idx)`` for the decoding kernels: ``[B|1, H_l, nb]`` and ``[B|1, H_l, nb, W]``,
     the pattern's lists over ``L_pad`` tokens, from which the kernel takes each sequence's
-    newest block row (a ``SparsityConfig``'s, cached, and trusted lists); or that row
-    already picked, ``[B, H_l, 1]`` and ``[B, H_l, 1, W]`` for the ``n [B]`` keys of each
-    sequence: a callable's (only those rows are converted) and lists given untrusted (each
-    key block kept once; they were checked by
+    newest block row (a ``SparsityConfig``'s, cached, and trusted lists: no operation per
+    call); or that row already picked, ``[B, H_l, 1]`` and ``[B, H_l, 1, W]`` for the
+    ``lengths + added`` keys of each sequence: a callable's (only those rows are converted)
+    and lists given untrusted (each key block kept once; they were checked by
     :func:`~blocksparse_attn._inputs.check_layout`)."""
     from .patterns import SparsityConfig
 
-    row = ((n.long() - 1) // block).clamp(min=0)
+    def newest_rows():  # each sequence's newest block row
+        return ((lengths.long() + (added - 1)) // block).clamp(min=0)
+
     if not isinstance(layout, (KVBlocks, SparsityConfig)):  # a callable: only the rows
         grid = source_grid(where, layout, L_pad, block, device)
-        rows = grid.to(device)[:, row] != 0  # [H_l, B, nb]
+        rows = grid.to(device)[:, newest_rows()] != 0  # [H_l, B, nb]
         lists = KVBlocks.from_layout(rows.transpose(0, 1)[:, :, None])
         return lists.num_blocks, lists.indices
     lists = _rows(where, layout, L_pad, block, device)
     if lists.trusted:
         return lists.num_blocks, lists.indices
-    mine = _row_lists(lists, row)
+    mine = _row_lists(lists, newest_rows())
     return _unique(mine.num_blocks, mine.indices)
 
 
@@ -95,8 +97,7 @@ def _decode_kernel(
     from .kernels.decode import decode_attention
 
     B, _, H, D = q.shape
-    n = cache_seqlens + added if added else cache_seqlens
-    num, idx = _query_lists(where, layout, n, L_pad, block, q.device)
+    num, idx = _query_lists(where, layout, cache_seqlens, added, L_pad, block, q.device)
     _check_heads(where, num.shape[1], H, k_cache.shape[2])
     out, lse = decode_attention(
         unit_last_stride(q[:, 0]),
