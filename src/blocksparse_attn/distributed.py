@@ -59,8 +59,7 @@ def _group_size_rank(where, group):
 def shard_positions(n: int, P: int, rank: int, order: str = "contiguous") -> torch.Tensor:
     """The positions (of ``n``, along the sequence) that ``rank`` of ``P`` holds, in its
     shard's order (module docstring); ``n`` divisible by ``P`` (``2P`` when balanced)."""
-    if order not in ORDERS:
-        raise bad_argument("shard order", "order", " or ".join(map(repr, ORDERS)), repr(order))
+    _check_order("shard_positions", order)
     if order == "contiguous":
         m = n // P
         return torch.arange(rank * m, (rank + 1) * m)
@@ -71,10 +70,14 @@ def shard_positions(n: int, P: int, rank: int, order: str = "contiguous") -> tor
     )
 
 
-def _check_length(where, x, dim, P, order):
-    chunks = P if order == "contiguous" else 2 * P
+def _check_order(where, order) -> None:
     if order not in ORDERS:
         raise bad_argument(where, "order", " or ".join(map(repr, ORDERS)), repr(order))
+
+
+def _check_length(where, x, dim, P, order):
+    _check_order(where, order)
+    chunks = P if order == "contiguous" else 2 * P
     if x.shape[dim] % chunks:
         raise bad_argument(
             where,
@@ -95,8 +98,7 @@ def shard_sequence(
     _check_length("shard_sequence", x, dim, P, order)
     if order == "contiguous":
         return x.chunk(P, dim)[r].contiguous()
-    chunks = x.chunk(2 * P, dim)
-    return torch.cat([chunks[r], chunks[2 * P - 1 - r]], dim)
+    return x.index_select(dim, shard_positions(x.shape[dim], P, r, order).to(x.device))
 
 
 def shard_work(layout, P: int, order: str = "contiguous", causal: bool = False) -> list[int]:
@@ -135,8 +137,7 @@ def unshard_sequence(
 ) -> torch.Tensor:
     """The whole sequence from every rank's shard in the shard ``order`` (differentiable)."""
     P, _ = _group_size_rank("unshard_sequence", group)
-    if order not in ORDERS:
-        raise bad_argument("unshard_sequence", "order", " or ".join(map(repr, ORDERS)), repr(order))
+    _check_order("unshard_sequence", order)
     whole = _AllGather.apply(x, dim, group)  # the shards in rank order
     if order == "contiguous":
         return whole
@@ -345,8 +346,7 @@ def context_parallel_attention(
             raise bad_argument(
                 where, "strategy", " or ".join(map(repr, STRATEGIES)), repr(strategy)
             )
-        if order not in ORDERS:
-            raise bad_argument(where, "order", " or ".join(map(repr, ORDERS)), repr(order))
+        _check_order(where, order)
         for name, t in (("q", q), ("k", k), ("v", v)):
             if not isinstance(t, torch.Tensor) or t.dim() != 4:
                 raise bad_argument(where, name, "a 4-D shard [B, heads, S, D]", describe(t))
@@ -413,7 +413,7 @@ def _by_heads(q, k, v, layout, grid, shards, masks, kw, attend):
         if grid.shape[1] > 1:
             per = grid.shape[1] // P
             mine = grid[:, rank * per : (rank + 1) * per]
-        return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(q.device)
+        return _as_layout(mine, q.device)
 
     # one tensor per (layout, rank): the attention call caches its compiled index on it
     lay = _cached(layout, ("cp-heads", P, rank, str(q.device)), local)
@@ -464,6 +464,7 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     kk = torch.cat([k_in, k], 2)
     vv = torch.cat([v_in, v], 2)
     here = torch.cat([received, own[rank]])
+    ascending, place = here.sort()  # the key blocks here in sequence order, and their places
     if kpm is not None:
         kpm = unshard_sequence(kpm, group, dim=1, order=shards.order)  # sequence order
     # causal: each contiguous run of my blocks attends the keys before it and its own
@@ -473,14 +474,14 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     for run in runs:
         rows = slice(first, first + len(run) * block)
         first += len(run) * block
-        keys = here if not kw["causal"] else torch.cat([here[here < run[0]].sort()[0], run])
-        at = torch.argsort(here)[torch.searchsorted(here.sort()[0], keys)]  # places in here
+        keys = here if not kw["causal"] else torch.cat([ascending[ascending < run[0]], run])
+        at = place[torch.searchsorted(ascending, keys)]  # places in here
         token = (at[:, None] * block + torch.arange(block)).flatten().to(dev)
         position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
 
         def local(run=run, keys=keys):  # the run's rows, the columns of its keys
             mine = grid[..., run, :][..., keys]
-            return (mine if mine.shape[0] > 1 else mine[0]).contiguous().to(dev)
+            return _as_layout(mine, dev)
 
         key = ("cp-blocks", P, rank, shards.order, kw["causal"], int(run[0]), str(dev))
         lay = _cached(layout, key, local)
@@ -501,6 +502,12 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     if not kw["return_lse"]:
         return out
     return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+
+
+def _as_layout(grid: torch.Tensor, device) -> torch.Tensor:
+    """A rank's part of the bool ``[B_l, H_l, ., .]`` grid as the layout it attends with
+    (3-D when shared by the batch), one contiguous tensor on ``device``."""
+    return (grid if grid.shape[0] > 1 else grid[0]).contiguous().to(device)
 
 
 def _runs(blocks: torch.Tensor) -> list[torch.Tensor]:
