@@ -208,6 +208,13 @@ def test_bad_input_raises_on_every_rank(tmp_path):
     assert all("balanced shards of whole blocks" in errors[i] for i in (8, 9))
 
 
+def test_unknown_shard_order_is_an_error():
+    with pytest.raises(ValueError, match="order must be 'contiguous' or 'balanced'.*'zigzag'"):
+        shard_positions(8, 2, 0, "zigzag")
+    with pytest.raises(ValueError, match="shard_work: order"):
+        shard_work(torch.ones(4, 4, dtype=torch.long), 2, "zigzag")
+
+
 def test_not_initialised_is_an_error():
     q = torch.randn(1, 2, 32, 8)
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):

@@ -105,6 +105,7 @@ def shard_work(layout, P: int, order: str = "contiguous", causal: bool = False) 
     """Kept blocks in each rank's rows of ``layout`` (``[.., nb, nb]``; with ``causal``,
     blocks after the diagonal do not count): the attention work each rank does under
     ``"kv_exchange"`` with this shard ``order``."""
+    _check_order("shard_work", order)
     grid = _host_grid("shard_work", layout)
     nb = grid.shape[-1]
     if causal:
