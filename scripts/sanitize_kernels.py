@@ -1,9 +1,9 @@
 """Run every attention kernel once on odd shapes, for ``compute-sanitizer`` (memcheck):
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
-gradient, causal, long lists cut into parts, packed variable-length sequences, a paged KV
-cache; the fused kernels through pointers and through tensor descriptors (Hopper), the
-unfused operators.
+gradient, causal, long lists cut into parts, top-k block lists (the index built by its
+Triton kernel), packed variable-length sequences, a paged KV cache; the fused kernels
+through pointers and through tensor descriptors (Hopper), the unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
 
@@ -121,6 +121,23 @@ def main() -> int:
         bad += not finite
         print(f"{case} lists in parts: {'ok' if finite else 'NOT FINITE'}", flush=True)
     index.PART_MIN, index.PART_OVER_MEAN = 64, 4
+    # top-k lists per sample, their index built by the Triton builder (block 128, 64-tiles)
+    from blocksparse_attn import topk_blocks
+    from blocksparse_attn.index_dynamic import build_block_list_index
+
+    q, k, v = (
+        torch.randn(2, 3, 640, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    lists = topk_blocks(q, k, block=128, topk=2, causal=True, keep_diagonal=True)
+    kw = dict(q_len=640, k_len=640, tile_m=64, tile_n=64, causal=True)
+    build_block_list_index(lists, 128, kernel=True, **kw)
+    out = block_sparse_attention(q, k, v, lists, block=128, causal=True)
+    grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+    torch.cuda.synchronize()
+    finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+    bad += not finite
+    print(f"top-k lists, index by the Triton builder: {'ok' if finite else 'NOT FINITE'}")
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

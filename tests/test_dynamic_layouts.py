@@ -44,21 +44,55 @@ def test_index_from_lists_equals_index_from_layout(block, tiles, causal, nbq):
     g = torch.Generator().manual_seed(block + 7 * causal + nbq)
     layout = torch.rand(1, 3, nbq, 7, generator=g) < 0.4
     layout[0, 0, 2] = False  # an empty row
-    lists = shuffled_with_repeats(layout, g)
+    lists = shuffled_with_repeats(layout, g).to(DEVICE)
     kw = dict(q_len=nbq * block, k_len=7 * block, tile_m=tiles[0], tile_n=tiles[1], causal=causal)
     want = build_index(layout[0], block, **kw)  # causal and L_q != L_k: bottom-right
-    got = build_block_list_index(lists, block, **kw)
+    # both builders where the Triton one takes the tiles (square, dividing the block)
+    builders = (False, True) if tiles[0] == tiles[1] and block % tiles[0] == 0 else (False,)
+    for kernel in builders:
+        got = build_block_list_index(lists, block, kernel=kernel, **kw)
+        check_same_index(got, want)
+
+
+def check_same_index(got, want):
+    """``got`` (any device) holds ``want``'s index, padded past its kept tiles."""
     assert got.nnz == want.nnz
     for name in ARRAYS:  # the kept tiles, then padding nothing reads
-        assert torch.equal(getattr(got, name)[: want.nnz], getattr(want, name)), name
+        assert torch.equal(getattr(got, name)[: want.nnz].cpu(), getattr(want, name)), name
     for name in OFFSETS:
-        assert torch.equal(getattr(got, name), getattr(want, name)), name
+        assert torch.equal(getattr(got, name).cpu(), getattr(want, name)), name
     for walk in ("rows", "cols"):  # short lists: each runs whole
         for name in WORK:
-            assert torch.equal(
-                getattr(getattr(got, walk), name), getattr(getattr(want, walk), name)
-            )
-    assert torch.equal(got.to_layout(), want.to_layout())
+            mine, theirs = getattr(getattr(got, walk), name), getattr(getattr(want, walk), name)
+            assert torch.equal(mine.cpu(), theirs), (walk, name)
+    assert torch.equal(got.to_layout().cpu(), want.to_layout())
+
+
+@pytest.mark.parametrize("block, tile", [(128, 64), (128, 128), (64, 32)])
+def test_index_kernel_on_selected_lists(block, tile):
+    # top-k lists per sample (sorted, the diagonal and first block kept), causal
+    g = torch.Generator().manual_seed(block + tile)
+    q, k = (torch.randn(2, 2, 8 * block, 16, generator=g).to(DEVICE) for _ in range(2))
+    lists = topk_blocks(q, k, block=block, topk=3, causal=True, keep_diagonal=True)
+    layout = lists.to_layout(8).flatten(0, 1).cpu()  # [B * H, nb, nb]
+    kw = dict(q_len=8 * block, k_len=8 * block, tile_m=tile, tile_n=tile, causal=True)
+    want = build_index(layout, block, **kw)
+    check_same_index(build_block_list_index(lists, block, kernel=True, **kw), want)
+
+
+def test_index_kernel_refuses_what_it_does_not_take():
+    lists = KVBlocks.from_layout(torch.ones(1, 1, 4, 4, dtype=torch.bool))
+    kw = dict(q_len=256, k_len=256, causal=False, kernel=True)
+    assert_raises_with(
+        ValueError,
+        ["kernel", "square tiles", "128x64", "kernel=None"],
+        build_block_list_index,
+        lists,
+        64,
+        tile_m=128,
+        tile_n=64,
+        **kw,
+    )
 
 
 def pooled_scores(q, k, block):

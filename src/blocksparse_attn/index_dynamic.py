@@ -11,6 +11,11 @@ a layout chosen on the GPU each step (top-k selection) is compiled without waiti
 GPU, and the whole step can be captured in a CUDA graph.
 
 Duplicated entries in a list are merged (a key block listed twice is attended once).
+
+On a GPU, square tiles that divide the block (the 64x64 tiles of top-k steps at blocks 64
+and 128) are compiled by a Triton kernel in two launches plus one sort
+(:mod:`blocksparse_attn.kernels.index_build`); other tiles by the PyTorch operations here.
+Both give the same index.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument
-from .index import MAX_SUB_BLOCKS, SparseIndex, assemble, causal_visible, tiling
+from .index import MAX_SUB_BLOCKS, SparseIndex, assemble, causal_visible, tiling, whole_lists
 from .kv_blocks import KVBlocks
 
 
@@ -36,12 +41,18 @@ def build_block_list_index(
     tile_m: int,
     tile_n: int,
     causal: bool = False,
+    kernel: bool | None = None,
 ) -> SparseIndex:
     """Compile block lists ``[B_l, H_l, nb_q]`` (their first two dims as ``B_l * H_l``
     layout heads) for ``tile_m x tile_n`` tiles, with the meaning of
     :func:`~blocksparse_attn.index.build_index` (``causal`` bottom-right aligned). The used
     entries must be valid key blocks (:meth:`KVBlocks.check`). Arrays past ``row_ptr[-1]``
-    are padding. Runs on the lists' device; no host synchronisation."""
+    are padding. Runs on the lists' device; no host synchronisation.
+
+    ``kernel``: build with the two-launch Triton builder
+    (:mod:`blocksparse_attn.kernels.index_build`), which takes square tiles that divide the
+    block and lists of at most ``MAX_WIDTH`` entries; ``None`` (default) uses it for CUDA
+    lists it takes and PyTorch operations otherwise (the same index)."""
     where = "build_block_list_index"
     counts = blocks.num_blocks.flatten(0, 1)  # [H, nb_q]
     lists = blocks.indices.flatten(0, 1)  # [H, nb_q, M]
@@ -55,6 +66,18 @@ def build_block_list_index(
             "make the lists for this sequence length and block.",
         )
     g, sm, sn, rt, ct = tiling(where, block, q_len, k_len, tile_m, tile_n)
+    if kernel is None:
+        kernel = lists.is_cuda and _kernel_takes(block, tile_m, tile_n, width)
+    if kernel:
+        if not _kernel_takes(block, tile_m, tile_n, width):
+            raise bad_argument(
+                where,
+                "kernel",
+                "square tiles that divide the block, lists of at most 256 entries",
+                f"tiles {tile_m}x{tile_n} over block {block}, {width} entries per list",
+                "pass kernel=None: PyTorch operations build what the kernel does not take.",
+            )
+        return _built_by_kernel(counts, lists, block, q_len, k_len, tile_m, causal)
     e = block // g
     dev = lists.device
 
@@ -105,4 +128,36 @@ def build_block_list_index(
     full = kept == sm * sn
     return assemble(
         th, ti, tj, bits, full, tile < none, H, block, q_len, k_len, tile_m, tile_n, g, causal
+    )
+
+
+def _kernel_takes(block: int, tile_m: int, tile_n: int, width: int) -> bool:
+    from .kernels.index_build import MAX_WIDTH
+
+    return tile_m == tile_n and block % tile_m == 0 and width <= MAX_WIDTH
+
+
+def _built_by_kernel(counts, lists, block, q_len, k_len, tile, causal) -> SparseIndex:
+    """:func:`build_block_list_index` by :func:`~blocksparse_attn.kernels.index_build.list_tiles`:
+    every kept tile is one sub-block, so its mask is one bit."""
+    from .kernels.index_build import list_tiles
+
+    arrays = list_tiles(counts, lists, block, tile, q_len, k_len, causal)
+    bits = torch.ones_like(arrays["row_idx"], dtype=torch.int64)
+    return SparseIndex(
+        heads=lists.shape[0],
+        block=block,
+        q_len=q_len,
+        k_len=k_len,
+        tile_m=tile,
+        tile_n=tile,
+        sub=tile,
+        causal=causal,
+        row_tiles=-(-q_len // tile),
+        col_tiles=-(-k_len // tile),
+        row_bits=bits,
+        col_bits=bits,
+        rows=whole_lists(arrays["row_ptr"]),
+        cols=whole_lists(arrays["col_ptr"]),
+        **arrays,
     )
