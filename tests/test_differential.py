@@ -2,7 +2,8 @@
 K/V, layouts shared or per sample, dense or as block lists, with empty rows and columns,
 masks in both modes with extreme values, rpe of every broadcast shape, causal, scales of
 either sign, strided inputs, long lists cut into parts), every backend against the
-reference in fp64: output, gradients (q, k, v, rpe, additive masks) and the log-sum-exp.
+reference in fp64: output, gradients (q, k, v, rpe, additive masks; of a loss of the output
+and, where a backend returns it, the log-sum-exp) and the log-sum-exp.
 
 Kernel error in dtype X must stay within a small factor of plain PyTorch's error in dtype X
 (``attention_cases.assert_within_rule``). On CPU the kernels run under Triton's interpreter
@@ -136,9 +137,15 @@ def _run(backend, q, k, v, layout, kw, masks, with_lse):
     return out, lse, leaves, names
 
 
-def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
+def _finite(lse):
+    """The log-sum-exp where finite, 0 elsewhere (rows with nothing to attend)."""
+    return torch.where(lse.isfinite(), lse, 0.0)
+
+
+def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype, grad_lse=None):
     """Reference output, lse and gradients, computed in ``compute_dtype`` (fp64: the
-    oracle, every tensor in fp64; the input dtype: plain PyTorch's own error)."""
+    oracle, every tensor in fp64; the input dtype: plain PyTorch's own error). Gradients
+    of ``out * grad_out`` plus, with ``grad_lse``, ``lse * grad_lse`` (finite rows)."""
     oracle = compute_dtype == torch.float64
 
     def leaf(t):
@@ -153,7 +160,11 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype):
     out, lse = reference_attention(
         *leaves[:3], layout, return_lse=True, compute_dtype=compute_dtype, **kw
     )
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype), allow_unused=True)
+    outputs, seeds = [out], [grad_out.to(out.dtype)]
+    if grad_lse is not None:
+        outputs.append(_finite(lse))
+        seeds.append(grad_lse.to(lse.dtype))
+    grads = torch.autograd.grad(outputs, leaves, seeds, allow_unused=True)
     return out.detach(), lse.detach(), grads
 
 
@@ -186,12 +197,20 @@ def test_backend_matches_fp64_reference(monkeypatch, backend, dtype, data):
     with_lse = backend != "unfused"
     out, lse, leaves, names = _run(backend, q, k, v, layout, kw, masks, with_lse)
     grad_out = torch.randn_like(out)
-    ref, ref_lse, ref_grads = _reference(q, k, v, layout, kw, masks, grad_out, torch.float64)
-    low, _, low_grads = _reference(q, k, v, layout, kw, masks, grad_out, q.dtype)
+    # with the log-sum-exp, the loss takes it too (its gradient reaches q and k)
+    grad_lse = torch.randn(lse.shape, dtype=torch.float32).to(DEVICE) if with_lse else None
+    ref, ref_lse, ref_grads = _reference(
+        q, k, v, layout, kw, masks, grad_out, torch.float64, grad_lse
+    )
+    low, _, low_grads = _reference(q, k, v, layout, kw, masks, grad_out, q.dtype, grad_lse)
     assert_within_rule("out", out, ref, low)
     if with_lse:
         assert_lse_close(lse, ref_lse, q.dtype)
-    grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+        grads = torch.autograd.grad(
+            (out, _finite(lse)), leaves, (grad_out, grad_lse), allow_unused=True
+        )
+    else:
+        grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
     for name, g, r, lo in zip(names, grads, ref_grads, low_grads):
         assert g is not None and g.shape == r.shape, name
         assert_within_rule(f"d{name}", g, r, lo)

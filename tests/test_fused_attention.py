@@ -407,9 +407,44 @@ def test_eager_function_matches_custom_op():
         results.append((out, *grads))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+    results = []  # through the row statistics too (the log-sum-exp's gradient)
     for fn in (fused_attention_fwd, _EagerFusedAttention.apply):
-        out, lse = fn(*leaves, layout, None, None, None, 16, 0.25, False, False, True)
-        assert out.requires_grad and not lse.requires_grad
+        out, stats = fn(*leaves, layout, None, None, None, 16, 0.25, False, False, True)
+        results.append(torch.autograd.grad(out.square().sum() + stats.sum(), leaves))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "kpm, causal, only_lse",
+    [(None, False, False), ("add", True, False), ("mul", False, True), (None, True, True)],
+)
+def test_lse_gradient(monkeypatch, kpm, causal, only_lse):
+    # a loss of the output and the log-sum-exp (or of the log-sum-exp alone), against fp64;
+    # with a mask the statistics are kept as maximum and log2 sum (natural units)
+    poison(monkeypatch)
+    q, k, v, layout, kw = make_problem(
+        2, 2, 96, 128, 16, torch.float32, DEVICE, block=16, kpm=kpm, causal=causal
+    )
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 2, 96, generator=g).to(DEVICE)
+    grads = []
+    for backend, dtype in (("fused", torch.float32), ("reference", torch.float64)):
+        inputs = [t.detach().to(dtype).requires_grad_() for t in leaves]
+        out, lse = block_sparse_attention(*inputs, layout, backend=backend, return_lse=True, **kw)
+        finite = lse.isfinite()  # rows with nothing to attend: -inf, no gradient
+        loss = (torch.where(finite, lse, 0.0) * w).sum()
+        if not only_lse:
+            loss = loss + out.square().sum()
+        got = torch.autograd.grad(loss, inputs, allow_unused=True)  # lse alone: no dv
+        grads.append([torch.zeros_like(t) if d is None else d for t, d in zip(inputs, got)])
+    for name, got, want in zip("qkv", *grads):
+        assert got.isfinite().all(), name
+        assert torch.allclose(got.double(), want, atol=2e-4, rtol=1e-3), (
+            name,
+            (got.double() - want).abs().max(),
+        )
 
 
 # --- GPU grid -------------------------------------------------------------------------------

@@ -175,8 +175,9 @@ def block_sparse_attention(
             CUDA tensors it supports, else the reference (with a warning when CUDA inputs
             cannot use the kernel). A backend asked for by name that cannot run raises
             ``NotImplementedError`` listing every reason.
-        return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log);
-            with the fused backend it carries no gradient (``requires_grad=False``).
+        return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log),
+            differentiable: a loss of both the output and the log-sum-exp (merging
+            partial attentions, a z-loss) gets the gradient of each.
 
     Returns ``out [B, H, L_q, D]`` in the input dtype (and ``lse``). A query with nothing
     to attend gets zeros (and zero gradients), never NaN; its ``lse`` is ``-inf``.

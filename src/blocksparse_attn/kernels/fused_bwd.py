@@ -62,14 +62,17 @@ _PRUNE = {"early_config_prune": prune_descriptors}
 def _bsa_bwd_delta_kernel(
     O,  # O, DO: (pointer, stride_b, stride_h, stride_row)
     DO,
+    DLSE,  # the log-sum-exp's gradient [B, H, L_q], when HAS_DLSE
     DELTA,
     H,
     Lq,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    HAS_DLSE: tl.constexpr,
 ):
-    """``delta = rowsum(dO * O)`` in fp32, ``[B, H, L_q]``."""
+    """``delta = rowsum(dO * O) - dlse`` in fp32, ``[B, H, L_q]``: a score's gradient is
+    ``p * (dp - delta)``, and the log-sum-exp adds ``dlse * p`` to it."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1).to(tl.int64)
     b = pid_bh // H
@@ -81,6 +84,8 @@ def _bsa_bwd_delta_kernel(
     o = _load_rows(om, pid_m * BLOCK_M, m_ok, O[3], HEAD_DIM, BLOCK_M, BLOCK_D, False)
     do = _load_rows(dom, pid_m * BLOCK_M, m_ok, DO[3], HEAD_DIM, BLOCK_M, BLOCK_D, False)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
+    if HAS_DLSE:
+        delta -= tl.load(DLSE + pid_bh * Lq + offs_m, mask=m_ok, other=0.0)
     tl.store(DELTA + pid_bh * Lq + offs_m, delta, mask=m_ok)
 
 
@@ -387,6 +392,7 @@ def fused_attention_backward(
     key_padding_mask_mode: str = "add",
     attn_mask_mode: str = "mul",
     bias_grads: tuple[bool, bool, bool] = (False, False, False),
+    grad_lse: torch.Tensor | None = None,
     tiles: tuple[Tiles, Tiles] | None = None,
     configs: tuple[dict, dict] | None = None,
 ):
@@ -396,6 +402,8 @@ def fused_attention_backward(
     padding mask and the attention mask (both in 'add' mode) need a gradient: for those the
     dQ kernel also writes the score gradient ``[B, H, L_q, L_k]`` float32 (zero outside the
     layout; O(L^2) memory), summed to the bias's shape; the others come back ``None``.
+    ``grad_lse`` (``[B, H, L_q]``): the gradient of the log-sum-exp as well as ``grad_out``'s
+    (rows with nothing to attend take none).
     ``tiles`` (dK/dV, dQ) and ``configs`` (``num_warps``/``num_stages``/``DESC`` each)
     override the tuned choice."""
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
@@ -433,12 +441,14 @@ def fused_attention_backward(
     _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
         O=matrix_args(out),
         DO=matrix_args(grad_out),
+        DLSE=delta if grad_lse is None else grad_lse.float().contiguous(),
         DELTA=delta,
         H=H,
         Lq=Lq,
         HEAD_DIM=D,
         BLOCK_D=BLOCK_D,
         BLOCK_M=64,
+        HAS_DLSE=grad_lse is not None,
     )
     stats = stats.contiguous()
     H_kv = k.shape[1]

@@ -78,6 +78,7 @@ def _backward_kernels(
     rpe_grad,
     kpm_grad,
     am_grad,
+    grad_lse=None,
 ):
     from ..kernels.fused_bwd import fused_attention_backward
 
@@ -98,6 +99,7 @@ def _backward_kernels(
         key_padding_mask_mode=_mode(kpm_mul),
         attn_mask_mode=_mode(am_mul),
         bias_grads=(rpe_grad, kpm_grad, am_grad),
+        grad_lse=grad_lse,
     )
 
 
@@ -152,7 +154,11 @@ def fused_attention_bwd(
     rpe_grad: bool,
     kpm_grad: bool,
     am_grad: bool,
+    grad_lse: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """``(dq, dk, dv, drpe, dkpm, dam)`` (empty where not wanted): see
+    ``kernels.fused_bwd.fused_attention_backward``; ``grad_lse``: the log-sum-exp's
+    gradient, or ``None``."""
     grads = _backward_kernels(
         grad_out,
         q,
@@ -172,6 +178,7 @@ def fused_attention_bwd(
         rpe_grad,
         kpm_grad,
         am_grad,
+        grad_lse,
     )
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
@@ -196,6 +203,7 @@ def _(
     rpe_grad,
     kpm_grad,
     am_grad,
+    grad_lse,
 ):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted else q.new_empty(0)
@@ -218,22 +226,29 @@ def _setup_context(ctx, inputs, output):
         layout = None
     ctx.save_for_backward(q, k, v, out, stats, layout, rpe, kpm, am)
     ctx.options = (block, scale, causal, kpm_mul, am_mul)
-    # the statistics carry no gradient; and no zero tensor is made for their absent
-    # gradient (that allocation and fill cost more host time than the backward's launches)
-    ctx.mark_non_differentiable(stats)
+    # no zero tensor is made for an absent gradient (of the output or of the statistics):
+    # that allocation and fill cost more host time than the backward's launches
     ctx.set_materialize_grads(False)
 
 
 _NO_GRADS = (None,) * 12  # one per forward input
 
 
-def _gradients(ctx, grad_out, backward):
+def _gradients(ctx, grad_out, grad_stats, backward):
     """Input gradients from the saved forward; ``backward`` is the custom op (traced by
     ``torch.compile``) or the plain implementation (eager). Additive masks that require
-    grad get one (as ``rpe`` does); 'mul' masks have none."""
-    if grad_out is None:  # only the statistics were used: nothing flows back
+    grad get one (as ``rpe`` does); 'mul' masks have none. ``grad_stats``: the gradient
+    of the row statistics, which reach the caller only as the log-sum-exp
+    (``row_statistics_lse``: ``lse = stats`` or ``stats[0] + stats[1] * ln 2``), so
+    ``stats``'s (first) row is the log-sum-exp's gradient."""
+    if grad_out is None and grad_stats is None:
         return _NO_GRADS
     q, k, v, out, stats, layout, rpe, kpm, am = ctx.saved_tensors
+    if grad_out is None:  # only the log-sum-exp was used
+        grad_out = torch.zeros_like(out)
+    grad_lse = None
+    if grad_stats is not None:
+        grad_lse = grad_stats[0] if stats.dim() == 4 else grad_stats
     layout = ctx.blocks if ctx.blocks is not None else layout
     block, scale, causal, kpm_mul, am_mul = ctx.options
     wanted = (
@@ -258,13 +273,14 @@ def _gradients(ctx, grad_out, backward):
         kpm_mul,
         am_mul,
         *wanted,
+        grad_lse,
     )
     biases = tuple(g if w else None for g, w in zip((drpe, dkpm, dam), wanted))
     return (dq, dk, dv, None, *biases, None, None, None, None, None)
 
 
 def _backward(ctx, grad_out, grad_stats):
-    return _gradients(ctx, grad_out, fused_attention_bwd)
+    return _gradients(ctx, grad_out, grad_stats, fused_attention_bwd)
 
 
 fused_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -287,9 +303,11 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_stats):
-        grads = _gradients(ctx, grad_out, _backward_kernels)
+        grads = _gradients(ctx, grad_out, grad_stats, _backward_kernels)
         return first_order_only(
-            "block_sparse_attention (backend='fused')", grads, (*ctx.saved_tensors, grad_out)
+            "block_sparse_attention (backend='fused')",
+            grads,
+            (*ctx.saved_tensors, grad_out, grad_stats),
         )
 
 
