@@ -124,6 +124,32 @@ def test_strategies_on_two_gpus_with_nccl(tmp_path):
     mp.spawn(_exact, args=(2, str(tmp_path / "rendezvous"), True), nprocs=2, join=True)
 
 
+def _unfused(rank, P, init_file):
+    """``kv_exchange`` on the unfused operators (no log-sum-exp: all keys in one call)."""
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    try:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 2, 128, 16) for _ in range(3))
+        layout = torch.ones(8, 8, dtype=torch.long).tril()
+        kw = dict(block=16, causal=True, backend="unfused")
+        full = block_sparse_attention(q, k, v, layout, **kw)
+        for order in ORDERS:
+            shards = [shard_sequence(t, order=order) for t in (q, k, v)]
+            got = context_parallel_attention(
+                *shards, layout, strategy="kv_exchange", order=order, **kw
+            )
+            want = shard_sequence(full, order=order)
+            assert torch.allclose(got, want, atol=1e-5), (order, (got - want).abs().max())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+def test_key_exchange_on_the_unfused_backend(tmp_path):
+    mp.spawn(_unfused, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
 def _module(rank, P, init_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
     try:
