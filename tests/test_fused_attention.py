@@ -13,6 +13,7 @@ from attention_cases import (
     assert_lse_close,
     assert_within_rule,
     make_problem,
+    max_err,
     poison,
     reference_lse,
     references,
@@ -413,6 +414,25 @@ def test_eager_function_matches_custom_op():
         results.append(torch.autograd.grad(out.square().sum() + stats.sum(), leaves))
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def test_lse_gradient_under_torch_compile():
+    # the custom ops' autograd (what torch.compile traces) takes the log-sum-exp's gradient
+    torch.manual_seed(2)
+    leaves = [torch.randn(1, 2, 64, 16, device=DEVICE, requires_grad=True) for _ in range(3)]
+    layout = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [1, 0, 1, 1]]])
+
+    def loss(q, k, v):
+        out, lse = block_sparse_attention(
+            q, k, v, layout, block=16, causal=True, backend="fused", return_lse=True
+        )
+        return out.square().sum() + lse.sum()
+
+    torch._dynamo.reset()
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(*leaves), leaves)
+    eager = torch.autograd.grad(loss(*leaves), leaves)
+    for a, e in zip(compiled, eager):
+        assert max_err(a, e) < 1e-5
 
 
 @pytest.mark.parametrize(

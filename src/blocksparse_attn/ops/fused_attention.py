@@ -154,7 +154,7 @@ def fused_attention_bwd(
     rpe_grad: bool,
     kpm_grad: bool,
     am_grad: bool,
-    grad_lse: Optional[Tensor],
+    grad_lse: Optional[Tensor] = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, drpe, dkpm, dam)`` (empty where not wanted): see
     ``kernels.fused_bwd.fused_attention_backward``; ``grad_lse``: the log-sum-exp's
@@ -203,7 +203,7 @@ def _(
     rpe_grad,
     kpm_grad,
     am_grad,
-    grad_lse,
+    grad_lse=None,
 ):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted else q.new_empty(0)
