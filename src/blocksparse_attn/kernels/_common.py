@@ -336,6 +336,18 @@ def _schedule(WORK, heads_per_layout_head, batch, tiles, H, GROUP: tl.constexpr)
 
 
 @triton.jit
+def _cut_list(SPLIT, FIRST, B, heads_per_layout_head, tiles, H):
+    """A merge program's cut list (one program per cut list and batch-head, in the order of
+    :func:`_schedule`): ``(tile, batch, head, first part, end part, rep, k)``; the slot of
+    part ``p`` is ``p * rep + k``."""
+    rep = B * heads_per_layout_head
+    s = tl.program_id(0) // rep
+    k = tl.program_id(0) % rep
+    tile, b, h = _list_head(tl.load(SPLIT + s), k, heads_per_layout_head, tiles, H)
+    return tile, b, h, tl.load(FIRST + s), tl.load(FIRST + s + 1), rep, k
+
+
+@triton.jit
 def _store_part(PARTS, slot, value, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     """Store a part's ``[BLOCK_R, BLOCK_D]`` fp32 result in its ``slot`` of ``PARTS``."""
     offs = tl.arange(0, BLOCK_R)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
@@ -360,13 +372,10 @@ def _sum_parts_kernel(
 ):
     """``OUT`` rows of each split list = ``scale *`` the sum of its parts (one program per
     split list and batch-head, in the order of :func:`_schedule`)."""
-    rep = B * heads_per_layout_head
-    s = tl.program_id(0) // rep
-    k = tl.program_id(0) % rep
-    tile, b, h = _list_head(tl.load(SPLIT + s), k, heads_per_layout_head, tiles, H)
+    tile, b, h, first, end, rep, k = _cut_list(SPLIT, FIRST, B, heads_per_layout_head, tiles, H)
     offs = tl.arange(0, BLOCK_R)[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
-    for part in range(tl.load(FIRST + s), tl.load(FIRST + s + 1)):
+    for part in range(first, end):
         acc += tl.load(PARTS + (part * rep + k).to(tl.int64) * (BLOCK_R * BLOCK_D) + offs)
     rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -374,12 +383,17 @@ def _sum_parts_kernel(
     _store_tile(OUT, b, h, rows, cols, acc * scale, ok)
 
 
+def programs_per_list(sched: dict) -> int:
+    """How many programs run each list (its batch-heads), from :func:`schedule_args`."""
+    return sched["B"] * sched["heads_per_layout_head"]
+
+
 def part_slots(work, sched: dict, rows: int, cols: int, spare: torch.Tensor) -> torch.Tensor:
     """The float32 buffer the parts of a launch write to, ``[slots, rows, cols]``
     (``sched``: :func:`schedule_args`); ``spare``, never written, when no list is cut."""
     if not work.parts:
         return spare
-    slots = work.parts * sched["B"] * sched["heads_per_layout_head"]
+    slots = work.parts * programs_per_list(sched)
     return empty((slots, rows, cols), torch.float32, spare.device)
 
 
@@ -388,7 +402,7 @@ def sum_parts(parts, out, work, sched: dict, H: int, L: int, rows: int, scale) -
     nothing when no list is cut)."""
     if not work.parts:
         return
-    _sum_parts_kernel[(work.split.numel() * sched["B"] * sched["heads_per_layout_head"],)](
+    _sum_parts_kernel[(work.split.numel() * programs_per_list(sched),)](
         PARTS=parts,
         OUT=matrix_args(out),
         SPLIT=work.split,

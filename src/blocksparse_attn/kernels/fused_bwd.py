@@ -36,6 +36,7 @@ from ._common import (
     matrix_args,
     natural_units,
     part_slots,
+    programs_per_list,
     prune_descriptors,
     schedule_args,
     sum_parts,
@@ -490,7 +491,7 @@ def fused_attention_backward(
     kv_config, q_config = configs or (None, None)
     idx = kv_index
     sched = schedule_args(layout, idx, B, H)
-    rep = sched["B"] * sched["heads_per_layout_head"]
+    rep = programs_per_list(sched)
     parts_k, parts_v = (part_slots(idx.cols, sched, kv_tiles.n, BLOCK_D, delta) for _ in range(2))
     launch(
         _bsa_bwd_dkdv_kernel,
@@ -516,7 +517,7 @@ def fused_attention_backward(
     sum_parts(parts_v, dv, idx.cols, sched, H, Lk, kv_tiles.n, 1.0)
     idx = q_index
     sched = schedule_args(layout, idx, B, H)
-    rep = sched["B"] * sched["heads_per_layout_head"]
+    rep = programs_per_list(sched)
     parts_q = part_slots(idx.rows, sched, q_tiles.m, BLOCK_D, delta)
     launch(
         _bsa_bwd_dq_kernel,

@@ -20,10 +20,10 @@ from ..index import get_density, get_index
 from ._common import (
     LN2,
     LOG2E,
+    _cut_list,
     _dot,
     _exp_diff,
     _keys_seen,
-    _list_head,
     _load_rows,
     _load_tile,
     _matrix,
@@ -39,6 +39,7 @@ from ._common import (
     matrix_args,
     natural_units,
     part_slots,
+    programs_per_list,
     prune_descriptors,
     schedule_args,
     unit_last_stride,
@@ -264,12 +265,7 @@ def _bsa_fwd_merge_kernel(
 ):
     """The output and row statistics of each cut row from its parts' unnormalised outputs,
     maxima and sums (one program per cut row and batch-head, as in :func:`_schedule`)."""
-    rep = B * heads_per_layout_head
-    s = tl.program_id(0) // rep
-    k = tl.program_id(0) % rep
-    tile, b, h = _list_head(tl.load(SPLIT + s), k, heads_per_layout_head, row_tiles, H)
-    first = tl.load(FIRST + s)
-    end = tl.load(FIRST + s + 1)
+    tile, b, h, first, end, rep, k = _cut_list(SPLIT, FIRST, B, heads_per_layout_head, row_tiles, H)
     offs_r = tl.arange(0, BLOCK_M)
     offs = offs_r[:, None] * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -383,7 +379,7 @@ def fused_attention_forward(
         ALLOW_DESC=descriptors_allowed(q, k, v),
         **masks,
     )
-    rep = sched["B"] * sched["heads_per_layout_head"]
+    rep = programs_per_list(sched)
     launch(_bsa_fwd_kernel, (index.rows.items.shape[0] * rep,), kwargs, config)
     if index.rows.parts:
         _bsa_fwd_merge_kernel[(index.rows.split.numel() * rep,)](
