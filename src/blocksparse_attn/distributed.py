@@ -19,12 +19,10 @@ Two strategies, both exact:
   shards each way (and as much again in the backward).
 * ``"kv_exchange"``: each rank keeps its queries and receives only the key/value blocks
   that its rows of the layout attend and that other ranks hold (for a window, the
-  neighbours' edges and the global blocks). While they travel, its rows attend its own
-  shard's keys (causal: each run of its blocks the keys before it and its own, the
-  diagonal where it is); then the received keys, the two results merged by log-sum-exp
-  (the unfused backend, which forms no log-sum-exp, waits and attends all keys at once).
-  Communication follows the layout's cross-shard blocks, not ``L``; the gradients of
-  received blocks go back to their owners in one collective and are summed there.
+  neighbours' edges and the global blocks), then attends its shard's keys after them, so
+  the causal diagonal stays where it is. Communication follows the layout's cross-shard
+  blocks, not ``L``; the gradients of received blocks go back to their owners and are
+  summed there.
 
 ``"auto"`` picks the one that moves fewer bytes per rank by the counts above (``kv_exchange``
 when ``H`` or ``H_kv`` is not divisible by ``P``). The layout is read on the host (it is
@@ -181,55 +179,47 @@ def _all_to_all(x, split, cat, group):
     return torch.cat(outputs.unbind(0), cat)
 
 
-class _Pending:
-    """Rows ``send[p]`` of ``x [B, h, n, D]`` (dim 2) on their way to rank ``p``, and
-    ``sizes[p]`` rows arriving from rank ``p``: one uneven all-to-all over a rows-first
-    buffer, started here and not waited for; :meth:`result` waits and gives
-    ``[B, h, sum(sizes), D]`` in rank order."""
-
-    def __init__(self, x, send, sizes, group):
-        B, h, _, D = x.shape
-        rows_first = x.detach().permute(2, 0, 1, 3)
-        self.sent = torch.cat([rows_first.index_select(0, r).reshape(-1) for r in send])
-        self.received = x.new_empty(sum(sizes) * B * h * D)
-        self.work = dist.all_to_all_single(
-            self.received,
-            self.sent,
-            output_split_sizes=[n * B * h * D for n in sizes],
-            input_split_sizes=[len(r) * B * h * D for r in send],
-            group=group,
-            async_op=True,
-        )
-        self.send, self.sizes, self.group, self.shape = send, sizes, group, x.shape
-
-    def result(self) -> torch.Tensor:
-        self.work.wait()
-        B, h, _, D = self.shape
-        return self.received.view(sum(self.sizes), B, h, D).permute(1, 2, 0, 3)
+def _exchange_rows(x, send, sizes, group):
+    """Rows ``send[p]`` of ``x [B, h, n, D]`` (dim 2) to rank ``p``; ``sizes[p]`` rows
+    arrive from rank ``p``: ``[B, h, sum(sizes), D]`` in rank order. One uneven
+    all-to-all over a rows-first buffer."""
+    B, h, _, D = x.shape
+    rows_first = x.permute(2, 0, 1, 3)
+    out_rows = sum(sizes)
+    send_buf = torch.cat([rows_first.index_select(0, r).reshape(-1) for r in send])
+    recv_buf = x.new_empty(out_rows * B * h * D)
+    dist.all_to_all_single(
+        recv_buf,
+        send_buf,
+        output_split_sizes=[n * B * h * D for n in sizes],
+        input_split_sizes=[len(r) * B * h * D for r in send],
+        group=group,
+    )
+    return recv_buf.view(out_rows, B, h, D).permute(1, 2, 0, 3)
 
 
 class _Exchange(torch.autograd.Function):
-    """The rows a :class:`_Pending` exchange of ``x`` received, differentiable: the
-    backward sends the gradients of the received rows back, and the owner adds them into
-    its rows (a row several ranks received sums their gradients)."""
+    """Send rows of this rank's shard to the ranks that need them (see
+    :func:`_exchange_rows`); the backward sends the gradients of the received rows back,
+    and the owner adds them into its rows (a row several ranks received sums their
+    gradients)."""
 
     @staticmethod
-    def forward(ctx, x, pending):
-        ctx.pending = pending
-        return pending.result()
+    def forward(ctx, x, send, sizes, group):
+        ctx.send, ctx.sizes, ctx.group, ctx.shape = send, sizes, group, x.shape
+        return _exchange_rows(x, send, sizes, group)
 
     @staticmethod
     def backward(ctx, grad):
-        p = ctx.pending
+        rows = [torch.arange(n, device=grad.device) for n in ctx.sizes]
         offsets = [0]
-        for n in p.sizes:
+        for n in ctx.sizes:
             offsets.append(offsets[-1] + n)
-        # every received row, back to its sender
-        back = [torch.arange(o, o + n, device=grad.device) for o, n in zip(offsets, p.sizes)]
-        returned = _Pending(grad.contiguous(), back, [len(r) for r in p.send], p.group)
-        dx = grad.new_zeros(p.shape)
-        dx.index_add_(2, torch.cat(p.send), returned.result())
-        return dx, None
+        back = [r + o for r, o in zip(rows, offsets)]  # every received row, to its sender
+        returned = _exchange_rows(grad.contiguous(), back, [len(r) for r in ctx.send], ctx.group)
+        dx = grad.new_zeros(ctx.shape)
+        dx.index_add_(2, torch.cat(ctx.send), returned)
+        return dx, None, None, None
 
 
 def _check_across_ranks(where, P, group, local: list) -> None:
@@ -450,11 +440,7 @@ def _by_heads(q, k, v, layout, grid, shards, masks, kw, attend):
 
 
 def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
-    """Each rank's rows against the key blocks they attend: its own shard's while the
-    others' are on their way, then the received ones, the two merged by log-sum-exp (the
-    unfused backend, which has no log-sum-exp, waits and attends all at once)."""
     block = kw["block"]
-    return_lse = kw["return_lse"]
     P, rank, group, own = shards.P, shards.rank, shards.group, shards.own
     kpm, kpm_mode, rpe = masks
     dev = q.device
@@ -474,77 +460,47 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     mine = needed[rank]
     received = torch.cat([mine[owner[mine] == p] for p in range(P)])  # by sender, ascending
     sizes = [int((owner[mine] == p).sum()) * block for p in range(P)]
+    k_in, v_in = (_Exchange.apply(t, send, sizes, group) for t in (k, v))
+    # keys here: the received blocks, then my shard's; each key block's place among them
+    kk = torch.cat([k_in, k], 2)
+    vv = torch.cat([v_in, v], 2)
+    here = torch.cat([received, own[rank]])
+    ascending, place = here.sort()  # the key blocks here in sequence order, and their places
     if kpm is not None:
         kpm = unshard_sequence(kpm, group, dim=1, order=shards.order)  # sequence order
-    # the exchange runs while my rows attend my own keys; keys and values travel together,
-    # so that the backward sends their gradients back in one collective on every rank
-    Hkv = k.shape[1]
-    kv = torch.cat([k, v], 1)
-    pending = _Pending(kv, send, sizes, group)
     # causal: each contiguous run of my blocks attends the keys before it and its own
-    # (bottom-right aligned); otherwise all my rows attend every key at once
+    # (bottom-right aligned); otherwise all my rows attend every key here at once
     runs = _runs(own[rank]) if kw["causal"] else [own[rank]]
-    spans, first = [], 0
+    outs, lses, first = [], [], 0
     for run in runs:
-        spans.append(slice(first, first + len(run) * block))
+        rows = slice(first, first + len(run) * block)
         first += len(run) * block
+        keys = here if not kw["causal"] else torch.cat([ascending[ascending < run[0]], run])
+        at = place[torch.searchsorted(ascending, keys)]  # places in here
+        token = (at[:, None] * block + torch.arange(block)).flatten().to(dev)
+        position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
 
-    def part(rows, run, blocks, keys, values, places, causal, tag):
-        """The run's rows against key ``blocks`` (global), held at block ``places`` of
-        ``keys`` / ``values``."""
-        token = (places[:, None] * block + torch.arange(block)).flatten().to(dev)
-        position = (blocks[:, None] * block + torch.arange(block)).flatten().to(dev)
+        def local(run=run, keys=keys):  # the run's rows, the columns of its keys
+            mine = grid[..., run, :][..., keys]
+            return _as_layout(mine, dev)
 
-        def local():  # the run's rows, the columns of these key blocks
-            return _as_layout(grid[..., run, :][..., blocks], dev)
-
-        key = ("cp-blocks", P, rank, shards.order, kw["causal"], tag, int(run[0]), str(dev))
-        return attend(
+        key = ("cp-blocks", P, rank, shards.order, kw["causal"], int(run[0]), str(dev))
+        lay = _cached(layout, key, local)
+        result = attend(
             q[:, :, rows],
-            keys.index_select(2, token),
-            values.index_select(2, token),
-            _cached(layout, key, local),
+            kk.index_select(2, token),
+            vv.index_select(2, token),
+            lay,
             key_padding_mask=None if kpm is None else kpm[:, position],
             key_padding_mask_mode=kpm_mode,
             rpe=None if rpe is None else rpe[..., rows, :].index_select(-1, position),
-            **dict(kw, causal=causal),
+            **kw,
         )
-
-    if kw["backend"] == "unfused":  # no log-sum-exp to merge by: every key at once
-        k_in, v_in = _Exchange.apply(kv, pending).split(Hkv, 1)
-        kk, vv = torch.cat([k_in, k], 2), torch.cat([v_in, v], 2)
-        here = torch.cat([received, own[rank]])  # the key blocks of kk, vv
-        ascending, place = here.sort()  # in sequence order, and their places in here
-        outs = []
-        for rows, run in zip(spans, runs):
-            blocks = here if not kw["causal"] else torch.cat([ascending[ascending < run[0]], run])
-            places = place[torch.searchsorted(ascending, blocks)]
-            outs.append(part(rows, run, blocks, kk, vv, places, kw["causal"], "all"))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    kw = dict(kw, return_lse=True)
-    mine_first = []
-    for rows, run in zip(spans, runs):  # my keys before the run and its own
-        blocks = own[rank] if not kw["causal"] else own[rank][own[rank] <= run[-1]]
-        places = local_block[blocks]
-        mine_first.append(part(rows, run, blocks, k, v, places, kw["causal"], "own"))
-    kv_in = _Exchange.apply(kv, pending)
-    k_in, v_in = kv_in.split(Hkv, 1)
-    outs, lses = [], []
-    for (rows, run), (out, lse) in zip(zip(spans, runs), mine_first):
-        # the received keys: all before the run under causal, so none is masked
-        pick = (
-            torch.ones_like(received, dtype=torch.bool) if not kw["causal"] else received < run[0]
-        )
-        if bool(pick.any()):
-            places = pick.nonzero().flatten()
-            other = part(rows, run, received[places], k_in, v_in, places, False, "received")
-            out, lse = _merge((out, lse), other)
+        out, lse = result if kw["return_lse"] else (result, None)
         outs.append(out)
         lses.append(lse)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    # every rank's backward runs the exchange's, even where nothing received was attended
-    out = _Tie.apply(out, kv_in)
-    if not return_lse:
+    if not kw["return_lse"]:
         return out
     return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
 
@@ -553,37 +509,6 @@ def _as_layout(grid: torch.Tensor, device) -> torch.Tensor:
     """A rank's part of the bool ``[B_l, H_l, ., .]`` grid as the layout it attends with
     (3-D when shared by the batch), one contiguous tensor on ``device``."""
     return (grid if grid.shape[0] > 1 else grid[0]).contiguous().to(device)
-
-
-class _Tie(torch.autograd.Function):
-    """``x`` unchanged, with ``other`` in its graph (a zero gradient goes to ``other``)."""
-
-    @staticmethod
-    def forward(ctx, x, other):
-        ctx.other = (other.shape, other.dtype, other.device)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        shape, dtype, device = ctx.other
-        return grad, torch.zeros(shape, dtype=dtype, device=device)
-
-
-def _merge(a, b):
-    """Attention over two key sets from each one's ``(out, lse)``: the outputs weighted
-    by ``exp(lse_i - lse)``, ``lse = log(exp(lse_a) + exp(lse_b))``; rows with no key in
-    either stay zero with ``-inf`` (no NaN in values or gradients)."""
-    (out_a, lse_a), (out_b, lse_b) = a, b
-    top = torch.maximum(lse_a, lse_b).detach()  # a shift: the result does not depend on it
-    top = torch.where(top.isfinite(), top, 0.0)
-    w_a, w_b = torch.exp(lse_a - top), torch.exp(lse_b - top)
-    total = w_a + w_b
-    some = total > 0
-    lse = torch.where(some, top + torch.log(torch.where(some, total, 1.0)), float("-inf"))
-    inv = torch.where(some, 1.0 / torch.where(some, total, 1.0), 0.0)
-    wide = torch.promote_types(out_a.dtype, torch.float32)  # fp64 stays fp64
-    out = (w_a * inv)[..., None] * out_a.to(wide) + (w_b * inv)[..., None] * out_b.to(wide)
-    return out.to(out_a.dtype), lse
 
 
 def _runs(blocks: torch.Tensor) -> list[torch.Tensor]:
