@@ -477,8 +477,10 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
         first += len(run) * block
         keys = here if not kw["causal"] else torch.cat([ascending[ascending < run[0]], run])
         at = place[torch.searchsorted(ascending, keys)]  # places in here
-        token = (at[:, None] * block + torch.arange(block)).flatten().to(dev)
-        position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
+        keys_here, values_here = _take_blocks(kk, vv, at, block)
+        position = None  # the keys' sequence positions, for the masks that need them
+        if kpm is not None or rpe is not None:
+            position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
 
         def local(run=run, keys=keys):  # the run's rows, the columns of its keys
             mine = grid[..., run, :][..., keys]
@@ -488,8 +490,8 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
         lay = _cached(layout, key, local)
         result = attend(
             q[:, :, rows],
-            kk.index_select(2, token),
-            vv.index_select(2, token),
+            keys_here,
+            values_here,
             lay,
             key_padding_mask=None if kpm is None else kpm[:, position],
             key_padding_mask_mode=kpm_mode,
@@ -503,6 +505,17 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     if not kw["return_lse"]:
         return out
     return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+
+
+def _take_blocks(k, v, at, block):
+    """Key blocks ``at`` (a host tensor of block places) of ``k`` and ``v`` (dim 2): a view
+    when they are one ascending run (all keys of a non-causal rank, or a causal rank whose
+    received blocks all precede its own), else a gathered copy."""
+    if len(at) and bool((at[1:] - at[:-1] == 1).all()):
+        first, n = int(at[0]) * block, len(at) * block
+        return k.narrow(2, first, n), v.narrow(2, first, n)
+    token = (at[:, None] * block + torch.arange(block)).flatten().to(k.device)
+    return k.index_select(2, token), v.index_select(2, token)
 
 
 def _as_layout(grid: torch.Tensor, device) -> torch.Tensor:
