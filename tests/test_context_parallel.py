@@ -304,3 +304,20 @@ def test_balanced_order_evens_causal_work():
     four = shard_work(dense, 4, "balanced", causal=True)
     assert max(four) - min(four) == 0
     assert sum(shard_work(dense, 4, "contiguous")) == 32 * 32  # without causal, every block
+
+
+def test_key_blocks_in_one_run_are_a_view():
+    """``kv_exchange`` takes the key blocks a rank attends as a view of its gathered keys
+    when they form one ascending run, and gathers them otherwise; both equal the gather."""
+    from blocksparse_attn.distributed import _take_blocks
+
+    k, v = torch.randn(2, 3, 6 * 4, 5), torch.randn(2, 3, 6 * 4, 5)
+
+    def gathered(t, at):
+        token = (at[:, None] * 4 + torch.arange(4)).flatten()
+        return t.index_select(2, token)
+
+    for at, view in ((torch.tensor([1, 2, 3]), True), (torch.tensor([0, 2, 5]), False)):
+        kt, vt = _take_blocks(k, v, at, 4)
+        assert torch.equal(kt, gathered(k, at)) and torch.equal(vt, gathered(v, at))
+        assert (kt.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()) == view
