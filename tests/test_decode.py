@@ -3,6 +3,7 @@ each sequence's keys (one new token on the cache in place, several new tokens, w
 appending, a paged cache, block lists), the append itself, and the errors."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -312,6 +313,7 @@ def test_errors():
     assert_raises_with(ValueError, ["cache_seqlens", "room for the new tokens"], call, seqlens=full)
     assert_raises_with(ValueError, ["cache_seqlens", "int32"], call, seqlens=seqlens.long())
     assert_raises_with(ValueError, ["k_new, v_new", "both or neither"], call, v_new=None)
+    assert_raises_with(ValueError, ["scale must be a finite float", "nan"], call, scale=math.nan)
     wrong_rows = KVBlocks.from_layout(torch.ones(1, HKV, 4, 4, dtype=torch.long, device=DEVICE))
     expected = "KVBlocks of shape [1 or 3, 1, 2 or 4, 8]"
     assert_raises_with(ValueError, [expected, "(1, 2, 4)"], call, layout=wrong_rows)

@@ -176,7 +176,9 @@ def test_gradcheck_fp64_with_rpe_and_masks():
             ["layout must be an integer or bool tensor"],
         ),
         (lambda a: a.update(block=0), ["block must be a positive int"]),
-        (lambda a: a.update(scale="x"), ["scale must be a float or None"]),
+        (lambda a: a.update(scale="x"), ["scale must be a finite float or None"]),
+        (lambda a: a.update(scale=float("nan")), ["scale must be a finite float or None", "nan"]),
+        (lambda a: a.update(scale=float("inf")), ["scale must be a finite float or None", "inf"]),
         (
             lambda a: a.update(key_padding_mask_mode="sub"),
             ["key_padding_mask_mode must be 'add' or 'mul'"],

@@ -4,6 +4,7 @@ given and a fix."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,16 @@ class AttentionInputs:
     attn_mask: torch.Tensor | None
     key_padding_mask_mode: str
     attn_mask_mode: str
+
+
+def check_scale(where: str, scale, head_dim: int) -> float:
+    """``scale`` as a float: ``head_dim ** -0.5`` for None; a finite number otherwise (NaN
+    or inf would turn every score into NaN without an error)."""
+    if scale is None:
+        return head_dim**-0.5
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise bad_argument(where, "scale", "a finite float or None (1/sqrt(D))", repr(scale))
+    return float(scale)
 
 
 def check_block(where: str, block: object) -> None:
@@ -181,10 +192,7 @@ def check_attention_inputs(
                 "and mask the padding with key_padding_mask.",
             )
     layout = check_layout(where, layout, B, H, Hkv, Lq // block, Lk // block, q.device)
-    if scale is None:
-        scale = D**-0.5
-    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
-        raise bad_argument(where, "scale", "a float or None (1/sqrt(D))", repr(scale))
+    scale = check_scale(where, scale, D)
     check_mode(where, "key_padding_mask_mode", key_padding_mask_mode)
     check_mode(where, "attn_mask_mode", attn_mask_mode)
     rpe = check_rpe(where, rpe, (B, H, Lq, Lk), q.device)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import bad_argument, describe
-from ._inputs import capturing, check_block, check_layout
+from ._inputs import capturing, check_block, check_layout, check_scale
 from .kv_blocks import KVBlocks, source_grid, source_lists
 
 
@@ -107,7 +107,7 @@ def _decode_kernel(
         num,
         idx,
         block=block,
-        scale=D**-0.5 if scale is None else float(scale),
+        scale=scale,
         added=added,
         block_table=block_table,
         first_key=first_key,
@@ -310,6 +310,7 @@ def block_sparse_decode(
             raise bad_argument(where, name, "a 4-D tensor [B, L_max, H_kv, D]", describe(t))
     check_block(where, block)
     B, L_new, H, D = q.shape
+    scale = check_scale(where, scale, D)
     if (
         not isinstance(cache_seqlens, torch.Tensor)
         or cache_seqlens.shape != (B,)
