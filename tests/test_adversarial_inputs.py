@@ -268,6 +268,56 @@ def test_finfo_min_padding_of_a_whole_row(monkeypatch, backend):
         assert max_err(a, e) < 1e-4
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_masks_summing_past_float32(monkeypatch, backend):
+    """Two finfo.min entries on one key (a padded key under a masked attn_mask entry) sum to
+    -inf in float32, so the key is masked; a row left with only such keys has nothing to
+    attend: zero output, log-sum-exp -inf and no gradient, also through a loss of the
+    log-sum-exp guarded by ``where(isfinite)`` (the reference's was NaN there)."""
+    poison(monkeypatch)
+    lowest = torch.finfo(torch.float32).min
+    q, k, v = qkv(1, 2, 32, 16, grad=True)
+    kpm = torch.full((1, 32), lowest, device=DEVICE)
+    kpm[0, :4] = 0.0  # keys 0-3 not padded
+    am = torch.zeros(32, 32, device=DEVICE)
+    am[3, :4] = -math.inf  # row 3: keys 0-3 masked, the padded keys under finfo.min too
+    am[3, 4:] = lowest
+    kpm.requires_grad_()
+    am.requires_grad_()
+    layout = torch.ones(1, 2, 2, dtype=torch.int64)
+    kw = dict(block=16, key_padding_mask=kpm, attn_mask=am, attn_mask_mode="add")
+    with_lse = backend != "unfused"
+    result = block_sparse_attention(q, k, v, layout, backend=backend, return_lse=with_lse, **kw)
+    out, lse = result if with_lse else (result, None)
+    assert torch.equal(out[:, :, 3], torch.zeros_like(out[:, :, 3]))
+    go = torch.randn_like(out)
+    outputs, seeds = [out], [go]
+    if with_lse:
+        assert lse[:, :, 3].isneginf().all() and lse[:, :, [0, 1, 2, 4]].isfinite().all()
+        glse = torch.randn_like(lse)
+        outputs.append(torch.where(lse.isfinite(), lse, 0.0))
+        seeds.append(glse)
+    got = torch.autograd.grad(outputs, (q, k, v, kpm, am), seeds)
+    # the fp64 rule: the float32 sum's -inf written into the mask
+    am64 = torch.where(torch.isneginf(kpm.detach() + am.detach()), -math.inf, am.detach())
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v, kpm, am64)]
+    ref, ref_lse = reference_attention(
+        *leaves[:3],
+        layout,
+        block=16,
+        key_padding_mask=leaves[3],
+        attn_mask=leaves[4],
+        attn_mask_mode="add",
+        return_lse=True,
+    )
+    assert max_err(out, ref) < 1e-5
+    ref_out = [ref, torch.where(ref_lse.isfinite(), ref_lse, 0.0)][: len(outputs)]
+    want = torch.autograd.grad(ref_out, leaves, [t.double() for t in seeds])
+    for name, a, e in zip(("q", "k", "v", "kpm", "am"), got, want):
+        assert not a.isnan().any(), name
+        assert max_err(a, e) < 1e-4, name
+
+
 # --- 7. fp16 overflow and rounding of the scores on the unfused path ------------------------
 def test_unfused_fp16_large_products(monkeypatch):
     poison(monkeypatch)

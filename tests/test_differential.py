@@ -142,6 +142,26 @@ def _finite(lse):
     return torch.where(lse.isfinite(), lse, 0.0)
 
 
+def _past_float32(kw):
+    """Where the additive terms (``rpe``, masks in 'add' mode), summed in float32 as the
+    backends sum them, pass float32's range though none of them is ``-inf`` (two
+    ``finfo.min`` entries meet): masked keys by the library's rule, finite in fp64. A bool
+    tensor broadcastable to ``[B, H, L_q, L_k]``, or None."""
+    terms = []
+    if kw.get("rpe") is not None:
+        terms.append(kw["rpe"].float())
+    if kw.get("key_padding_mask") is not None and kw.get("key_padding_mask_mode") == "add":
+        terms.append(kw["key_padding_mask"].float()[:, None, None, :])
+    if kw.get("attn_mask") is not None and kw.get("attn_mask_mode") == "add":
+        terms.append(kw["attn_mask"].float())
+    if len(terms) < 2:
+        return None
+    total = sum(terms[1:], terms[0])
+    hidden = torch.stack(torch.broadcast_tensors(*(t.isneginf() for t in terms))).any(0)
+    past = total.isneginf() & ~hidden
+    return past if past.any() else None
+
+
 def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype, grad_lse=None):
     """Reference output, lse and gradients, computed in ``compute_dtype`` (fp64: the
     oracle, every tensor in fp64; the input dtype: plain PyTorch's own error). Gradients
@@ -152,11 +172,15 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype, grad_lse=Non
         return (t.detach().double() if oracle else t.detach().clone()).requires_grad_()
 
     leaves = [leaf(t) for t in (q, k, v)]
+    past = _past_float32(kw) if oracle else None
     kw = dict(kw)
     for name in ["rpe", *masks]:
         if name in kw:
             kw[name] = leaf(kw[name])
             leaves.append(kw[name])
+    if past is not None:  # the float32 sum's -inf, through rpe (its gradient is 0 there)
+        rpe = kw.get("rpe", torch.zeros((), dtype=torch.float64, device=q.device))
+        kw["rpe"] = torch.where(past.to(q.device), float("-inf"), rpe)
     out, lse = reference_attention(
         *leaves[:3], layout, return_lse=True, compute_dtype=compute_dtype, **kw
     )

@@ -118,7 +118,12 @@ def reference_attention(
     out = torch.where(sees_bad_value, float("nan"), out).to(q.dtype)
     if not return_lse:
         return out
-    return out, (m + torch.log(denom)).squeeze(-1)
+    # rows with nothing to attend: -inf, and no gradient (log(0)'s infinite slope times a
+    # zero seed would be NaN, and reach q, k and the masks where the row was emptied by
+    # finite masks whose sum passed the compute dtype's range)
+    some = denom > 0
+    lse = torch.where(some, m + torch.log(torch.where(some, denom, 1.0)), float("-inf"))
+    return out, lse.squeeze(-1)
 
 
 def _add_bias(s: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
