@@ -1,11 +1,23 @@
 """Helpers shared by the tests: the device they run on, error-message checks, layout
 pictures. (Kernel-test helpers: ``attention_cases.py``.)"""
 
+import os
+
 import pytest
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+
+# property-based tests: their fixed examples by default (derandomised, as CI runs them);
+# BLOCKSPARSE_ATTN_EXAMPLES=N draws N fresh random examples per test instead (pick the seed
+# with pytest's --hypothesis-seed to repeat a run)
+EXPLORE = os.environ.get("BLOCKSPARSE_ATTN_EXAMPLES")
+
+
+def examples(default: int) -> int:
+    """How many examples a property-based test draws: ``default``, or the exploration count."""
+    return int(EXPLORE) if EXPLORE else default
 
 
 def assert_raises_with(error, words, fn, *args, **kwargs):

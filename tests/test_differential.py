@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from blocksparse_attn import KVBlocks, block_sparse_attention, reference_attention
 
 from attention_cases import assert_lse_close, assert_within_rule, poison
-from helpers import DEVICE, ON_GPU
+from helpers import DEVICE, EXPLORE, ON_GPU, examples
 
 pytestmark = pytest.mark.interpreter
 
@@ -195,10 +195,10 @@ def _reference(q, k, v, layout, kw, masks, grad_out, compute_dtype, grad_lse=Non
 @pytest.mark.parametrize("backend", ["fused", "unfused", "reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @settings(
-    max_examples=EXAMPLES,
+    max_examples=examples(EXAMPLES),
     phases=PHASES,
     deadline=None,
-    derandomize=True,
+    derandomize=not EXPLORE,
     database=None,
     suppress_health_check=[
         HealthCheck.function_scoped_fixture,

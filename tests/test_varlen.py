@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from blocksparse_attn import FixedSparsityConfig, KVBlocks, block_sparse_attention_varlen
 
 from attention_cases import max_err, poison
-from helpers import DEVICE, assert_raises_with
+from helpers import DEVICE, EXPLORE, assert_raises_with, examples
 
 pytestmark = pytest.mark.interpreter
 
@@ -225,9 +225,9 @@ def test_errors():
 
 
 @settings(
-    max_examples=10 if DEVICE == "cpu" else 25,
+    max_examples=examples(10 if DEVICE == "cpu" else 25),
     deadline=None,
-    derandomize=True,
+    derandomize=not EXPLORE,
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
