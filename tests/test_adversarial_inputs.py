@@ -180,6 +180,29 @@ def test_reference_keeps_nonfinite_values_to_the_queries_that_see_them():
     assert torch.isfinite(out[:, :, :40]).all() and torch.isnan(out[:, :, 40:]).all()
 
 
+def test_reference_log_sum_exp_of_nan_and_empty_rows():
+    """A NaN key score makes the log-sum-exp of the queries that see it NaN; a query with
+    nothing to attend gets -inf; the others stay finite."""
+    q, k, v = qkv(1, 1, 64, 8)
+    k[:, :, 40] = math.nan
+    am = torch.zeros(64, 64, device=DEVICE)
+    am[5] = -math.inf  # query 5 sees nothing
+    _, lse = reference_attention(
+        q,
+        k,
+        v,
+        torch.ones(1, 4, 4, dtype=torch.int64),
+        block=16,
+        causal=True,
+        attn_mask=am,
+        attn_mask_mode="add",
+        return_lse=True,
+    )
+    lse = lse[0, 0]
+    assert lse[5].isneginf() and torch.isnan(lse[40:]).all()
+    assert torch.isfinite(lse[:40][torch.arange(40) != 5]).all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("which", ["attn_mask_mul", "attn_mask_add", "kpm_add_nan_score"])
 def test_masked_scores_are_replaced(backend, which):

@@ -121,8 +121,8 @@ def reference_attention(
     # rows with nothing to attend: -inf, and no gradient (log(0)'s infinite slope times a
     # zero seed would be NaN, and reach q, k and the masks where the row was emptied by
     # finite masks whose sum passed the compute dtype's range)
-    some = denom > 0
-    lse = torch.where(some, m + torch.log(torch.where(some, denom, 1.0)), float("-inf"))
+    empty = denom == 0  # not NaN: a NaN score keeps its row's log-sum-exp NaN
+    lse = torch.where(empty, float("-inf"), m + torch.log(torch.where(empty, 1.0, denom)))
     return out, lse.squeeze(-1)
 
 
