@@ -451,12 +451,9 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
         owner[blocks] = p
         local_block[blocks] = torch.arange(len(blocks))
 
-    def rows_of(blocks):  # token rows (within their owner's shard) of global key blocks
-        offs = torch.arange(block)
-        return (local_block[blocks][:, None] * block + offs).flatten().to(dev)
-
-    # what I send to each rank: the blocks of my shard it needs; what I receive from each
-    send = [rows_of(n[owner[n] == rank]) for n in needed]
+    # what I send to each rank: the token rows (in my shard) of the blocks it needs; what
+    # I receive from each
+    send = [_block_tokens(local_block[n[owner[n] == rank]], block, dev) for n in needed]
     mine = needed[rank]
     received = torch.cat([mine[owner[mine] == p] for p in range(P)])  # by sender, ascending
     sizes = [int((owner[mine] == p).sum()) * block for p in range(P)]
@@ -480,7 +477,7 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
         keys_here, values_here = _take_blocks(kk, vv, at, block)
         position = None  # the keys' sequence positions, for the masks that need them
         if kpm is not None or rpe is not None:
-            position = (keys[:, None] * block + torch.arange(block)).flatten().to(dev)
+            position = _block_tokens(keys, block, dev)
 
         def local(run=run, keys=keys):  # the run's rows, the columns of its keys
             mine = grid[..., run, :][..., keys]
@@ -514,8 +511,14 @@ def _take_blocks(k, v, at, block):
     if len(at) and bool((at[1:] - at[:-1] == 1).all()):
         first, n = int(at[0]) * block, len(at) * block
         return k.narrow(2, first, n), v.narrow(2, first, n)
-    token = (at[:, None] * block + torch.arange(block)).flatten().to(k.device)
+    token = _block_tokens(at, block, k.device)
     return k.index_select(2, token), v.index_select(2, token)
+
+
+def _block_tokens(blocks: torch.Tensor, block: int, device) -> torch.Tensor:
+    """The token indices of ``blocks`` (a host tensor of block numbers), in order, on
+    ``device``."""
+    return (blocks[:, None] * block + torch.arange(block)).flatten().to(device)
 
 
 def _as_layout(grid: torch.Tensor, device) -> torch.Tensor:
