@@ -51,14 +51,20 @@ def layouts():
     }
 
 
-def _exact(rank, P, init_file, gpu=False):
-    """Every strategy against one process's result: fp64 on the reference backend over
-    gloo, or fp32 on the fused kernels over NCCL (one GPU per rank)."""
+def _join(rank, P, init_file, gpu=False):
+    """Join the ``P``-process group through ``init_file``: gloo on CPU, or NCCL with one GPU
+    per rank."""
     if gpu:
         torch.cuda.set_device(rank)
     dist.init_process_group(
         "nccl" if gpu else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=P
     )
+
+
+def _exact(rank, P, init_file, gpu=False):
+    """Every strategy against one process's result: fp64 on the reference backend over
+    gloo, or fp32 on the fused kernels over NCCL (one GPU per rank)."""
+    _join(rank, P, init_file, gpu)
     dtype, dev = (torch.float32, "cuda") if gpu else (torch.float64, "cpu")
     tol = 2e-4 if gpu else 1e-9
     try:
@@ -129,11 +135,7 @@ def test_strategies_on_two_gpus_with_nccl(tmp_path):
 def _unfused(rank, P, init_file, gpu=False):
     """``kv_exchange`` on the unfused operators (no log-sum-exp: all keys in one call): CPU
     tensors over gloo (the kernels under Triton's interpreter), or one GPU per rank over NCCL."""
-    if gpu:
-        torch.cuda.set_device(rank)
-    dist.init_process_group(
-        "nccl" if gpu else "gloo", init_method=f"file://{init_file}", rank=rank, world_size=P
-    )
+    _join(rank, P, init_file, gpu)
     try:
         torch.manual_seed(0)
         dev = "cuda" if gpu else "cpu"
@@ -173,7 +175,7 @@ def test_key_exchange_on_the_unfused_backend_with_nccl(tmp_path):
 
 
 def _module(rank, P, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    _join(rank, P, init_file)
     try:
         from blocksparse_attn import SparseSelfAttention
 
@@ -209,7 +211,7 @@ def test_module_with_a_context_parallel_group(tmp_path):
 
 
 def _bad(rank, P, init_file, errors):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    _join(rank, P, init_file)
     try:
         layout = torch.ones(L // BLOCK, L // BLOCK, dtype=torch.long)
         S = L // P if rank == 0 else L // P - BLOCK  # rank 1's shard is a block short
@@ -270,7 +272,7 @@ def test_not_initialised_is_an_error():
 
 
 def _round_trip(rank, P, init_file):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=P)
+    _join(rank, P, init_file)
     try:
         x = torch.arange(2 * 48, dtype=torch.float64).view(2, 48).requires_grad_()
         for order in ORDERS:
