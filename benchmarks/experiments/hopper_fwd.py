@@ -1,0 +1,376 @@
+"""Experiment (Hopper, sm90): is a Gluon forward with TMA loads and asynchronous warpgroup
+matrix products faster than the Triton forward on block-128 layouts? A first step toward
+Hopper-native kernels, before warp specialisation.
+
+The kernel walks a query tile's row list of the compiled index (128x128 tiles, the layout
+block 128, so no sub-block masks): Q once through TMA; K and V through TMA into a
+two-stage ring, one tile ahead; the scores of tile ``i + 1`` (an asynchronous
+``warpgroup_mma``) run while tile ``i``'s softmax is computed, and ``P V`` of tile ``i``
+after it. Two warpgroups share the 128 query rows. Covered: fp16/bf16, head dims 64 and
+128, sequence lengths that are multiples of 128, causal (square), grouped K/V heads; no
+masks, no rpe, lists not cut into parts (the script checks each case's index).
+
+Each case prints the largest difference from the Triton forward, both forward times
+(``do_bench``) and the effective TFLOP/s on the computed tiles. Writes
+``$OUT/hopper_fwd.json``. Compiles on any machine for sm90 with ``--compile-only``
+(no GPU needed); runs only on a Hopper GPU.
+
+    python3 benchmarks/experiments/hopper_fwd.py [--compile-only]
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+TILE = 128  # query and key tile: the layout block
+WARPS = 8  # two warpgroups of 64 query rows each
+STAGES = 2  # K and V buffers
+
+
+@gluon.jit
+def _softmax_step(
+    s,
+    m_i,
+    l_i,
+    acc,
+    offs_m,
+    j,
+    causal_shift,
+    qk_scale,
+    BLOCK_N: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    s_layout: gl.constexpr,
+    o_layout: gl.constexpr,
+):
+    """One key tile's online-softmax update: the probabilities ``p`` (fp32, ``s_layout``),
+    the running maximum and sum, and the accumulator rescaled (``o_layout``)."""
+    if CAUSAL:
+        offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        visible = offs_n[None, :] <= offs_m[:, None] + causal_shift
+        s = gl.where(visible, s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
+    m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen nothing yet
+    p = gl.exp2(s * qk_scale - m_use[:, None])
+    alpha = gl.exp2(m_i - m_use)
+    l_i = l_i * alpha + gl.sum(p, 1)
+    alpha_o = gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))
+    acc = acc * alpha_o[:, None]
+    return p, m_new, l_i, acc
+
+
+@gluon.jit
+def _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, stage, kv_row):
+    mbarrier.expect(k_bar.index(stage), k_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [kv_row, 0], k_bar.index(stage), k_smem.index(stage))
+    mbarrier.expect(v_bar.index(stage), v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(v_desc, [kv_row, 0], v_bar.index(stage), v_smem.index(stage))
+
+
+@gluon.jit
+def _hopper_fwd_kernel(
+    q_desc,  # [B * H * L, D], block [BLOCK_M, D]
+    k_desc,  # [B * H_kv * L, D], block [BLOCK_N, D]
+    v_desc,
+    o_desc,  # like q_desc
+    LSE,  # [B, H, L] fp32, natural log
+    row_ptr,
+    row_idx,
+    H,
+    L,
+    row_tiles,
+    layout_heads,
+    kv_group,
+    qk_scale,
+    HEAD_DIM: gl.constexpr,
+    BLOCK_M: gl.constexpr,
+    BLOCK_N: gl.constexpr,
+    CAUSAL: gl.constexpr,
+    num_warps: gl.constexpr,
+):
+    pid_m = gl.program_id(0)
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // kv_group
+    H_kv = H // kv_group
+    row = (h % layout_heads) * row_tiles + pid_m
+    start = gl.load(row_ptr + row)
+    end = gl.load(row_ptr + row + 1)
+    q_row = bh * L + pid_m * BLOCK_M
+    kv_base = (b * H_kv + hk) * L
+
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
+    )
+    o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
+    )
+    p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+    dtype: gl.constexpr = q_desc.dtype
+
+    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
+    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    v_bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_bar, count=1)
+    for st in gl.static_range(2):
+        mbarrier.init(k_bar.index(st), count=1)
+        mbarrier.init(v_bar.index(st), count=1)
+
+    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+    acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
+    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+
+    n = end - start
+    mbarrier.expect(q_bar, q_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
+    if n > 0:
+        j0 = gl.load(row_idx + start)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, 0, kv_base + j0 * BLOCK_N)
+    if n > 1:
+        j1 = gl.load(row_idx + start + 1)
+        _load_kv(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, 1, kv_base + j1 * BLOCK_N)
+    mbarrier.wait(q_bar, 0)
+
+    if n > 0:
+        # the scores of the first tile
+        mbarrier.wait(k_bar.index(0), 0)
+        s = warpgroup_mma(
+            q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s,))
+        j = gl.load(row_idx + start)
+        for i in range(0, n - 1):
+            stage = i % 2
+            nxt = (i + 1) % 2
+            # the next tile's scores start while this tile's softmax runs
+            mbarrier.wait(k_bar.index(nxt), ((i + 1) // 2) & 1)
+            s_next = warpgroup_mma(
+                q_smem, k_smem.index(nxt).permute((1, 0)), s_zero, use_acc=False, is_async=True
+            )
+            p, m_i, l_i, acc = _softmax_step(
+                s, m_i, l_i, acc, offs_m, j, 0, qk_scale, BLOCK_N, CAUSAL, s_layout, o_layout
+            )
+            p = gl.convert_layout(p.to(dtype), p_layout)
+            mbarrier.wait(v_bar.index(stage), (i // 2) & 1)
+            acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            # this stage's K and V are read: the tile after next goes there
+            if i + 2 < n:
+                j2 = gl.load(row_idx + start + i + 2)
+                _load_kv(
+                    k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, stage, kv_base + j2 * BLOCK_N
+                )
+            j = gl.load(row_idx + start + i + 1)
+        last = n - 1
+        p, m_i, l_i, acc = _softmax_step(
+            s, m_i, l_i, acc, offs_m, j, 0, qk_scale, BLOCK_N, CAUSAL, s_layout, o_layout
+        )
+        p = gl.convert_layout(p.to(dtype), p_layout)
+        mbarrier.wait(v_bar.index(last % 2), (last // 2) & 1)
+        acc = warpgroup_mma(p, v_smem.index(last % 2), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+
+    mbarrier.invalidate(q_bar)
+    for st in gl.static_range(2):
+        mbarrier.invalidate(k_bar.index(st))
+        mbarrier.invalidate(v_bar.index(st))
+
+    has = l_i > 0
+    l_safe = gl.where(has, l_i, 1.0)
+    out = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+    q_smem.store(out.to(dtype))  # Q is read: its buffer takes the output
+    fence_async_shared()
+    tma.async_copy_shared_to_global(o_desc, [q_row, 0], q_smem)
+    lse = gl.where(has, (m_i + gl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    gl.store(LSE + bh * L + offs_m, lse)
+    tma.store_wait(pendings=0)
+
+
+def _descriptors(q, k, v, out):
+    D = q.shape[-1]
+    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
+    lay = gl.NVMMASharedLayout.get_default_for([TILE, D], dt)
+
+    def desc(t):
+        flat = t.reshape(-1, D)
+        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [TILE, D], lay)
+
+    return desc(q), desc(k), desc(v), desc(out)
+
+
+def hopper_forward(q, k, v, index, *, causal, scale):
+    """Forward of ``[B, H, L, D]`` inputs (contiguous, L a multiple of 128) over a compiled
+    index of 128x128 tiles; ``(out, lse)``."""
+    B, H, L, D = q.shape
+    out = torch.empty_like(q)
+    lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
+    qd, kd, vd, od = _descriptors(q, k, v, out)
+    _hopper_fwd_kernel[(L // TILE, B * H)](
+        qd,
+        kd,
+        vd,
+        od,
+        lse,
+        index.row_ptr,
+        index.row_idx,
+        H,
+        L,
+        index.row_tiles,
+        index.heads,
+        H // k.shape[1],
+        scale * math.log2(math.e),
+        HEAD_DIM=D,
+        BLOCK_M=TILE,
+        BLOCK_N=TILE,
+        CAUSAL=causal,
+        num_warps=WARPS,
+    )
+    return out, lse
+
+
+def compile_only() -> None:
+    """Compile the kernel for sm90 without a GPU (bf16, head dims 64 and 128, causal or
+    not): the layouts, shared memory and pipeline type-check and lower to a cubin."""
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    for D in (64, 128):
+        for causal in (False, True):
+            t = torch.zeros(4 * TILE, D, dtype=torch.bfloat16)
+            lay = gl.NVMMASharedLayout.get_default_for([TILE, D], gl.bfloat16)
+            desc = mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), [TILE, D], lay))
+            sig = dict(
+                q_desc=desc,
+                k_desc=desc,
+                v_desc=desc,
+                o_desc=desc,
+                LSE="*fp32",
+                row_ptr="*i32",
+                row_idx="*i32",
+                H="i32",
+                L="i32",
+                row_tiles="i32",
+                layout_heads="i32",
+                kv_group="i32",
+                qk_scale="fp32",
+                HEAD_DIM="constexpr",
+                BLOCK_M="constexpr",
+                BLOCK_N="constexpr",
+                CAUSAL="constexpr",
+                num_warps="constexpr",
+            )
+            consts = dict(HEAD_DIM=D, BLOCK_M=TILE, BLOCK_N=TILE, CAUSAL=causal, num_warps=WARPS)
+            src = GluonASTSource(_hopper_fwd_kernel, signature=sig, constexprs=consts)
+            kernel = triton.compile(
+                src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS)
+            )
+            print(
+                f"D={D} causal={causal}: compiled, shared memory {kernel.metadata.shared} bytes",
+                flush=True,
+            )
+
+
+def main() -> None:
+    from triton.testing import do_bench
+
+    from blocksparse_attn import block_sparse_attention
+    from blocksparse_attn import index as index_module
+    from blocksparse_attn.index import get_index
+    from blocksparse_attn.tools.bench_cases import pattern_layout
+
+    cases = [  # name, pattern, density, L, B, H, D, causal
+        ("dense", "dense", None, 8192, 4, 8, 128, False),
+        ("causal (token)", "causal_dense", None, 8192, 4, 8, 128, True),
+        ("window_global", "window_global", None, 16384, 2, 8, 128, False),
+        ("random 11%", "random", 0.11, 8192, 4, 8, 128, False),
+        ("dense D64", "dense", None, 8192, 4, 16, 64, False),
+        ("window_global D64", "window_global", None, 16384, 2, 16, 64, False),
+    ]
+    rows = []
+    name = torch.cuda.get_device_name()
+    for label, pattern, density, L, B, H, D, causal in cases:
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        layout = pattern_layout(pattern, L, TILE, density).cuda()
+        scale = D**-0.5
+        # this kernel walks each row list whole: an index of its own with no list cut
+        whole, index_module.PART_MIN = index_module.PART_MIN, 1 << 30
+        try:
+            index = get_index(
+                layout.clone(),
+                TILE,
+                q_len=L,
+                k_len=L,
+                tile_m=TILE,
+                tile_n=TILE,
+                causal=causal,
+                device=q.device,
+            )
+        finally:
+            index_module.PART_MIN = whole
+        assert not index.split_tiles and not index.rows.parts
+        want = block_sparse_attention(q, k, v, layout, block=TILE, causal=causal, backend="fused")
+        got, _ = hopper_forward(q, k, v, index, causal=causal, scale=scale)
+        torch.cuda.synchronize()
+        err = float((got.float() - want.float()).abs().max())
+        t_gluon = do_bench(lambda: hopper_forward(q, k, v, index, causal=causal, scale=scale))
+        t_triton = do_bench(
+            lambda: block_sparse_attention(
+                q, k, v, layout, block=TILE, causal=causal, backend="fused"
+            )
+        )
+        tiles = index.nnz * (H // index.heads) * B
+        flops = 4 * tiles * TILE * TILE * D
+        row = dict(
+            case=label,
+            L=L,
+            B=B,
+            H=H,
+            D=D,
+            causal=causal,
+            max_diff=err,
+            gluon_ms=t_gluon,
+            triton_ms=t_triton,
+            gluon_tf=flops / t_gluon * 1e-9,
+            triton_tf=flops / t_triton * 1e-9,
+            triton_over_gluon=t_triton / t_gluon,
+        )
+        rows.append(row)
+        print(row, flush=True)
+    out = os.environ.get("OUT", ".")
+    with open(os.path.join(out, "hopper_fwd.json"), "w") as f:
+        json.dump(
+            dict(gpu=name, torch=torch.__version__, triton=triton.__version__, rows=rows),
+            f,
+            indent=1,
+        )
+
+
+if __name__ == "__main__":
+    if "--compile-only" in sys.argv:
+        compile_only()
+    else:
+        main()
