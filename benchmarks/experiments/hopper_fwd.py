@@ -175,7 +175,7 @@ def _hopper_fwd_kernel(
             mbarrier.wait(v_bar.index(stage), (i // 2) & 1)
             acc = warpgroup_mma(p, v_smem.index(stage), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_next,))
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+            acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))  # p: read by the MMA
             # this stage's K and V are read: the tile after next goes there
             if i + 2 < n:
                 j2 = gl.load(row_idx + start + i + 2)
@@ -190,7 +190,7 @@ def _hopper_fwd_kernel(
         p = gl.convert_layout(p.to(dtype), p_layout)
         mbarrier.wait(v_bar.index(last % 2), (last // 2) & 1)
         acc = warpgroup_mma(p, v_smem.index(last % 2), acc, is_async=True)
-        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc,))
+        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))  # p: read by the MMA
 
     mbarrier.invalidate(q_bar)
     for st in gl.static_range(2):
