@@ -81,7 +81,7 @@ def _hopper_dkdv_kernel(
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     h = bh % H
-    col = (h % layout_heads) * col_tiles + pid_n
+    col = (h // (H // layout_heads)) * col_tiles + pid_n
     start = gl.load(col_ptr + col)
     end = gl.load(col_ptr + col + 1)
     k_row = bh * L + pid_n * BLOCK_N
@@ -195,7 +195,7 @@ def _hopper_dq_kernel(
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     h = bh % H
-    row = (h % layout_heads) * row_tiles + pid_m
+    row = (h // (H // layout_heads)) * row_tiles + pid_m
     start = gl.load(row_ptr + row)
     end = gl.load(row_ptr + row + 1)
     q_row = bh * L + pid_m * BLOCK_M

@@ -109,7 +109,7 @@ def _hopper_fwd_kernel(
     h = bh % H
     hk = h // kv_group
     H_kv = H // kv_group
-    row = (h % layout_heads) * row_tiles + pid_m
+    row = (h // (H // layout_heads)) * row_tiles + pid_m
     start = gl.load(row_ptr + row)
     end = gl.load(row_ptr + row + 1)
     q_row = bh * L + pid_m * BLOCK_M
