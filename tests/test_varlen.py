@@ -273,3 +273,38 @@ def test_random_packed_batches(monkeypatch, data):
     for name, a, e in zip(("dq", "dk", "dv"), got, ref):
         e = torch.zeros_like(a) if e is None else e
         assert max_err(a, e) < 1e-4, name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packing_copies_the_kernel_and_pytorch_agree(monkeypatch, dtype):
+    """The packing's row copy (Triton kernel where the kernels run, PyTorch indexing
+    elsewhere): both give the same rows, zeros where nothing goes, in both formats, and
+    the gradient back along the inverse (zero for rows that went nowhere)."""
+    import blocksparse_attn.ops.gather_rows as gr
+
+    g = torch.Generator().manual_seed(0)
+    N, P, H, D = 37, 64, 3, 24  # a head dim that is not a power of two
+    pos = torch.randperm(P, generator=g)[:N].to(torch.int32)  # where each source row goes
+    at = torch.full((P,), -1, dtype=torch.int32)
+    at[pos.long()] = torch.arange(N, dtype=torch.int32)
+    src = torch.randn(N, H, D, generator=g).to(dtype)
+    grad = torch.randn(1, H, P, D, generator=g).to(dtype)
+
+    def both_ways():
+        leaf = src.clone().to(DEVICE).requires_grad_()
+        packed = gr.gather_rows(leaf, at.to(DEVICE), pos.to(DEVICE), P, head_major=True)
+        back = gr.gather_rows(packed, pos.to(DEVICE), at.to(DEVICE), N, head_major=False)
+        (dsrc,) = torch.autograd.grad(packed, leaf, grad.to(DEVICE))
+        return packed.detach().cpu(), back.detach().cpu(), dsrc.cpu()
+
+    kernel = both_ways()
+    monkeypatch.setattr(gr, "kernel_unavailable_reasons", lambda device: ["no kernels"])
+    pytorch = both_ways()
+    want = torch.zeros(1, H, P, D, dtype=dtype)
+    want[0, :, pos.long()] = src.transpose(0, 1)
+    for made in (kernel, pytorch):
+        packed, back, dsrc = made
+        assert packed.shape == (1, H, P, D) and packed.is_contiguous()
+        assert torch.equal(packed, want)
+        assert back.shape == (N, H, D) and torch.equal(back, src)
+        assert torch.equal(dsrc, grad[0, :, pos.long()].transpose(0, 1))

@@ -14,9 +14,9 @@ then ``dQ += dS K``.
 Covered: fp16/bf16, head dims 64 and 128, lengths that are multiples of 128, causal
 (square), one kv head per query head; no masks, no rpe, lists not cut into parts.
 
-Each case prints the largest differences from the Triton backward's dK, dV and dQ, the
-Gluon kernels' times (``do_bench``) and the Triton kernels' (their CUDA time under
-``torch.profiler``, averaged over the steps). Writes ``$OUT/hopper_bwd.json``.
+Each case prints the largest differences from the Triton backward's dK, dV and dQ, and
+the Gluon and Triton kernels' times (their CUDA time under ``torch.profiler``, averaged
+over the steps). Writes ``$OUT/hopper_bwd.json``.
 ``--compile-only`` compiles for sm90 on any machine.
 
     python3 benchmarks/experiments/hopper_bwd.py [--compile-only]
@@ -404,8 +404,9 @@ def compile_only() -> None:
                 )
 
 
-def _triton_kernel_ms(step, steps: int = 10) -> dict:
-    """Mean CUDA time per ``step()`` of the Triton dK/dV and dQ kernels, ms."""
+def _kernel_ms(step, names: dict, steps: int = 10) -> dict:
+    """Mean CUDA time per ``step()`` of the kernels whose name holds each of ``names``'
+    values, ms, under ``torch.profiler`` (the kernels alone, no host work)."""
     from torch.autograd import DeviceType
 
     step()
@@ -414,12 +415,12 @@ def _triton_kernel_ms(step, steps: int = 10) -> dict:
         for _ in range(steps):
             step()
         torch.cuda.synchronize()
-    times = {"dkdv": 0.0, "dq": 0.0}
+    times = dict.fromkeys(names, 0.0)
     for e in prof.events():
         if e.device_type != DeviceType.CUDA:
             continue
-        for key in times:
-            if f"_bsa_bwd_{key}_kernel" in e.name:
+        for key, part in names.items():
+            if part in e.name:
                 times[key] += e.self_device_time_total / steps / 1e3
     return times
 
@@ -451,7 +452,6 @@ def _whole_lists_index(layout, L, tile_m, causal, device):
 
 
 def main() -> None:
-    from triton.testing import do_bench
 
     from blocksparse_attn.kernels.fused_bwd import fused_attention_backward
     from blocksparse_attn.kernels.fused_fwd import fused_attention_forward
@@ -496,8 +496,9 @@ def main() -> None:
         def diff(a, b):
             return float((a.float() - b.float()).abs().max())
 
-        triton_ms = _triton_kernel_ms(ours)
-        t_dkdv, t_dq = do_bench(gluon_dkdv), do_bench(gluon_dq)
+        triton_ms = _kernel_ms(ours, {"dkdv": "_bsa_bwd_dkdv", "dq": "_bsa_bwd_dq"})
+        t_dkdv = _kernel_ms(gluon_dkdv, {"t": "_hopper_dkdv"})["t"]
+        t_dq = _kernel_ms(gluon_dq, {"t": "_hopper_dq"})["t"]
         tiles = kv_index.nnz * (H // kv_index.heads) * B * QUERIES * KEYS  # score elements
         row = dict(
             case=label,

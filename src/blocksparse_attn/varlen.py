@@ -26,6 +26,7 @@ from ._errors import bad_argument, describe
 from ._inputs import capturing, check_block
 from .index import private_lists
 from .kv_blocks import KVBlocks, config_lists, source_grid
+from .ops.gather_rows import gather_rows
 from .patterns import SparsityConfig
 
 
@@ -284,8 +285,11 @@ def block_sparse_attention_varlen(
             _PACKINGS[key] = (weakref.ref(layout), packing)
             while len(_PACKINGS) > _PACKINGS_KEPT:
                 _PACKINGS.pop(next(iter(_PACKINGS)))
-    plists, keep, q_pos, k_pos, P = packing
-    pq, pk, pv = _pack(q, k, v, q_pos, k_pos, P)
+    plists, keep, q_pos, k_pos, q_at, k_at, P = packing
+    pq, pk, pv = (
+        gather_rows(t, at, pos, P, head_major=True)
+        for t, at, pos in ((q, q_at, q_pos), (k, k_at, k_pos), (v, k_at, k_pos))
+    )
     out = block_sparse_attention(
         pq,
         pk,
@@ -301,16 +305,20 @@ def block_sparse_attention_varlen(
     )
     if return_lse:
         out, lse = out
-        return out[0, :, q_pos].transpose(0, 1), lse[0, :, q_pos].transpose(0, 1)
-    return out[0, :, q_pos].transpose(0, 1)
+    out = gather_rows(out, q_pos, q_at, q.shape[0], head_major=False)
+    if return_lse:
+        return out, lse[0, :, q_pos.long()].transpose(0, 1)
+    return out
 
 
 def _packing(cu_q, cu_k, lists: KVBlocks, block: int, total_q: int, total_k: int):
     """Where the packed, block-aligned problem puts everything (see the module docstring):
     block lists ``[1, H_l, P // block]`` (private: the attention functions neither copy
     them nor rebuild their index while they live), the key padding mask ``[1, P]`` (True at
-    real keys), each query's and key's packed position ``[total_q]``, ``[total_k]``, and
-    ``P``, a bound known from the shapes: ``(ceil(total_k / block) + n_seq) * block``."""
+    real keys), each query's and key's packed position (int32 ``[total_q]``,
+    ``[total_k]``), the query and key at each packed position (int32 ``[P]``, ``-1`` at
+    none), and ``P``, a bound known from the shapes: ``(ceil(total_k / block) + n_seq) *
+    block``."""
     dev = cu_q.device
     n_seq = cu_q.numel() - 1
     len_q = (cu_q[1:] - cu_q[:-1]).long()
@@ -333,6 +341,10 @@ def _packing(cu_q, cu_k, lists: KVBlocks, block: int, total_q: int, total_k: int
     )
     keep = torch.zeros(1, P, dtype=torch.bool, device=dev)
     keep[0, k_pos] = True
+
+    def at(pos, n):  # the token at each packed position
+        found = torch.full((P,), -1, dtype=torch.int32, device=dev)
+        return found.index_put_((pos,), torch.arange(n, dtype=torch.int32, device=dev))
 
     # each packed block's sequence and block within it; blocks past the last sequence
     # (the bound's spare) belong to none and attend nothing
@@ -360,17 +372,8 @@ def _packing(cu_q, cu_k, lists: KVBlocks, block: int, total_q: int, total_k: int
             lists.trusted,
         )
     )
-    return plists, keep, q_pos, k_pos, P
-
-
-def _pack(q, k, v, q_pos, k_pos, P: int):
-    """``q [1, H, P, D]`` and ``k, v [1, H_kv, P, D]`` at their packed positions, zeros
-    between sequences."""
-
-    def packed(t, pos):
-        return t.new_zeros(P, *t.shape[1:]).index_put((pos,), t).transpose(0, 1).unsqueeze(0)
-
-    return packed(q, q_pos), packed(k, k_pos), packed(v, k_pos)
+    q_at, k_at = at(q_pos, total_q), at(k_pos, total_k)
+    return plists, keep, q_pos.to(torch.int32), k_pos.to(torch.int32), q_at, k_at, P
 
 
 # the packing of the most recent batches by their offsets and config (a model's layers
