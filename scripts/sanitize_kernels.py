@@ -2,8 +2,9 @@
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
 gradient, causal, long lists cut into parts, top-k block lists (the index built by its
-Triton kernel), packed variable-length sequences, a paged KV cache; the fused kernels
-through pointers and through tensor descriptors (Hopper), the unfused operators.
+Triton kernel), packed variable-length sequences, a paged KV cache, the Gluon backward on
+sm90; the fused kernels through pointers and through tensor descriptors (Hopper), the
+unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
 
@@ -138,6 +139,29 @@ def main() -> int:
     finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
     bad += not finite
     print(f"top-k lists, index by the Triton builder: {'ok' if finite else 'NOT FINITE'}")
+    # the Hopper backward (Gluon, sm90 only): empty query and key blocks, causal, shared
+    # and per-head layouts
+    if torch.cuda.get_device_capability() == (9, 0):
+        from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
+
+        for heads, causal in ((1, True), (3, False)):
+            lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
+            lay[0, 1], lay[:, :, 2] = 0, 0
+            q, k, v = (
+                torch.randn(2, 3, 384, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)
+            )
+            taken = sm90_backward_plan(q, k, v, q, lay, block=128, causal=causal) is not None
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = block_sparse_attention(q, k, v, lay, block=128, causal=causal)
+            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+            torch.cuda.synchronize()
+            finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+            bad += not (finite and taken)
+            print(
+                f"Hopper backward ({heads} layout heads, causal={causal}): "
+                f"{'ok' if finite and taken else 'NOT FINITE or not taken'}",
+                flush=True,
+            )
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

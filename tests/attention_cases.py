@@ -124,6 +124,13 @@ def poison(monkeypatch):
 
     for module in (fused_fwd, fused_bwd, decode, blocksparse_matmul, blocksparse_softmax):
         monkeypatch.setattr(module, "empty", nan_empty)
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
+        from blocksparse_attn.kernels.availability import gluon_hopper_reasons
+
+        if not gluon_hopper_reasons():  # the Hopper backward's outputs too
+            from blocksparse_attn.kernels import sm90_bwd
+
+            monkeypatch.setattr(sm90_bwd, "empty", nan_empty)
 
 
 def reference_lse(q, k, v, layout, kw):

@@ -1,18 +1,7 @@
-"""Experiment (Hopper, sm90): the backward in Gluon against the Triton backward kernels on
-block-128 layouts, where the backward loses most to FlashAttention-4.
-
-dK/dV: one program holds a key tile of 128 keys (K and V read once through TMA, dK and dV
-accumulated in registers, two warpgroups of 64 keys) and walks its column list of the
-compiled index in 64-query tiles: Q and dO through TMA into a two-stage ring, one tile
-ahead; ``S^T = K Q^T`` and ``dP^T = V dO^T`` issued together on the tensor cores, then
-``dV += P^T dO`` and ``dK += dS^T Q`` with ``P^T`` and ``dS^T`` in registers.
-
-dQ: one program holds a query tile of 128 rows and walks its row list of 128-key tiles:
-K and V through TMA into a two-stage ring; ``S = Q K^T`` and ``dP = dO V^T`` together,
-then ``dQ += dS K``.
-
-Covered: fp16/bf16, head dims 64 and 128, lengths that are multiples of 128, causal
-(square), one kv head per query head; no masks, no rpe, lists not cut into parts.
+"""Experiment (Hopper, sm90): the Gluon backward kernels of
+``blocksparse_attn.kernels.sm90_bwd`` against the Triton backward kernels on block-128
+layouts, each list walked whole (the index built with no list cut into parts, whatever
+the library would choose). Head dims 64 and 128, one kv head per query head.
 
 Each case prints the largest differences from the Triton backward's dK, dV and dQ, and
 the Gluon and Triton kernels' times (their CUDA time under ``torch.profiler``, averaged
@@ -25,383 +14,24 @@ over the steps). Writes ``$OUT/hopper_bwd.json``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 
 import torch
 import triton
-from triton.experimental import gluon
-from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    mbarrier,
-    tma,
-    warpgroup_mma,
-    warpgroup_mma_wait,
-)
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-KEYS = 128  # key tile per program (the layout block)
-QUERIES = 64  # query tile per step
-WARPS = 8
-
-
-@gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, stage, q_row):
-    mbarrier.expect(bar.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], bar.index(stage), q_smem.index(stage))
-    tma.async_copy_global_to_shared(do_desc, [q_row, 0], bar.index(stage), do_smem.index(stage))
-
-
-@gluon.jit
-def _hopper_dkdv_kernel(
-    q_desc,  # [B * H * L, D], block [QUERIES, D]
-    k_desc,  # [B * H * L, D], block [KEYS, D]
-    v_desc,
-    do_desc,  # like q_desc
-    dk_desc,  # like k_desc
-    dv_desc,
-    LSE,  # [B, H, L] fp32, natural log
-    DELTA,  # [B, H, L] fp32, rowsum(dO * O)
-    col_ptr,
-    col_idx,
-    H,
-    L,
-    col_tiles,
-    layout_heads,
-    qk_scale,  # scale * log2(e)
-    scale,
-    HEAD_DIM: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    CAUSAL: gl.constexpr,
-    num_warps: gl.constexpr,
-):
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    col = (h // (H // layout_heads)) * col_tiles + pid_n
-    start = gl.load(col_ptr + col)
-    end = gl.load(col_ptr + col + 1)
-    k_row = bh * L + pid_n * BLOCK_N
-    dtype: gl.constexpr = q_desc.dtype
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_M, 16]
-    )
-    kv_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=kv_layout, k_width=2)
-    col_vec: gl.constexpr = gl.SliceLayout(0, s_layout)
-
-    k_smem = gl.allocate_shared_memory(dtype, k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, v_desc.block_type.shape, v_desc.layout)
-    q_smem = gl.allocate_shared_memory(dtype, [2] + q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2] + do_desc.block_type.shape, do_desc.layout)
-    kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(kv_bar, count=1)
-    for st in gl.static_range(2):
-        mbarrier.init(bar.index(st), count=1)
-
-    n = end - start
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, 0], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_smem)
-    if n > 0:
-        r0 = gl.load(col_idx + start)
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
-    if n > 1:
-        r1 = gl.load(col_idx + start + 1)
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + r1 * BLOCK_M)
-    mbarrier.wait(kv_bar, 0)
-
-    offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
-    dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
-    dv = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
-    s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
-    for i in range(0, n):
-        stage = i % 2
-        r = gl.load(col_idx + start + i)
-        offs_m = r * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_vec)
-        lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
-        delta = gl.load(DELTA + bh * L + offs_m)
-        mbarrier.wait(bar.index(stage), (i // 2) & 1)
-        q_t = q_smem.index(stage)
-        do_t = do_smem.index(stage)
-        s_t = warpgroup_mma(k_smem, q_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp_t = warpgroup_mma(v_smem, do_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        s_t = warpgroup_mma_wait(num_outstanding=1, deps=(s_t,))
-        p_t = gl.exp2(s_t * qk_scale - lse2[None, :])
-        if CAUSAL:
-            p_t = gl.where(offs_m[None, :] >= offs_n[:, None], p_t, 0.0)
-        p16 = gl.convert_layout(p_t.to(dtype), a_layout)
-        dv = warpgroup_mma(p16, do_t, dv, is_async=True)
-        dp_t = warpgroup_mma_wait(num_outstanding=1, deps=(dp_t,))
-        ds_t = p_t * (dp_t - delta[None, :])
-        ds16 = gl.convert_layout(ds_t.to(dtype), a_layout)
-        dk = warpgroup_mma(ds16, q_t, dk, is_async=True)
-        dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
-        # this stage's Q and dO are read: the tile after next goes there
-        if i + 2 < n:
-            r2 = gl.load(col_idx + start + i + 2)
-            _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
-
-    mbarrier.invalidate(kv_bar)
-    for st in gl.static_range(2):
-        mbarrier.invalidate(bar.index(st))
-    # K and V are read: their buffers take dK and dV
-    k_smem.store((dk * scale).to(dtype))
-    v_smem.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
-    tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, stage, k_row):
-    mbarrier.expect(bar.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, 0], bar.index(stage), k_smem.index(stage))
-    tma.async_copy_global_to_shared(v_desc, [k_row, 0], bar.index(stage), v_smem.index(stage))
-
-
-@gluon.jit
-def _hopper_dq_kernel(
-    q_desc,  # [B * H * L, D], block [BLOCK_M, D]
-    k_desc,  # [B * H * L, D], block [BLOCK_N, D]
-    v_desc,
-    do_desc,  # like q_desc
-    dq_desc,  # like q_desc
-    LSE,
-    DELTA,
-    row_ptr,
-    row_idx,
-    H,
-    L,
-    row_tiles,
-    layout_heads,
-    qk_scale,
-    scale,
-    HEAD_DIM: gl.constexpr,
-    BLOCK_M: gl.constexpr,
-    BLOCK_N: gl.constexpr,
-    CAUSAL: gl.constexpr,
-    num_warps: gl.constexpr,
-):
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    row = (h // (H // layout_heads)) * row_tiles + pid_m
-    start = gl.load(row_ptr + row)
-    end = gl.load(row_ptr + row + 1)
-    q_row = bh * L + pid_m * BLOCK_M
-    dtype: gl.constexpr = q_desc.dtype
-
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 16]
-    )
-    q_layout: gl.constexpr = gl.NVMMADistributedLayout(
-        version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 16]
-    )
-    a_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=q_layout, k_width=2)
-    row_vec: gl.constexpr = gl.SliceLayout(1, s_layout)
-
-    q_smem = gl.allocate_shared_memory(dtype, q_desc.block_type.shape, q_desc.layout)
-    do_smem = gl.allocate_shared_memory(dtype, do_desc.block_type.shape, do_desc.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2] + k_desc.block_type.shape, k_desc.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2] + v_desc.block_type.shape, v_desc.layout)
-    q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    bar = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_bar, count=1)
-    for st in gl.static_range(2):
-        mbarrier.init(bar.index(st), count=1)
-
-    n = end - start
-    kv_base = bh * L
-    mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
-    tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
-    if n > 0:
-        j0 = gl.load(row_idx + start)
-        _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, 0, kv_base + j0 * BLOCK_N)
-    if n > 1:
-        j1 = gl.load(row_idx + start + 1)
-        _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, 1, kv_base + j1 * BLOCK_N)
-
-    offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_vec)
-    lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
-    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
-    delta = gl.load(DELTA + bh * L + offs_m)
-    dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=q_layout)
-    s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-    mbarrier.wait(q_bar, 0)
-    for i in range(0, n):
-        stage = i % 2
-        j = gl.load(row_idx + start + i)
-        mbarrier.wait(bar.index(stage), (i // 2) & 1)
-        k_t = k_smem.index(stage)
-        s = warpgroup_mma(q_smem, k_t.permute((1, 0)), s_zero, use_acc=False, is_async=True)
-        dp = warpgroup_mma(
-            do_smem, v_smem.index(stage).permute((1, 0)), s_zero, use_acc=False, is_async=True
-        )
-        s = warpgroup_mma_wait(num_outstanding=1, deps=(s,))
-        p = gl.exp2(s * qk_scale - lse2[:, None])
-        if CAUSAL:
-            offs_n = j * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            p = gl.where(offs_n[None, :] <= offs_m[:, None], p, 0.0)
-        dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp,))
-        ds16 = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), a_layout)
-        dq = warpgroup_mma(ds16, k_t, dq, is_async=True)
-        dq, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dq, ds16))
-        # this stage's K and V are read: the tile after next goes there
-        if i + 2 < n:
-            j2 = gl.load(row_idx + start + i + 2)
-            _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, stage, kv_base + j2 * BLOCK_N)
-
-    mbarrier.invalidate(q_bar)
-    for st in gl.static_range(2):
-        mbarrier.invalidate(bar.index(st))
-    q_smem.store((dq * scale).to(dtype))  # Q is read: its buffer takes dQ
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dq_desc, [q_row, 0], q_smem)
-    tma.store_wait(pendings=0)
-
-
-def _desc(t, rows):
-    D = t.shape[-1]
-    dt = gl.float16 if t.dtype == torch.float16 else gl.bfloat16
-    flat = t.reshape(-1, D)
-    lay = gl.NVMMASharedLayout.get_default_for([rows, D], dt)
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [rows, D], lay)
-
-
-def hopper_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
-    """dK and dV of ``[B, H, L, D]`` inputs (contiguous, L a multiple of 128, one kv head per
-    query head) over a compiled index of 64x128 tiles (queries x keys)."""
-    B, H, L, D = q.shape
-    dk, dv = torch.empty_like(k), torch.empty_like(v)
-    _hopper_dkdv_kernel[(L // KEYS, B * H)](
-        _desc(q, QUERIES),
-        _desc(k, KEYS),
-        _desc(v, KEYS),
-        _desc(grad_out, QUERIES),
-        _desc(dk, KEYS),
-        _desc(dv, KEYS),
-        lse,
-        delta,
-        index.col_ptr,
-        index.col_idx,
-        H,
-        L,
-        index.col_tiles,
-        index.heads,
-        scale * math.log2(math.e),
-        scale,
-        HEAD_DIM=D,
-        BLOCK_M=QUERIES,
-        BLOCK_N=KEYS,
-        CAUSAL=causal,
-        num_warps=WARPS,
-    )
-    return dk, dv
-
-
-def hopper_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
-    """dQ of ``[B, H, L, D]`` inputs (as :func:`hopper_dkdv`) over a compiled index of
-    128x128 tiles."""
-    B, H, L, D = q.shape
-    dq = torch.empty_like(q)
-    _hopper_dq_kernel[(L // KEYS, B * H)](
-        _desc(q, KEYS),
-        _desc(k, KEYS),
-        _desc(v, KEYS),
-        _desc(grad_out, KEYS),
-        _desc(dq, KEYS),
-        lse,
-        delta,
-        index.row_ptr,
-        index.row_idx,
-        H,
-        L,
-        index.row_tiles,
-        index.heads,
-        scale * math.log2(math.e),
-        scale,
-        HEAD_DIM=D,
-        BLOCK_M=KEYS,
-        BLOCK_N=KEYS,
-        CAUSAL=causal,
-        num_warps=WARPS,
-    )
-    return dq
+from blocksparse_attn.kernels.sm90_bwd import KEYS, QUERIES, compile_for_sm90, sm90_dkdv, sm90_dq
 
 
 def compile_only() -> None:
     """Compile both kernels for sm90 without a GPU; prints shared memory and local-memory
     (spill) instructions in the PTX."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
-
-    common = dict(
-        LSE="*fp32",
-        DELTA="*fp32",
-        H="i32",
-        L="i32",
-        layout_heads="i32",
-        qk_scale="fp32",
-        scale="fp32",
-        HEAD_DIM="constexpr",
-        BLOCK_M="constexpr",
-        BLOCK_N="constexpr",
-        CAUSAL="constexpr",
-        num_warps="constexpr",
-    )
-    for D in (64, 128):
-
-        def desc(rows, D=D):
-            return mangle_type(_desc(torch.zeros(4 * KEYS, D, dtype=torch.bfloat16), rows))
-
-        q64, t128 = desc(QUERIES), desc(KEYS)
-        kernels = (
-            (
-                "dK/dV",
-                _hopper_dkdv_kernel,
-                dict(q_desc=q64, k_desc=t128, v_desc=t128, do_desc=q64, dk_desc=t128),
-                dict(dv_desc=t128, col_ptr="*i32", col_idx="*i32", col_tiles="i32"),
-                QUERIES,
-            ),
-            (
-                "dQ",
-                _hopper_dq_kernel,
-                dict(q_desc=t128, k_desc=t128, v_desc=t128, do_desc=t128, dq_desc=t128),
-                dict(row_ptr="*i32", row_idx="*i32", row_tiles="i32"),
-                KEYS,
-            ),
+    for r in compile_for_sm90((64, 128)):
+        print(
+            f"{r['kernel']} D={r['head_dim']} causal={r['causal']}: compiled, shared memory "
+            f"{r['shared']} bytes, {r['spills']} local-memory instructions",
+            flush=True,
         )
-        for name, fn, descs, lists, block_m in kernels:
-            for causal in (False, True):
-                params = list(fn.arg_names)
-                types = dict(descs, **lists, **common)
-                sig = {a: types[a] for a in params}
-                consts = dict(
-                    HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=KEYS, CAUSAL=causal, num_warps=WARPS
-                )
-                src = GluonASTSource(fn, signature=sig, constexprs=consts)
-                kernel = triton.compile(
-                    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS)
-                )
-                ptx = kernel.asm["ptx"]
-                spills = ptx.count("ld.local") + ptx.count("st.local")
-                print(
-                    f"{name} D={D} causal={causal}: compiled, shared memory "
-                    f"{kernel.metadata.shared} bytes, {spills} local-memory instructions",
-                    flush=True,
-                )
 
 
 def _kernel_ms(step, names: dict, steps: int = 10) -> dict:
@@ -484,10 +114,10 @@ def main() -> None:
             )
 
         def gluon_dkdv():
-            return hopper_dkdv(*args, kv_index, causal=causal, scale=scale)
+            return sm90_dkdv(*args, kv_index, causal=causal, scale=scale)
 
         def gluon_dq():
-            return hopper_dq(*args, q_index, causal=causal, scale=scale)
+            return sm90_dq(*args, q_index, causal=causal, scale=scale)
 
         dq_want, dk_want, dv_want, *_ = ours()
         (dk, dv), dq = gluon_dkdv(), gluon_dq()
@@ -497,8 +127,8 @@ def main() -> None:
             return float((a.float() - b.float()).abs().max())
 
         triton_ms = _kernel_ms(ours, {"dkdv": "_bsa_bwd_dkdv", "dq": "_bsa_bwd_dq"})
-        t_dkdv = _kernel_ms(gluon_dkdv, {"t": "_hopper_dkdv"})["t"]
-        t_dq = _kernel_ms(gluon_dq, {"t": "_hopper_dq"})["t"]
+        t_dkdv = _kernel_ms(gluon_dkdv, {"t": "_sm90_dkdv"})["t"]
+        t_dq = _kernel_ms(gluon_dq, {"t": "_sm90_dq"})["t"]
         tiles = kv_index.nnz * (H // kv_index.heads) * B * QUERIES * KEYS  # score elements
         row = dict(
             case=label,

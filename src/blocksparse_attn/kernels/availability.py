@@ -56,3 +56,24 @@ def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
     else:
         reasons.append(f"device type {device.type!r} is not supported by the kernels (CUDA only)")
     return reasons
+
+
+_GLUON_REASONS: list[str] | None = None
+
+
+def gluon_hopper_reasons() -> list[str]:
+    """Why the Gluon kernels for Hopper (``kernels/sm90_bwd.py``) cannot be loaded here
+    (empty list: they can). Imports Gluon once; the GPU's architecture is checked by the
+    caller."""
+    global _GLUON_REASONS
+    if _GLUON_REASONS is None:
+        reasons = []
+        if interpreting():
+            reasons.append("Triton's interpreter is on (Gluon kernels do not run under it)")
+        else:
+            try:
+                from .sm90_bwd import sm90_dkdv  # noqa: F401
+            except (ImportError, AttributeError) as e:  # a Triton without Gluon for Hopper
+                reasons.append(f"Gluon's Hopper modules cannot be imported ({e})")
+        _GLUON_REASONS = reasons
+    return _GLUON_REASONS

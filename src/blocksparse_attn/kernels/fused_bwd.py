@@ -6,10 +6,14 @@
 * dQ: one program per (query tile, batch x head) walks the tile's key tiles (row lists);
   it also writes the score gradient when ``rpe`` or an additive mask needs a gradient.
 
-Tiles are read as in the forward (pointers, or tensor descriptors when ``DESC``).
+Tiles are read as in the forward (pointers, or tensor descriptors when ``DESC``). On
+Hopper GPUs, the layouts :func:`sm90_backward_plan` accepts take the Gluon kernels of
+:mod:`.sm90_bwd` instead (after the same ``delta``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -375,6 +379,47 @@ def _bsa_bwd_dq_kernel(
         _store_part(PARTS, slot, dq, BLOCK_M, BLOCK_D)
 
 
+def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
+    """The indexes the Hopper backward (:mod:`.sm90_bwd`) walks, ``(dK/dV index of 64x128
+    tiles, dQ index of 128x128 tiles)``, or ``None`` where the Triton kernels run.
+
+    The Hopper kernels run where they were measured faster (``benchmarks/NOTES.md``, v13):
+    an sm90 GPU, fp16/bf16, head dim 128, a block-128 layout ``[H_l, nb, nb]`` (not block
+    lists, not per sample), equal query and key lengths that are multiples of 128, one kv
+    head per query head, contiguous inputs, no bias or mask (the caller checks those), and
+    no list long enough to be cut into parts (the Triton kernels split those, these walk
+    each list whole). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
+    from .availability import gluon_hopper_reasons
+
+    B, H, L, D = q.shape
+    if (
+        os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0"
+        or not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or D != 128
+        or block != 128
+        or L % 128
+        or k.shape[2] != L
+        or k.shape[1] != H
+        or isinstance(layout, KVBlocks)
+        or layout.dim() != 3
+        or not all(t.is_contiguous() for t in (q, k, v, grad_out))
+        or not descriptors_allowed(q, k, v, grad_out)
+        or torch.cuda.get_device_capability(q.device) != (9, 0)
+        or gluon_hopper_reasons()
+    ):
+        return None
+    indexes = tuple(
+        get_index(
+            layout, block, q_len=L, k_len=L, tile_m=m, tile_n=128, causal=causal, device=q.device
+        )
+        for m in (64, 128)
+    )
+    if indexes[0].cols.parts or indexes[1].rows.parts:
+        return None
+    return indexes
+
+
 def fused_attention_backward(
     grad_out: torch.Tensor,
     q: torch.Tensor,
@@ -410,6 +455,32 @@ def fused_attention_backward(
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
+    BLOCK_D = max(16, triton.next_power_of_2(D))
+    delta = empty((B, H, Lq), torch.float32, q.device)
+    _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        O=matrix_args(out),
+        DO=matrix_args(grad_out),
+        DLSE=delta if grad_lse is None else grad_lse.float().contiguous(),
+        DELTA=delta,
+        H=H,
+        Lq=Lq,
+        HEAD_DIM=D,
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=64,
+        HAS_DLSE=grad_lse is not None,
+    )
+    stats = stats.contiguous()
+    masked = rpe is not None or key_padding_mask is not None or attn_mask is not None
+    hopper = None
+    if not masked and tiles is None and configs is None:
+        hopper = sm90_backward_plan(q, k, v, grad_out, layout, block=block, causal=causal)
+    if hopper is not None:
+        from .sm90_bwd import sm90_dkdv, sm90_dq
+
+        kv_index, q_index = hopper
+        dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, kv_index, causal=causal, scale=scale)
+        dq = sm90_dq(q, k, v, grad_out, stats, delta, q_index, causal=causal, scale=scale)
+        return dq, dk, dv, None, None, None
     kv_tiles, q_tiles = tiles or backward_tiles(
         D,
         block,
@@ -437,21 +508,6 @@ def fused_attention_backward(
         causal=causal,
         device=q.device,
     )
-    BLOCK_D = max(16, triton.next_power_of_2(D))
-    delta = empty((B, H, Lq), torch.float32, q.device)
-    _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
-        O=matrix_args(out),
-        DO=matrix_args(grad_out),
-        DLSE=delta if grad_lse is None else grad_lse.float().contiguous(),
-        DELTA=delta,
-        H=H,
-        Lq=Lq,
-        HEAD_DIM=D,
-        BLOCK_D=BLOCK_D,
-        BLOCK_M=64,
-        HAS_DLSE=grad_lse is not None,
-    )
-    stats = stats.contiguous()
     H_kv = k.shape[1]
     kv_group = H // H_kv
     dq = empty((B, H, Lq, D), q.dtype, q.device)

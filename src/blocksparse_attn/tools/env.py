@@ -45,4 +45,22 @@ def env_report() -> str:
             "backend='auto'   uses the fused Triton kernel on CUDA tensors, "
             "the PyTorch reference on CPU tensors"
         )
+    if device == "cuda" and not reasons:
+        lines.append("hopper backward  " + _hopper_backward())
     return "\n".join(lines)
+
+
+def _hopper_backward() -> str:
+    """Whether the fused backward's Gluon kernels for Hopper can run here."""
+    import os
+
+    from ..kernels.availability import gluon_hopper_reasons
+
+    if torch.cuda.get_device_capability() != (9, 0):
+        return "not used (the GPU is not sm_90)"
+    if os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0":
+        return "off (BLOCKSPARSE_ATTN_SM90=0)"
+    why = gluon_hopper_reasons()
+    if why:
+        return "not available: " + "; ".join(why)
+    return "on for the layouts it covers (README: Hopper backward)"

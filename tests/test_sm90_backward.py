@@ -1,0 +1,162 @@
+"""The fused backward's Gluon kernels for Hopper (``kernels/sm90_bwd.py``): they compile
+for sm90 on any machine; on an sm90 GPU they are the backward of the layouts
+``sm90_backward_plan`` accepts, equal to the fp64 reference (gradients of the output and
+of the log-sum-exp) and to the Triton backward, deterministic, and every other input keeps
+the Triton kernels."""
+
+import pytest
+import torch
+
+from blocksparse_attn import block_sparse_attention, reference_attention
+from blocksparse_attn.kernels.availability import gluon_hopper_reasons
+
+from attention_cases import assert_within_rule, poison
+from helpers import ON_GPU
+
+
+def hopper() -> bool:
+    return ON_GPU and torch.cuda.get_device_capability() == (9, 0) and not gluon_hopper_reasons()
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+
+
+def test_kernels_compile_for_sm90_without_spills():
+    """Both kernels, causal or not, lower to sm90 machine code here (no GPU needed) and
+    keep every value in registers."""
+    from blocksparse_attn.kernels.sm90_bwd import compile_for_sm90
+
+    found = compile_for_sm90()
+    assert {(r["kernel"], r["causal"]) for r in found} == {
+        ("dK/dV", False),
+        ("dK/dV", True),
+        ("dQ", False),
+        ("dQ", True),
+    }
+    for r in found:
+        assert r["spills"] == 0, r
+        assert 0 < r["shared"] <= 227 * 1024, r  # within an H100's shared memory per block
+
+
+def layout_of(pattern: str, H: int, nb: int) -> torch.Tensor:
+    if pattern == "dense":
+        return torch.ones(H, nb, nb, dtype=torch.long)
+    if pattern == "block_causal":
+        return torch.tril(torch.ones(nb, nb, dtype=torch.long)).expand(H, nb, nb).clone()
+    g = torch.Generator().manual_seed(1)
+    lay = (torch.rand(H, nb, nb, generator=g) < 0.4).long()
+    lay[0, 1] = 0  # a query block with nothing to attend
+    lay[:, :, 2] = 0  # a key block no query attends
+    return lay
+
+
+def counting(monkeypatch):
+    """Counts the Hopper backward's launches."""
+    from blocksparse_attn.kernels import sm90_bwd
+
+    calls = []
+    for name in ("sm90_dkdv", "sm90_dq"):
+        fn = getattr(sm90_bwd, name)
+
+        def counted(*args, _fn=fn, _name=name, **kw):
+            calls.append(_name)
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(sm90_bwd, name, counted)
+    return calls
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "pattern,causal",
+    [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
+)
+@pytest.mark.parametrize("layout_heads", [1, 3])
+def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, layout_heads):
+    """Gradients of the output and of the log-sum-exp through the Hopper kernels, within
+    the rule the Triton kernels meet (against fp64, relative to plain PyTorch in the
+    dtype); every output element written (NaN-poisoned buffers)."""
+    poison(monkeypatch)
+    calls = counting(monkeypatch)
+    B, H, L, D = 2, 3, 640, 128
+    layout = layout_of(pattern, layout_heads, L // 128).cuda()
+    q, k, v = (
+        torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+    )
+    kw = dict(block=128, causal=causal)
+    out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
+    grad_out = torch.randn_like(out)
+    grad_lse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0.0)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
+    assert calls == ["sm90_dkdv", "sm90_dq"]
+
+    refs = []
+    for ct in (torch.float64, dtype):
+        leaves = [t.detach().to(ct).requires_grad_() for t in (q, k, v)]
+        o, s = reference_attention(*leaves, layout, compute_dtype=ct, return_lse=True, **kw)
+        keep = ~torch.isneginf(s)
+        loss = (o * grad_out.to(ct)).sum() + (s[keep] * grad_lse.to(s.dtype)[keep]).sum()
+        refs.append(torch.autograd.grad(loss, leaves))
+    for name, g, r64, lowp in zip(("dq", "dk", "dv"), grads, *refs):
+        assert g.dtype == dtype
+        assert_within_rule(name, g, r64, lowp)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
+    """The same gradients as the Triton backward (``BLOCKSPARSE_ATTN_SM90=0``) within bf16
+    rounding, and bit for bit the same from one run to the next."""
+    B, H, L, D = 2, 4, 1024, 128
+    layout = layout_of("random", H, L // 128).cuda()
+    q, k, v = (
+        torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    grad_out = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+
+    def grads():
+        out = block_sparse_attention(q, k, v, layout, block=128, backend="fused")
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    first, again = grads(), grads()
+    monkeypatch.setenv("BLOCKSPARSE_ATTN_SM90", "0")
+    triton_grads = grads()
+    for a, b, t in zip(first, again, triton_grads):
+        assert torch.equal(a, b)
+        scale = t.float().abs().max().item()
+        assert (a.float() - t.float()).abs().max().item() <= 2e-2 * scale
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_hopper_backward_plan_keeps_triton_elsewhere():
+    """The inputs the Hopper kernels do not cover, or were not measured faster on, keep
+    the Triton kernels: head dim 64, block 64, grouped K/V heads, rectangular lengths,
+    per-sample layouts, non-contiguous inputs, lists long enough to be cut into parts;
+    the covered case takes the Hopper kernels."""
+    from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
+
+    def plan(B=1, H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, layout=None, t=False):
+        q = torch.randn(B, H, Lq, D, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(B, Hkv, Lk, D, device="cuda", dtype=torch.bfloat16)
+        if t:
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        if layout is None:
+            layout = torch.ones(H, Lq // block, Lk // block, dtype=torch.long, device="cuda")
+        return sm90_backward_plan(q, k, k, q, layout, block=block, causal=False)
+
+    assert plan() is not None
+    assert plan(D=64) is None
+    assert plan(block=64) is None
+    assert plan(Hkv=1) is None
+    assert plan(Lk=640) is None
+    assert plan(layout=torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda")) is None
+    assert plan(t=True) is None
+    # window and global rows at 16k tokens: the global rows' lists are cut into parts
+    from blocksparse_attn.tools.bench_cases import pattern_layout
+
+    wg = pattern_layout("window_global", 16384, 128, None).cuda()
+    assert plan(H=1, Hkv=1, Lq=16384, Lk=16384, layout=wg) is None
