@@ -64,7 +64,7 @@ def test_pattern_errors():
 def synthetic_report():
     case = Case("random", 8192, 2, 8, 128, 64, density=0.1)
     rows = []
-    for backend, ms in (("fused", 1.0), ("flex", 2.0), ("sdpa_cudnn", 3.0)):
+    for backend, ms in (("fused", 1.0), ("flex", 2.0), ("fa4", 0.8), ("sdpa_cudnn", 3.0)):
         rows.append(
             dict(
                 case.as_dict(),
@@ -77,6 +77,7 @@ def synthetic_report():
                 peak_total_mib=200.0,
                 density=0.1,
                 flex_over_this=2.0 / ms,
+                fa4_over_this=0.8 / ms,
             )
         )
     rows.append(
@@ -174,7 +175,7 @@ def test_markdown_rendering():
     text = markdown(synthetic_report())
     assert "test card, torch 2.13.0, triton 3.6.0, 2026-11-26" in text
     row = "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 |"
-    assert row + " 2.00 |" in text
+    assert row + " 2.00 | 0.80 |" in text
     assert "RuntimeError: dense mask too large" in text
     assert (
         "| _bsa_fwd_kernel | bfloat16 | HEAD_DIM=128 CAUSAL=1 | DESC=1 num_warps=8 "
@@ -198,6 +199,23 @@ def test_report_files_and_plots(tmp_path):
     for png in ("speedup_vs_density.png", "time_vs_length.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plots({"env": synthetic_report()["env"], "results": []}, str(tmp_path)) == []
+
+
+def test_flashattention4_rows_say_why_they_did_not_run(monkeypatch):
+    """FlashAttention-4's column: a block other than 128 and a token-causal case say so;
+    without ``flash_attn.cute`` the row names the missing package and where its wheels
+    come from (nothing is timed, nothing raised)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "flash_attn", None)  # not importable, as on CPU CI
+    layout = torch.ones(2, 2, 2)
+    for case, words in (
+        (Case("dense", 128, 1, 2, 64, 64), "block 128 (block 64)"),
+        (Case("dense", 256, 1, 2, 64, 128, causal=True), "mask_mod"),
+        (Case("dense", 256, 1, 2, 64, 128), "fa4-wheels.sh"),
+    ):
+        row = time_backend("fa4", case, layout, "fwd", torch.bfloat16, device="cpu")
+        assert row["ms"] is None and words in row["error"], row["error"]
 
 
 def test_unsupported_backend_reason_is_recorded():

@@ -13,7 +13,7 @@ import torch
 
 from .bench_cases import Case, dense_flops, flops
 
-BACKENDS = ("fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
+BACKENDS = ("fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
 # grouped-query cases also time our kernel on K/V repeated to the query heads (the repeat
 # included), the way to run them without native support
 GQA_BACKENDS = ("fused", "fused_repeat", "flex", "sdpa_cudnn", "sdpa_flash")
@@ -90,6 +90,8 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
         torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v: flex(q, k, v, block_mask=bm, enable_gqa=group > 1)
+    if backend == "fa4":
+        return _fa4_fn(case, layout, device)
     if backend in ("sdpa_cudnn", "sdpa_flash"):
         kind = SDPBackend.CUDNN_ATTENTION if backend == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
 
@@ -109,6 +111,48 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
         mask = token_mask(layout.to(device), case.block, case.causal).unsqueeze(0)
         return lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     raise ValueError(f"bench: backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
+
+
+def _fa4_fn(case: Case, layout: torch.Tensor, device):
+    """FlashAttention-4's block-sparse attention (``flash_attn.cute.flash_attn_func`` with
+    ``block_sparse_tensors``) on the layout's block-128 lists, forward and backward; raise
+    with the reason where it cannot run the case."""
+    if case.block != 128:
+        raise RuntimeError(
+            f"FlashAttention-4 block sparsity is run at block 128 (block {case.block})"
+        )
+    if case.causal:
+        raise RuntimeError(
+            "token-causal diagonal blocks would need a CuTe mask_mod for FlashAttention-4"
+        )
+    try:
+        from flash_attn.cute import flash_attn_func
+        from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+    except ImportError as e:
+        raise RuntimeError(
+            f"flash_attn.cute is not importable ({e}); ../shared/tools/fa4-wheels.sh fetches "
+            "FlashAttention-4's wheels"
+        ) from None
+    from ..flex_block_mask import layout_to_block_mask
+
+    bm = layout_to_block_mask(layout, case.block, device=device)  # every kept tile is full
+    size = (case.block, case.block)
+    fwd = BlockSparseTensorsTorch(
+        bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, block_size=size
+    )
+    bwd = BlockSparseTensorsTorch(
+        bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, block_size=size
+    )
+
+    def fn(q, k, v):  # FlashAttention's [B, L, H, D] as views of ours
+        out, _ = flash_attn_func(
+            *(t.transpose(1, 2) for t in (q, k, v)),
+            block_sparse_tensors=fwd,
+            block_sparse_tensors_bwd=bwd,
+        )
+        return out.transpose(1, 2)
+
+    return fn
 
 
 def gpu_median_ms(fn) -> float:

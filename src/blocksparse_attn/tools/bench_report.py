@@ -8,10 +8,10 @@ table.
   options the autotuner chose per kernel and key;
 * every other line, ``{"record": "result", ...}``: one timed row. Case rows carry
   ``name, pattern, seq_len, batch, heads, head_dim, block, causal, density, dtype, mode,
-  backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this`` (``ms`` null and ``error``
-  set where a backend could not run); section rows carry ``suite`` (``max_length``,
-  ``index_cost``, ``matmul``, ``dynamic``, ``varlen``, ``decode``) and that section's
-  fields.
+  backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this, fa4_over_this`` (``ms``
+  null and ``error`` set where a backend could not run); section rows carry ``suite``
+  (``max_length``, ``index_cost``, ``matmul``, ``dynamic``, ``varlen``, ``decode``) and
+  that section's fields.
 
 The tables and plots are made from it (``blocksparse-attn bench --from FILE``).
 """
@@ -31,19 +31,20 @@ def _cell(r: dict, key: str, fmt: str = "{:.3f}") -> str:
 
 def _case_cells(report: dict) -> list[list[str]]:
     """The case table's cells, one row per (case, dtype, mode, backend): name, dtype, mode,
-    backend, ms, TF, peak MiB, flex/this (a failed backend: its error in the ms cell)."""
+    backend, ms, TF, peak MiB, flex/this, fa4/this (a failed backend: its error in the ms
+    cell)."""
     out = []
     for r in report["results"]:
         if r.get("suite") in SECTIONS:
             continue
         head = [r["name"], r["dtype"], r["mode"], r["backend"]]
         if r["ms"] is None:
-            out.append(head + [r["error"], "", "", ""])
+            out.append(head + [r["error"], "", "", "", ""])
             continue
-        ratio = f"{r['flex_over_this']:.2f}" if r["flex_over_this"] else ""
+        ratios = [_cell(r, key, "{:.2f}") for key in ("flex_over_this", "fa4_over_this")]
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         tf = f"{r['tflops']:.0f}" if r["tflops"] >= 1 else f"{r['tflops']:.3f}"
-        out.append(head + [f"{r['ms']:.3f}", tf, peak, ratio])
+        out.append(head + [f"{r['ms']:.3f}", tf, peak, *ratios])
     return out
 
 
@@ -53,10 +54,11 @@ def markdown(report: dict) -> str:
         f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
         f"{env['date']}. Median ms (do_bench on a GPU, wall clock on the CPU); "
         "TF = effective TFLOP/s; "
-        "'flex/this' = FlexAttention time over this backend's time.",
+        "'flex/this' = FlexAttention time over this backend's time; 'fa4/this' the same "
+        "for FlashAttention-4's block-sparse kernels.",
         "",
-        "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this |",
-        "|---|---|---|---|---|---|---|---|",
+        "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this | fa4/this |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in _case_cells(report)]
     search = [r for r in report["results"] if r.get("suite") == "max_length"]
@@ -263,7 +265,7 @@ def plots(report: dict, out_dir: str) -> list[str]:
     if sweep:
         fig, ax = plt.subplots(figsize=(6, 4))
         for block in sorted({r["block"] for r in sweep}):
-            for other in ("flex", "sdpa_cudnn"):
+            for other in ("flex", "fa4", "sdpa_cudnn"):
                 pts = []
                 for d in sorted({r["density"] for r in sweep}):
                     ms = {
@@ -300,7 +302,17 @@ def print_table(report: dict) -> None:
         print(markdown(report))
         return
     table = Table(title=f"{report['env'].get('gpu', 'CPU')} - flex/this > 1: faster than Flex")
-    for col in ("case", "dtype", "mode", "backend", "ms", "TF", "peak MiB", "flex/this"):
+    for col in (
+        "case",
+        "dtype",
+        "mode",
+        "backend",
+        "ms",
+        "TF",
+        "peak MiB",
+        "flex/this",
+        "fa4/this",
+    ):
         table.add_column(col)
     for cells in _case_cells(report):
         table.add_row(*cells)

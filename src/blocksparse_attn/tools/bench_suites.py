@@ -13,7 +13,7 @@ from . import bench_harness as harness
 from .bench_cases import Case
 from .bench_harness import BACKENDS, MODES
 
-DENSITY_BACKENDS = ("fused", "flex", "sdpa_cudnn")  # the density sweep's comparison
+DENSITY_BACKENDS = ("fused", "flex", "fa4", "sdpa_cudnn")  # the density sweep's comparison
 
 
 def run(
@@ -42,9 +42,11 @@ def run(
                     harness.time_backend(b, case, layout, mode, dtype, device) for b in backends
                 ]
                 flex = next((r["ms"] for r in rows if r["backend"] == "flex"), None)
+                fa4 = next((r["ms"] for r in rows if r["backend"] == "fa4"), None)
                 for r in rows:
                     r.update(case.as_dict(), density=density)
                     r["flex_over_this"] = (flex / r["ms"]) if flex and r["ms"] else None
+                    r["fa4_over_this"] = (fa4 / r["ms"]) if fa4 and r["ms"] else None
                 results.extend(rows)
                 if on_step is not None:
                     on_step(rows)
@@ -60,6 +62,8 @@ def run(
                     )
                     if ours.get("flex_over_this"):
                         msg += f" | fused vs flex {ours['flex_over_this']:.2f}x"
+                    if ours.get("fa4_over_this"):
+                        msg += f", vs fa4 {ours['fa4_over_this']:.2f}x"
                     print(msg, file=sys.stderr, flush=True)
     return {"env": harness.environment(), "results": results}
 

@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
-        default=["fused", "unfused", "flex", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+        choices=["fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+        default=["fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
     )
     p.add_argument(
         "--match",
