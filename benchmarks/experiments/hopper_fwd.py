@@ -35,6 +35,7 @@ import sys
 
 import torch
 import triton
+from hopper_bwd import _kernel_ms, _whole_lists_index  # beside this script
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -44,7 +45,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from blocksparse_attn.kernels.sm90_bwd import _desc, compile_sm90, load_pair
 
 TILE = 128  # query and key tile: the layout block
 WARPS = 8  # two warpgroups of 64 query rows each
@@ -238,14 +240,7 @@ def _ws_producer(
         # the first pass over the ring waits on the phase before the barrier's first
         mbarrier.wait(empty.index(stage), ((i // STAGES) & 1) ^ 1)
         j = gl.load(row_idx + start + i)
-        bar = ready.index(stage)
-        mbarrier.expect(bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-        tma.async_copy_global_to_shared(
-            k_desc, [kv_base + j * BLOCK_N, 0], bar, k_smem.index(stage)
-        )
-        tma.async_copy_global_to_shared(
-            v_desc, [kv_base + j * BLOCK_N, 0], bar, v_smem.index(stage)
-        )
+        load_pair(k_desc, v_desc, k_smem, v_smem, ready, stage, kv_base + j * BLOCK_N)
 
 
 @gluon.jit
@@ -435,18 +430,6 @@ def _hopper_fwd_ws_kernel(
     tma.store_wait(pendings=0)
 
 
-def _descriptors(q, k, v, out):
-    D = q.shape[-1]
-    dt = gl.float16 if q.dtype == torch.float16 else gl.bfloat16
-    lay = gl.NVMMASharedLayout.get_default_for([TILE, D], dt)
-
-    def desc(t):
-        flat = t.reshape(-1, D)
-        return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [TILE, D], lay)
-
-    return desc(q), desc(k), desc(v), desc(out)
-
-
 def stages(head_dim: int) -> int:
     """K/V ring depth of the warp-specialised kernel: what fits beside Q in shared memory."""
     return 2 if head_dim > 64 else 3
@@ -458,7 +441,7 @@ def hopper_forward(q, k, v, index, *, causal, scale, specialised=False):
     B, H, L, D = q.shape
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    qd, kd, vd, od = _descriptors(q, k, v, out)
+    qd, kd, vd, od = (_desc(t, TILE) for t in (q, k, v, out))
     args = (
         qd,
         kd,
@@ -485,14 +468,10 @@ def hopper_forward(q, k, v, index, *, causal, scale, specialised=False):
 def compile_only() -> None:
     """Compile both kernels for sm90 without a GPU (bf16, head dims 64 and 128, causal or
     not): the layouts, shared memory and pipeline type-check and lower to a cubin."""
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     for D in (64, 128):
-        t = torch.zeros(4 * TILE, D, dtype=torch.bfloat16)
-        lay = gl.NVMMASharedLayout.get_default_for([TILE, D], gl.bfloat16)
-        desc = mangle_type(TensorDescriptor(t, list(t.shape), list(t.stride()), [TILE, D], lay))
+        desc = mangle_type(_desc(torch.zeros(4 * TILE, D, dtype=torch.bfloat16), TILE))
         types = dict(
             q_desc=desc,
             k_desc=desc,
@@ -516,43 +495,18 @@ def compile_only() -> None:
                 if fn is _hopper_fwd_ws_kernel:
                     consts["STAGES"] = stages(D)
                 sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
-                src = GluonASTSource(fn, signature=sig, constexprs=consts)
-                kernel = triton.compile(
-                    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS)
-                )
-                ptx = kernel.asm["ptx"]
-                spills = ptx.count("ld.local") + ptx.count("st.local")
+                r = compile_sm90(fn, sig, consts)
                 print(
                     f"{name} D={D} causal={causal}: compiled, shared memory "
-                    f"{kernel.metadata.shared} bytes, {spills} local-memory instructions",
+                    f"{r['shared']} bytes, {r['spills']} local-memory instructions",
                     flush=True,
                 )
-
-
-def _kernel_ms(call, name: str, calls: int = 10) -> float:
-    """Mean CUDA time per ``call()`` of the kernels whose name holds ``name``, ms (the
-    kernels alone, without the host work of the functional layer)."""
-    from torch.autograd import DeviceType
-
-    call()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            call()
-        torch.cuda.synchronize()
-    return sum(
-        e.self_device_time_total / calls / 1e3
-        for e in prof.events()
-        if e.device_type == DeviceType.CUDA and name in e.name
-    )
 
 
 def main(variants) -> None:
     from triton.testing import do_bench
 
     from blocksparse_attn import block_sparse_attention
-    from blocksparse_attn import index as index_module
-    from blocksparse_attn.index import get_index
     from blocksparse_attn.tools.bench_cases import pattern_layout
 
     cases = [  # name, pattern, density, L, B, H, D, causal
@@ -571,21 +525,7 @@ def main(variants) -> None:
         layout = pattern_layout(pattern, L, TILE, density).cuda()
         scale = D**-0.5
         # this kernel walks each row list whole: an index of its own with no list cut
-        whole, index_module.PART_MIN = index_module.PART_MIN, 1 << 30
-        try:
-            index = get_index(
-                layout.clone(),
-                TILE,
-                q_len=L,
-                k_len=L,
-                tile_m=TILE,
-                tile_n=TILE,
-                causal=causal,
-                device=q.device,
-            )
-        finally:
-            index_module.PART_MIN = whole
-        assert not index.split_tiles and not index.rows.parts
+        index = _whole_lists_index(layout, L, TILE, causal, q.device)
         want = block_sparse_attention(q, k, v, layout, block=TILE, causal=causal, backend="fused")
         tiles = index.nnz * (H // index.heads) * B
         flops = 4 * tiles * TILE * TILE * D
@@ -596,7 +536,7 @@ def main(variants) -> None:
             )
 
         t_call = do_bench(call)
-        t_triton = _kernel_ms(call, "_bsa_fwd")  # with the merge of cut lists
+        t_triton = _kernel_ms(call, {"t": "_bsa_fwd"})["t"]  # with the merge of cut lists
         row = dict(
             case=label,
             L=L,
@@ -622,7 +562,7 @@ def main(variants) -> None:
             except Exception as e:  # record why this variant could not run
                 row[f"{variant}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                 continue
-            t = _kernel_ms(step, "_hopper_fwd")
+            t = _kernel_ms(step, {"t": "_hopper_fwd"})["t"]
             row[f"{variant}_max_diff"] = float((got.float() - want.float()).abs().max())
             row[f"{variant}_ms"] = t
             row[f"{variant}_tf"] = flops / t * 1e-9

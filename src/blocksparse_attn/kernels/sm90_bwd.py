@@ -43,10 +43,12 @@ WARPS = 8  # two warpgroups
 
 
 @gluon.jit
-def _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, stage, q_row):
-    mbarrier.expect(bar.index(stage), q_desc.block_type.nbytes + do_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(q_desc, [q_row, 0], bar.index(stage), q_smem.index(stage))
-    tma.async_copy_global_to_shared(do_desc, [q_row, 0], bar.index(stage), do_smem.index(stage))
+def load_pair(a_desc, b_desc, a_smem, b_smem, bar, stage, row):
+    """Rows ``row`` of two tensors (Q and dO, or K and V) through TMA into ``stage`` of
+    their shared-memory rings, both counted on that stage's barrier."""
+    mbarrier.expect(bar.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(a_desc, [row, 0], bar.index(stage), a_smem.index(stage))
+    tma.async_copy_global_to_shared(b_desc, [row, 0], bar.index(stage), b_smem.index(stage))
 
 
 @gluon.jit
@@ -107,10 +109,10 @@ def _sm90_dkdv_kernel(
     tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_smem)
     if n > 0:
         r0 = gl.load(col_idx + start)
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
+        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
     if n > 1:
         r1 = gl.load(col_idx + start + 1)
-        _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + r1 * BLOCK_M)
+        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + r1 * BLOCK_M)
     mbarrier.wait(kv_bar, 0)
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
@@ -143,7 +145,7 @@ def _sm90_dkdv_kernel(
         # this stage's Q and dO are read: the tile after next goes there
         if i + 2 < n:
             r2 = gl.load(col_idx + start + i + 2)
-            _load_q_do(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
+            load_pair(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
 
     mbarrier.invalidate(kv_bar)
     for st in gl.static_range(2):
@@ -155,13 +157,6 @@ def _sm90_dkdv_kernel(
     tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
     tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
     tma.store_wait(pendings=0)
-
-
-@gluon.jit
-def _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, stage, k_row):
-    mbarrier.expect(bar.index(stage), k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, 0], bar.index(stage), k_smem.index(stage))
-    tma.async_copy_global_to_shared(v_desc, [k_row, 0], bar.index(stage), v_smem.index(stage))
 
 
 @gluon.jit
@@ -222,10 +217,10 @@ def _sm90_dq_kernel(
     tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
     if n > 0:
         j0 = gl.load(row_idx + start)
-        _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, 0, kv_base + j0 * BLOCK_N)
+        load_pair(k_desc, v_desc, k_smem, v_smem, bar, 0, kv_base + j0 * BLOCK_N)
     if n > 1:
         j1 = gl.load(row_idx + start + 1)
-        _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, 1, kv_base + j1 * BLOCK_N)
+        load_pair(k_desc, v_desc, k_smem, v_smem, bar, 1, kv_base + j1 * BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_vec)
     lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
@@ -255,7 +250,7 @@ def _sm90_dq_kernel(
         # this stage's K and V are read: the tile after next goes there
         if i + 2 < n:
             j2 = gl.load(row_idx + start + i + 2)
-            _load_k_v(k_desc, v_desc, k_smem, v_smem, bar, stage, kv_base + j2 * BLOCK_N)
+            load_pair(k_desc, v_desc, k_smem, v_smem, bar, stage, kv_base + j2 * BLOCK_N)
 
     mbarrier.invalidate(q_bar)
     for st in gl.static_range(2):
@@ -344,13 +339,25 @@ def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
     return dq
 
 
+def compile_sm90(fn, signature: dict, constexprs: dict) -> dict:
+    """Compile the Gluon kernel ``fn`` for sm90 without a GPU (``signature``: argument
+    types, ``constexprs``: their values, ``num_warps`` among them): its shared memory in
+    bytes and the local-memory (spill) instructions in its PTX."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    src = GluonASTSource(fn, signature=signature, constexprs=constexprs)
+    options = dict(num_warps=constexprs["num_warps"])
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = kernel.asm["ptx"]
+    return dict(shared=kernel.metadata.shared, spills=ptx.count("ld.local") + ptx.count("st.local"))
+
+
 def compile_for_sm90(head_dims=(128,)) -> list[dict]:
     """Compile both kernels for sm90 on any machine (no GPU needed), bf16, causal or not:
     one entry per kernel with its shared memory and the local-memory (spill) instructions
     in its PTX."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
     common = dict(
@@ -392,18 +399,7 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
                 consts = dict(
                     HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=KEYS, CAUSAL=causal, num_warps=WARPS
                 )
-                src = GluonASTSource(fn, signature=sig, constexprs=consts)
-                kernel = triton.compile(
-                    src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=WARPS)
-                )
-                ptx = kernel.asm["ptx"]
                 found.append(
-                    dict(
-                        kernel=name,
-                        head_dim=D,
-                        causal=causal,
-                        shared=kernel.metadata.shared,
-                        spills=ptx.count("ld.local") + ptx.count("st.local"),
-                    )
+                    dict(kernel=name, head_dim=D, causal=causal, **compile_sm90(fn, sig, consts))
                 )
     return found
