@@ -58,6 +58,11 @@ def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
     return reasons
 
 
+def sm90_backward_switched_off() -> bool:
+    """Whether ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton backward on Hopper GPUs."""
+    return os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0"
+
+
 _GLUON_REASONS: list[str] | None = None
 
 

@@ -13,8 +13,6 @@ Hopper GPUs, the layouts :func:`sm90_backward_plan` accepts take the Gluon kerne
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -389,11 +387,11 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     head per query head, contiguous inputs, no bias or mask (the caller checks those), and
     no list long enough to be cut into parts (the Triton kernels split those, these walk
     each list whole). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
-    from .availability import gluon_hopper_reasons
+    from .availability import gluon_hopper_reasons, sm90_backward_switched_off
 
     B, H, L, D = q.shape
     if (
-        os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0"
+        sm90_backward_switched_off()
         or not q.is_cuda
         or q.dtype not in (torch.float16, torch.bfloat16)
         or D != 128

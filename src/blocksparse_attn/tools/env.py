@@ -52,13 +52,11 @@ def env_report() -> str:
 
 def _hopper_backward() -> str:
     """Whether the fused backward's Gluon kernels for Hopper can run here."""
-    import os
-
-    from ..kernels.availability import gluon_hopper_reasons
+    from ..kernels.availability import gluon_hopper_reasons, sm90_backward_switched_off
 
     if torch.cuda.get_device_capability() != (9, 0):
         return "not used (the GPU is not sm_90)"
-    if os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0":
+    if sm90_backward_switched_off():
         return "off (BLOCKSPARSE_ATTN_SM90=0)"
     why = gluon_hopper_reasons()
     if why:
