@@ -73,17 +73,19 @@ def counting(monkeypatch):
     "pattern,causal",
     [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
 )
-@pytest.mark.parametrize("layout_heads", [1, 3])
-def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, layout_heads):
+@pytest.mark.parametrize("H,Hkv,layout_heads", [(3, 3, 1), (3, 3, 3), (4, 2, 2), (4, 1, 4)])
+def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads):
     """Gradients of the output and of the log-sum-exp through the Hopper kernels, within
     the rule the Triton kernels meet (against fp64, relative to plain PyTorch in the
-    dtype); every output element written (NaN-poisoned buffers)."""
+    dtype), with one kv head per query head or grouped ones; every output element written
+    (NaN-poisoned buffers)."""
     poison(monkeypatch)
     calls = counting(monkeypatch)
-    B, H, L, D = 2, 3, 640, 128
+    B, L, D = 2, 640, 128
     layout = layout_of(pattern, layout_heads, L // 128).cuda()
     q, k, v = (
-        torch.randn(B, H, L, D, device="cuda", dtype=dtype, requires_grad=True) for _ in range(3)
+        torch.randn(B, h, L, D, device="cuda", dtype=dtype, requires_grad=True)
+        for h in (H, Hkv, Hkv)
     )
     kw = dict(block=128, causal=causal)
     out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
@@ -134,7 +136,7 @@ def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
 @pytest.mark.gpu
 def test_hopper_backward_plan_keeps_triton_elsewhere():
     """The inputs the Hopper kernels do not cover, or were not measured faster on, keep
-    the Triton kernels: head dim 64, block 64, grouped K/V heads, rectangular lengths,
+    the Triton kernels: head dim 64, block 64, rectangular lengths,
     per-sample layouts, non-contiguous inputs, lists long enough to be cut into parts;
     the covered case takes the Hopper kernels."""
     from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
@@ -151,7 +153,7 @@ def test_hopper_backward_plan_keeps_triton_elsewhere():
     assert plan() is not None
     assert plan(D=64) is None
     assert plan(block=64) is None
-    assert plan(Hkv=1) is None
+    assert plan(Hkv=1) is not None  # grouped K/V heads
     assert plan(Lk=640) is None
     assert plan(layout=torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda")) is None
     assert plan(t=True) is None

@@ -383,8 +383,8 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
 
     The Hopper kernels run where they were measured faster (``benchmarks/NOTES.md``, v13):
     an sm90 GPU, fp16/bf16, head dim 128, a block-128 layout ``[H_l, nb, nb]`` (not block
-    lists, not per sample), equal query and key lengths that are multiples of 128, one kv
-    head per query head, contiguous inputs, no bias or mask (the caller checks those), and
+    lists, not per sample), equal query and key lengths that are multiples of 128, any
+    grouping of K/V heads, contiguous inputs, no bias or mask (the caller checks those), and
     no list long enough to be cut into parts (the Triton kernels split those, these walk
     each list whole). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
     from .availability import gluon_hopper_reasons, sm90_backward_switched_off
@@ -398,7 +398,7 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
         or block != 128
         or L % 128
         or k.shape[2] != L
-        or k.shape[1] != H
+        or H % k.shape[1]
         or isinstance(layout, KVBlocks)
         or layout.dim() != 3
         or not all(t.is_contiguous() for t in (q, k, v, grad_out))

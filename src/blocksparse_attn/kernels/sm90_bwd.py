@@ -21,6 +21,7 @@ says it runs.
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -54,11 +55,13 @@ def load_pair(a_desc, b_desc, a_smem, b_smem, bar, stage, row):
 @gluon.jit
 def _sm90_dkdv_kernel(
     q_desc,  # [B * H * L, D], block [QUERIES, D]
-    k_desc,  # [B * H * L, D], block [KEYS, D]
+    k_desc,  # [B * H_kv * L, D], block [KEYS, D]
     v_desc,
     do_desc,  # like q_desc
-    dk_desc,  # like k_desc
+    dk_desc,  # like k_desc (one kv head per query head)
     dv_desc,
+    DK32,  # [B, H, L, D] fp32: each query head's share (grouped K/V heads), summed after
+    DV32,
     LSE,  # [B, H, L] fp32, natural log
     DELTA,  # [B, H, L] fp32, rowsum(dO * O)
     col_ptr,
@@ -67,12 +70,14 @@ def _sm90_dkdv_kernel(
     L,
     col_tiles,
     layout_heads,
+    kv_group,  # query heads per kv head
     qk_scale,  # scale * log2(e)
     scale,
     HEAD_DIM: gl.constexpr,
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
+    GROUPED: gl.constexpr,
     num_warps: gl.constexpr,
 ):
     pid_n = gl.program_id(0)
@@ -81,7 +86,7 @@ def _sm90_dkdv_kernel(
     col = (h // (H // layout_heads)) * col_tiles + pid_n
     start = gl.load(col_ptr + col)
     end = gl.load(col_ptr + col + 1)
-    k_row = bh * L + pid_n * BLOCK_N
+    k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
     dtype: gl.constexpr = q_desc.dtype
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -150,19 +155,25 @@ def _sm90_dkdv_kernel(
     mbarrier.invalidate(kv_bar)
     for st in gl.static_range(2):
         mbarrier.invalidate(bar.index(st))
-    # K and V are read: their buffers take dK and dV
-    k_smem.store((dk * scale).to(dtype))
-    v_smem.store(dv.to(dtype))
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
-    tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
-    tma.store_wait(pendings=0)
+    if GROUPED:  # this query head's share, in fp32 (summed over the group after)
+        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
+        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
+        at = (bh.to(gl.int64) * L + pid_n * BLOCK_N + rows)[:, None] * HEAD_DIM + cols[None, :]
+        gl.store(DK32 + at, dk * scale)
+        gl.store(DV32 + at, dv)
+    else:  # K and V are read: their buffers take dK and dV
+        k_smem.store((dk * scale).to(dtype))
+        v_smem.store(dv.to(dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
+        tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
+        tma.store_wait(pendings=0)
 
 
 @gluon.jit
 def _sm90_dq_kernel(
     q_desc,  # [B * H * L, D], block [BLOCK_M, D]
-    k_desc,  # [B * H * L, D], block [BLOCK_N, D]
+    k_desc,  # [B * H_kv * L, D], block [BLOCK_N, D]
     v_desc,
     do_desc,  # like q_desc
     dq_desc,  # like q_desc
@@ -174,6 +185,7 @@ def _sm90_dq_kernel(
     L,
     row_tiles,
     layout_heads,
+    kv_group,
     qk_scale,
     scale,
     HEAD_DIM: gl.constexpr,
@@ -211,7 +223,7 @@ def _sm90_dq_kernel(
         mbarrier.init(bar.index(st), count=1)
 
     n = end - start
-    kv_base = bh * L
+    kv_base = ((bh // H) * (H // kv_group) + h // kv_group) * L
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
@@ -279,10 +291,17 @@ def _desc(t, rows):
 
 
 def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
-    """dK and dV of ``[B, H, L, D]`` inputs (contiguous, L a multiple of 128, one kv head per
-    query head) over a compiled index of 64x128 tiles (queries x keys)."""
+    """dK and dV of contiguous inputs ``q [B, H, L, D]``, ``k, v [B, H_kv, L, D]`` (L a
+    multiple of 128) over a compiled index of 64x128 tiles (queries x keys). With grouped
+    K/V heads each query head's share is written in fp32 and summed over its group."""
     B, H, L, D = q.shape
-    dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
+    kv_group = H // k.shape[1]
+    if kv_group == 1:
+        dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
+        dk32 = dv32 = lse  # not written
+    else:
+        dk = dv = k  # not written
+        dk32, dv32 = (empty((B, H, L, D), torch.float32, q.device) for _ in range(2))
     _sm90_dkdv_kernel[(L // KEYS, B * H)](
         _desc(q, QUERIES),
         _desc(k, KEYS),
@@ -290,6 +309,8 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
         _desc(grad_out, QUERIES),
         _desc(dk, KEYS),
         _desc(dv, KEYS),
+        dk32,
+        dv32,
         lse,
         delta,
         index.col_ptr,
@@ -298,20 +319,25 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
         L,
         index.col_tiles,
         index.heads,
+        kv_group,
         scale * math.log2(math.e),
         scale,
         HEAD_DIM=D,
         BLOCK_M=QUERIES,
         BLOCK_N=KEYS,
         CAUSAL=causal,
+        GROUPED=kv_group > 1,
         num_warps=WARPS,
     )
+    if kv_group > 1:
+        H_kv = k.shape[1]
+        dk = dk32.view(B, H_kv, kv_group, L, D).sum(2).to(k.dtype)
+        dv = dv32.view(B, H_kv, kv_group, L, D).sum(2).to(v.dtype)
     return dk, dv
 
 
 def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
-    """dQ of ``[B, H, L, D]`` inputs (as :func:`sm90_dkdv`) over a compiled index of
-    128x128 tiles."""
+    """dQ of the inputs of :func:`sm90_dkdv` over a compiled index of 128x128 tiles."""
     B, H, L, D = q.shape
     dq = empty(q.shape, q.dtype, q.device)
     _sm90_dq_kernel[(L // KEYS, B * H)](
@@ -328,6 +354,7 @@ def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
         L,
         index.row_tiles,
         index.heads,
+        H // k.shape[1],
         scale * math.log2(math.e),
         scale,
         HEAD_DIM=D,
@@ -355,17 +382,20 @@ def compile_sm90(fn, signature: dict, constexprs: dict) -> dict:
 
 
 def compile_for_sm90(head_dims=(128,)) -> list[dict]:
-    """Compile both kernels for sm90 on any machine (no GPU needed), bf16, causal or not:
-    one entry per kernel with its shared memory and the local-memory (spill) instructions
-    in its PTX."""
+    """Compile both kernels for sm90 on any machine (no GPU needed), bf16, causal or not,
+    dK/dV for one and for grouped K/V heads: one entry per variant with its shared memory
+    and the local-memory (spill) instructions in its PTX."""
     from triton.runtime.jit import mangle_type
 
     common = dict(
+        DK32="*fp32",
+        DV32="*fp32",
         LSE="*fp32",
         DELTA="*fp32",
         H="i32",
         L="i32",
         layout_heads="i32",
+        kv_group="i32",
         qk_scale="fp32",
         scale="fp32",
     )
@@ -394,12 +424,16 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
         )
         for name, fn, descs, lists, block_m in kernels:
             types = dict(descs, **lists, **common)
-            for causal in (False, True):
+            groupings = (False, True) if fn is _sm90_dkdv_kernel else (False,)
+            for causal, grouped in itertools.product((False, True), groupings):
                 sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
                 consts = dict(
                     HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=KEYS, CAUSAL=causal, num_warps=WARPS
                 )
+                if fn is _sm90_dkdv_kernel:
+                    consts["GROUPED"] = grouped
+                compiled = compile_sm90(fn, sig, consts)
                 found.append(
-                    dict(kernel=name, head_dim=D, causal=causal, **compile_sm90(fn, sig, consts))
+                    dict(kernel=name, head_dim=D, causal=causal, grouped=grouped, **compiled)
                 )
     return found
