@@ -6,12 +6,14 @@ the Triton kernels."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 from blocksparse_attn import block_sparse_attention, reference_attention
 from blocksparse_attn.kernels.availability import gluon_hopper_reasons
 
 from attention_cases import assert_within_rule, poison
-from helpers import ON_GPU
+from helpers import EXPLORE, ON_GPU, examples
 
 
 def hopper() -> bool:
@@ -80,30 +82,73 @@ def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hk
     dtype), with one kv head per query head or grouped ones; every output element written
     (NaN-poisoned buffers)."""
     poison(monkeypatch)
-    calls = counting(monkeypatch)
     B, L, D = 2, 640, 128
     layout = layout_of(pattern, layout_heads, L // 128).cuda()
     q, k, v = (
         torch.randn(B, h, L, D, device="cuda", dtype=dtype, requires_grad=True)
         for h in (H, Hkv, Hkv)
     )
-    kw = dict(block=128, causal=causal)
+    check_gradients(monkeypatch, q, k, v, layout, dict(block=128, causal=causal))
+
+
+def check_gradients(monkeypatch, q, k, v, layout, kw):
+    """The gradients of the output and of the log-sum-exp went through the Hopper kernels
+    and meet the fp64 rule."""
+    calls = counting(monkeypatch)
     out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0.0)
     grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
     assert calls == ["sm90_dkdv", "sm90_dq"]
-
     refs = []
-    for ct in (torch.float64, dtype):
+    for ct in (torch.float64, q.dtype):
         leaves = [t.detach().to(ct).requires_grad_() for t in (q, k, v)]
         o, s = reference_attention(*leaves, layout, compute_dtype=ct, return_lse=True, **kw)
         keep = ~torch.isneginf(s)
         loss = (o * grad_out.to(ct)).sum() + (s[keep] * grad_lse.to(s.dtype)[keep]).sum()
         refs.append(torch.autograd.grad(loss, leaves))
     for name, g, r64, lowp in zip(("dq", "dk", "dv"), grads, *refs):
-        assert g.dtype == dtype
+        assert g.dtype == q.dtype
         assert_within_rule(name, g, r64, lowp)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@settings(
+    max_examples=examples(20),
+    deadline=None,
+    derandomize=not EXPLORE,
+    database=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # each example compiles anew
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_random_problems_in_the_hopper_backward(monkeypatch, data):
+    """Random problems inside the Hopper backward's domain (batch, heads and their
+    grouping, layout heads, 1-8 blocks, density, causal, scale, input magnitude, fp16 or
+    bf16): its gradients meet the fp64 rule."""
+    draw = data.draw
+    poison(monkeypatch)
+    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
+    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
+    heads = draw(st.sampled_from(sorted({1, Hkv, H})))
+    nb = draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
+    q, k, v = (
+        (torch.randn(B, h, nb * 128, 128, generator=g) * magnitude)
+        .to("cuda", dtype)
+        .requires_grad_()
+        for h in (H, Hkv, Hkv)
+    )
+    kw = dict(
+        block=128,
+        causal=draw(st.booleans()),
+        scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
+    )
+    check_gradients(monkeypatch, q, k, v, layout.long().cuda(), kw)
 
 
 @needs_hopper
