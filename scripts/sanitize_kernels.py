@@ -162,6 +162,26 @@ def main() -> int:
                 f"{'ok' if finite and taken else 'NOT FINITE or not taken'}",
                 flush=True,
             )
+        # block lists per sample, grouped K/V heads, an empty list
+        from blocksparse_attn import KVBlocks
+
+        lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
+        lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
+        blocks = KVBlocks.from_layout(lay)
+        q = torch.randn(2, 4, 384, 128, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(2, 2, 384, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+        taken = sm90_backward_plan(q, k, v, q, blocks, block=128, causal=True) is not None
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = block_sparse_attention(q, k, v, blocks, block=128, causal=True)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        torch.cuda.synchronize()
+        finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+        bad += not (finite and taken)
+        print(
+            "Hopper backward (block lists per sample, GQA, causal): "
+            f"{'ok' if finite and taken else 'NOT FINITE or not taken'}",
+            flush=True,
+        )
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

@@ -114,6 +114,37 @@ def check_gradients(monkeypatch, q, k, v, layout, kw):
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("H,Hkv,layout_heads", [(2, 2, 2), (4, 2, 1), (4, 2, 2)])
+def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv, layout_heads):
+    """Block lists (:class:`~blocksparse_attn.KVBlocks`), shared by the batch or one per
+    sample, in any order and of unequal lengths (empty ones too), go through the Hopper
+    kernels and meet the fp64 rule."""
+    from blocksparse_attn import KVBlocks
+
+    poison(monkeypatch)
+    B, L, D = 2, 768, 128
+    nb = L // 128
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(B if per_sample else 1, layout_heads, nb, nb, generator=g) < 0.45
+    dense[0, 0, 1] = False  # a query block with nothing to attend
+    dense[-1, -1, 2] = True
+    blocks = KVBlocks.from_layout(dense.long())
+    order = torch.argsort(torch.rand(blocks.indices.shape, generator=g), dim=-1)
+    used = torch.arange(blocks.indices.shape[-1]) < blocks.num_blocks[..., None]
+    keys = torch.where(used, order, blocks.indices.shape[-1] + order)  # used entries first
+    shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
+    blocks = KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
+    q, k, v = (
+        torch.randn(B, h, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (H, Hkv, Hkv)
+    )
+    check_gradients(monkeypatch, q, k, v, blocks, dict(block=128, causal=causal))
+
+
+@needs_hopper
+@pytest.mark.gpu
 @settings(
     max_examples=examples(20),
     deadline=None,
@@ -181,9 +212,10 @@ def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
 @pytest.mark.gpu
 def test_hopper_backward_plan_keeps_triton_elsewhere():
     """The inputs the Hopper kernels do not cover, or were not measured faster on, keep
-    the Triton kernels: head dim 64, block 64, rectangular lengths,
-    per-sample layouts, non-contiguous inputs, lists long enough to be cut into parts;
-    the covered case takes the Hopper kernels."""
+    the Triton kernels: head dim 64, block 64, rectangular lengths, a 4-D layout (the
+    functional layer folds it into heads first), non-contiguous inputs, lists long enough
+    to be cut into parts; the covered cases (block lists too, shared or per sample) take
+    the Hopper kernels."""
     from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
 
     def plan(B=1, H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, layout=None, t=False):
@@ -201,6 +233,11 @@ def test_hopper_backward_plan_keeps_triton_elsewhere():
     assert plan(Hkv=1) is not None  # grouped K/V heads
     assert plan(Lk=640) is None
     assert plan(layout=torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda")) is None
+    from blocksparse_attn import KVBlocks
+
+    lists = KVBlocks.from_layout(torch.ones(2, 2, 4, 4, dtype=torch.long, device="cuda"))
+    assert plan(B=2, layout=lists)[1] == 2  # block lists per sample
+    assert plan(B=2, layout=KVBlocks.from_layout(lists.to_layout(4)[:1]))[1] == 1
     assert plan(t=True) is None
     # window and global rows at 16k tokens: the global rows' lists are cut into parts
     from blocksparse_attn.tools.bench_cases import pattern_layout

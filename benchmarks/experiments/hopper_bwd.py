@@ -20,7 +20,7 @@ import sys
 import torch
 import triton
 
-from blocksparse_attn.kernels.sm90_bwd import KEYS, QUERIES, compile_for_sm90, sm90_dkdv, sm90_dq
+from blocksparse_attn.kernels.sm90_bwd import KEYS, compile_for_sm90, sm90_dkdv, sm90_dq
 
 
 def compile_only() -> None:
@@ -56,8 +56,8 @@ def _kernel_ms(step, names: dict, steps: int = 10) -> dict:
 
 
 def _whole_lists_index(layout, L, tile_m, causal, device):
-    """The index these kernels walk (tiles ``tile_m`` x 128 over a block-128 layout): each
-    list whole (no list cut into parts)."""
+    """The index these kernels walk (128x128 tiles over a block-128 layout): each list
+    whole (no list cut into parts)."""
     from blocksparse_attn import index as index_module
     from blocksparse_attn.index import get_index
 
@@ -104,8 +104,7 @@ def main() -> None:
         scale = D**-0.5
         out, lse = fused_attention_forward(q, k, v, layout, block=KEYS, scale=scale, causal=causal)
         delta = (out.float() * go.float()).sum(-1)
-        kv_index = _whole_lists_index(layout, L, QUERIES, causal, q.device)
-        q_index = _whole_lists_index(layout, L, KEYS, causal, q.device)
+        index = _whole_lists_index(layout, L, KEYS, causal, q.device)  # both kernels
         args = (q, k, v, go, lse, delta)
 
         def ours():
@@ -114,10 +113,10 @@ def main() -> None:
             )
 
         def gluon_dkdv():
-            return sm90_dkdv(*args, kv_index, causal=causal, scale=scale)
+            return sm90_dkdv(*args, index, causal=causal, scale=scale)
 
         def gluon_dq():
-            return sm90_dq(*args, q_index, causal=causal, scale=scale)
+            return sm90_dq(*args, index, causal=causal, scale=scale)
 
         dq_want, dk_want, dv_want, *_ = ours()
         (dk, dv), dq = gluon_dkdv(), gluon_dq()
@@ -129,7 +128,7 @@ def main() -> None:
         triton_ms = _kernel_ms(ours, {"dkdv": "_bsa_bwd_dkdv", "dq": "_bsa_bwd_dq"})
         t_dkdv = _kernel_ms(gluon_dkdv, {"t": "_sm90_dkdv"})["t"]
         t_dq = _kernel_ms(gluon_dq, {"t": "_sm90_dq"})["t"]
-        tiles = kv_index.nnz * (H // kv_index.heads) * B * QUERIES * KEYS  # score elements
+        tiles = index.nnz * (H // index.heads) * B * KEYS * KEYS  # score elements
         row = dict(
             case=label,
             L=L,

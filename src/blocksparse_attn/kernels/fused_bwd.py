@@ -378,18 +378,20 @@ def _bsa_bwd_dq_kernel(
 
 
 def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
-    """The indexes the Hopper backward (:mod:`.sm90_bwd`) walks, ``(dK/dV index of 64x128
-    tiles, dQ index of 128x128 tiles)``, or ``None`` where the Triton kernels run.
+    """What the Hopper backward (:mod:`.sm90_bwd`) walks, ``(index of 128x128 tiles, list
+    samples)``, or ``None`` where the Triton kernels run.
 
     The Hopper kernels run where they were measured faster (``benchmarks/NOTES.md``, v13):
-    an sm90 GPU, fp16/bf16, head dim 128, a block-128 layout ``[H_l, nb, nb]`` (not block
-    lists, not per sample), equal query and key lengths that are multiples of 128, any
-    grouping of K/V heads, contiguous inputs, no bias or mask (the caller checks those), and
-    no list long enough to be cut into parts (the Triton kernels split those, these walk
-    each list whole). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
+    an sm90 GPU, fp16/bf16, head dim 128, a block-128 layout (``[H_l, nb, nb]`` shared by
+    the batch, or block lists shared or per sample), equal query and key lengths that are
+    multiples of 128, any grouping of K/V heads, contiguous inputs, no bias or mask (the
+    caller checks those), and no list long enough to be cut into parts (the Triton kernels
+    split those, these walk each list whole; block lists are never cut).
+    ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
     from .availability import gluon_hopper_reasons, sm90_backward_switched_off
 
     B, H, L, D = q.shape
+    lists = isinstance(layout, KVBlocks)
     if (
         sm90_backward_switched_off()
         or not q.is_cuda
@@ -399,23 +401,19 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
         or L % 128
         or k.shape[2] != L
         or H % k.shape[1]
-        or isinstance(layout, KVBlocks)
-        or layout.dim() != 3
+        or (not lists and layout.dim() != 3)
         or not all(t.is_contiguous() for t in (q, k, v, grad_out))
         or not descriptors_allowed(q, k, v, grad_out)
         or torch.cuda.get_device_capability(q.device) != (9, 0)
         or gluon_hopper_reasons()
     ):
         return None
-    indexes = tuple(
-        get_index(
-            layout, block, q_len=L, k_len=L, tile_m=m, tile_n=128, causal=causal, device=q.device
-        )
-        for m in (64, 128)
+    index = get_index(
+        layout, block, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal, device=q.device
     )
-    if indexes[0].cols.parts or indexes[1].rows.parts:
+    if index.cols.parts or index.rows.parts:
         return None
-    return indexes
+    return index, layout.shape[0] if lists else 1
 
 
 def fused_attention_backward(
@@ -475,9 +473,10 @@ def fused_attention_backward(
     if hopper is not None:
         from .sm90_bwd import sm90_dkdv, sm90_dq
 
-        kv_index, q_index = hopper
-        dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, kv_index, causal=causal, scale=scale)
-        dq = sm90_dq(q, k, v, grad_out, stats, delta, q_index, causal=causal, scale=scale)
+        index, samples = hopper
+        kw = dict(causal=causal, scale=scale, samples=samples)
+        dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, index, **kw)
+        dq = sm90_dq(q, k, v, grad_out, stats, delta, index, **kw)
         return dq, dk, dv, None, None, None
     kv_tiles, q_tiles = tiles or backward_tiles(
         D,

@@ -4,18 +4,20 @@ rings and asynchronous ``warpgroup_mma``.
 
 dK/dV: one program holds a 128-key tile (K and V read once through TMA, dK and dV
 accumulated in registers by two warpgroups) and walks its column list of the compiled index
-in 64-query tiles: Q and dO arrive through TMA into a two-stage ring, one tile ahead;
-``S^T = K Q^T`` and ``dP^T = V dO^T`` are issued together, then ``dV += P^T dO`` and
-``dK += dS^T Q`` with ``P^T`` and ``dS^T`` kept in registers.
+(128x128 tiles, the one index both kernels read) in 64-query steps, two per listed tile:
+Q and dO arrive through TMA into a two-stage ring, one step ahead; ``S^T = K Q^T`` and
+``dP^T = V dO^T`` are issued together, then ``dV += P^T dO`` and ``dK += dS^T Q`` with
+``P^T`` and ``dS^T`` kept in registers.
 
 dQ: one program holds a 128-query tile and walks its row list of 128-key tiles: K and V
 through TMA into a two-stage ring; ``S = Q K^T`` and ``dP = dO V^T`` together, then
 ``dQ += dS K``.
 
 No atomics: the result does not depend on the order programs run in. Where these kernels
-run and where the Triton backward does is decided by :func:`plan` (measured in
-``benchmarks/NOTES.md``, v13). This module imports Gluon: load it only where :func:`plan`
-says it runs.
+run and where the Triton backward does is decided by
+:func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan` (measured in
+``benchmarks/NOTES.md``). This module imports Gluon: load it only where that plan says it
+runs.
 """
 
 from __future__ import annotations
@@ -69,7 +71,8 @@ def _sm90_dkdv_kernel(
     H,
     L,
     col_tiles,
-    layout_heads,
+    layout_heads,  # per sample
+    sample_heads,  # layout heads of the samples before (lists per sample), else 0
     kv_group,  # query heads per kv head
     qk_scale,  # scale * log2(e)
     scale,
@@ -83,7 +86,7 @@ def _sm90_dkdv_kernel(
     pid_n = gl.program_id(0)
     bh = gl.program_id(1)
     h = bh % H
-    col = (h // (H // layout_heads)) * col_tiles + pid_n
+    col = ((bh // H) * sample_heads + h // (H // layout_heads)) * col_tiles + pid_n
     start = gl.load(col_ptr + col)
     end = gl.load(col_ptr + col + 1)
     k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
@@ -108,16 +111,15 @@ def _sm90_dkdv_kernel(
     for st in gl.static_range(2):
         mbarrier.init(bar.index(st), count=1)
 
-    n = end - start
+    # each entry of the column list is a query tile of 2 * BLOCK_M rows: two steps
+    n = 2 * (end - start)
     mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(k_desc, [k_row, 0], kv_bar, k_smem)
     tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_smem)
     if n > 0:
-        r0 = gl.load(col_idx + start)
+        r0 = gl.load(col_idx + start) * 2
         load_pair(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
-    if n > 1:
-        r1 = gl.load(col_idx + start + 1)
-        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + r1 * BLOCK_M)
+        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + (r0 + 1) * BLOCK_M)
     mbarrier.wait(kv_bar, 0)
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
@@ -126,7 +128,7 @@ def _sm90_dkdv_kernel(
     s_zero = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, layout=s_layout)
     for i in range(0, n):
         stage = i % 2
-        r = gl.load(col_idx + start + i)
+        r = gl.load(col_idx + start + i // 2) * 2 + stage
         offs_m = r * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_vec)
         lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
         lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
@@ -149,7 +151,7 @@ def _sm90_dkdv_kernel(
         dv, dk, p16, ds16 = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, p16, ds16))
         # this stage's Q and dO are read: the tile after next goes there
         if i + 2 < n:
-            r2 = gl.load(col_idx + start + i + 2)
+            r2 = gl.load(col_idx + start + i // 2 + 1) * 2 + stage
             load_pair(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
 
     mbarrier.invalidate(kv_bar)
@@ -185,6 +187,7 @@ def _sm90_dq_kernel(
     L,
     row_tiles,
     layout_heads,
+    sample_heads,
     kv_group,
     qk_scale,
     scale,
@@ -197,7 +200,7 @@ def _sm90_dq_kernel(
     pid_m = gl.program_id(0)
     bh = gl.program_id(1)
     h = bh % H
-    row = (h // (H // layout_heads)) * row_tiles + pid_m
+    row = ((bh // H) * sample_heads + h // (H // layout_heads)) * row_tiles + pid_m
     start = gl.load(row_ptr + row)
     end = gl.load(row_ptr + row + 1)
     q_row = bh * L + pid_m * BLOCK_M
@@ -290,10 +293,18 @@ def _desc(t, rows):
     return TensorDescriptor(t, [n, D], [D, 1], [rows, D], lay)
 
 
-def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
+def _heads(index, samples: int) -> tuple[int, int]:
+    """The kernels' ``layout_heads`` (per sample) and ``sample_heads`` for an index of
+    ``samples`` list samples (1: shared by the batch; ``B``: block lists per sample)."""
+    per = index.heads // samples
+    return per, per if samples > 1 else 0
+
+
+def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
     """dK and dV of contiguous inputs ``q [B, H, L, D]``, ``k, v [B, H_kv, L, D]`` (L a
-    multiple of 128) over a compiled index of 64x128 tiles (queries x keys). With grouped
-    K/V heads each query head's share is written in fp32 and summed over its group."""
+    multiple of 128) over a compiled index of 128x128 tiles, each query tile of a column
+    list walked in two 64-row steps; ``samples`` as in :func:`_heads`. With grouped K/V
+    heads each query head's share is written in fp32 and summed over its group."""
     B, H, L, D = q.shape
     kv_group = H // k.shape[1]
     if kv_group == 1:
@@ -318,7 +329,7 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
         H,
         L,
         index.col_tiles,
-        index.heads,
+        *_heads(index, samples),
         kv_group,
         scale * math.log2(math.e),
         scale,
@@ -336,8 +347,8 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale):
     return dk, dv
 
 
-def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
-    """dQ of the inputs of :func:`sm90_dkdv` over a compiled index of 128x128 tiles."""
+def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
+    """dQ of the inputs of :func:`sm90_dkdv` over the same index."""
     B, H, L, D = q.shape
     dq = empty(q.shape, q.dtype, q.device)
     _sm90_dq_kernel[(L // KEYS, B * H)](
@@ -353,7 +364,7 @@ def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale):
         H,
         L,
         index.row_tiles,
-        index.heads,
+        *_heads(index, samples),
         H // k.shape[1],
         scale * math.log2(math.e),
         scale,
@@ -395,6 +406,7 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
         H="i32",
         L="i32",
         layout_heads="i32",
+        sample_heads="i32",
         kv_group="i32",
         qk_scale="fp32",
         scale="fp32",
