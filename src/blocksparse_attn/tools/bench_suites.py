@@ -287,13 +287,15 @@ def dynamic_step(
     """A training step whose layout is chosen each call: ``topk_blocks`` (causal, the
     diagonal kept) then fused attention forward+backward on the lists (B1, causal). Times
     the eager step, the step replayed from a CUDA graph, the selection, the index build
-    (every tile shape the step compiles, eager and in a graph), and FlexAttention given the
+    (every tile shape the step compiles, the Hopper backward's too where it runs, eager and
+    in a graph), and FlexAttention given the
     same selection (its ``BlockMask`` made each step, see ``_flex_selection_mask``).
     Then the same attention with a layout per sample (B2) beside one shared layout of the
     same density. ``timer(fn) -> ms`` defaults to ``do_bench``'s median."""
     from ..functional import block_sparse_attention
     from ..index_dynamic import build_block_list_index
     from ..kernels.configs import backward_tiles, forward_tiles
+    from ..kernels.fused_bwd import sm90_backward_plan
     from ..kv_blocks import KVBlocks
     from ..selection import topk_blocks
 
@@ -323,6 +325,9 @@ def dynamic_step(
         size = q.element_size()
         shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
         shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size, True)}
+        if cuda and sm90_backward_plan(q, k, v, grad_out, lists, block=block, causal=True):
+            shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
+            shapes.add((128, 128))  # the Hopper backward's index
 
         def index():
             for m, n in sorted(shapes):
