@@ -491,6 +491,27 @@ def test_dynamic_step_on_cpu_and_its_table():
     assert "| 256 | 2 | 16 | 32 | 2 | 1.000 |  | 1.000 | 1.000 |  |  | 1.000 |" in text
 
 
+def test_fa4_selection_step_says_why_it_cannot_run():
+    # the dynamic suite's FlashAttention-4 column where flash_attn.cute is not installed:
+    # the reason, no time
+    try:
+        import flash_attn.cute  # noqa: F401
+
+        pytest.skip("flash_attn.cute is installed here")
+    except ImportError:
+        pass
+    from blocksparse_attn import topk_blocks
+    from blocksparse_attn.tools.bench_suites import _fa4_selection_step
+
+    leaves = [torch.randn(1, 2, 256, 8, requires_grad=True) for _ in range(3)]
+
+    def select():
+        return topk_blocks(*leaves[:2], block=128, topk=1, causal=True, keep_diagonal=True)
+
+    row = _fa4_selection_step(select, leaves, torch.randn(1, 2, 256, 8), 256, lambda fn: 1.0)
+    assert set(row) == {"fa4_error"} and "fa4-wheels.sh" in row["fa4_error"]
+
+
 @pytest.mark.parametrize("block", [64, 128])
 def test_flex_selection_mask_keeps_the_selection(block):
     # FlexAttention's mask of a top-k selection narrower than nb_k (what the dynamic suite

@@ -113,18 +113,9 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     raise ValueError(f"bench: backend must be one of {', '.join(BACKENDS)}, got {backend!r}.")
 
 
-def _fa4_fn(case: Case, layout: torch.Tensor, device):
-    """FlashAttention-4's block-sparse attention (``flash_attn.cute.flash_attn_func`` with
-    ``block_sparse_tensors``) on the layout's block-128 lists, forward and backward; raise
-    with the reason where it cannot run the case."""
-    if case.block != 128:
-        raise RuntimeError(
-            f"FlashAttention-4 block sparsity is run at block 128 (block {case.block})"
-        )
-    if case.causal:
-        raise RuntimeError(
-            "token-causal diagonal blocks would need a CuTe mask_mod for FlashAttention-4"
-        )
+def fa4_attention():
+    """FlashAttention-4's ``(flash_attn_func, BlockSparseTensorsTorch)``, or raise with the
+    reason it is not importable."""
     try:
         from flash_attn.cute import flash_attn_func
         from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
@@ -133,10 +124,16 @@ def _fa4_fn(case: Case, layout: torch.Tensor, device):
             f"flash_attn.cute is not importable ({e}); ../shared/tools/fa4-wheels.sh fetches "
             "FlashAttention-4's wheels"
         ) from None
-    from ..flex_block_mask import layout_to_block_mask
+    return flash_attn_func, BlockSparseTensorsTorch
 
-    bm = layout_to_block_mask(layout, case.block, device=device)  # every kept tile is full
-    size = (case.block, case.block)
+
+def fa4_block_sparse(block_mask, causal: bool = False):
+    """``fn(q, k, v) -> out`` running FlashAttention-4's block-sparse kernels (forward and
+    backward) on a block-128 FlexAttention ``BlockMask``: its key lists for the forward,
+    its query lists for the backward, partial tiles masked by ``causal`` (token-causal,
+    FlashAttention's own mask) and full tiles unmasked."""
+    flash_attn_func, BlockSparseTensorsTorch = fa4_attention()
+    bm, size = block_mask, (128, 128)
     fwd = BlockSparseTensorsTorch(
         bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, block_size=size
     )
@@ -147,12 +144,31 @@ def _fa4_fn(case: Case, layout: torch.Tensor, device):
     def fn(q, k, v):  # FlashAttention's [B, L, H, D] as views of ours
         out, _ = flash_attn_func(
             *(t.transpose(1, 2) for t in (q, k, v)),
+            causal=causal,
             block_sparse_tensors=fwd,
             block_sparse_tensors_bwd=bwd,
         )
         return out.transpose(1, 2)
 
     return fn
+
+
+def _fa4_fn(case: Case, layout: torch.Tensor, device):
+    """FlashAttention-4's block-sparse attention on the layout's block-128 lists, forward
+    and backward; raise with the reason where it cannot run the case."""
+    if case.block != 128:
+        raise RuntimeError(
+            f"FlashAttention-4 block sparsity is run at block 128 (block {case.block})"
+        )
+    if case.causal:
+        raise RuntimeError(
+            "token-causal diagonal blocks would need a CuTe mask_mod for FlashAttention-4"
+        )
+    fa4_attention()
+    from ..flex_block_mask import layout_to_block_mask
+
+    # every kept tile is full
+    return fa4_block_sparse(layout_to_block_mask(layout, case.block, device=device))
 
 
 def gpu_median_ms(fn) -> float:

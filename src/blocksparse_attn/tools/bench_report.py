@@ -109,13 +109,14 @@ def markdown(report: dict) -> str:
             "lists; ms; 'graph' = replayed from a CUDA graph; per sample vs shared: B2):",
             "",
             "| L | H | D | block | topk | step | step graph | select | index | index graph | "
-            "index share | kernels (cached index) | flex step | flex/ours | per sample | shared "
-            "| ratio |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "index share | kernels (cached index) | flex step | flex/ours | fa4 step | fa4/ours | "
+            "per sample | shared | ratio |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
 
         for r in dynamic:
             flex = _cell(r, "flex_step_ms") or r.get("flex_error", "")
+            fa4 = _cell(r, "fa4_step_ms") or r.get("fa4_error", "")
             lines.append(
                 f"| {r['seq_len']:,} | {r['heads']} | {r['head_dim']} | {r['block']} | "
                 f"{r['topk']} | {_cell(r, 'step_ms')} | {_cell(r, 'step_graph_ms')} | "
@@ -123,7 +124,8 @@ def markdown(report: dict) -> str:
                 f"{_cell(r, 'index_graph_ms')} | "
                 f"{_cell(r, 'index_share', '{:.1%}')} | {_cell(r, 'attention_cached_index_ms')} | "
                 f"{flex} | "
-                f"{_cell(r, 'flex_over_ours', '{:.2f}')} | "
+                f"{_cell(r, 'flex_over_ours', '{:.2f}')} | {fa4} | "
+                f"{_cell(r, 'fa4_over_ours', '{:.2f}')} | "
                 f"{_cell(r, 'per_sample_ms')} | {_cell(r, 'shared_ms')} | "
                 f"{_cell(r, 'per_sample_over_shared', '{:.2f}')} |"
             )

@@ -238,6 +238,32 @@ def matmul_throughput(
     return rows
 
 
+def _fa4_selection_step(select, leaves, grad_out, seq_len: int, timer) -> dict:
+    """FlashAttention-4's block-sparse kernels given the same selection each step, the way
+    its user feeds one: the lists as a FlexAttention ``BlockMask`` (diagonal tiles partial
+    under FlashAttention's causal mask, the others full; its query lists for the
+    backward). The step's time and the largest output difference from ours on one
+    selection; or why it could not run."""
+    from ..functional import block_sparse_attention
+    from .bench_harness import fa4_block_sparse
+
+    def fa4(lists):
+        return fa4_block_sparse(_flex_selection_mask(lists, 128, seq_len), causal=True)
+
+    def fa4_step():
+        return torch.autograd.grad(fa4(select())(*leaves), leaves, grad_out)
+
+    try:
+        lists = select()
+        with torch.no_grad():
+            mine = block_sparse_attention(*leaves, lists, block=128, causal=True)
+            diff = float((fa4(lists)(*leaves).float() - mine.float()).abs().max())
+        fa4_step()
+        return {"fa4_step_ms": timer(fa4_step), "fa4_max_diff": diff}
+    except Exception as e:  # record why FlashAttention-4 could not run it
+        return {"fa4_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+
+
 def _flex_selection_mask(lists, block: int, seq_len: int):
     """A FlexAttention ``BlockMask`` holding a top-k selection, the way a FlexAttention user
     feeds one each step: at block 128 the lists directly (``BlockMask.from_kv_blocks``, the
@@ -372,6 +398,10 @@ def dynamic_step(
                 row["flex_over_ours"] = row["flex_step_ms"] / row["step_ms"]
             except Exception as e:  # record why FlexAttention could not run it
                 row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            if block == 128:
+                row.update(_fa4_selection_step(select, leaves, grad_out, seq_len, timer))
+                if "fa4_step_ms" in row:
+                    row["fa4_over_ours"] = row["fa4_step_ms"] / row["step_ms"]
         # a layout per sample against one shared layout of the same density (B2)
         g2 = torch.Generator(device=device).manual_seed(1)
         q2, k2, v2, go2 = (
