@@ -213,10 +213,14 @@ def _inputs(seed, B=1, H=4, Hkv=2, L=1024, D=64, dtype=torch.bfloat16):
     return q, k, v, torch.randn(B, H, L, D, device="cuda", generator=g).to(dtype)
 
 
+# head dim 128 at block 128: the Hopper backward's domain on an sm90 GPU
+BLOCK_AND_HEAD_DIM = [(64, 64), (128, 64), (128, 128)]
+
+
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("block", [64, 128])
-def test_selection_and_attention_do_not_synchronise(block):
-    q, k, v, grad_out = _inputs(0)
+@pytest.mark.parametrize("block,D", BLOCK_AND_HEAD_DIM)
+def test_selection_and_attention_do_not_synchronise(block, D):
+    q, k, v, grad_out = _inputs(0, D=D)
     _step(q, k, v, grad_out, block, 4)  # compile and tune first
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -227,9 +231,9 @@ def test_selection_and_attention_do_not_synchronise(block):
 
 
 @pytest.mark.skipif(not ON_GPU, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("block", [64, 128])
-def test_a_step_with_new_selections_replays_from_a_cuda_graph(block):
-    q, k, v, grad_out = _inputs(0)
+@pytest.mark.parametrize("block,D", BLOCK_AND_HEAD_DIM)
+def test_a_step_with_new_selections_replays_from_a_cuda_graph(block, D):
+    q, k, v, grad_out = _inputs(0, D=D)
     static = [t.detach().clone().requires_grad_(t.requires_grad) for t in (q, k, v, grad_out)]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -240,7 +244,7 @@ def test_a_step_with_new_selections_replays_from_a_cuda_graph(block):
     with torch.cuda.graph(graph):
         captured = _step(*static, block, 4)
     for seed in (1, 2):  # new inputs: a new selection every replay
-        new = _inputs(seed)
+        new = _inputs(seed, D=D)
         with torch.no_grad():
             for s, n in zip(static, new):
                 s.copy_(n)
