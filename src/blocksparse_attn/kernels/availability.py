@@ -66,6 +66,31 @@ def sm90_backward_switched_off() -> bool:
 _GLUON_REASONS: list[str] | None = None
 
 
+def sm90_backward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
+    """Whether the Hopper backward (``kernels/sm90_bwd.py``) covers inputs of these shapes,
+    dtypes, device and layout kind: an sm90 GPU with Gluon, fp16/bf16, head dim 128, block
+    128, equal query and key lengths that are multiples of 128, any grouping of K/V heads,
+    a layout ``[H_l, nb, nb]`` or block lists, and ``BLOCKSPARSE_ATTN_SM90`` not ``0``.
+    :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan` adds what only a call
+    tells: contiguous, aligned inputs and gradient, and no list cut into parts."""
+    from ..kv_blocks import KVBlocks
+
+    B, H, L, D = q.shape
+    return not (
+        sm90_backward_switched_off()
+        or not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or D != 128
+        or block != 128
+        or L % 128
+        or k.shape[2] != L
+        or H % k.shape[1]
+        or (not isinstance(layout, KVBlocks) and layout.dim() != 3)
+        or torch.cuda.get_device_capability(q.device) != (9, 0)
+        or gluon_hopper_reasons()
+    )
+
+
 def gluon_hopper_reasons() -> list[str]:
     """Why the Gluon kernels for Hopper (``kernels/sm90_bwd.py``) cannot be loaded here
     (empty list: they can). Imports Gluon once; the GPU's architecture is checked by the

@@ -388,32 +388,21 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     caller checks those), and no list long enough to be cut into parts (the Triton kernels
     split those, these walk each list whole; block lists are never cut).
     ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
-    from .availability import gluon_hopper_reasons, sm90_backward_switched_off
+    from .availability import sm90_backward_domain
 
-    B, H, L, D = q.shape
-    lists = isinstance(layout, KVBlocks)
-    if (
-        sm90_backward_switched_off()
-        or not q.is_cuda
-        or q.dtype not in (torch.float16, torch.bfloat16)
-        or D != 128
-        or block != 128
-        or L % 128
-        or k.shape[2] != L
-        or H % k.shape[1]
-        or (not lists and layout.dim() != 3)
-        or not all(t.is_contiguous() for t in (q, k, v, grad_out))
-        or not descriptors_allowed(q, k, v, grad_out)
-        or torch.cuda.get_device_capability(q.device) != (9, 0)
-        or gluon_hopper_reasons()
+    if not (
+        sm90_backward_domain(q, k, layout, block)
+        and all(t.is_contiguous() for t in (q, k, v, grad_out))
+        and descriptors_allowed(q, k, v, grad_out)
     ):
         return None
+    L = q.shape[2]
     index = get_index(
         layout, block, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal, device=q.device
     )
     if index.cols.parts or index.rows.parts:
         return None
-    return index, layout.shape[0] if lists else 1
+    return index, layout.shape[0] if isinstance(layout, KVBlocks) else 1
 
 
 def fused_attention_backward(

@@ -320,8 +320,9 @@ def dynamic_step(
     same density. ``timer(fn) -> ms`` defaults to ``do_bench``'s median."""
     from ..functional import block_sparse_attention
     from ..index_dynamic import build_block_list_index
-    from ..kernels.configs import backward_tiles, forward_tiles
+    from ..kernels.configs import backward_tiles
     from ..kernels.fused_bwd import sm90_backward_plan
+    from ..kernels.fused_fwd import step_forward_tiles
     from ..kv_blocks import KVBlocks
     from ..selection import topk_blocks
 
@@ -349,11 +350,12 @@ def dynamic_step(
         lists = select()
         density = topk / (seq_len // block)
         size = q.element_size()
-        shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
-        shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size, True)}
-        if cuda and sm90_backward_plan(q, k, v, grad_out, lists, block=block, causal=True):
-            shapes = {(t.m, t.n) for t in (forward_tiles(head_dim, block, density, size),)}
+        fwd = step_forward_tiles(q, k, lists, block, density, masked=False)
+        shapes = {(fwd.m, fwd.n)}
+        if sm90_backward_plan(q, k, v, grad_out, lists, block=block, causal=True):
             shapes.add((128, 128))  # the Hopper backward's index
+        else:
+            shapes |= {(t.m, t.n) for t in backward_tiles(head_dim, block, density, size, True)}
 
         def index():
             for m, n in sorted(shapes):
