@@ -244,3 +244,25 @@ def test_hopper_backward_plan_keeps_triton_elsewhere():
 
     wg = pattern_layout("window_global", 16384, 128, None).cuda()
     assert plan(H=1, Hkv=1, Lq=16384, Lk=16384, layout=wg) is None
+
+
+def test_forward_tiles_follow_the_hopper_backward_on_block_lists(monkeypatch):
+    """Block lists the Hopper backward takes (its domain, no bias or mask) give the forward
+    its 128x128 tiles, so one index serves the step; a dense layout, a masked call and
+    inputs outside the domain keep the forward's own tiles. The domain is never claimed
+    for CPU tensors."""
+    from blocksparse_attn import KVBlocks
+    from blocksparse_attn.kernels import availability
+    from blocksparse_attn.kernels.configs import Tiles, forward_tiles
+    from blocksparse_attn.kernels.fused_fwd import step_forward_tiles
+
+    q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
+    lists = KVBlocks.from_layout(torch.ones(1, 2, 2, 2, dtype=torch.long))
+    dense = torch.ones(2, 2, 2, dtype=torch.long)
+    assert not availability.sm90_backward_domain(q, q, lists, 128)
+    own = forward_tiles(128, 128, 0.1, 2)
+    assert step_forward_tiles(q, q, lists, 128, 0.1, masked=False) == own
+    monkeypatch.setattr(availability, "sm90_backward_domain", lambda *args: True)
+    assert step_forward_tiles(q, q, lists, 128, 0.1, masked=False) == Tiles(128, 128)
+    assert step_forward_tiles(q, q, lists, 128, 0.1, masked=True) == own
+    assert step_forward_tiles(q, q, dense, 128, 0.1, masked=False) == own
