@@ -142,46 +142,37 @@ def main() -> int:
     # the Hopper backward (Gluon, sm90 only): empty query and key blocks, causal, shared
     # and per-head layouts
     if torch.cuda.get_device_capability() == (9, 0):
+        from blocksparse_attn import KVBlocks
         from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
+
+        def hopper_case(label, q, k, v, layout, causal) -> int:
+            """One step through the Hopper backward: 1 if it did not run or is not finite."""
+            taken = sm90_backward_plan(q, k, v, q, layout, block=128, causal=causal) is not None
+            q, k, v = (t.requires_grad_() for t in (q, k, v))
+            out = block_sparse_attention(q, k, v, layout, block=128, causal=causal)
+            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+            torch.cuda.synchronize()
+            ok = taken and all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+            verdict = "ok" if ok else "NOT FINITE or not taken"
+            print(f"Hopper backward ({label}): {verdict}", flush=True)
+            return int(not ok)
+
+        def inputs(heads, kv_heads):
+            return (
+                torch.randn(2, h, 384, 128, device="cuda", dtype=torch.bfloat16)
+                for h in (heads, kv_heads, kv_heads)
+            )
 
         for heads, causal in ((1, True), (3, False)):
             lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
             lay[0, 1], lay[:, :, 2] = 0, 0
-            q, k, v = (
-                torch.randn(2, 3, 384, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3)
-            )
-            taken = sm90_backward_plan(q, k, v, q, lay, block=128, causal=causal) is not None
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            out = block_sparse_attention(q, k, v, lay, block=128, causal=causal)
-            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-            torch.cuda.synchronize()
-            finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
-            bad += not (finite and taken)
-            print(
-                f"Hopper backward ({heads} layout heads, causal={causal}): "
-                f"{'ok' if finite and taken else 'NOT FINITE or not taken'}",
-                flush=True,
-            )
+            label = f"{heads} layout heads, causal={causal}"
+            bad += hopper_case(label, *inputs(3, 3), lay, causal)
         # block lists per sample, grouped K/V heads, an empty list
-        from blocksparse_attn import KVBlocks
-
         lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
         lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
-        blocks = KVBlocks.from_layout(lay)
-        q = torch.randn(2, 4, 384, 128, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(2, 2, 384, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
-        taken = sm90_backward_plan(q, k, v, q, blocks, block=128, causal=True) is not None
-        q, k, v = (t.requires_grad_() for t in (q, k, v))
-        out = block_sparse_attention(q, k, v, blocks, block=128, causal=True)
-        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-        torch.cuda.synchronize()
-        finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
-        bad += not (finite and taken)
-        print(
-            "Hopper backward (block lists per sample, GQA, causal): "
-            f"{'ok' if finite and taken else 'NOT FINITE or not taken'}",
-            flush=True,
-        )
+        label = "block lists per sample, GQA, causal"
+        bad += hopper_case(label, *inputs(4, 2), KVBlocks.from_layout(lay), True)
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 
