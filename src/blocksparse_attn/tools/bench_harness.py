@@ -171,6 +171,12 @@ def _fa4_fn(case: Case, layout: torch.Tensor, device):
     return fa4_block_sparse(layout_to_block_mask(layout, case.block, device=device))
 
 
+def error_text(e: Exception) -> str:
+    """What a row records of a backend or peer that could not run: the exception's type and
+    its first line, at most 160 characters."""
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+
+
 def gpu_median_ms(fn) -> float:
     """Median ms of ``fn`` by ``triton.testing.do_bench`` (the sections' timer on a GPU)."""
     from triton.testing import do_bench
@@ -252,7 +258,7 @@ def time_backend(
             ms=None,
             tflops=None,
             peak_mib=None,
-            error=f"{type(e).__name__}: {str(e).splitlines()[0][:160]}",
+            error=error_text(e),
         )
     finally:
         if cuda:

@@ -12,7 +12,7 @@ import torch
 
 from ..kv_blocks import KVBlocks
 from .bench_cases import pattern_layout, window_global_config
-from .bench_harness import gpu_median_ms, graph_ms
+from .bench_harness import error_text, gpu_median_ms, graph_ms
 
 
 def document_lengths(total: int, docs: int, low: int, high: int, block: int, seed: int = 0):
@@ -142,7 +142,7 @@ def varlen_suite(
             row.update(flex)
             row["flex_over_ours"] = row["flex_ms"] / row["packed_ms"]
         except Exception as e:  # record why FlexAttention could not run it
-            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["flex_error"] = error_text(e)
     if progress:
         print(f"[varlen] {row}", file=sys.stderr, flush=True)
     return [row]
@@ -256,7 +256,7 @@ def decode_suite(
             row["flex_graph_ms"] = graph_ms(flex_step, timer)
             row["flex_over_ours_graph"] = row["flex_graph_ms"] / row["graph_ms"]
         except Exception as e:  # record why FlexAttention could not run it
-            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["flex_error"] = error_text(e)
     if progress:
         print(f"[decode] {row}", file=sys.stderr, flush=True)
     return [row]

@@ -151,7 +151,7 @@ def index_cost(
                 return_mode="median",
             )
         except Exception as e:  # record why FlexAttention could not build it
-            row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+            row["flex_error"] = harness.error_text(e)
         finally:
             torch.cuda.empty_cache()
         rows.append(row)
@@ -245,10 +245,9 @@ def _fa4_selection_step(select, leaves, grad_out, seq_len: int, timer) -> dict:
     backward). The step's time and the largest output difference from ours on one
     selection; or why it could not run."""
     from ..functional import block_sparse_attention
-    from .bench_harness import fa4_block_sparse
 
     def fa4(lists):
-        return fa4_block_sparse(_flex_selection_mask(lists, 128, seq_len), causal=True)
+        return harness.fa4_block_sparse(_flex_selection_mask(lists, 128, seq_len), causal=True)
 
     def fa4_step():
         return torch.autograd.grad(fa4(select())(*leaves), leaves, grad_out)
@@ -261,7 +260,7 @@ def _fa4_selection_step(select, leaves, grad_out, seq_len: int, timer) -> dict:
         fa4_step()
         return {"fa4_step_ms": timer(fa4_step), "fa4_max_diff": diff}
     except Exception as e:  # record why FlashAttention-4 could not run it
-        return {"fa4_error": f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"}
+        return {"fa4_error": harness.error_text(e)}
 
 
 def _flex_selection_mask(lists, block: int, seq_len: int):
@@ -399,7 +398,7 @@ def dynamic_step(
                 row["flex_step_ms"] = timer(flex_step)
                 row["flex_over_ours"] = row["flex_step_ms"] / row["step_ms"]
             except Exception as e:  # record why FlexAttention could not run it
-                row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                row["flex_error"] = harness.error_text(e)
             if block == 128:
                 row.update(_fa4_selection_step(select, leaves, grad_out, seq_len, timer))
                 if "fa4_step_ms" in row:
