@@ -2,9 +2,9 @@
 lengths that are not multiples of the tile, L_q != L_k, head dims 96 and 40, block 16
 (sub-block masks) and 64, grouped K/V heads, every mask in both modes, rpe with its
 gradient, causal, long lists cut into parts, top-k block lists (the index built by its
-Triton kernel), packed variable-length sequences, a paged KV cache, the Gluon backward on
-sm90; the fused kernels through pointers and through tensor descriptors (Hopper), the
-unfused operators.
+Triton kernel), packed variable-length sequences, a paged KV cache, the Gluon forward and
+backward on sm90; the fused kernels through pointers and through tensor descriptors
+(Hopper), the unfused operators.
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
 
@@ -163,6 +163,27 @@ def main() -> int:
                 for h in (heads, kv_heads, kv_heads)
             )
 
+        # the Hopper forward at head dim 64 (the Triton backward after it), and its lists
+        # cut into parts (the merge kernel after it)
+        from blocksparse_attn import index
+
+        for D, cut in ((64, False), (128, True)):
+            if cut:
+                index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
+            q, k, v = (
+                torch.randn(2, 3, 512, D, device="cuda", dtype=torch.float16, requires_grad=True)
+                for _ in range(3)
+            )
+            lay = (torch.rand(3, 4, 4, device="cuda") < 0.5).long()
+            lay[:, 0], lay[1, 2] = 1, 0  # a global row, an empty one
+            out = block_sparse_attention(q, k, v, lay, block=128, causal=cut)
+            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+            torch.cuda.synchronize()
+            index.PART_MIN, index.PART_OVER_MEAN = 64, 4
+            ok = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+            bad += not ok
+            label = f"head dim {D}" + (", lists in parts" if cut else "")
+            print(f"Hopper forward ({label}): {'ok' if ok else 'NOT FINITE'}", flush=True)
         for heads, causal in ((1, True), (3, False)):
             lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
             lay[0, 1], lay[:, :, 2] = 0, 0

@@ -127,10 +127,11 @@ def poison(monkeypatch):
     if torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0):
         from blocksparse_attn.kernels.availability import gluon_hopper_reasons
 
-        if not gluon_hopper_reasons():  # the Hopper backward's outputs too
-            from blocksparse_attn.kernels import sm90_bwd
+        if not gluon_hopper_reasons():  # the Hopper kernels' outputs too
+            from blocksparse_attn.kernels import sm90_bwd, sm90_fwd
 
             monkeypatch.setattr(sm90_bwd, "empty", nan_empty)
+            monkeypatch.setattr(sm90_fwd, "empty", nan_empty)
 
 
 def reference_lse(q, k, v, layout, kw):

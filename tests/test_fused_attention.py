@@ -45,10 +45,14 @@ def run_and_check(
     **problem,
 ):
     """``config`` forces every attention kernel onto these launch options (``DESC``: the
-    tensor-descriptor path)."""
+    tensor-descriptor path); ``tiles`` forces the Triton kernels' tiles. Either keeps the
+    Triton kernels on Hopper GPUs too (``BLOCKSPARSE_ATTN_SM90=0``), as they are what is
+    being tested."""
     from blocksparse_attn.kernels import _common, fused_bwd, fused_fwd
 
     poison(monkeypatch)
+    if config or tiles is not None:
+        monkeypatch.setenv("BLOCKSPARSE_ATTN_SM90", "0")
     if config:
 
         def launch(kernel, grid, kwargs, _=None):

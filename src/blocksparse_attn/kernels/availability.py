@@ -59,11 +59,31 @@ def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
 
 
 def sm90_backward_switched_off() -> bool:
-    """Whether ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton backward on Hopper GPUs."""
+    """Whether ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels (forward and backward)
+    on Hopper GPUs."""
     return os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0"
 
 
 _GLUON_REASONS: list[str] | None = None
+
+
+def _sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int, head_dims) -> bool:
+    from ..kv_blocks import KVBlocks
+
+    B, H, L, D = q.shape
+    return not (
+        sm90_backward_switched_off()
+        or not q.is_cuda
+        or q.dtype not in (torch.float16, torch.bfloat16)
+        or D not in head_dims
+        or block != 128
+        or L % 128
+        or k.shape[2] != L
+        or H % k.shape[1]
+        or (not isinstance(layout, KVBlocks) and layout.dim() != 3)
+        or torch.cuda.get_device_capability(q.device) != (9, 0)
+        or gluon_hopper_reasons()
+    )
 
 
 def sm90_backward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
@@ -73,22 +93,15 @@ def sm90_backward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -
     a layout ``[H_l, nb, nb]`` or block lists, and ``BLOCKSPARSE_ATTN_SM90`` not ``0``.
     :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan` adds what only a call
     tells: contiguous, aligned inputs and gradient, and no list cut into parts."""
-    from ..kv_blocks import KVBlocks
+    return _sm90_domain(q, k, layout, block, (128,))
 
-    B, H, L, D = q.shape
-    return not (
-        sm90_backward_switched_off()
-        or not q.is_cuda
-        or q.dtype not in (torch.float16, torch.bfloat16)
-        or D != 128
-        or block != 128
-        or L % 128
-        or k.shape[2] != L
-        or H % k.shape[1]
-        or (not isinstance(layout, KVBlocks) and layout.dim() != 3)
-        or torch.cuda.get_device_capability(q.device) != (9, 0)
-        or gluon_hopper_reasons()
-    )
+
+def sm90_forward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
+    """Whether the Hopper forward (``kernels/sm90_fwd.py``) covers inputs of these shapes,
+    dtypes, device and layout kind: as :func:`sm90_backward_domain`, with head dim 64 or
+    128. :func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan` adds what only a
+    call tells (contiguous, aligned inputs, no bias or mask)."""
+    return _sm90_domain(q, k, layout, block, (64, 128))
 
 
 def gluon_hopper_reasons() -> list[str]:

@@ -293,18 +293,32 @@ def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
     return stats[0] + stats[1] * LN2.value
 
 
-def step_forward_tiles(q, k, layout, block: int, density: float, masked: bool) -> Tiles:
-    """The forward's tiles: :func:`~.configs.forward_tiles`, except for block lists in the
-    Hopper backward's domain (:func:`~.availability.sm90_backward_domain`, and no bias or
-    mask, as that backward takes none), which take that backward's 128x128 tiles, so that
-    the one index a step compiles from its lists serves the forward and the backward. On
-    top-k lists at block 128 the forward over 128x128 tiles ran within 4% of the 64x64
-    one, and the second index build cost 0.18 ms of a 5.3 ms step
-    (``benchmarks/NOTES.md``, dynamic step)."""
+def sm90_forward_plan(q, k, v, layout, block: int, masked: bool) -> bool:
+    """Whether the Hopper forward (:mod:`.sm90_fwd`) runs these inputs: its domain
+    (:func:`~.availability.sm90_forward_domain`: an sm90 GPU, fp16/bf16, head dim 64 or
+    128, block 128, equal lengths that are multiples of 128), contiguous aligned inputs and
+    no bias or mask. Block lists take it at head dim 128 only, where the Hopper backward
+    reads the same index: at head dim 64 the Triton backward's tiles would cost each step a
+    second index build. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton forward everywhere.
+    Measured in ``benchmarks/NOTES.md`` (v15)."""
     from ..kv_blocks import KVBlocks
-    from .availability import sm90_backward_domain
+    from .availability import sm90_forward_domain
 
-    if not masked and isinstance(layout, KVBlocks) and sm90_backward_domain(q, k, layout, block):
+    return (
+        not masked
+        and sm90_forward_domain(q, k, layout, block)
+        and not (isinstance(layout, KVBlocks) and q.shape[-1] != 128)
+        and all(t.is_contiguous() for t in (q, k, v))
+        and descriptors_allowed(q, k, v)
+    )
+
+
+def step_forward_tiles(q, k, v, layout, block: int, density: float, masked: bool) -> Tiles:
+    """The forward's tiles: :func:`~.configs.forward_tiles`, except where the Hopper
+    forward runs (:func:`sm90_forward_plan`), which walks 128x128 tiles; on block lists at
+    head dim 128 the Hopper backward reads that same index, so a step compiles one index
+    from its lists (``benchmarks/NOTES.md``, dynamic step)."""
+    if sm90_forward_plan(q, k, v, layout, block, masked):
         return Tiles(128, 128)
     return forward_tiles(q.shape[-1], block, density, q.element_size())
 
@@ -340,7 +354,8 @@ def fused_attention_forward(
     Lk = k.shape[2]
     density = get_density(layout, Lk // block)
     masked = rpe is not None or key_padding_mask is not None or attn_mask is not None
-    tiles = tiles or step_forward_tiles(q, k, layout, block, density, masked)
+    hopper = tiles is None and config is None and sm90_forward_plan(q, k, v, layout, block, masked)
+    tiles = tiles or step_forward_tiles(q, k, v, layout, block, density, masked)
     index = get_index(
         layout,
         block,
@@ -351,6 +366,8 @@ def fused_attention_forward(
         causal=causal,
         device=q.device,
     )
+    if hopper:
+        return _sm90_forward(q, k, v, layout, index, causal=causal, scale=scale)
     out = empty((B, H, Lq, D), q.dtype, q.device)
     masks = mask_args(
         rpe, key_padding_mask, attn_mask, key_padding_mask_mode, attn_mask_mode, B, H, Lq, Lk, q
@@ -417,3 +434,32 @@ def fused_attention_forward(
             NATURAL=natural,
         )
     return out, stats
+
+
+def _sm90_forward(q, k, v, layout, index, *, causal: bool, scale: float):
+    """The Hopper forward (:mod:`.sm90_fwd`) over ``index`` (128x128 tiles), the cut lists'
+    parts merged by :func:`_bsa_fwd_merge_kernel`; ``(out, lse)``."""
+    from .sm90_fwd import TILE, sm90_forward
+
+    B, H, L, D = q.shape
+    sched = schedule_args(layout, index, B, H)
+    out, lse, parts, part_stats = sm90_forward(q, k, v, index, sched, causal=causal, scale=scale)
+    if parts is not None:
+        _bsa_fwd_merge_kernel[(index.rows.split.numel() * programs_per_list(sched),)](
+            O=matrix_args(out),
+            LSE=lse,
+            LOG2L=lse,
+            PARTS=parts,
+            PART_STATS=part_stats,
+            SPLIT=index.rows.split,
+            FIRST=index.rows.first,
+            H=H,
+            Lq=L,
+            row_tiles=index.row_tiles,
+            **sched,
+            HEAD_DIM=D,
+            BLOCK_D=D,
+            BLOCK_M=TILE,
+            NATURAL=False,
+        )
+    return out, lse

@@ -349,7 +349,7 @@ def dynamic_step(
         lists = select()
         density = topk / (seq_len // block)
         size = q.element_size()
-        fwd = step_forward_tiles(q, k, lists, block, density, masked=False)
+        fwd = step_forward_tiles(q, k, v, lists, block, density, masked=False)
         shapes = {(fwd.m, fwd.n)}
         if sm90_backward_plan(q, k, v, grad_out, lists, block=block, causal=True):
             shapes.add((128, 128))  # the Hopper backward's index

@@ -1,0 +1,248 @@
+"""The fused forward's Gluon kernel for Hopper (``kernels/sm90_fwd.py``): it compiles for
+sm90 on any machine; on an sm90 GPU it is the forward of the inputs ``sm90_forward_plan``
+accepts, equal to the fp64 reference (output and log-sum-exp) and to the Triton forward,
+deterministic, lists cut into parts merged, and every other input keeps the Triton
+forward."""
+
+import pytest
+import torch
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from blocksparse_attn import KVBlocks, block_sparse_attention
+from blocksparse_attn.kernels.availability import gluon_hopper_reasons
+
+from attention_cases import assert_lse_close, assert_within_rule, poison, reference_lse, references
+from helpers import EXPLORE, ON_GPU, examples
+
+
+def hopper() -> bool:
+    return ON_GPU and torch.cuda.get_device_capability() == (9, 0) and not gluon_hopper_reasons()
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+
+
+def test_forward_compiles_for_sm90_without_spills():
+    """The forward, head dims 64 and 128, causal or not, a positive scale or not, lowers
+    to sm90 machine code here (no GPU needed), keeps every value in registers and fits an
+    H100's shared memory per block."""
+    from blocksparse_attn.kernels.sm90_fwd import compile_forward_for_sm90
+
+    found = compile_forward_for_sm90()
+    assert {(r["head_dim"], r["causal"], r["positive_scale"]) for r in found} == {
+        (D, causal, positive)
+        for D in (64, 128)
+        for causal, positive in ((False, True), (True, True), (True, False))
+    }
+    for r in found:
+        assert r["spills"] == 0, r
+        assert 0 < r["shared"] <= 227 * 1024, r
+
+
+def counting(monkeypatch) -> list:
+    """Counts the Hopper forward's launches."""
+    from blocksparse_attn.kernels import sm90_fwd
+
+    calls = []
+    fn = sm90_fwd.sm90_forward
+
+    def counted(*args, **kw):
+        calls.append(1)
+        return fn(*args, **kw)
+
+    monkeypatch.setattr(sm90_fwd, "sm90_forward", counted)
+    return calls
+
+
+def check_forward(monkeypatch, q, k, v, layout, kw, hopper=True):
+    """Output and log-sum-exp within the fp64 rule, every element written (NaN-poisoned
+    buffers), through the Hopper forward (``hopper``) or not; the output returned."""
+    poison(monkeypatch)
+    calls = counting(monkeypatch)
+    out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
+    assert len(calls) == int(hopper)
+    (ref64, _), (lowp, _) = references(q, k, v, layout, kw, None)
+    assert_within_rule("out", out, ref64, lowp)
+    assert_lse_close(lse, reference_lse(q, k, v, layout, kw), q.dtype)
+    return out
+
+
+def layout_of(pattern: str, heads: int, nb: int, seed: int = 1) -> torch.Tensor:
+    if pattern == "dense":
+        return torch.ones(heads, nb, nb, dtype=torch.long)
+    if pattern == "block_causal":
+        return torch.tril(torch.ones(nb, nb, dtype=torch.long)).expand(heads, nb, nb).clone()
+    g = torch.Generator().manual_seed(seed)
+    lay = (torch.rand(heads, nb, nb, generator=g) < 0.4).long()
+    lay[0, 1] = 0  # a query block with nothing to attend
+    lay[:, :, 2] = 0  # a key block no query attends
+    return lay
+
+
+def inputs(B, H, Hkv, L, D, dtype, magnitude=1.0, generator=None):
+    return (
+        (torch.randn(B, h, L, D, generator=generator) * magnitude).to("cuda", dtype)
+        for h in (H, Hkv, Hkv)
+    )
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "pattern,causal",
+    [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
+)
+@pytest.mark.parametrize("H,Hkv,layout_heads", [(3, 3, 1), (4, 2, 2), (4, 1, 4)])
+def test_hopper_forward_matches_fp64(monkeypatch, D, dtype, pattern, causal, H, Hkv, layout_heads):
+    """Dense, block-causal and random layouts (empty query and key blocks), token-causal or
+    not, one kv head per query head or grouped ones, shared or per-head layouts."""
+    L = 640
+    layout = layout_of(pattern, layout_heads, L // 128).cuda()
+    q, k, v = inputs(2, H, Hkv, L, D, dtype)
+    check_forward(monkeypatch, q, k, v, layout, dict(block=128, causal=causal))
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, D, causal):
+    """Every list longer than half the mean cut into parts: each part's unnormalised
+    result and statistics go to the Triton merge kernel; the output, the log-sum-exp and
+    the gradients (the Triton backward, which splits the same lists) meet the fp64 rule."""
+    from blocksparse_attn import index
+    from blocksparse_attn.index import get_index
+
+    monkeypatch.setattr(index, "PART_MIN", 1)
+    monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
+    L, nb = 1024, 8
+    layout = torch.eye(nb, dtype=torch.long).expand(2, nb, nb).clone()
+    layout[:, 0] = 1  # a global row
+    layout[1, 5, :6] = 1
+    layout = layout.cuda()
+    q, k, v = (t.requires_grad_() for t in inputs(2, 2, 2, L, D, torch.bfloat16))
+    kw = dict(block=128, causal=causal)
+    idx = get_index(layout, 128, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal)
+    assert idx.rows.parts > 0
+    out = check_forward(monkeypatch, q, k, v, layout, kw)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    (_, g64), (_, glow) = references(q, k, v, layout, kw, grad_out)
+    for name, g, r, lo in zip(("dq", "dk", "dv"), grads, g64, glow):
+        assert_within_rule(name, g, r, lo)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_sample", [False, True])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
+    """Block lists shared by the batch or one per sample, shuffled, of unequal lengths
+    (an empty one too), grouped K/V heads: through the Hopper forward at head dim 128;
+    at head dim 64 they keep the Triton forward (whose tiles the Triton backward shares)."""
+    B, H, Hkv, L = 2, 4, 2, 768
+    nb = L // 128
+    g = torch.Generator().manual_seed(5)
+    dense = torch.rand(B if per_sample else 1, 2, nb, nb, generator=g) < 0.45
+    dense[0, 0, 1] = False
+    blocks = KVBlocks.from_layout(dense.long())
+    order = torch.argsort(torch.rand(blocks.indices.shape, generator=g), dim=-1)
+    used = torch.arange(blocks.indices.shape[-1]) < blocks.num_blocks[..., None]
+    keys = torch.where(used, order, blocks.indices.shape[-1] + order)
+    shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
+    blocks = KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
+    kw = dict(block=128, causal=causal)
+    for D in (128, 64):
+        q, k, v = inputs(B, H, Hkv, L, D, torch.bfloat16)
+        check_forward(monkeypatch, q, k, v, blocks, kw, hopper=D == 128)
+
+
+@needs_hopper
+@pytest.mark.gpu
+@settings(
+    max_examples=examples(24),
+    deadline=None,
+    derandomize=not EXPLORE,
+    database=None,
+    phases=(Phase.explicit, Phase.reuse, Phase.generate),
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+def test_random_problems_in_the_hopper_forward(monkeypatch, data):
+    """Random problems inside the Hopper forward's domain (batch, heads and their
+    grouping, layout heads, 1-8 blocks, density, head dim, causal, scale of any sign,
+    input magnitude, fp16 or bf16): output and log-sum-exp meet the fp64 rule."""
+    draw = data.draw
+    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
+    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
+    heads = draw(st.sampled_from(sorted({1, Hkv, H})))
+    nb = draw(st.integers(1, 8))
+    D = draw(st.sampled_from((64, 128)))
+    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
+    q, k, v = inputs(B, H, Hkv, nb * 128, D, dtype, magnitude, g)
+    kw = dict(
+        block=128,
+        causal=draw(st.booleans()),
+        scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
+    )
+    check_forward(monkeypatch, q, k, v, layout.long().cuda(), kw)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_hopper_forward_equals_triton_and_is_deterministic(monkeypatch):
+    """The same output and log-sum-exp as the Triton forward (``BLOCKSPARSE_ATTN_SM90=0``)
+    within bf16 rounding, and bit for bit the same from one run to the next."""
+    B, H, L, D = 2, 4, 1024, 128
+    layout = layout_of("random", H, L // 128).cuda()
+    q, k, v = inputs(B, H, H, L, D, torch.bfloat16)
+
+    def forward():
+        return block_sparse_attention(q, k, v, layout, block=128, return_lse=True)
+
+    first, again = forward(), forward()
+    monkeypatch.setenv("BLOCKSPARSE_ATTN_SM90", "0")
+    triton_result = forward()
+    for a, b, t in zip(first, again, triton_result):
+        assert torch.equal(a, b)
+        finite = torch.isfinite(t)
+        assert torch.equal(finite, torch.isfinite(a))
+        scale = t[finite].float().abs().max().item()
+        assert (a[finite].float() - t[finite].float()).abs().max().item() <= 2e-2 * scale
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_hopper_forward_plan_keeps_triton_elsewhere():
+    """Inputs the Hopper forward does not cover keep the Triton forward: a mask or rpe,
+    head dim 96, block 64, rectangular lengths, non-contiguous inputs, fp32, block lists
+    at head dim 64; the covered cases (head dims 64 and 128, grouped heads, block lists at
+    head dim 128) take it."""
+    from blocksparse_attn.kernels.fused_fwd import sm90_forward_plan
+
+    def plan(H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, dtype=torch.bfloat16, **kw):
+        q = torch.randn(1, H, Lq, D, device="cuda", dtype=dtype)
+        k = torch.randn(1, Hkv, Lk, D, device="cuda", dtype=dtype)
+        if kw.get("strided"):
+            q = q.transpose(1, 2).contiguous().transpose(1, 2)
+        layout = kw.get("layout")
+        if layout is None:
+            layout = torch.ones(H, Lq // block, Lk // block, dtype=torch.long, device="cuda")
+        return sm90_forward_plan(q, k, k, layout, block, masked=kw.get("masked", False))
+
+    assert plan() and plan(D=64) and plan(Hkv=1)
+    assert not plan(masked=True)
+    assert not plan(D=96)
+    assert not plan(block=64)
+    assert not plan(Lk=640)
+    assert not plan(strided=True)
+    assert not plan(dtype=torch.float32)
+    lists = KVBlocks.from_layout(torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda"))
+    assert plan(layout=lists)
+    assert not plan(D=64, layout=lists)
