@@ -247,30 +247,27 @@ def test_hopper_backward_plan_keeps_triton_elsewhere():
 
 
 def test_forward_tiles_are_the_hopper_forwards_where_it_runs(monkeypatch):
-    """Where the Hopper forward runs (its domain, no bias or mask) the forward walks
-    128x128 tiles, dense layouts and block lists alike (on block lists the Hopper backward
-    reads the same index); a masked call, block lists at head dim 64 (the Triton backward's
-    tiles there) and inputs outside the domain keep the Triton forward's tiles. The domain
-    is never claimed for CPU tensors."""
+    """Where the Hopper forward runs (the Hopper kernels' domain, no bias or mask,
+    contiguous inputs) the forward walks 128x128 tiles, dense layouts and block lists alike
+    (the index the Hopper backward reads too); a masked call, non-contiguous inputs and
+    inputs outside the domain keep the Triton forward's tiles. The domain is never claimed
+    for CPU tensors."""
     from blocksparse_attn import KVBlocks
     from blocksparse_attn.kernels import availability, fused_fwd
     from blocksparse_attn.kernels.configs import Tiles, forward_tiles
     from blocksparse_attn.kernels.fused_fwd import sm90_forward_plan, step_forward_tiles
 
     q = torch.randn(1, 2, 256, 128, dtype=torch.bfloat16)
-    q64 = torch.randn(1, 2, 256, 64, dtype=torch.bfloat16)
     lists = KVBlocks.from_layout(torch.ones(1, 2, 2, 2, dtype=torch.long))
     dense = torch.ones(2, 2, 2, dtype=torch.long)
-    assert not availability.sm90_forward_domain(q, q, dense, 128)
+    assert not availability.sm90_domain(q, q, dense, 128)
     assert not sm90_forward_plan(q, q, q, dense, 128, masked=False)
-    own, own64 = forward_tiles(128, 128, 0.1, 2), forward_tiles(64, 128, 0.1, 2)
+    own = forward_tiles(128, 128, 0.1, 2)
     assert step_forward_tiles(q, q, q, lists, 128, 0.1, masked=False) == own
-    monkeypatch.setattr(availability, "sm90_forward_domain", lambda *args: True)
+    monkeypatch.setattr(availability, "sm90_domain", lambda *args: True)
     monkeypatch.setattr(fused_fwd, "descriptors_allowed", lambda *args: True)
     for layout in (lists, dense):
         assert step_forward_tiles(q, q, q, layout, 128, 0.1, masked=False) == Tiles(128, 128)
         assert step_forward_tiles(q, q, q, layout, 128, 0.1, masked=True) == own
-    assert step_forward_tiles(q64, q64, q64, dense, 128, 0.1, masked=False) == Tiles(128, 128)
-    assert step_forward_tiles(q64, q64, q64, lists, 128, 0.1, masked=False) == own64
     strided = torch.randn(1, 256, 2, 128, dtype=torch.bfloat16).transpose(1, 2)
     assert step_forward_tiles(q, q, strided, dense, 128, 0.1, masked=False) == own

@@ -1,8 +1,8 @@
 """The fused forward's Gluon kernel for Hopper (``kernels/sm90_fwd.py``): it compiles for
-sm90 on any machine; on an sm90 GPU it is the forward of the inputs ``sm90_forward_plan``
-accepts, equal to the fp64 reference (output and log-sum-exp) and to the Triton forward,
-deterministic, lists cut into parts merged, and every other input keeps the Triton
-forward."""
+sm90 on any machine (head dims 64 and 128); on an sm90 GPU it is the forward of the inputs
+``sm90_forward_plan`` accepts (head dim 128), equal to the fp64 reference (output and
+log-sum-exp) and to the Triton forward, deterministic, lists cut into parts merged, and
+every other input keeps the Triton forward."""
 
 import pytest
 import torch
@@ -89,27 +89,25 @@ def inputs(B, H, Hkv, L, D, dtype, magnitude=1.0, generator=None):
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "pattern,causal",
     [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
 )
 @pytest.mark.parametrize("H,Hkv,layout_heads", [(3, 3, 1), (4, 2, 2), (4, 1, 4)])
-def test_hopper_forward_matches_fp64(monkeypatch, D, dtype, pattern, causal, H, Hkv, layout_heads):
+def test_hopper_forward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads):
     """Dense, block-causal and random layouts (empty query and key blocks), token-causal or
     not, one kv head per query head or grouped ones, shared or per-head layouts."""
     L = 640
     layout = layout_of(pattern, layout_heads, L // 128).cuda()
-    q, k, v = inputs(2, H, Hkv, L, D, dtype)
+    q, k, v = inputs(2, H, Hkv, L, 128, dtype)
     check_forward(monkeypatch, q, k, v, layout, dict(block=128, causal=causal))
 
 
 @needs_hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("D", [64, 128])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, D, causal):
+def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, causal):
     """Every list longer than half the mean cut into parts: each part's unnormalised
     result and statistics go to the Triton merge kernel; the output, the log-sum-exp and
     the gradients (the Triton backward, which splits the same lists) meet the fp64 rule."""
@@ -123,7 +121,7 @@ def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, D, causal):
     layout[:, 0] = 1  # a global row
     layout[1, 5, :6] = 1
     layout = layout.cuda()
-    q, k, v = (t.requires_grad_() for t in inputs(2, 2, 2, L, D, torch.bfloat16))
+    q, k, v = (t.requires_grad_() for t in inputs(2, 2, 2, L, 128, torch.bfloat16))
     kw = dict(block=128, causal=causal)
     idx = get_index(layout, 128, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal)
     assert idx.rows.parts > 0
@@ -141,8 +139,7 @@ def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, D, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
     """Block lists shared by the batch or one per sample, shuffled, of unequal lengths
-    (an empty one too), grouped K/V heads: through the Hopper forward at head dim 128;
-    at head dim 64 they keep the Triton forward (whose tiles the Triton backward shares)."""
+    (an empty one too), grouped K/V heads."""
     B, H, Hkv, L = 2, 4, 2, 768
     nb = L // 128
     g = torch.Generator().manual_seed(5)
@@ -154,10 +151,8 @@ def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
     keys = torch.where(used, order, blocks.indices.shape[-1] + order)
     shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
     blocks = KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
-    kw = dict(block=128, causal=causal)
-    for D in (128, 64):
-        q, k, v = inputs(B, H, Hkv, L, D, torch.bfloat16)
-        check_forward(monkeypatch, q, k, v, blocks, kw, hopper=D == 128)
+    q, k, v = inputs(B, H, Hkv, L, 128, torch.bfloat16)
+    check_forward(monkeypatch, q, k, v, blocks, dict(block=128, causal=causal))
 
 
 @needs_hopper
@@ -173,19 +168,18 @@ def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
 @given(data=st.data())
 def test_random_problems_in_the_hopper_forward(monkeypatch, data):
     """Random problems inside the Hopper forward's domain (batch, heads and their
-    grouping, layout heads, 1-8 blocks, density, head dim, causal, scale of any sign,
-    input magnitude, fp16 or bf16): output and log-sum-exp meet the fp64 rule."""
+    grouping, layout heads, 1-8 blocks, density, causal, scale of any sign, input
+    magnitude, fp16 or bf16): output and log-sum-exp meet the fp64 rule."""
     draw = data.draw
     B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
     Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
     heads = draw(st.sampled_from(sorted({1, Hkv, H})))
     nb = draw(st.integers(1, 8))
-    D = draw(st.sampled_from((64, 128)))
     dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
     magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
-    q, k, v = inputs(B, H, Hkv, nb * 128, D, dtype, magnitude, g)
+    q, k, v = inputs(B, H, Hkv, nb * 128, 128, dtype, magnitude, g)
     kw = dict(
         block=128,
         causal=draw(st.booleans()),
@@ -221,9 +215,8 @@ def test_hopper_forward_equals_triton_and_is_deterministic(monkeypatch):
 @pytest.mark.gpu
 def test_hopper_forward_plan_keeps_triton_elsewhere():
     """Inputs the Hopper forward does not cover keep the Triton forward: a mask or rpe,
-    head dim 96, block 64, rectangular lengths, non-contiguous inputs, fp32, block lists
-    at head dim 64; the covered cases (head dims 64 and 128, grouped heads, block lists at
-    head dim 128) take it."""
+    head dims 64 (measured no faster) and 96, block 64, rectangular lengths, non-contiguous
+    inputs, fp32; the covered cases (head dim 128, grouped heads, block lists) take it."""
     from blocksparse_attn.kernels.fused_fwd import sm90_forward_plan
 
     def plan(H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, dtype=torch.bfloat16, **kw):
@@ -236,8 +229,9 @@ def test_hopper_forward_plan_keeps_triton_elsewhere():
             layout = torch.ones(H, Lq // block, Lk // block, dtype=torch.long, device="cuda")
         return sm90_forward_plan(q, k, k, layout, block, masked=kw.get("masked", False))
 
-    assert plan() and plan(D=64) and plan(Hkv=1)
+    assert plan() and plan(Hkv=1)
     assert not plan(masked=True)
+    assert not plan(D=64)
     assert not plan(D=96)
     assert not plan(block=64)
     assert not plan(Lk=640)
@@ -245,4 +239,3 @@ def test_hopper_forward_plan_keeps_triton_elsewhere():
     assert not plan(dtype=torch.float32)
     lists = KVBlocks.from_layout(torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda"))
     assert plan(layout=lists)
-    assert not plan(D=64, layout=lists)

@@ -67,7 +67,17 @@ def sm90_backward_switched_off() -> bool:
 _GLUON_REASONS: list[str] | None = None
 
 
-def _sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int, head_dims) -> bool:
+def sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
+    """Whether the Hopper kernels (``kernels/sm90_fwd.py``, ``kernels/sm90_bwd.py``) cover
+    inputs of these shapes, dtypes, device and layout kind: an sm90 GPU with Gluon,
+    fp16/bf16, head dim 128, block 128, equal query and key lengths that are multiples of
+    128, any grouping of K/V heads, a layout ``[H_l, nb, nb]`` or block lists, and
+    ``BLOCKSPARSE_ATTN_SM90`` not ``0``. The plans
+    (:func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan`,
+    :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan`) add what only a call
+    tells: contiguous, aligned inputs, no bias or mask, and for the backward no list cut
+    into parts. At head dim 64 the Hopper forward ran no faster than the Triton forward
+    (``benchmarks/NOTES.md``, v15), so it stays there."""
     from ..kv_blocks import KVBlocks
 
     B, H, L, D = q.shape
@@ -75,7 +85,7 @@ def _sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int, head_dims
         sm90_backward_switched_off()
         or not q.is_cuda
         or q.dtype not in (torch.float16, torch.bfloat16)
-        or D not in head_dims
+        or D != 128
         or block != 128
         or L % 128
         or k.shape[2] != L
@@ -84,24 +94,6 @@ def _sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int, head_dims
         or torch.cuda.get_device_capability(q.device) != (9, 0)
         or gluon_hopper_reasons()
     )
-
-
-def sm90_backward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
-    """Whether the Hopper backward (``kernels/sm90_bwd.py``) covers inputs of these shapes,
-    dtypes, device and layout kind: an sm90 GPU with Gluon, fp16/bf16, head dim 128, block
-    128, equal query and key lengths that are multiples of 128, any grouping of K/V heads,
-    a layout ``[H_l, nb, nb]`` or block lists, and ``BLOCKSPARSE_ATTN_SM90`` not ``0``.
-    :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan` adds what only a call
-    tells: contiguous, aligned inputs and gradient, and no list cut into parts."""
-    return _sm90_domain(q, k, layout, block, (128,))
-
-
-def sm90_forward_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
-    """Whether the Hopper forward (``kernels/sm90_fwd.py``) covers inputs of these shapes,
-    dtypes, device and layout kind: as :func:`sm90_backward_domain`, with head dim 64 or
-    128. :func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan` adds what only a
-    call tells (contiguous, aligned inputs, no bias or mask)."""
-    return _sm90_domain(q, k, layout, block, (64, 128))
 
 
 def gluon_hopper_reasons() -> list[str]:

@@ -388,10 +388,10 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     caller checks those), and no list long enough to be cut into parts (the Triton kernels
     split those, these walk each list whole; block lists are never cut).
     ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
-    from .availability import sm90_backward_domain
+    from .availability import sm90_domain
 
     if not (
-        sm90_backward_domain(q, k, layout, block)
+        sm90_domain(q, k, layout, block)
         and all(t.is_contiguous() for t in (q, k, v, grad_out))
         and descriptors_allowed(q, k, v, grad_out)
     ):

@@ -294,20 +294,16 @@ def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
 
 
 def sm90_forward_plan(q, k, v, layout, block: int, masked: bool) -> bool:
-    """Whether the Hopper forward (:mod:`.sm90_fwd`) runs these inputs: its domain
-    (:func:`~.availability.sm90_forward_domain`: an sm90 GPU, fp16/bf16, head dim 64 or
-    128, block 128, equal lengths that are multiples of 128), contiguous aligned inputs and
-    no bias or mask. Block lists take it at head dim 128 only, where the Hopper backward
-    reads the same index: at head dim 64 the Triton backward's tiles would cost each step a
-    second index build. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton forward everywhere.
-    Measured in ``benchmarks/NOTES.md`` (v15)."""
-    from ..kv_blocks import KVBlocks
-    from .availability import sm90_forward_domain
+    """Whether the Hopper forward (:mod:`.sm90_fwd`) runs these inputs: the Hopper
+    kernels' domain (:func:`~.availability.sm90_domain`: an sm90 GPU, fp16/bf16, head dim
+    128, block 128, equal lengths that are multiples of 128, a layout or block lists),
+    contiguous aligned inputs, and no bias or mask. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the
+    Triton forward everywhere. Measured in ``benchmarks/NOTES.md`` (v15)."""
+    from .availability import sm90_domain
 
     return (
         not masked
-        and sm90_forward_domain(q, k, layout, block)
-        and not (isinstance(layout, KVBlocks) and q.shape[-1] != 128)
+        and sm90_domain(q, k, layout, block)
         and all(t.is_contiguous() for t in (q, k, v))
         and descriptors_allowed(q, k, v)
     )
@@ -315,9 +311,9 @@ def sm90_forward_plan(q, k, v, layout, block: int, masked: bool) -> bool:
 
 def step_forward_tiles(q, k, v, layout, block: int, density: float, masked: bool) -> Tiles:
     """The forward's tiles: :func:`~.configs.forward_tiles`, except where the Hopper
-    forward runs (:func:`sm90_forward_plan`), which walks 128x128 tiles; on block lists at
-    head dim 128 the Hopper backward reads that same index, so a step compiles one index
-    from its lists (``benchmarks/NOTES.md``, dynamic step)."""
+    forward runs (:func:`sm90_forward_plan`), which walks 128x128 tiles, the index the
+    Hopper backward reads too (one index per step on block lists; ``benchmarks/NOTES.md``,
+    dynamic step)."""
     if sm90_forward_plan(q, k, v, layout, block, masked):
         return Tiles(128, 128)
     return forward_tiles(q.shape[-1], block, density, q.element_size())
@@ -355,7 +351,9 @@ def fused_attention_forward(
     density = get_density(layout, Lk // block)
     masked = rpe is not None or key_padding_mask is not None or attn_mask is not None
     hopper = tiles is None and config is None and sm90_forward_plan(q, k, v, layout, block, masked)
-    tiles = tiles or step_forward_tiles(q, k, v, layout, block, density, masked)
+    if hopper:
+        tiles = Tiles(128, 128)
+    tiles = tiles or forward_tiles(D, block, density, q.element_size())
     index = get_index(
         layout,
         block,
