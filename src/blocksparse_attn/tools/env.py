@@ -46,12 +46,13 @@ def env_report() -> str:
             "the PyTorch reference on CPU tensors"
         )
     if device == "cuda" and not reasons:
-        lines.append("hopper backward  " + _hopper_backward())
+        lines.append("hopper kernels   " + _hopper_kernels())
     return "\n".join(lines)
 
 
-def _hopper_backward() -> str:
-    """Whether the fused backward's Gluon kernels for Hopper can run here."""
+def _hopper_kernels() -> str:
+    """Whether the fused attention's Gluon kernels for Hopper (forward and backward) can
+    run here."""
     from ..kernels.availability import gluon_hopper_reasons, sm90_backward_switched_off
 
     if torch.cuda.get_device_capability() != (9, 0):
@@ -61,4 +62,4 @@ def _hopper_backward() -> str:
     why = gluon_hopper_reasons()
     if why:
         return "not available: " + "; ".join(why)
-    return "on for the layouts it covers (README: Hopper backward)"
+    return "on for the layouts they cover (README: Hopper kernels)"
