@@ -6,21 +6,14 @@ the Triton kernels."""
 
 import pytest
 import torch
+from hopper_cases import draw_problem, layout_of, needs_hopper, shuffled_lists
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from blocksparse_attn import block_sparse_attention, reference_attention
-from blocksparse_attn.kernels.availability import gluon_hopper_reasons
 
 from attention_cases import assert_within_rule, poison
-from helpers import EXPLORE, ON_GPU, examples
-
-
-def hopper() -> bool:
-    return ON_GPU and torch.cuda.get_device_capability() == (9, 0) and not gluon_hopper_reasons()
-
-
-needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+from helpers import EXPLORE, examples
 
 
 def test_kernels_compile_for_sm90_without_spills():
@@ -38,18 +31,6 @@ def test_kernels_compile_for_sm90_without_spills():
     for r in found:
         assert r["spills"] == 0, r
         assert 0 < r["shared"] <= 227 * 1024, r  # within an H100's shared memory per block
-
-
-def layout_of(pattern: str, H: int, nb: int) -> torch.Tensor:
-    if pattern == "dense":
-        return torch.ones(H, nb, nb, dtype=torch.long)
-    if pattern == "block_causal":
-        return torch.tril(torch.ones(nb, nb, dtype=torch.long)).expand(H, nb, nb).clone()
-    g = torch.Generator().manual_seed(1)
-    lay = (torch.rand(H, nb, nb, generator=g) < 0.4).long()
-    lay[0, 1] = 0  # a query block with nothing to attend
-    lay[:, :, 2] = 0  # a key block no query attends
-    return lay
 
 
 def counting(monkeypatch):
@@ -121,8 +102,6 @@ def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv,
     """Block lists (:class:`~blocksparse_attn.KVBlocks`), shared by the batch or one per
     sample, in any order and of unequal lengths (empty ones too), go through the Hopper
     kernels and meet the fp64 rule."""
-    from blocksparse_attn import KVBlocks
-
     poison(monkeypatch)
     B, L, D = 2, 768, 128
     nb = L // 128
@@ -130,12 +109,7 @@ def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv,
     dense = torch.rand(B if per_sample else 1, layout_heads, nb, nb, generator=g) < 0.45
     dense[0, 0, 1] = False  # a query block with nothing to attend
     dense[-1, -1, 2] = True
-    blocks = KVBlocks.from_layout(dense.long())
-    order = torch.argsort(torch.rand(blocks.indices.shape, generator=g), dim=-1)
-    used = torch.arange(blocks.indices.shape[-1]) < blocks.num_blocks[..., None]
-    keys = torch.where(used, order, blocks.indices.shape[-1] + order)  # used entries first
-    shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
-    blocks = KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
+    blocks = shuffled_lists(dense, g)
     q, k, v = (
         torch.randn(B, h, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for h in (H, Hkv, Hkv)
@@ -158,28 +132,10 @@ def test_random_problems_in_the_hopper_backward(monkeypatch, data):
     """Random problems inside the Hopper backward's domain (batch, heads and their
     grouping, layout heads, 1-8 blocks, density, causal, scale, input magnitude, fp16 or
     bf16): its gradients meet the fp64 rule."""
-    draw = data.draw
     poison(monkeypatch)
-    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
-    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
-    heads = draw(st.sampled_from(sorted({1, Hkv, H})))
-    nb = draw(st.integers(1, 8))
-    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
-    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
-    q, k, v = (
-        (torch.randn(B, h, nb * 128, 128, generator=g) * magnitude)
-        .to("cuda", dtype)
-        .requires_grad_()
-        for h in (H, Hkv, Hkv)
-    )
-    kw = dict(
-        block=128,
-        causal=draw(st.booleans()),
-        scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
-    )
-    check_gradients(monkeypatch, q, k, v, layout.long().cuda(), kw)
+    q, k, v, layout, kw = draw_problem(data.draw)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    check_gradients(monkeypatch, q, k, v, layout, kw)
 
 
 @needs_hopper

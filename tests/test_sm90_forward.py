@@ -6,21 +6,14 @@ every other input keeps the Triton forward."""
 
 import pytest
 import torch
+from hopper_cases import draw_problem, layout_of, needs_hopper, shuffled_lists
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from blocksparse_attn import KVBlocks, block_sparse_attention
-from blocksparse_attn.kernels.availability import gluon_hopper_reasons
 
 from attention_cases import assert_lse_close, assert_within_rule, poison, reference_lse, references
-from helpers import EXPLORE, ON_GPU, examples
-
-
-def hopper() -> bool:
-    return ON_GPU and torch.cuda.get_device_capability() == (9, 0) and not gluon_hopper_reasons()
-
-
-needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+from helpers import EXPLORE, examples
 
 
 def test_forward_compiles_for_sm90_without_spills():
@@ -66,18 +59,6 @@ def check_forward(monkeypatch, q, k, v, layout, kw, hopper=True):
     assert_within_rule("out", out, ref64, lowp)
     assert_lse_close(lse, reference_lse(q, k, v, layout, kw), q.dtype)
     return out
-
-
-def layout_of(pattern: str, heads: int, nb: int, seed: int = 1) -> torch.Tensor:
-    if pattern == "dense":
-        return torch.ones(heads, nb, nb, dtype=torch.long)
-    if pattern == "block_causal":
-        return torch.tril(torch.ones(nb, nb, dtype=torch.long)).expand(heads, nb, nb).clone()
-    g = torch.Generator().manual_seed(seed)
-    lay = (torch.rand(heads, nb, nb, generator=g) < 0.4).long()
-    lay[0, 1] = 0  # a query block with nothing to attend
-    lay[:, :, 2] = 0  # a key block no query attends
-    return lay
 
 
 def inputs(B, H, Hkv, L, D, dtype, magnitude=1.0, generator=None):
@@ -145,12 +126,7 @@ def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
     g = torch.Generator().manual_seed(5)
     dense = torch.rand(B if per_sample else 1, 2, nb, nb, generator=g) < 0.45
     dense[0, 0, 1] = False
-    blocks = KVBlocks.from_layout(dense.long())
-    order = torch.argsort(torch.rand(blocks.indices.shape, generator=g), dim=-1)
-    used = torch.arange(blocks.indices.shape[-1]) < blocks.num_blocks[..., None]
-    keys = torch.where(used, order, blocks.indices.shape[-1] + order)
-    shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
-    blocks = KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
+    blocks = shuffled_lists(dense, g)
     q, k, v = inputs(B, H, Hkv, L, 128, torch.bfloat16)
     check_forward(monkeypatch, q, k, v, blocks, dict(block=128, causal=causal))
 
@@ -170,22 +146,8 @@ def test_random_problems_in_the_hopper_forward(monkeypatch, data):
     """Random problems inside the Hopper forward's domain (batch, heads and their
     grouping, layout heads, 1-8 blocks, density, causal, scale of any sign, input
     magnitude, fp16 or bf16): output and log-sum-exp meet the fp64 rule."""
-    draw = data.draw
-    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
-    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
-    heads = draw(st.sampled_from(sorted({1, Hkv, H})))
-    nb = draw(st.integers(1, 8))
-    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
-    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
-    layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
-    q, k, v = inputs(B, H, Hkv, nb * 128, 128, dtype, magnitude, g)
-    kw = dict(
-        block=128,
-        causal=draw(st.booleans()),
-        scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
-    )
-    check_forward(monkeypatch, q, k, v, layout.long().cuda(), kw)
+    q, k, v, layout, kw = draw_problem(data.draw)
+    check_forward(monkeypatch, q, k, v, layout, kw)
 
 
 @needs_hopper

@@ -414,24 +414,32 @@ def fused_attention_forward(
     rep = programs_per_list(sched)
     launch(_bsa_fwd_kernel, (index.rows.items.shape[0] * rep,), kwargs, config)
     if index.rows.parts:
-        _bsa_fwd_merge_kernel[(index.rows.split.numel() * rep,)](
-            O=kwargs["O"],
-            LSE=kwargs["LSE"],
-            LOG2L=kwargs["LOG2L"],
-            PARTS=parts,
-            PART_STATS=part_stats,
-            SPLIT=index.rows.split,
-            FIRST=index.rows.first,
-            H=H,
-            Lq=Lq,
-            row_tiles=index.row_tiles,
-            **sched,
-            HEAD_DIM=D,
-            BLOCK_D=BLOCK_D,
-            BLOCK_M=tiles.m,
-            NATURAL=natural,
-        )
+        merge = (kwargs["LSE"], kwargs["LOG2L"], parts, part_stats)
+        _merge_cut_rows(out, merge, index, sched, H, BLOCK_D, tiles.m, natural)
     return out, stats
+
+
+def _merge_cut_rows(out, merge, index, sched, H, BLOCK_D, tile_m, natural) -> None:
+    """The output and row statistics of every cut row from its parts
+    (:func:`_bsa_fwd_merge_kernel`); ``merge``: ``(LSE, LOG2L, parts, part_stats)``."""
+    lse, log2l, parts, part_stats = merge
+    _bsa_fwd_merge_kernel[(index.rows.split.numel() * programs_per_list(sched),)](
+        O=matrix_args(out),
+        LSE=lse,
+        LOG2L=log2l,
+        PARTS=parts,
+        PART_STATS=part_stats,
+        SPLIT=index.rows.split,
+        FIRST=index.rows.first,
+        H=H,
+        Lq=out.shape[2],
+        row_tiles=index.row_tiles,
+        **sched,
+        HEAD_DIM=out.shape[-1],
+        BLOCK_D=BLOCK_D,
+        BLOCK_M=tile_m,
+        NATURAL=natural,
+    )
 
 
 def _sm90_forward(q, k, v, layout, index, *, causal: bool, scale: float):
@@ -443,21 +451,5 @@ def _sm90_forward(q, k, v, layout, index, *, causal: bool, scale: float):
     sched = schedule_args(layout, index, B, H)
     out, lse, parts, part_stats = sm90_forward(q, k, v, index, sched, causal=causal, scale=scale)
     if parts is not None:
-        _bsa_fwd_merge_kernel[(index.rows.split.numel() * programs_per_list(sched),)](
-            O=matrix_args(out),
-            LSE=lse,
-            LOG2L=lse,
-            PARTS=parts,
-            PART_STATS=part_stats,
-            SPLIT=index.rows.split,
-            FIRST=index.rows.first,
-            H=H,
-            Lq=L,
-            row_tiles=index.row_tiles,
-            **sched,
-            HEAD_DIM=D,
-            BLOCK_D=D,
-            BLOCK_M=TILE,
-            NATURAL=False,
-        )
+        _merge_cut_rows(out, (lse, lse, parts, part_stats), index, sched, H, D, TILE, False)
     return out, lse

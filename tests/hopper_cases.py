@@ -1,0 +1,68 @@
+"""Shared by the tests of the Hopper kernels (``test_sm90_forward.py``,
+``test_sm90_backward.py``): whether they can run here, the layouts, block lists and random
+problems the tests draw."""
+
+import pytest
+import torch
+from hypothesis import strategies as st
+
+from blocksparse_attn import KVBlocks
+from blocksparse_attn.kernels.availability import gluon_hopper_reasons
+
+from helpers import ON_GPU
+
+
+def hopper() -> bool:
+    return ON_GPU and torch.cuda.get_device_capability() == (9, 0) and not gluon_hopper_reasons()
+
+
+needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+
+
+def layout_of(pattern: str, heads: int, nb: int) -> torch.Tensor:
+    """A ``[heads, nb, nb]`` layout: dense, block-causal, or random (40%) with a query
+    block that attends nothing and a key block that no query attends."""
+    if pattern == "dense":
+        return torch.ones(heads, nb, nb, dtype=torch.long)
+    if pattern == "block_causal":
+        return torch.tril(torch.ones(nb, nb, dtype=torch.long)).expand(heads, nb, nb).clone()
+    g = torch.Generator().manual_seed(1)
+    lay = (torch.rand(heads, nb, nb, generator=g) < 0.4).long()
+    lay[0, 1] = 0  # a query block with nothing to attend
+    lay[:, :, 2] = 0  # a key block no query attends
+    return lay
+
+
+def shuffled_lists(dense: torch.Tensor, generator) -> KVBlocks:
+    """Block lists on the GPU of a bool ``[B, H_l, nb, nb]`` grid, each list's entries in a
+    random order (the unused slots after them), so kernels cannot rely on sorted lists."""
+    blocks = KVBlocks.from_layout(dense.long())
+    order = torch.argsort(torch.rand(blocks.indices.shape, generator=generator), dim=-1)
+    used = torch.arange(blocks.indices.shape[-1]) < blocks.num_blocks[..., None]
+    keys = torch.where(used, order, blocks.indices.shape[-1] + order)  # used entries first
+    shuffled = torch.gather(blocks.indices, -1, torch.argsort(keys, dim=-1))
+    return KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
+
+
+def draw_problem(draw):
+    """A random problem inside the Hopper kernels' domain: ``(q, k, v, layout, kw)`` on the
+    GPU, head dim 128, block 128 (batch, heads and their grouping, layout heads, 1-8
+    blocks, density, causal, a scale of any sign, input magnitude, fp16 or bf16)."""
+    B, H = draw(st.integers(1, 2)), draw(st.sampled_from((1, 2, 3, 4)))
+    Hkv = draw(st.sampled_from([d for d in (1, 2, 3, 4) if H % d == 0]))
+    heads = draw(st.sampled_from(sorted({1, Hkv, H})))
+    nb = draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from((torch.float16, torch.bfloat16)))
+    magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
+    q, k, v = (
+        (torch.randn(B, h, nb * 128, 128, generator=g) * magnitude).to("cuda", dtype)
+        for h in (H, Hkv, Hkv)
+    )
+    kw = dict(
+        block=128,
+        causal=draw(st.booleans()),
+        scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
+    )
+    return q, k, v, layout.long().cuda(), kw
