@@ -4,12 +4,13 @@ problems the tests draw."""
 
 import pytest
 import torch
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 
 from blocksparse_attn import KVBlocks
 from blocksparse_attn.kernels.availability import gluon_hopper_reasons
 
-from helpers import ON_GPU
+from helpers import EXPLORE, ON_GPU, examples
 
 
 def hopper() -> bool:
@@ -66,3 +67,17 @@ def draw_problem(draw):
         scale=draw(st.sampled_from((None, 0.3, -0.5, 0.0))),
     )
     return q, k, v, layout.long().cuda(), kw
+
+
+def problem_settings(default: int):
+    """Hypothesis settings of the random-problem tests: ``default`` examples (or the
+    exploration count), fixed unless exploring, no shrinking (each example compiles
+    anew)."""
+    return settings(
+        max_examples=examples(default),
+        deadline=None,
+        derandomize=not EXPLORE,
+        database=None,
+        phases=(Phase.explicit, Phase.reuse, Phase.generate),
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )

@@ -6,14 +6,19 @@ the Triton kernels."""
 
 import pytest
 import torch
-from hopper_cases import draw_problem, layout_of, needs_hopper, shuffled_lists
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from blocksparse_attn import block_sparse_attention, reference_attention
 
 from attention_cases import assert_within_rule, poison
-from helpers import EXPLORE, examples
+from hopper_cases import (
+    draw_problem,
+    layout_of,
+    needs_hopper,
+    problem_settings,
+    shuffled_lists,
+)
 
 
 def test_kernels_compile_for_sm90_without_spills():
@@ -119,14 +124,7 @@ def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv,
 
 @needs_hopper
 @pytest.mark.gpu
-@settings(
-    max_examples=examples(20),
-    deadline=None,
-    derandomize=not EXPLORE,
-    database=None,
-    phases=(Phase.explicit, Phase.reuse, Phase.generate),  # each example compiles anew
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@problem_settings(20)
 @given(data=st.data())
 def test_random_problems_in_the_hopper_backward(monkeypatch, data):
     """Random problems inside the Hopper backward's domain (batch, heads and their

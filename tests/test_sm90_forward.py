@@ -6,14 +6,19 @@ every other input keeps the Triton forward."""
 
 import pytest
 import torch
-from hopper_cases import draw_problem, layout_of, needs_hopper, shuffled_lists
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from blocksparse_attn import KVBlocks, block_sparse_attention
 
 from attention_cases import assert_lse_close, assert_within_rule, poison, reference_lse, references
-from helpers import EXPLORE, examples
+from hopper_cases import (
+    draw_problem,
+    layout_of,
+    needs_hopper,
+    problem_settings,
+    shuffled_lists,
+)
 
 
 def test_forward_compiles_for_sm90_without_spills():
@@ -133,14 +138,7 @@ def test_hopper_forward_of_block_lists(monkeypatch, per_sample, causal):
 
 @needs_hopper
 @pytest.mark.gpu
-@settings(
-    max_examples=examples(24),
-    deadline=None,
-    derandomize=not EXPLORE,
-    database=None,
-    phases=(Phase.explicit, Phase.reuse, Phase.generate),
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@problem_settings(24)
 @given(data=st.data())
 def test_random_problems_in_the_hopper_forward(monkeypatch, data):
     """Random problems inside the Hopper forward's domain (batch, heads and their
