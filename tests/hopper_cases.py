@@ -45,6 +45,30 @@ def shuffled_lists(dense: torch.Tensor, generator) -> KVBlocks:
     return KVBlocks(blocks.num_blocks.cuda(), shuffled.cuda())
 
 
+def inputs(B, H, Hkv, L, D, dtype, magnitude=1.0, generator=None):
+    """``q [B, H, L, D]``, ``k, v [B, Hkv, L, D]`` on the GPU, normal values times
+    ``magnitude`` (drawn on the CPU from ``generator``)."""
+    return (
+        (torch.randn(B, h, L, D, generator=generator) * magnitude).to("cuda", dtype)
+        for h in (H, Hkv, Hkv)
+    )
+
+
+def counting(monkeypatch, module, *names) -> list:
+    """The names of ``module``'s functions ``names`` in the order they are called from now
+    on (they still run)."""
+    calls = []
+    for name in names:
+        fn = getattr(module, name)
+
+        def counted(*args, _fn=fn, _name=name, **kw):
+            calls.append(_name)
+            return _fn(*args, **kw)
+
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
 def draw_problem(draw):
     """A random problem inside the Hopper kernels' domain: ``(q, k, v, layout, kw)`` on the
     GPU, head dim 128, block 128 (batch, heads and their grouping, layout heads, 1-8
@@ -57,10 +81,7 @@ def draw_problem(draw):
     magnitude = draw(st.sampled_from((1.0, 1.0, 4.0)))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
     layout = torch.rand(heads, nb, nb, generator=g) < draw(st.sampled_from((0.2, 0.5, 1.0)))
-    q, k, v = (
-        (torch.randn(B, h, nb * 128, 128, generator=g) * magnitude).to("cuda", dtype)
-        for h in (H, Hkv, Hkv)
-    )
+    q, k, v = inputs(B, H, Hkv, nb * 128, 128, dtype, magnitude, g)
     kw = dict(
         block=128,
         causal=draw(st.booleans()),

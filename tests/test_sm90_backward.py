@@ -13,6 +13,7 @@ from blocksparse_attn import block_sparse_attention, reference_attention
 
 from attention_cases import assert_within_rule, poison
 from hopper_cases import (
+    counting,
     draw_problem,
     layout_of,
     needs_hopper,
@@ -36,22 +37,6 @@ def test_kernels_compile_for_sm90_without_spills():
     for r in found:
         assert r["spills"] == 0, r
         assert 0 < r["shared"] <= 227 * 1024, r  # within an H100's shared memory per block
-
-
-def counting(monkeypatch):
-    """Counts the Hopper backward's launches."""
-    from blocksparse_attn.kernels import sm90_bwd
-
-    calls = []
-    for name in ("sm90_dkdv", "sm90_dq"):
-        fn = getattr(sm90_bwd, name)
-
-        def counted(*args, _fn=fn, _name=name, **kw):
-            calls.append(_name)
-            return _fn(*args, **kw)
-
-        monkeypatch.setattr(sm90_bwd, name, counted)
-    return calls
 
 
 @needs_hopper
@@ -80,7 +65,9 @@ def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hk
 def check_gradients(monkeypatch, q, k, v, layout, kw):
     """The gradients of the output and of the log-sum-exp went through the Hopper kernels
     and meet the fp64 rule."""
-    calls = counting(monkeypatch)
+    from blocksparse_attn.kernels import sm90_bwd
+
+    calls = counting(monkeypatch, sm90_bwd, "sm90_dkdv", "sm90_dq")
     out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0.0)

@@ -13,7 +13,9 @@ from blocksparse_attn import KVBlocks, block_sparse_attention
 
 from attention_cases import assert_lse_close, assert_within_rule, poison, reference_lse, references
 from hopper_cases import (
+    counting,
     draw_problem,
+    inputs,
     layout_of,
     needs_hopper,
     problem_settings,
@@ -38,39 +40,19 @@ def test_forward_compiles_for_sm90_without_spills():
         assert 0 < r["shared"] <= 227 * 1024, r
 
 
-def counting(monkeypatch) -> list:
-    """Counts the Hopper forward's launches."""
-    from blocksparse_attn.kernels import sm90_fwd
-
-    calls = []
-    fn = sm90_fwd.sm90_forward
-
-    def counted(*args, **kw):
-        calls.append(1)
-        return fn(*args, **kw)
-
-    monkeypatch.setattr(sm90_fwd, "sm90_forward", counted)
-    return calls
-
-
 def check_forward(monkeypatch, q, k, v, layout, kw, hopper=True):
     """Output and log-sum-exp within the fp64 rule, every element written (NaN-poisoned
     buffers), through the Hopper forward (``hopper``) or not; the output returned."""
+    from blocksparse_attn.kernels import sm90_fwd
+
     poison(monkeypatch)
-    calls = counting(monkeypatch)
+    calls = counting(monkeypatch, sm90_fwd, "sm90_forward")
     out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
     assert len(calls) == int(hopper)
     (ref64, _), (lowp, _) = references(q, k, v, layout, kw, None)
     assert_within_rule("out", out, ref64, lowp)
     assert_lse_close(lse, reference_lse(q, k, v, layout, kw), q.dtype)
     return out
-
-
-def inputs(B, H, Hkv, L, D, dtype, magnitude=1.0, generator=None):
-    return (
-        (torch.randn(B, h, L, D, generator=generator) * magnitude).to("cuda", dtype)
-        for h in (H, Hkv, Hkv)
-    )
 
 
 @needs_hopper

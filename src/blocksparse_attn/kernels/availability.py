@@ -58,7 +58,7 @@ def kernel_unavailable_reasons(device: torch.device | str) -> list[str]:
     return reasons
 
 
-def sm90_backward_switched_off() -> bool:
+def sm90_switched_off() -> bool:
     """Whether ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels (forward and backward)
     on Hopper GPUs."""
     return os.environ.get("BLOCKSPARSE_ATTN_SM90", "1") == "0"
@@ -82,7 +82,7 @@ def sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
 
     B, H, L, D = q.shape
     return not (
-        sm90_backward_switched_off()
+        sm90_switched_off()
         or not q.is_cuda
         or q.dtype not in (torch.float16, torch.bfloat16)
         or D != 128

@@ -40,12 +40,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from ._common import empty
+from ._common import empty, part_slots, programs_per_list
+from .configs import PROGRAM_GROUP
 from .sm90_bwd import _desc, compile_sm90
 
 TILE = 128  # query tile per program, key tile per step: the layout block
 ROWS = 64  # query rows of each consumer warpgroup
-GROUP = 16  # work items per group of the schedule (configs.PROGRAM_GROUP)
 
 
 @gluon.jit
@@ -361,8 +361,6 @@ def sm90_forward(q, k, v, index, sched: dict, *, causal: bool, scale: float):
     Returns ``(out, lse, parts, part_stats)``: the output, the log-sum-exp ``[B, H, L]``
     (natural log, ``-inf`` for rows with nothing to attend), and the buffers the parts of
     cut lists wrote (``None`` when no list is cut), for the Triton merge kernel."""
-    from ._common import part_slots, programs_per_list
-
     B, H, L, D = q.shape
     out = empty(q.shape, q.dtype, q.device)
     lse = empty((B, H, L), torch.float32, q.device)
@@ -393,7 +391,7 @@ def sm90_forward(q, k, v, index, sched: dict, *, causal: bool, scale: float):
         CAUSAL=causal,
         SCALE_POS=scale > 0,
         STAGES=stages(D),
-        GROUP=GROUP,
+        GROUP=PROGRAM_GROUP,
         num_warps=4,
     )
     cut = index.rows.parts > 0
@@ -420,7 +418,7 @@ def compile_forward_for_sm90(head_dims=(64, 128)) -> list[dict]:
         for causal, positive in ((False, True), (True, True), (True, False)):
             sig = {a: types.get(a, "constexpr") for a in _sm90_fwd_kernel.arg_names}
             consts = dict(HEAD_DIM=D, BLOCK_M=ROWS, BLOCK_N=TILE, CAUSAL=causal)
-            consts.update(SCALE_POS=positive, STAGES=stages(D), GROUP=GROUP, num_warps=4)
+            consts.update(SCALE_POS=positive, STAGES=stages(D), GROUP=PROGRAM_GROUP, num_warps=4)
             compiled = compile_sm90(_sm90_fwd_kernel, sig, consts)
             found.append(
                 dict(kernel="forward", head_dim=D, causal=causal, positive_scale=positive)

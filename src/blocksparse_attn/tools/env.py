@@ -53,11 +53,11 @@ def env_report() -> str:
 def _hopper_kernels() -> str:
     """Whether the fused attention's Gluon kernels for Hopper (forward and backward) can
     run here."""
-    from ..kernels.availability import gluon_hopper_reasons, sm90_backward_switched_off
+    from ..kernels.availability import gluon_hopper_reasons, sm90_switched_off
 
     if torch.cuda.get_device_capability() != (9, 0):
         return "not used (the GPU is not sm_90)"
-    if sm90_backward_switched_off():
+    if sm90_switched_off():
         return "off (BLOCKSPARSE_ATTN_SM90=0)"
     why = gluon_hopper_reasons()
     if why:
