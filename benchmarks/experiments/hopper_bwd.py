@@ -29,7 +29,7 @@ def compile_only() -> None:
     for r in compile_for_sm90((64, 128)):
         print(
             f"{r['kernel']} D={r['head_dim']} causal={r['causal']}: compiled, shared memory "
-            f"{r['shared']} bytes, {r['spills']} local-memory instructions",
+            f"{r['shared']} bytes, {r['spills']} bytes spilled, {r['registers']} registers",
             flush=True,
         )
 

@@ -520,7 +520,7 @@ def compile_only() -> None:
                 r = compile_sm90(fn, sig, consts)
                 print(
                     f"{name} D={D} causal={causal}: compiled, shared memory "
-                    f"{r['shared']} bytes, {r['spills']} local-memory instructions",
+                    f"{r['shared']} bytes, {r['spills']} bytes spilled, {r['registers']} registers",
                     flush=True,
                 )
 

@@ -25,6 +25,10 @@ from __future__ import annotations
 import functools
 import itertools
 import math
+import os
+import re
+import subprocess
+import tempfile
 
 import torch
 from triton.experimental import gluon
@@ -280,7 +284,7 @@ def _sm90_dq_kernel(
 def _shared_layout(rows: int, D: int, dtype: torch.dtype):
     """The shared-memory layout of a ``[rows, D]`` tile (made once: making it costs more
     host time than the rest of a descriptor)."""
-    dt = gl.float16 if dtype == torch.float16 else gl.bfloat16
+    dt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
     return gl.NVMMASharedLayout.get_default_for([rows, D], dt)
 
 
@@ -380,22 +384,44 @@ def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
 def compile_sm90(fn, signature: dict, constexprs: dict) -> dict:
     """Compile the Gluon kernel ``fn`` for sm90 without a GPU (``signature``: argument
     types, ``constexprs``: their values, ``num_warps`` among them): its shared memory in
-    bytes and the local-memory (spill) instructions in its PTX."""
+    bytes, and what ``ptxas -v`` reports of the machine code: registers a thread, the
+    bytes it spills to local memory, and how often it warns that it serialized the
+    ``wgmma`` pipeline (an accumulator read while its product may still run)."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
 
     src = GluonASTSource(fn, signature=signature, constexprs=constexprs)
     options = dict(num_warps=constexprs["num_warps"])
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = kernel.asm["ptx"]
-    return dict(shared=kernel.metadata.shared, spills=ptx.count("ld.local") + ptx.count("st.local"))
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = os.path.join(tmp, "kernel.ptx")
+        with open(ptx, "w") as f:
+            f.write(kernel.asm["ptx"])
+        report = subprocess.run(
+            [knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stderr
+    serialized = report.count("wgmma.mma_async instructions are serialized")
+    spills = re.findall(r"(\d+) bytes spill stores", report)
+    registers = re.findall(r"Used (\d+) registers", report)
+    if not (spills and registers):
+        raise RuntimeError(f"ptxas -v printed no register or spill counts:\n{report}")
+    return dict(
+        shared=kernel.metadata.shared,
+        spills=sum(map(int, spills)),
+        registers=max(map(int, registers)),
+        serialized=serialized,
+    )
 
 
 def compile_for_sm90(head_dims=(128,)) -> list[dict]:
     """Compile both kernels for sm90 on any machine (no GPU needed), bf16, causal or not,
-    dK/dV for one and for grouped K/V heads: one entry per variant with its shared memory
-    and the local-memory (spill) instructions in its PTX."""
+    dK/dV for one and for grouped K/V heads: one entry per variant with what
+    :func:`compile_sm90` reports."""
     from triton.runtime.jit import mangle_type
 
     common = dict(
