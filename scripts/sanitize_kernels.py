@@ -145,16 +145,20 @@ def main() -> int:
         from blocksparse_attn import KVBlocks
         from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
 
-        def hopper_case(label, q, k, v, layout, causal) -> int:
-            """One step through the Hopper backward: 1 if it did not run or is not finite."""
+        def hopper_case(label, q, k, v, layout, causal, deterministic=True) -> int:
+            """One step through the Hopper backward (the dK/dV/dQ kernel where not
+            ``deterministic``): 1 if it did not run or is not finite."""
             taken = sm90_backward_plan(q, k, v, q, layout, block=128, causal=causal) is not None
             q, k, v = (t.requires_grad_() for t in (q, k, v))
-            out = block_sparse_attention(q, k, v, layout, block=128, causal=causal)
+            out = block_sparse_attention(
+                q, k, v, layout, block=128, causal=causal, deterministic=deterministic
+            )
             grads = torch.autograd.grad(out.float().sum(), (q, k, v))
             torch.cuda.synchronize()
             ok = taken and all(bool(torch.isfinite(r).all()) for r in (out, *grads))
             verdict = "ok" if ok else "NOT FINITE or not taken"
-            print(f"Hopper backward ({label}): {verdict}", flush=True)
+            kind = "" if deterministic else ", dK/dV/dQ kernel"
+            print(f"Hopper backward ({label}{kind}): {verdict}", flush=True)
             return int(not ok)
 
         def inputs(heads, kv_heads):
@@ -184,16 +188,18 @@ def main() -> int:
             bad += not ok
             label = "lists in parts" if cut else "lists whole"
             print(f"Hopper forward ({label}): {'ok' if ok else 'NOT FINITE'}", flush=True)
-        for heads, causal in ((1, True), (3, False)):
-            lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
-            lay[0, 1], lay[:, :, 2] = 0, 0
-            label = f"{heads} layout heads, causal={causal}"
-            bad += hopper_case(label, *inputs(3, 3), lay, causal)
-        # block lists per sample, grouped K/V heads, an empty list
-        lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
-        lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
-        label = "block lists per sample, GQA, causal"
-        bad += hopper_case(label, *inputs(4, 2), KVBlocks.from_layout(lay), True)
+        for deterministic in (True, False):
+            for heads, causal in ((1, True), (3, False)):
+                lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
+                lay[0, 1], lay[:, :, 2] = 0, 0
+                label = f"{heads} layout heads, causal={causal}"
+                bad += hopper_case(label, *inputs(3, 3), lay, causal, deterministic)
+            # block lists per sample, grouped K/V heads, an empty list
+            lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
+            lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
+            label = "block lists per sample, GQA, causal"
+            lists = KVBlocks.from_layout(lay)
+            bad += hopper_case(label, *inputs(4, 2), lists, True, deterministic)
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

@@ -365,6 +365,35 @@ def test_unknown_backend():
         block_sparse_attention(q, k, v, layout, backend="triton", **kw)
 
 
+def test_deterministic_must_be_a_bool():
+    q, k, v, layout, kw = make_problem(1, 1, 32, 32, 16, torch.float32, "cpu", block=16)
+    with pytest.raises(TypeError, match="deterministic must be True or False, got 'yes'"):
+        block_sparse_attention(q, k, v, layout, deterministic="yes", **kw)
+
+
+def test_nondeterministic_backward_changes_nothing_outside_hopper():
+    """``deterministic=False`` only changes the Hopper backward: elsewhere (here head dim
+    16, block 16) the gradients are the deterministic ones, bit for bit."""
+    torch.manual_seed(4)
+    layout = torch.tensor([[[1, 0, 0], [1, 1, 0], [0, 1, 1]]])
+    leaves = [torch.randn(1, 2, 48, 16, device=DEVICE, requires_grad=True) for _ in range(3)]
+    grad_out = torch.randn(1, 2, 48, 16, device=DEVICE)
+    results = []
+    for deterministic in (True, False):
+        out, lse = block_sparse_attention(
+            *leaves,
+            layout,
+            block=16,
+            causal=True,
+            backend="fused",
+            return_lse=True,
+            deterministic=deterministic,
+        )
+        results.append(torch.autograd.grad((out, lse.sum()), leaves, (grad_out, None)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
 def test_custom_op_registered_with_fake():
     import blocksparse_attn.ops.fused_attention  # noqa: F401
 
@@ -392,6 +421,12 @@ def test_custom_op_registered_with_fake():
             False,
             True,
         ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
+    torch.library.opcheck(  # the backward's option, kept for it
+        op,
+        (*x, torch.ones(1, 2, 2, dtype=torch.int64, device=DEVICE), None, None, None)
+        + (16, 0.25, False, False, True, False),
         test_utils=("test_schema", "test_faketensor"),
     )
 

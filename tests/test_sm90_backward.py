@@ -1,8 +1,9 @@
 """The fused backward's Gluon kernels for Hopper (``kernels/sm90_bwd.py``): they compile
 for sm90 on any machine; on an sm90 GPU they are the backward of the layouts
 ``sm90_backward_plan`` accepts, equal to the fp64 reference (gradients of the output and
-of the log-sum-exp) and to the Triton backward, deterministic, and every other input keeps
-the Triton kernels."""
+of the log-sum-exp) and to the Triton backward, deterministic by default (the dK/dV and
+dQ kernels) and with ``deterministic=False`` the one dK/dV/dQ kernel, and every other
+input keeps the Triton kernels."""
 
 import pytest
 import torch
@@ -23,17 +24,14 @@ from hopper_cases import (
 
 
 def test_kernels_compile_for_sm90_without_spills():
-    """Both kernels, causal or not, lower to sm90 machine code here (no GPU needed) and
+    """The three kernels, causal or not, lower to sm90 machine code here (no GPU needed) and
     keep every value in registers (``ptxas -v``: no spills) without serializing their
     ``wgmma`` pipelines."""
     from blocksparse_attn.kernels.sm90_bwd import compile_for_sm90
 
     found = compile_for_sm90()
     assert {(r["kernel"], r["causal"]) for r in found} == {
-        ("dK/dV", False),
-        ("dK/dV", True),
-        ("dQ", False),
-        ("dQ", True),
+        (kernel, causal) for kernel in ("dK/dV", "dK/dV/dQ", "dQ") for causal in (False, True)
     }
     for r in found:
         assert r["spills"] == 0 and r["serialized"] == 0, r
@@ -48,11 +46,14 @@ def test_kernels_compile_for_sm90_without_spills():
     [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
 )
 @pytest.mark.parametrize("H,Hkv,layout_heads", [(3, 3, 1), (3, 3, 3), (4, 2, 2), (4, 1, 4)])
-def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads):
-    """Gradients of the output and of the log-sum-exp through the Hopper kernels, within
-    the rule the Triton kernels meet (against fp64, relative to plain PyTorch in the
-    dtype), with one kv head per query head or grouped ones; every output element written
-    (NaN-poisoned buffers)."""
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_hopper_backward_matches_fp64(
+    monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads, deterministic
+):
+    """Gradients of the output and of the log-sum-exp through the Hopper kernels (the
+    deterministic pair, or the dK/dV/dQ kernel), within the rule the Triton kernels meet
+    (against fp64, relative to plain PyTorch in the dtype), with one kv head per query
+    head or grouped ones; every output element written (NaN-poisoned buffers)."""
     poison(monkeypatch)
     B, L, D = 2, 640, 128
     layout = layout_of(pattern, layout_heads, L // 128).cuda()
@@ -60,20 +61,23 @@ def test_hopper_backward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hk
         torch.randn(B, h, L, D, device="cuda", dtype=dtype, requires_grad=True)
         for h in (H, Hkv, Hkv)
     )
-    check_gradients(monkeypatch, q, k, v, layout, dict(block=128, causal=causal))
+    kw = dict(block=128, causal=causal, deterministic=deterministic)
+    check_gradients(monkeypatch, q, k, v, layout, kw)
 
 
 def check_gradients(monkeypatch, q, k, v, layout, kw):
     """The gradients of the output and of the log-sum-exp went through the Hopper kernels
-    and meet the fp64 rule."""
+    (the dK/dV/dQ kernel where ``kw`` says ``deterministic=False``) and meet the fp64
+    rule."""
     from blocksparse_attn.kernels import sm90_bwd
 
-    calls = counting(monkeypatch, sm90_bwd, "sm90_dkdv", "sm90_dq")
+    calls = counting(monkeypatch, sm90_bwd, "sm90_dkdv", "sm90_dq", "sm90_dkdvdq")
     out, lse = block_sparse_attention(q, k, v, layout, backend="fused", return_lse=True, **kw)
     grad_out = torch.randn_like(out)
     grad_lse = torch.randn_like(lse).masked_fill(torch.isneginf(lse), 0.0)
     grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
-    assert calls == ["sm90_dkdv", "sm90_dq"]
+    deterministic = kw.pop("deterministic", True)
+    assert calls == (["sm90_dkdv", "sm90_dq"] if deterministic else ["sm90_dkdvdq"])
     refs = []
     for ct in (torch.float64, q.dtype):
         leaves = [t.detach().to(ct).requires_grad_() for t in (q, k, v)]
@@ -91,10 +95,13 @@ def check_gradients(monkeypatch, q, k, v, layout, kw):
 @pytest.mark.parametrize("per_sample", [False, True])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("H,Hkv,layout_heads", [(2, 2, 2), (4, 2, 1), (4, 2, 2)])
-def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv, layout_heads):
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_hopper_backward_of_block_lists(
+    monkeypatch, per_sample, causal, H, Hkv, layout_heads, deterministic
+):
     """Block lists (:class:`~blocksparse_attn.KVBlocks`), shared by the batch or one per
     sample, in any order and of unequal lengths (empty ones too), go through the Hopper
-    kernels and meet the fp64 rule."""
+    kernels (both backwards) and meet the fp64 rule."""
     poison(monkeypatch)
     B, L, D = 2, 768, 128
     nb = L // 128
@@ -107,7 +114,8 @@ def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv,
         torch.randn(B, h, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
         for h in (H, Hkv, Hkv)
     )
-    check_gradients(monkeypatch, q, k, v, blocks, dict(block=128, causal=causal))
+    kw = dict(block=128, causal=causal, deterministic=deterministic)
+    check_gradients(monkeypatch, q, k, v, blocks, kw)
 
 
 @needs_hopper
@@ -117,9 +125,10 @@ def test_hopper_backward_of_block_lists(monkeypatch, per_sample, causal, H, Hkv,
 def test_random_problems_in_the_hopper_backward(monkeypatch, data):
     """Random problems inside the Hopper backward's domain (batch, heads and their
     grouping, layout heads, 1-8 blocks, density, causal, scale, input magnitude, fp16 or
-    bf16): its gradients meet the fp64 rule."""
+    bf16), through either backward: its gradients meet the fp64 rule."""
     poison(monkeypatch)
     q, k, v, layout, kw = draw_problem(data.draw)
+    kw["deterministic"] = data.draw(st.booleans())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     check_gradients(monkeypatch, q, k, v, layout, kw)
 
@@ -148,6 +157,41 @@ def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
         assert torch.equal(a, b)
         scale = t.float().abs().max().item()
         assert (a.float() - t.float()).abs().max().item() <= 2e-2 * scale
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_faster_backward_is_asked_for(monkeypatch):
+    """``deterministic=False`` takes the dK/dV/dQ kernel, whose dQ is within bf16 rounding
+    of the deterministic one; the default, and ``torch.use_deterministic_algorithms``,
+    keep the deterministic kernels."""
+    from blocksparse_attn.kernels import sm90_bwd
+
+    B, H, L, D = 2, 4, 1024, 128
+    layout = layout_of("random", H, L // 128).cuda()
+    q, k, v = (
+        torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for _ in range(3)
+    )
+    grad_out = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
+
+    def grads(**kw):
+        out = block_sparse_attention(q, k, v, layout, block=128, backend="fused", **kw)
+        return torch.autograd.grad(out, (q, k, v), grad_out)
+
+    calls = counting(monkeypatch, sm90_bwd, "sm90_dkdv", "sm90_dq", "sm90_dkdvdq")
+    exact = grads()
+    assert calls == ["sm90_dkdv", "sm90_dq"]
+    calls.clear()
+    faster = grads(deterministic=False)
+    assert calls == ["sm90_dkdvdq"]
+    for a, b in zip(faster, exact):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale
+    calls.clear()
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    grads(deterministic=False)
+    assert calls == ["sm90_dkdv", "sm90_dq"]
 
 
 @needs_hopper

@@ -141,6 +141,7 @@ def block_sparse_attention(
     attn_mask_mode: str = "mul",
     backend: str = "auto",
     return_lse: bool = False,
+    deterministic: bool = True,
 ):
     """Attention restricted to the blocks of ``layout``.
 
@@ -178,6 +179,13 @@ def block_sparse_attention(
         return_lse: also return the log-sum-exp ``[B, H, L_q]`` (float32, natural log),
             differentiable: a loss of both the output and the log-sum-exp (merging
             partial attentions, a z-loss) gets the gradient of each.
+        deterministic: the gradients do not depend on the order GPU programs run in
+            (bit-identical from run to run; the default). ``False`` allows a faster
+            backward where there is one: on Hopper (the fused backend's sm90 kernels,
+            head dim 128, block 128) one kernel computes dQ, dK and dV, adding dQ's parts
+            into fp32 by reductions in no fixed order, so dQ's last bits vary from run to
+            run (dK, dV and the forward do not). ``torch.use_deterministic_algorithms(True)``
+            keeps the deterministic backward. Elsewhere it changes nothing.
 
     Returns ``out [B, H, L_q, D]`` in the input dtype (and ``lse``). A query with nothing
     to attend gets zeros (and zero gradients), never NaN; its ``lse`` is ``-inf``.
@@ -186,6 +194,16 @@ def block_sparse_attention(
     ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
     where = "block_sparse_attention"
+    if not isinstance(deterministic, bool):
+        raise bad_argument(
+            where,
+            "deterministic",
+            "True or False",
+            repr(deterministic),
+            "pass deterministic=False for the faster backward whose dQ may differ in its "
+            "last bits from run to run",
+            TypeError,
+        )
     if backend not in BACKENDS:
         raise bad_argument(
             where, "backend", "one of " + ", ".join(map(repr, BACKENDS)), repr(backend)
@@ -258,6 +276,7 @@ def block_sparse_attention(
                 attn_mask=xs.attn_mask,
                 key_padding_mask_mode=xs.key_padding_mask_mode,
                 attn_mask_mode=xs.attn_mask_mode,
+                deterministic=deterministic,
             )
 
         out, lse = _on_kernels(x, layout, fused, grouped=True)

@@ -426,6 +426,7 @@ def fused_attention_backward(
     grad_lse: torch.Tensor | None = None,
     tiles: tuple[Tiles, Tiles] | None = None,
     configs: tuple[dict, dict] | None = None,
+    deterministic: bool = True,
 ):
     """Gradients of the fused forward, from its output and row statistics ``stats``.
 
@@ -436,7 +437,9 @@ def fused_attention_backward(
     ``grad_lse`` (``[B, H, L_q]``): the gradient of the log-sum-exp as well as ``grad_out``'s
     (rows with nothing to attend take none).
     ``tiles`` (dK/dV, dQ) and ``configs`` (``num_warps``/``num_stages``/``DESC`` each)
-    override the tuned choice."""
+    override the tuned choice. ``deterministic=False`` lets the Hopper backward add dQ
+    from the dK/dV kernel by reductions (:func:`.sm90_bwd.sm90_dkdvdq`) unless
+    ``torch.are_deterministic_algorithms_enabled()``; elsewhere it changes nothing."""
     q, k, v, out, grad_out = (unit_last_stride(t) for t in (q, k, v, out, grad_out))
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
@@ -460,12 +463,15 @@ def fused_attention_backward(
     if not masked and tiles is None and configs is None:
         hopper = sm90_backward_plan(q, k, v, grad_out, layout, block=block, causal=causal)
     if hopper is not None:
-        from .sm90_bwd import sm90_dkdv, sm90_dq
+        from .sm90_bwd import sm90_dkdv, sm90_dkdvdq, sm90_dq
 
         index, samples = hopper
         kw = dict(causal=causal, scale=scale, samples=samples)
-        dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, index, **kw)
-        dq = sm90_dq(q, k, v, grad_out, stats, delta, index, **kw)
+        if deterministic or torch.are_deterministic_algorithms_enabled():
+            dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, index, **kw)
+            dq = sm90_dq(q, k, v, grad_out, stats, delta, index, **kw)
+        else:
+            dq, dk, dv = sm90_dkdvdq(q, k, v, grad_out, stats, delta, index, **kw)
         return dq, dk, dv, None, None, None
     kv_tiles, q_tiles = tiles or backward_tiles(
         D,

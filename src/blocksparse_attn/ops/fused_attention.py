@@ -79,6 +79,7 @@ def _backward_kernels(
     kpm_grad,
     am_grad,
     grad_lse=None,
+    deterministic=True,
 ):
     from ..kernels.fused_bwd import fused_attention_backward
 
@@ -100,6 +101,7 @@ def _backward_kernels(
         attn_mask_mode=_mode(am_mul),
         bias_grads=(rpe_grad, kpm_grad, am_grad),
         grad_lse=grad_lse,
+        deterministic=deterministic,
     )
 
 
@@ -117,17 +119,33 @@ def fused_attention_fwd(
     causal: bool,
     kpm_mul: bool,
     am_mul: bool,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """``(out, row statistics)``: see ``kernels.fused_fwd.fused_attention_forward``.
     ``layout``: a dense ``[H_l, nb_q, nb_k]`` layout, or 4-D block lists packed with their
-    counts (``_packed_lists``), compiled on the device."""
+    counts (``_packed_lists``), compiled on the device. ``deterministic``: kept for the
+    backward (``kernels.fused_bwd.fused_attention_backward``)."""
     return _forward(
         q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul
     )
 
 
 @fused_attention_fwd.register_fake
-def _(q, k, v, layout, rpe, key_padding_mask, attn_mask, block, scale, causal, kpm_mul, am_mul):
+def _(
+    q,
+    k,
+    v,
+    layout,
+    rpe,
+    key_padding_mask,
+    attn_mask,
+    block,
+    scale,
+    causal,
+    kpm_mul,
+    am_mul,
+    deterministic=True,
+):
     B, H, Lq, _ = q.shape
     biased = rpe is not None or key_padding_mask is not None or attn_mask is not None
     stats = (2, B, H, Lq) if biased else (B, H, Lq)
@@ -155,6 +173,7 @@ def fused_attention_bwd(
     kpm_grad: bool,
     am_grad: bool,
     grad_lse: Optional[Tensor] = None,
+    deterministic: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """``(dq, dk, dv, drpe, dkpm, dam)`` (empty where not wanted): see
     ``kernels.fused_bwd.fused_attention_backward``; ``grad_lse``: the log-sum-exp's
@@ -179,6 +198,7 @@ def fused_attention_bwd(
         kpm_grad,
         am_grad,
         grad_lse,
+        deterministic,
     )
     return tuple(g if g is not None else q.new_empty(0) for g in grads)
 
@@ -204,6 +224,7 @@ def _(
     kpm_grad,
     am_grad,
     grad_lse=None,
+    deterministic=True,
 ):
     def like(t, wanted):
         return t.new_empty(t.shape) if wanted else q.new_empty(0)
@@ -219,19 +240,17 @@ def _(
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul = inputs
+    q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul, *rest = inputs
+    deterministic = rest[0] if rest else True
     out, stats = output
     ctx.blocks = layout if isinstance(layout, KVBlocks) else None  # not a tensor to save
     if ctx.blocks is not None:
         layout = None
     ctx.save_for_backward(q, k, v, out, stats, layout, rpe, kpm, am)
-    ctx.options = (block, scale, causal, kpm_mul, am_mul)
+    ctx.options = (block, scale, causal, kpm_mul, am_mul, deterministic)
     # no zero tensor is made for an absent gradient (of the output or of the statistics):
     # that allocation and fill cost more host time than the backward's launches
     ctx.set_materialize_grads(False)
-
-
-_NO_GRADS = (None,) * 12  # one per forward input
 
 
 def _gradients(ctx, grad_out, grad_stats, backward):
@@ -242,7 +261,7 @@ def _gradients(ctx, grad_out, grad_stats, backward):
     (``row_statistics_lse``: ``lse = stats`` or ``stats[0] + stats[1] * ln 2``), so
     ``stats``'s (first) row is the log-sum-exp's gradient."""
     if grad_out is None and grad_stats is None:
-        return _NO_GRADS
+        return (None,) * len(ctx.needs_input_grad)
     q, k, v, out, stats, layout, rpe, kpm, am = ctx.saved_tensors
     if grad_out is None:  # only the log-sum-exp was used
         grad_out = torch.zeros_like(out)
@@ -250,7 +269,7 @@ def _gradients(ctx, grad_out, grad_stats, backward):
     if grad_stats is not None:
         grad_lse = grad_stats[0] if stats.dim() == 4 else grad_stats
     layout = ctx.blocks if ctx.blocks is not None else layout
-    block, scale, causal, kpm_mul, am_mul = ctx.options
+    block, scale, causal, kpm_mul, am_mul, deterministic = ctx.options
     wanted = (
         rpe is not None and ctx.needs_input_grad[4],
         kpm is not None and not kpm_mul and ctx.needs_input_grad[5],
@@ -274,9 +293,11 @@ def _gradients(ctx, grad_out, grad_stats, backward):
         am_mul,
         *wanted,
         grad_lse,
+        deterministic,
     )
     biases = tuple(g if w else None for g, w in zip((drpe, dkpm, dam), wanted))
-    return (dq, dk, dv, None, *biases, None, None, None, None, None)
+    grads = (dq, dk, dv, None, *biases)  # then none for the options, one per input
+    return grads + (None,) * (len(ctx.needs_input_grad) - len(grads))
 
 
 def _backward(ctx, grad_out, grad_stats):
@@ -292,11 +313,13 @@ class _EagerFusedAttention(torch.autograd.Function):
     call, which a short kernel cannot hide (``benchmarks/NOTES.md``, v3)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul):
+    def forward(
+        ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul, det=True
+    ):
         out, stats = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul)
         _setup_context(
             ctx,
-            (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul),
+            (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul, det),
             (out, stats),
         )
         return out, stats
@@ -325,6 +348,7 @@ def fused_attention(
     attn_mask,
     key_padding_mask_mode,
     attn_mask_mode,
+    deterministic=True,
 ) -> tuple[Tensor, Tensor]:
     """Differentiable fused attention on checked inputs: ``(out, lse)``. Under
     ``torch.compile`` the custom ops (opaque to the compiler, with fake implementations);
@@ -353,6 +377,7 @@ def fused_attention(
         causal,
         key_padding_mask_mode == "mul",
         attn_mask_mode == "mul",
+        deterministic,
     )
     if torch.compiler.is_compiling():
         out, stats = fused_attention_fwd(*args)
