@@ -103,6 +103,29 @@ def test_causal_defaults_from_config():
     ).causal
 
 
+def test_deterministic_option_reaches_the_attention(monkeypatch):
+    """``deterministic=False`` is handed to every call (the Hopper backward reads it); a
+    value that is not a bool is refused."""
+    from blocksparse_attn import functional
+
+    seen = []
+    real = functional.block_sparse_attention
+
+    def spy(*args, **kw):
+        seen.append(kw["deterministic"])
+        return real(*args, **kw)
+
+    monkeypatch.setattr(functional, "block_sparse_attention", spy)
+    x = torch.randn(1, H, 2 * BLOCK, 8)
+    for deterministic in (True, False):
+        module = SparseSelfAttention(FixedSparsityConfig(H, BLOCK), deterministic=deterministic)
+        module(x, x, x)
+    assert seen == [True, False]
+    assert "deterministic=False" in repr(module)
+    with pytest.raises(TypeError, match="deterministic must be True or False"):
+        SparseSelfAttention(FixedSparsityConfig(H, BLOCK), deterministic=1)
+
+
 def test_master_layout_crop_not_remade():
     # a 6-block crop of the 2048 master has only global column 3 (spec 1.9)
     module = SparseSelfAttention(FixedSparsityConfig(1, BLOCK))

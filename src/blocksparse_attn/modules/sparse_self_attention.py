@@ -25,6 +25,9 @@ class SparseSelfAttention(nn.Module):
             ``True`` when the config's ``attention`` is ``'unidirectional'``.
         backend: ``'auto'``, ``'fused'``, ``'unfused'`` or ``'reference'``
             (see :func:`~blocksparse_attn.block_sparse_attention`).
+        deterministic: ``False`` asks for the faster Hopper backward whose dQ varies in its
+            last bits from run to run (see :func:`~blocksparse_attn.block_sparse_attention`);
+            with context parallelism the backward stays deterministic.
         context_parallel_group: a ``torch.distributed`` process group (or
             ``torch.distributed.group.WORLD``) across which each sequence is sharded: the
             inputs, ``key_padding_mask`` and the output are this rank's shard,
@@ -55,6 +58,7 @@ class SparseSelfAttention(nn.Module):
         *,
         causal: bool | None = None,
         backend: str = "auto",
+        deterministic: bool = True,
         context_parallel_group=None,
         context_parallel_strategy: str = "auto",
         context_parallel_order: str = "contiguous",
@@ -80,6 +84,17 @@ class SparseSelfAttention(nn.Module):
         self.attn_mask_mode = attn_mask_mode
         self.max_seq_length = max_seq_length
         self.backend = backend
+        if not isinstance(deterministic, bool):
+            raise bad_argument(
+                where,
+                "deterministic",
+                "True or False",
+                repr(deterministic),
+                "pass deterministic=False for the faster backward whose dQ may differ in "
+                "its last bits from run to run",
+                TypeError,
+            )
+        self.deterministic = deterministic
         if causal is None:
             causal = getattr(sparsity_config, "attention", None) == "unidirectional"
         self.causal = bool(causal)
@@ -236,6 +251,7 @@ class SparseSelfAttention(nn.Module):
             key_padding_mask_mode=self.key_padding_mask_mode,
             attn_mask_mode=self.attn_mask_mode,
             backend=self.backend,
+            deterministic=self.deterministic,
         )
 
     def _context_parallel(self, query, key, value, rpe, key_padding_mask, attn_mask):
@@ -273,4 +289,5 @@ class SparseSelfAttention(nn.Module):
         return (
             f"{self.sparsity_config!r}, max_seq_length={self.max_seq_length}, "
             f"causal={self.causal}, backend={self.backend!r}"
+            + ("" if self.deterministic else ", deterministic=False")
         )
