@@ -11,6 +11,7 @@ from blocksparse_attn.tools.bench_cases import (
     density_cases,
     flops,
     pattern_layout,
+    quick_cases,
 )
 from blocksparse_attn.tools.bench_harness import time_backend
 from blocksparse_attn.tools.bench_report import markdown, plots, read_jsonl, write_report
@@ -567,3 +568,29 @@ def test_varlen_and_decode_suites_on_cpu_and_their_tables():
     text = markdown({"env": {"torch": "t", "triton": "tr", "date": "d"}, "results": [packed, dec]})
     assert "| 2.000 | 2.000 | 1.00 |" in text and "Decoding one token (B2, context 256" in text
     assert "| 2.0000 / - |" in text  # no CUDA graph on the CPU
+
+
+def test_fused_nondet_backend_asks_for_the_faster_backward(monkeypatch):
+    """``--backends fused_nondet`` is the fused backend with ``deterministic=False``; the
+    CLI offers every harness backend, all but that one by default."""
+    from blocksparse_attn import functional
+    from blocksparse_attn.tools import bench_harness, cli
+
+    seen = []
+    monkeypatch.setattr(functional, "block_sparse_attention", lambda *a, **kw: seen.append(kw))
+    case = quick_cases()[1]
+    layout = torch.ones(1, 16, 16, dtype=torch.long)
+    for backend in ("fused", "fused_nondet"):
+        bench_harness._attention_fn(backend, case, layout, "cpu")(None, None, None)
+    assert [(kw["backend"], kw.get("deterministic", True)) for kw in seen] == [
+        ("fused", True),
+        ("fused", False),
+    ]
+    action = next(
+        a
+        for sub in cli.build_parser()._subparsers._group_actions[0].choices.values()
+        for a in sub._actions
+        if a.dest == "backends"
+    )
+    assert tuple(action.choices) == bench_harness.BACKENDS
+    assert action.default == [b for b in bench_harness.BACKENDS if b != "fused_nondet"]

@@ -13,7 +13,16 @@ import torch
 
 from .bench_cases import Case, dense_flops, flops
 
-BACKENDS = ("fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask")
+BACKENDS = (
+    "fused",
+    "fused_nondet",  # the fused backend with deterministic=False (asked for by name)
+    "unfused",
+    "flex",
+    "fa4",
+    "sdpa_cudnn",
+    "sdpa_flash",
+    "sdpa_mask",
+)
 # grouped-query cases also time our kernel on K/V repeated to the query heads (the repeat
 # included), the way to run them without native support
 GQA_BACKENDS = ("fused", "fused_repeat", "flex", "sdpa_cudnn", "sdpa_flash")
@@ -63,7 +72,7 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     group = case.heads // (case.kv_heads or case.heads)
-    if backend in ("fused", "unfused", "reference", "fused_repeat"):
+    if backend in ("fused", "fused_nondet", "unfused", "reference", "fused_repeat"):
         from ..functional import block_sparse_attention
 
         if backend == "fused_repeat":
@@ -77,9 +86,10 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
             return fused_repeat
         # a CPU layout, as the patterns make them: each call checks it for edits with a
         # host comparison (a CUDA layout would be compared on the device, waiting for it)
-        return lambda q, k, v: block_sparse_attention(
-            q, k, v, layout, block=case.block, causal=case.causal, backend=backend
-        )
+        kw = dict(block=case.block, causal=case.causal, backend=backend)
+        if backend == "fused_nondet":
+            kw.update(backend="fused", deterministic=False)
+        return lambda q, k, v: block_sparse_attention(q, k, v, layout, **kw)
     if backend == "flex":
         from torch.nn.attention.flex_attention import flex_attention
 

@@ -13,7 +13,8 @@ from . import bench_harness as harness
 from .bench_cases import Case
 from .bench_harness import BACKENDS, MODES
 
-DENSITY_BACKENDS = ("fused", "flex", "fa4", "sdpa_cudnn")  # the density sweep's comparison
+# the density sweep's comparison (fused_nondet where asked for)
+DENSITY_BACKENDS = ("fused", "fused_nondet", "flex", "fa4", "sdpa_cudnn")
 
 
 def run(
