@@ -133,40 +133,9 @@ def test_random_problems_in_the_hopper_backward(monkeypatch, data):
     check_gradients(monkeypatch, q, k, v, layout, kw)
 
 
-@needs_hopper
-@pytest.mark.gpu
-def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
-    """The same gradients as the Triton backward (``BLOCKSPARSE_ATTN_SM90=0``) within bf16
-    rounding, and bit for bit the same from one run to the next."""
-    B, H, L, D = 2, 4, 1024, 128
-    layout = layout_of("random", H, L // 128).cuda()
-    q, k, v = (
-        torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        for _ in range(3)
-    )
-    grad_out = torch.randn(B, H, L, D, device="cuda", dtype=torch.bfloat16)
-
-    def grads():
-        out = block_sparse_attention(q, k, v, layout, block=128, backend="fused")
-        return torch.autograd.grad(out, (q, k, v), grad_out)
-
-    first, again = grads(), grads()
-    monkeypatch.setenv("BLOCKSPARSE_ATTN_SM90", "0")
-    triton_grads = grads()
-    for a, b, t in zip(first, again, triton_grads):
-        assert torch.equal(a, b)
-        scale = t.float().abs().max().item()
-        assert (a.float() - t.float()).abs().max().item() <= 2e-2 * scale
-
-
-@needs_hopper
-@pytest.mark.gpu
-def test_faster_backward_is_asked_for(monkeypatch):
-    """``deterministic=False`` takes the dK/dV/dQ kernel, whose dQ is within bf16 rounding
-    of the deterministic one; the default, and ``torch.use_deterministic_algorithms``,
-    keep the deterministic kernels."""
-    from blocksparse_attn.kernels import sm90_bwd
-
+def random_step():
+    """The gradients of q, k, v for one random problem (bf16, B 2, H 4, L 1024, D 128, a
+    random block-128 layout) as a function of ``block_sparse_attention``'s keywords."""
     B, H, L, D = 2, 4, 1024, 128
     layout = layout_of("random", H, L // 128).cuda()
     q, k, v = (
@@ -179,15 +148,45 @@ def test_faster_backward_is_asked_for(monkeypatch):
         out = block_sparse_attention(q, k, v, layout, block=128, backend="fused", **kw)
         return torch.autograd.grad(out, (q, k, v), grad_out)
 
+    return grads
+
+
+def assert_bf16_close(got, want):
+    """Each gradient within bf16 rounding of the other's (2% of its largest element)."""
+    for a, t in zip(got, want):
+        scale = t.float().abs().max().item()
+        assert (a.float() - t.float()).abs().max().item() <= 2e-2 * scale
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_hopper_backward_equals_triton_and_is_deterministic(monkeypatch):
+    """The same gradients as the Triton backward (``BLOCKSPARSE_ATTN_SM90=0``) within bf16
+    rounding, and bit for bit the same from one run to the next."""
+    grads = random_step()
+    first, again = grads(), grads()
+    monkeypatch.setenv("BLOCKSPARSE_ATTN_SM90", "0")
+    assert_bf16_close(first, grads())
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_faster_backward_is_asked_for(monkeypatch):
+    """``deterministic=False`` takes the dK/dV/dQ kernel, whose gradients are within bf16
+    rounding of the deterministic ones; the default, and
+    ``torch.use_deterministic_algorithms``, keep the deterministic kernels."""
+    from blocksparse_attn.kernels import sm90_bwd
+
+    grads = random_step()
     calls = counting(monkeypatch, sm90_bwd, "sm90_dkdv", "sm90_dq", "sm90_dkdvdq")
     exact = grads()
     assert calls == ["sm90_dkdv", "sm90_dq"]
     calls.clear()
     faster = grads(deterministic=False)
     assert calls == ["sm90_dkdvdq"]
-    for a, b in zip(faster, exact):
-        scale = b.float().abs().max().item()
-        assert (a.float() - b.float()).abs().max().item() <= 2e-2 * scale
+    assert_bf16_close(faster, exact)
     calls.clear()
     monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
     grads(deterministic=False)

@@ -34,6 +34,21 @@ def compile_only() -> None:
         )
 
 
+def write_rows(name: str, rows: list) -> None:
+    """``rows`` with the GPU's name and the versions, to ``$OUT/<name>.json``."""
+    with open(os.path.join(os.environ.get("OUT", "."), f"{name}.json"), "w") as f:
+        json.dump(
+            dict(
+                gpu=torch.cuda.get_device_name(),
+                torch=torch.__version__,
+                triton=triton.__version__,
+                rows=rows,
+            ),
+            f,
+            indent=1,
+        )
+
+
 def _kernel_ms(step, names: dict, steps: int = 10) -> dict:
     """Mean CUDA time per ``step()`` of the kernels whose name holds each of ``names``'
     values, ms, under ``torch.profiler`` (the kernels alone, no host work)."""
@@ -151,17 +166,7 @@ def main() -> None:
         )
         rows.append(row)
         print(row, flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "hopper_bwd.json"), "w") as f:
-        json.dump(
-            dict(
-                gpu=torch.cuda.get_device_name(),
-                torch=torch.__version__,
-                triton=triton.__version__,
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+    write_rows("hopper_bwd", rows)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,8 @@ v16, is this file at commit 25f2d05.)
 
 from __future__ import annotations
 
-import json
-import os
-
 import torch
-import triton
-from hopper_bwd import _kernel_ms  # beside this script
+from hopper_bwd import _kernel_ms, write_rows  # beside this script
 
 from blocksparse_attn import block_sparse_attention
 from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
@@ -86,17 +82,7 @@ def main() -> None:
         )
         rows.append(row)
         print(row, flush=True)
-    with open(os.path.join(os.environ.get("OUT", "."), "hopper_bwd5.json"), "w") as f:
-        json.dump(
-            dict(
-                gpu=torch.cuda.get_device_name(),
-                torch=torch.__version__,
-                triton=triton.__version__,
-                rows=rows,
-            ),
-            f,
-            indent=1,
-        )
+    write_rows("hopper_bwd5", rows)
 
 
 if __name__ == "__main__":

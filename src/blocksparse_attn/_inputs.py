@@ -73,6 +73,19 @@ def check_mode(where: str, name: str, mode: object) -> None:
         )
 
 
+def check_deterministic(where: str, deterministic: object) -> None:
+    if not isinstance(deterministic, bool):
+        raise bad_argument(
+            where,
+            "deterministic",
+            "True or False",
+            repr(deterministic),
+            "pass deterministic=False for the faster backward whose dQ may differ in its "
+            "last bits from run to run",
+            TypeError,
+        )
+
+
 def _squeeze_except_first(t: torch.Tensor) -> torch.Tensor:
     keep = [0] + [d for d in range(1, t.dim()) if t.shape[d] != 1]
     if t.dim() > 1 and len(keep) == 1:  # all trailing dims are 1: keep the last one

@@ -8,7 +8,12 @@ from dataclasses import replace
 import torch
 
 from ._errors import bad_argument
-from ._inputs import AttentionInputs, check_attention_inputs, per_query_head
+from ._inputs import (
+    AttentionInputs,
+    check_attention_inputs,
+    check_deterministic,
+    per_query_head,
+)
 from .kernels.availability import (
     FUSED_MAX_HEAD_DIM_BWD,
     FUSED_MAX_HEAD_DIM_FWD,
@@ -194,16 +199,7 @@ def block_sparse_attention(
     ``torch.backends.cuda.matmul.allow_tf32`` is set.
     """
     where = "block_sparse_attention"
-    if not isinstance(deterministic, bool):
-        raise bad_argument(
-            where,
-            "deterministic",
-            "True or False",
-            repr(deterministic),
-            "pass deterministic=False for the faster backward whose dQ may differ in its "
-            "last bits from run to run",
-            TypeError,
-        )
+    check_deterministic(where, deterministic)
     if backend not in BACKENDS:
         raise bad_argument(
             where, "backend", "one of " + ", ".join(map(repr, BACKENDS)), repr(backend)

@@ -74,6 +74,64 @@ def load_pair(a_desc, b_desc, a_smem, b_smem, bar, stage, row):
 
 
 @gluon.jit
+def key_tile(col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N: gl.constexpr):
+    """A dK/dV program's key tile: ``(its index, batch * H + query head, its column list's
+    start and end, its first row of K and V)``."""
+    pid_n = gl.program_id(0)
+    bh = gl.program_id(1)
+    h = bh % H
+    col = ((bh // H) * sample_heads + h // (H // layout_heads)) * col_tiles + pid_n
+    start = gl.load(col_ptr + col)
+    end = gl.load(col_ptr + col + 1)
+    k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
+    return pid_n, bh, start, end, k_row
+
+
+@gluon.jit
+def start_column(descs, smems, kv_bar, bar, k_row, entries, n, q_base, BLOCK_M: gl.constexpr):
+    """K and V (``descs``/``smems``: K, V, Q, dO) through TMA on ``kv_bar``, and the first
+    two of the ``n`` 64-query steps (``entries``: the column list, two steps an entry) into
+    the two stages of the Q/dO ring; returns once K and V have arrived."""
+    k_desc, v_desc, q_desc, do_desc = descs
+    k_smem, v_smem, q_smem, do_smem = smems
+    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(k_desc, [k_row, 0], kv_bar, k_smem)
+    tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_smem)
+    if n > 0:
+        r0 = gl.load(entries) * 2
+        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 0, q_base + r0 * BLOCK_M)
+        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, q_base + (r0 + 1) * BLOCK_M)
+    mbarrier.wait(kv_bar, 0)
+
+
+@gluon.jit
+def finish_column(dk, dv, descs, smems, out32, kv_bar, bar, k_row, row, GROUPED: gl.constexpr):
+    """Write a key tile's ``dk`` (scaled) and ``dv``: with grouped K/V heads this query
+    head's share in fp32 at rows ``row`` (int64) of ``out32`` (DK32, DV32; summed over
+    the group after), else through the K and V buffers (``smems``, read by now) by TMA at
+    ``k_row``."""
+    mbarrier.invalidate(kv_bar)
+    for st in gl.static_range(2):
+        mbarrier.invalidate(bar.index(st))
+    if GROUPED:
+        layout: gl.constexpr = dk.type.layout
+        rows = gl.arange(0, dk.shape[0], layout=gl.SliceLayout(1, layout))
+        cols = gl.arange(0, dk.shape[1], layout=gl.SliceLayout(0, layout))
+        at = (row + rows)[:, None] * dk.shape[1] + cols[None, :]
+        gl.store(out32[0] + at, dk)
+        gl.store(out32[1] + at, dv)
+    else:
+        dk_desc, dv_desc = descs
+        k_smem, v_smem = smems
+        k_smem.store(dk.to(dk_desc.dtype))
+        v_smem.store(dv.to(dv_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
+        tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
+        tma.store_wait(pendings=0)
+
+
+@gluon.jit
 def _sm90_dkdv_kernel(
     q_desc,  # [B * H * L, D], block [QUERIES, D]
     k_desc,  # [B * H_kv * L, D], block [KEYS, D]
@@ -102,13 +160,9 @@ def _sm90_dkdv_kernel(
     GROUPED: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    col = ((bh // H) * sample_heads + h // (H // layout_heads)) * col_tiles + pid_n
-    start = gl.load(col_ptr + col)
-    end = gl.load(col_ptr + col + 1)
-    k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
+    pid_n, bh, start, end, k_row = key_tile(
+        col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N
+    )
     dtype: gl.constexpr = q_desc.dtype
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -132,14 +186,17 @@ def _sm90_dkdv_kernel(
 
     # each entry of the column list is a query tile of 2 * BLOCK_M rows: two steps
     n = 2 * (end - start)
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, 0], kv_bar, k_smem)
-    tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_smem)
-    if n > 0:
-        r0 = gl.load(col_idx + start) * 2
-        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
-        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + (r0 + 1) * BLOCK_M)
-    mbarrier.wait(kv_bar, 0)
+    start_column(
+        (k_desc, v_desc, q_desc, do_desc),
+        (k_smem, v_smem, q_smem, do_smem),
+        kv_bar,
+        bar,
+        k_row,
+        col_idx + start,
+        n,
+        bh * L,
+        BLOCK_M,
+    )
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, s_layout))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
@@ -173,22 +230,18 @@ def _sm90_dkdv_kernel(
             r2 = gl.load(col_idx + start + i // 2 + 1) * 2 + stage
             load_pair(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
 
-    mbarrier.invalidate(kv_bar)
-    for st in gl.static_range(2):
-        mbarrier.invalidate(bar.index(st))
-    if GROUPED:  # this query head's share, in fp32 (summed over the group after)
-        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-        at = (bh.to(gl.int64) * L + pid_n * BLOCK_N + rows)[:, None] * HEAD_DIM + cols[None, :]
-        gl.store(DK32 + at, dk * scale)
-        gl.store(DV32 + at, dv)
-    else:  # K and V are read: their buffers take dK and dV
-        k_smem.store((dk * scale).to(dtype))
-        v_smem.store(dv.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_smem)
-        tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_smem)
-        tma.store_wait(pendings=0)
+    finish_column(
+        dk * scale,
+        dv,
+        (dk_desc, dv_desc),
+        (k_smem, v_smem),
+        (DK32, DV32),
+        kv_bar,
+        bar,
+        k_row,
+        bh.to(gl.int64) * L + pid_n * BLOCK_N,
+        GROUPED,
+    )
 
 
 @gluon.jit
@@ -221,13 +274,9 @@ def _sm90_dkdvdq_kernel(
     GROUPED: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    col = ((bh // H) * sample_heads + h // (H // layout_heads)) * col_tiles + pid_n
-    start = gl.load(col_ptr + col)
-    end = gl.load(col_ptr + col + 1)
-    k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
+    pid_n, bh, start, end, k_row = key_tile(
+        col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N
+    )
     dtype: gl.constexpr = q_desc.dtype
 
     # S = Q K^T and dP = dO V^T as [queries, keys], the two warpgroups splitting the keys
@@ -265,14 +314,17 @@ def _sm90_dkdvdq_kernel(
 
     # each entry of the column list is a query tile of 2 * BLOCK_M rows: two steps
     n = 2 * (end - start)
-    mbarrier.expect(kv_bar, k_desc.block_type.nbytes + v_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(k_desc, [k_row, 0], kv_bar, k_all.index(0))
-    tma.async_copy_global_to_shared(v_desc, [k_row, 0], kv_bar, v_all.index(0))
-    if n > 0:
-        r0 = gl.load(col_idx + start) * 2
-        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 0, bh * L + r0 * BLOCK_M)
-        load_pair(q_desc, do_desc, q_smem, do_smem, bar, 1, bh * L + (r0 + 1) * BLOCK_M)
-    mbarrier.wait(kv_bar, 0)
+    start_column(
+        (k_desc, v_desc, q_desc, do_desc),
+        (k_all.index(0), v_all.index(0), q_smem, do_smem),
+        kv_bar,
+        bar,
+        k_row,
+        col_idx + start,
+        n,
+        bh * L,
+        BLOCK_M,
+    )
 
     offs_n = pid_n * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
     dk = gl.zeros([BLOCK_N, HEAD_DIM], gl.float32, layout=kv_layout)
@@ -323,22 +375,18 @@ def _sm90_dkdvdq_kernel(
             load_pair(q_desc, do_desc, q_smem, do_smem, bar, stage, bh * L + r2 * BLOCK_M)
 
     tma.store_wait(pendings=0)
-    mbarrier.invalidate(kv_bar)
-    for st in gl.static_range(2):
-        mbarrier.invalidate(bar.index(st))
-    if GROUPED:  # this query head's share, in fp32 (summed over the group after)
-        rows = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, kv_layout))
-        cols = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, kv_layout))
-        at = (bh.to(gl.int64) * L + pid_n * BLOCK_N + rows)[:, None] * HEAD_DIM + cols[None, :]
-        gl.store(DK32 + at, dk * scale)
-        gl.store(DV32 + at, dv)
-    else:  # K and V are read: their buffers take dK and dV
-        k_all.index(0).store((dk * scale).to(dtype))
-        v_all.index(0).store(dv.to(dtype))
-        fence_async_shared()
-        tma.async_copy_shared_to_global(dk_desc, [k_row, 0], k_all.index(0))
-        tma.async_copy_shared_to_global(dv_desc, [k_row, 0], v_all.index(0))
-        tma.store_wait(pendings=0)
+    finish_column(
+        dk * scale,
+        dv,
+        (dk_desc, dv_desc),
+        (k_all.index(0), v_all.index(0)),
+        (DK32, DV32),
+        kv_bar,
+        bar,
+        k_row,
+        bh.to(gl.int64) * L + pid_n * BLOCK_N,
+        GROUPED,
+    )
 
 
 @gluon.jit

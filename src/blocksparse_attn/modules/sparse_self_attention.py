@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .._errors import bad_argument, describe
-from .._inputs import check_mode
+from .._inputs import check_deterministic, check_mode
 from ..functional import BACKENDS
 from ..patterns import SparsityConfig
 
@@ -84,16 +84,7 @@ class SparseSelfAttention(nn.Module):
         self.attn_mask_mode = attn_mask_mode
         self.max_seq_length = max_seq_length
         self.backend = backend
-        if not isinstance(deterministic, bool):
-            raise bad_argument(
-                where,
-                "deterministic",
-                "True or False",
-                repr(deterministic),
-                "pass deterministic=False for the faster backward whose dQ may differ in "
-                "its last bits from run to run",
-                TypeError,
-            )
+        check_deterministic(where, deterministic)
         self.deterministic = deterministic
         if causal is None:
             causal = getattr(sparsity_config, "attention", None) == "unidirectional"
