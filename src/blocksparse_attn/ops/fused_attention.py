@@ -314,14 +314,24 @@ class _EagerFusedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul, det=True
+        ctx,
+        q,
+        k,
+        v,
+        layout,
+        rpe,
+        kpm,
+        am,
+        block,
+        scale,
+        causal,
+        kpm_mul,
+        am_mul,
+        deterministic=True,
     ):
         out, stats = _forward(q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul)
-        _setup_context(
-            ctx,
-            (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul, det),
-            (out, stats),
-        )
+        inputs = (q, k, v, layout, rpe, kpm, am, block, scale, causal, kpm_mul, am_mul)
+        _setup_context(ctx, (*inputs, deterministic), (out, stats))
         return out, stats
 
     @staticmethod

@@ -156,8 +156,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         nargs="+",
-        choices=["fused", "fused_nondet", "unfused", "flex", "fa4"]
-        + ["sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
+        choices=[
+            "fused",
+            "fused_nondet",
+            "unfused",
+            "flex",
+            "fa4",
+            "sdpa_cudnn",
+            "sdpa_flash",
+            "sdpa_mask",
+        ],
         default=["fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
         help="default: all but fused_nondet (the fused backend with deterministic=False)",
     )
