@@ -168,7 +168,7 @@ def main() -> int:
             )
 
         # the Hopper forward, its lists whole and cut into parts (the merge kernel after
-        # it; the Triton backward, which takes lists cut into parts)
+        # it; the Hopper backward, which cuts the same lists)
         from blocksparse_attn import index
 
         for cut in (False, True):
@@ -200,6 +200,13 @@ def main() -> int:
             label = "block lists per sample, GQA, causal"
             lists = KVBlocks.from_layout(lay)
             bad += hopper_case(label, *inputs(4, 2), lists, True, deterministic)
+            # lists cut into parts (a global row and column), grouped K/V heads
+            index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
+            lay = (torch.rand(2, 3, 3, device="cuda") < 0.4).long()
+            lay[:, 0], lay[:, :, 1], lay[1, 2] = 1, 1, 0
+            label = "lists cut into parts, GQA, causal"
+            bad += hopper_case(label, *inputs(4, 2), lay, True, deterministic)
+            index.PART_MIN, index.PART_OVER_MEAN = 64, 4
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 

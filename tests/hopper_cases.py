@@ -69,6 +69,16 @@ def counting(monkeypatch, module, *names) -> list:
     return calls
 
 
+def short_parts(monkeypatch) -> None:
+    """From now on the index cuts every list longer than half the mean non-empty list into
+    parts of that length (at any size, where by default only lists of 64 tiles and more
+    are cut)."""
+    from blocksparse_attn import index
+
+    monkeypatch.setattr(index, "PART_MIN", 1)
+    monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
+
+
 def draw_problem(draw):
     """A random problem inside the Hopper kernels' domain: ``(q, k, v, layout, kw)`` on the
     GPU, head dim 128, block 128 (batch, heads and their grouping, layout heads, 1-8

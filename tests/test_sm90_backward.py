@@ -19,6 +19,7 @@ from hopper_cases import (
     layout_of,
     needs_hopper,
     problem_settings,
+    short_parts,
     shuffled_lists,
 )
 
@@ -120,17 +121,52 @@ def test_hopper_backward_of_block_lists(
 
 @needs_hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("H,Hkv", [(2, 2), (4, 2)])
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_hopper_backward_of_lists_cut_into_parts(monkeypatch, causal, H, Hkv, deterministic):
+    """Row and column lists cut into parts (a global row and a global column, the rest a
+    window): each part's dK/dV (and, deterministic, dQ) goes to its fp32 slot and the
+    slots are summed; the gradients meet the fp64 rule, with one kv head per query head
+    or grouped ones (each query head's share summed over its group after its parts)."""
+    from blocksparse_attn.index import get_index
+
+    poison(monkeypatch)
+    short_parts(monkeypatch)
+    L, nb = 1024, 8
+    window = (torch.arange(nb)[:, None] - torch.arange(nb)[None, :]).abs() <= 1
+    layout = window.long().expand(2, nb, nb).clone()
+    layout[:, 0] = 1  # a global row
+    layout[:, :, 3] = 1  # a global column
+    layout[1, 6, :] = 0  # a query block with nothing to attend
+    layout = layout.cuda()
+    idx = get_index(layout, 128, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal)
+    assert idx.rows.parts > 0 and idx.cols.parts > 0
+    q, k, v = (
+        torch.randn(2, h, L, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        for h in (H, Hkv, Hkv)
+    )
+    kw = dict(block=128, causal=causal, deterministic=deterministic)
+    check_gradients(monkeypatch, q, k, v, layout, kw)
+
+
+@needs_hopper
+@pytest.mark.gpu
 @problem_settings(20)
 @given(data=st.data())
 def test_random_problems_in_the_hopper_backward(monkeypatch, data):
     """Random problems inside the Hopper backward's domain (batch, heads and their
     grouping, layout heads, 1-8 blocks, density, causal, scale, input magnitude, fp16 or
-    bf16), through either backward: its gradients meet the fp64 rule."""
+    bf16, lists whole or cut into short parts), through either backward: its gradients
+    meet the fp64 rule."""
     poison(monkeypatch)
     q, k, v, layout, kw = draw_problem(data.draw)
     kw["deterministic"] = data.draw(st.booleans())
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    check_gradients(monkeypatch, q, k, v, layout, kw)
+    with monkeypatch.context() as m:
+        if data.draw(st.booleans(), label="cut"):
+            short_parts(m)
+        check_gradients(m, q, k, v, layout, kw)
 
 
 def random_step():
@@ -198,9 +234,9 @@ def test_faster_backward_is_asked_for(monkeypatch):
 def test_hopper_backward_plan_keeps_triton_elsewhere():
     """The inputs the Hopper kernels do not cover, or were not measured faster on, keep
     the Triton kernels: head dim 64, block 64, rectangular lengths, a 4-D layout (the
-    functional layer folds it into heads first), non-contiguous inputs, lists long enough
-    to be cut into parts; the covered cases (block lists too, shared or per sample) take
-    the Hopper kernels."""
+    functional layer folds it into heads first), non-contiguous inputs; the covered cases
+    (block lists too, shared or per sample, and lists cut into parts) take the Hopper
+    kernels."""
     from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
 
     def plan(B=1, H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, layout=None, t=False):
@@ -221,14 +257,15 @@ def test_hopper_backward_plan_keeps_triton_elsewhere():
     from blocksparse_attn import KVBlocks
 
     lists = KVBlocks.from_layout(torch.ones(2, 2, 4, 4, dtype=torch.long, device="cuda"))
-    assert plan(B=2, layout=lists)[1] == 2  # block lists per sample
-    assert plan(B=2, layout=KVBlocks.from_layout(lists.to_layout(4)[:1]))[1] == 1
+    assert plan(B=2, layout=lists) is not None  # block lists per sample
+    assert plan(B=2, layout=KVBlocks.from_layout(lists.to_layout(4)[:1])) is not None
     assert plan(t=True) is None
-    # window and global rows at 16k tokens: the global rows' lists are cut into parts
+    # window and global rows at 16k tokens: the global lists are cut into parts
     from blocksparse_attn.tools.bench_cases import pattern_layout
 
     wg = pattern_layout("window_global", 16384, 128, None).cuda()
-    assert plan(H=1, Hkv=1, Lq=16384, Lk=16384, layout=wg) is None
+    index = plan(H=1, Hkv=1, Lq=16384, Lk=16384, layout=wg)
+    assert index.rows.parts > 0 and index.cols.parts > 0
 
 
 def test_forward_tiles_are_the_hopper_forwards_where_it_runs(monkeypatch):

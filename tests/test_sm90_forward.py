@@ -19,6 +19,7 @@ from hopper_cases import (
     layout_of,
     needs_hopper,
     problem_settings,
+    short_parts,
     shuffled_lists,
 )
 
@@ -78,12 +79,10 @@ def test_hopper_forward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv
 def test_hopper_forward_merges_lists_cut_into_parts(monkeypatch, causal):
     """Every list longer than half the mean cut into parts: each part's unnormalised
     result and statistics go to the Triton merge kernel; the output, the log-sum-exp and
-    the gradients (the Triton backward, which splits the same lists) meet the fp64 rule."""
-    from blocksparse_attn import index
+    the gradients (the Hopper backward, which cuts the same lists) meet the fp64 rule."""
     from blocksparse_attn.index import get_index
 
-    monkeypatch.setattr(index, "PART_MIN", 1)
-    monkeypatch.setattr(index, "PART_OVER_MEAN", 0.5)
+    short_parts(monkeypatch)
     L, nb = 1024, 8
     layout = torch.eye(nb, dtype=torch.long).expand(2, nb, nb).clone()
     layout[:, 0] = 1  # a global row

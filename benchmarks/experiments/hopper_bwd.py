@@ -98,6 +98,7 @@ def _whole_lists_index(layout, L, tile_m, causal, device):
 
 def main() -> None:
 
+    from blocksparse_attn.kernels._common import schedule_args
     from blocksparse_attn.kernels.fused_bwd import fused_attention_backward
     from blocksparse_attn.kernels.fused_fwd import fused_attention_forward
     from blocksparse_attn.tools.bench_cases import pattern_layout
@@ -121,6 +122,7 @@ def main() -> None:
         delta = (out.float() * go.float()).sum(-1)
         index = _whole_lists_index(layout, L, KEYS, causal, q.device)  # both kernels
         args = (q, k, v, go, lse, delta)
+        sched = schedule_args(layout, index, B, H)
 
         def ours():
             return fused_attention_backward(
@@ -128,10 +130,10 @@ def main() -> None:
             )
 
         def gluon_dkdv():
-            return sm90_dkdv(*args, index, causal=causal, scale=scale)
+            return sm90_dkdv(*args, index, sched, causal=causal, scale=scale)
 
         def gluon_dq():
-            return sm90_dq(*args, index, causal=causal, scale=scale)
+            return sm90_dq(*args, index, sched, causal=causal, scale=scale)
 
         dq_want, dk_want, dv_want, *_ = ours()
         (dk, dv), dq = gluon_dkdv(), gluon_dq()

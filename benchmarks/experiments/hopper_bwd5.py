@@ -22,6 +22,7 @@ import torch
 from hopper_bwd import _kernel_ms, write_rows  # beside this script
 
 from blocksparse_attn import block_sparse_attention
+from blocksparse_attn.kernels._common import schedule_args
 from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
 from blocksparse_attn.kernels.sm90_bwd import sm90_dkdv, sm90_dkdvdq, sm90_dq
 from blocksparse_attn.tools.bench_cases import pattern_layout
@@ -51,9 +52,9 @@ def main() -> None:
         if plan is None:
             rows.append(dict(case=label, error="outside the Hopper backward's plan"))
             continue
-        index, samples = plan
-        args = (q, k, v, grad_out, lse, delta, index)
-        kw = dict(causal=causal, scale=scale, samples=samples)
+        index = plan
+        args = (q, k, v, grad_out, lse, delta, index, schedule_args(layout, index, B, H))
+        kw = dict(causal=causal, scale=scale)
 
         def seven():
             dk, dv = sm90_dkdv(*args, **kw)

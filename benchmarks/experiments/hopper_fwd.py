@@ -56,7 +56,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma_wait,
 )
 
-from blocksparse_attn.kernels.sm90_bwd import _desc, compile_sm90, load_pair
+from blocksparse_attn.kernels.sm90_common import compile_sm90, descriptor, load_pair
 
 TILE = 128  # query and key tile: the layout block
 WARPS = 8  # two warpgroups of 64 query rows each
@@ -459,7 +459,7 @@ def hopper_forward(q, k, v, index, *, causal, scale, variant="pipelined"):
         return out, lse
     out = torch.empty_like(q)
     lse = torch.empty(B, H, L, device=q.device, dtype=torch.float32)
-    qd, kd, vd, od = (_desc(t, TILE) for t in (q, k, v, out))
+    qd, kd, vd, od = (descriptor(t, TILE) for t in (q, k, v, out))
     args = (
         qd,
         kd,
@@ -490,7 +490,7 @@ def compile_only() -> None:
     from triton.runtime.jit import mangle_type
 
     for D in (64, 128):
-        desc = mangle_type(_desc(torch.zeros(4 * TILE, D, dtype=torch.bfloat16), TILE))
+        desc = mangle_type(descriptor(torch.zeros(4 * TILE, D, dtype=torch.bfloat16), TILE))
         types = dict(
             k_desc=desc,
             v_desc=desc,

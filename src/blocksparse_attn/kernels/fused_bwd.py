@@ -378,16 +378,16 @@ def _bsa_bwd_dq_kernel(
 
 
 def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
-    """What the Hopper backward (:mod:`.sm90_bwd`) walks, ``(index of 128x128 tiles, list
-    samples)``, or ``None`` where the Triton kernels run.
+    """The index of 128x128 tiles the Hopper backward (:mod:`.sm90_bwd`) walks, or
+    ``None`` where the Triton kernels run.
 
     The Hopper kernels run where they were measured faster (``benchmarks/NOTES.md``, v13):
     an sm90 GPU, fp16/bf16, head dim 128, a block-128 layout (``[H_l, nb, nb]`` shared by
     the batch, or block lists shared or per sample), equal query and key lengths that are
     multiples of 128, any grouping of K/V heads, contiguous inputs, no bias or mask (the
-    caller checks those), and no list long enough to be cut into parts (the Triton kernels
-    split those, these walk each list whole; block lists are never cut).
-    ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels everywhere."""
+    caller checks those). Lists long enough to be cut into parts run a program a part,
+    as in the Triton kernels (v17). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels
+    everywhere."""
     from .availability import sm90_domain
 
     if not (
@@ -397,12 +397,9 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     ):
         return None
     L = q.shape[2]
-    index = get_index(
+    return get_index(
         layout, block, q_len=L, k_len=L, tile_m=128, tile_n=128, causal=causal, device=q.device
     )
-    if index.cols.parts or index.rows.parts:
-        return None
-    return index, layout.shape[0] if isinstance(layout, KVBlocks) else 1
 
 
 def fused_attention_backward(
@@ -465,13 +462,12 @@ def fused_attention_backward(
     if hopper is not None:
         from .sm90_bwd import sm90_dkdv, sm90_dkdvdq, sm90_dq
 
-        index, samples = hopper
-        kw = dict(causal=causal, scale=scale, samples=samples)
+        args = (q, k, v, grad_out, stats, delta, hopper, schedule_args(layout, hopper, B, H))
         if deterministic or torch.are_deterministic_algorithms_enabled():
-            dk, dv = sm90_dkdv(q, k, v, grad_out, stats, delta, index, **kw)
-            dq = sm90_dq(q, k, v, grad_out, stats, delta, index, **kw)
+            dk, dv = sm90_dkdv(*args, causal=causal, scale=scale)
+            dq = sm90_dq(*args, causal=causal, scale=scale)
         else:
-            dq, dk, dv = sm90_dkdvdq(q, k, v, grad_out, stats, delta, index, **kw)
+            dq, dk, dv = sm90_dkdvdq(*args, causal=causal, scale=scale)
         return dq, dk, dv, None, None, None
     kv_tiles, q_tiles = tiles or backward_tiles(
         D,

@@ -13,6 +13,12 @@ dQ: one program holds a 128-query tile and walks its row list of 128-key tiles: 
 through TMA into a two-stage ring; ``S = Q K^T`` and ``dP = dO V^T`` together, then
 ``dQ += dS K``.
 
+Programs follow the index's work items as the forward's do (longest first, in groups that
+share their batch-head's tensors in L2; :func:`~.sm90_common.work_item`). A list cut into
+parts (a global row or column) runs as one program a part, each writing its share in fp32
+to a slot that the Triton kernel :func:`~._common.sum_parts` adds up after, in a fixed
+order.
+
 These two use no atomics: the result does not depend on the order programs run in. The
 backward that is not deterministic (``deterministic=False``) is one kernel, dK/dV/dQ: the
 dK/dV program's steps also compute ``dQ = dS K`` and add it into an fp32 buffer by a TMA
@@ -24,19 +30,12 @@ imports Gluon: load it only where that plan says it runs.
 
 from __future__ import annotations
 
-import functools
 import itertools
 import math
-import os
-import re
-import subprocess
-import tempfile
 
 import torch
-from triton._C.libtriton import ir
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
@@ -44,47 +43,37 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from ._common import empty
+from ._common import empty, part_slots, programs_per_list, sum_parts
+from .configs import PROGRAM_GROUP
+from .sm90_common import compile_sm90, descriptor, load_pair, tma_add, work_item
 
 KEYS = 128  # key tile per dK/dV program, query tile per dQ program: the layout block
 QUERIES = 64  # query tile per dK/dV step
 WARPS = 8  # two warpgroups
 
 
-@builtin
-def tma_add(tensor_desc, coord, src, _semantic=None):
-    """``global[box at coord] += src``, a shared-memory tile, by one TMA bulk reduction
-    (``cp.reduce.async.bulk.tensor``); it reads ``src`` asynchronously, like a TMA store
-    (``tma.store_wait`` waits for that)."""
-    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
-    _semantic.builder.create_async_tma_reduce(
-        ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle
+@gluon.jit
+def key_tile(
+    items,
+    order,
+    heads_per_layout_head,
+    batch,
+    H,
+    L,
+    col_tiles,
+    kv_group,
+    BLOCK_N: gl.constexpr,
+    GROUP: gl.constexpr,
+):
+    """A dK/dV program's work (:func:`~.sm90_common.work_item` over the column lists):
+    ``(its key tile, batch * H + query head, its entries' start and end, the slot of a
+    part of a cut list or -1, its first row of K and V)``."""
+    tile, b, h, start, end, slot = work_item(
+        items, order, heads_per_layout_head, batch, col_tiles, H, GROUP
     )
-
-
-@gluon.jit
-def load_pair(a_desc, b_desc, a_smem, b_smem, bar, stage, row):
-    """Rows ``row`` of two tensors (Q and dO, or K and V) through TMA into ``stage`` of
-    their shared-memory rings, both counted on that stage's barrier."""
-    mbarrier.expect(bar.index(stage), a_desc.block_type.nbytes + b_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(a_desc, [row, 0], bar.index(stage), a_smem.index(stage))
-    tma.async_copy_global_to_shared(b_desc, [row, 0], bar.index(stage), b_smem.index(stage))
-
-
-@gluon.jit
-def key_tile(col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N: gl.constexpr):
-    """A dK/dV program's key tile: ``(its index, batch * H + query head, its column list's
-    start and end, its first row of K and V)``."""
-    pid_n = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    col = ((bh // H) * sample_heads + h // (H // layout_heads)) * col_tiles + pid_n
-    start = gl.load(col_ptr + col)
-    end = gl.load(col_ptr + col + 1)
-    k_row = ((bh // H) * (H // kv_group) + h // kv_group) * L + pid_n * BLOCK_N
-    return pid_n, bh, start, end, k_row
+    k_row = ((b * (H // kv_group) + h // kv_group) * L + tile * BLOCK_N).to(gl.int32)
+    return tile, b * H + h, start, end, slot, k_row
 
 
 @gluon.jit
@@ -105,21 +94,33 @@ def start_column(descs, smems, kv_bar, bar, k_row, entries, n, q_base, BLOCK_M: 
 
 
 @gluon.jit
-def finish_column(dk, dv, descs, smems, out32, kv_bar, bar, k_row, row, GROUPED: gl.constexpr):
-    """Write a key tile's ``dk`` (scaled) and ``dv``: with grouped K/V heads this query
-    head's share in fp32 at rows ``row`` (int64) of ``out32`` (DK32, DV32; summed over
-    the group after), else through the K and V buffers (``smems``, read by now) by TMA at
+def store_rows(ptrs, row, tiles):
+    """Store the fp32 ``tiles`` (of one layout) at rows ``row`` (int64) onward of the
+    ``[rows, D]`` tensors ``ptrs``."""
+    layout: gl.constexpr = tiles[0].type.layout
+    rows = gl.arange(0, tiles[0].shape[0], layout=gl.SliceLayout(1, layout))
+    cols = gl.arange(0, tiles[0].shape[1], layout=gl.SliceLayout(0, layout))
+    at = (row + rows)[:, None] * tiles[0].shape[1] + cols[None, :]
+    for i in gl.static_range(len(ptrs)):
+        gl.store(ptrs[i] + at, tiles[i])
+
+
+@gluon.jit
+def finish_column(
+    dk, dv, descs, smems, out32, parts, slot, kv_bar, bar, k_row, row, GROUPED: gl.constexpr
+):
+    """Write a key tile's ``dk`` (scaled) and ``dv``: a part of a cut column list (``slot``
+    >= 0) in fp32 into that slot of ``parts`` (summed after); with grouped K/V heads this
+    query head's share in fp32 at rows ``row`` (int64) of ``out32`` (DK32, DV32; summed over
+    the group after); else through the K and V buffers (``smems``, read by now) by TMA at
     ``k_row``."""
     mbarrier.invalidate(kv_bar)
     for st in gl.static_range(2):
         mbarrier.invalidate(bar.index(st))
-    if GROUPED:
-        layout: gl.constexpr = dk.type.layout
-        rows = gl.arange(0, dk.shape[0], layout=gl.SliceLayout(1, layout))
-        cols = gl.arange(0, dk.shape[1], layout=gl.SliceLayout(0, layout))
-        at = (row + rows)[:, None] * dk.shape[1] + cols[None, :]
-        gl.store(out32[0] + at, dk)
-        gl.store(out32[1] + at, dv)
+    if slot >= 0:
+        store_rows(parts, slot * dk.shape[0], (dk, dv))
+    elif GROUPED:
+        store_rows(out32, row, (dk, dv))
     else:
         dk_desc, dv_desc = descs
         k_smem, v_smem = smems
@@ -141,15 +142,18 @@ def _sm90_dkdv_kernel(
     dv_desc,
     DK32,  # [B, H, L, D] fp32: each query head's share (grouped K/V heads), summed after
     DV32,
+    PARTS,  # [slots, BLOCK_N, D] fp32: dK of the parts of cut column lists, summed after
+    PARTS_V,  # the same for dV
     LSE,  # [B, H, L] fp32, natural log
     DELTA,  # [B, H, L] fp32, rowsum(dO * O)
-    col_ptr,
     col_idx,
+    items,  # the index's column work (index.Work): items and their order
+    order,
+    B,  # the schedule's batch and heads per layout head (_common.schedule_args)
+    heads_per_layout_head,
     H,
     L,
     col_tiles,
-    layout_heads,  # per sample
-    sample_heads,  # layout heads of the samples before (lists per sample), else 0
     kv_group,  # query heads per kv head
     qk_scale,  # scale * log2(e)
     scale,
@@ -158,10 +162,11 @@ def _sm90_dkdv_kernel(
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
     GROUPED: gl.constexpr,
+    GROUP: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    pid_n, bh, start, end, k_row = key_tile(
-        col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N
+    pid_n, bh, start, end, slot, k_row = key_tile(
+        items, order, heads_per_layout_head, B, H, L, col_tiles, kv_group, BLOCK_N, GROUP
     )
     dtype: gl.constexpr = q_desc.dtype
 
@@ -236,6 +241,8 @@ def _sm90_dkdv_kernel(
         (dk_desc, dv_desc),
         (k_smem, v_smem),
         (DK32, DV32),
+        (PARTS, PARTS_V),
+        slot,
         kv_bar,
         bar,
         k_row,
@@ -255,15 +262,18 @@ def _sm90_dkdvdq_kernel(
     dq_desc,  # [B * H * L, D] fp32, zeroed, block [QUERIES, D]: dQ / scale added here
     DK32,  # [B, H, L, D] fp32: each query head's share (grouped K/V heads), summed after
     DV32,
+    PARTS,  # [slots, BLOCK_N, D] fp32: dK of the parts of cut column lists, summed after
+    PARTS_V,  # the same for dV
     LSE,  # [B, H, L] fp32, natural log
     DELTA,  # [B, H, L] fp32, rowsum(dO * O)
-    col_ptr,
     col_idx,
+    items,  # the index's column work (index.Work): items and their order
+    order,
+    B,  # the schedule's batch and heads per layout head (_common.schedule_args)
+    heads_per_layout_head,
     H,
     L,
     col_tiles,
-    layout_heads,  # per sample
-    sample_heads,  # layout heads of the samples before (lists per sample), else 0
     kv_group,  # query heads per kv head
     qk_scale,  # scale * log2(e)
     scale,
@@ -272,10 +282,11 @@ def _sm90_dkdvdq_kernel(
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
     GROUPED: gl.constexpr,
+    GROUP: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    pid_n, bh, start, end, k_row = key_tile(
-        col_ptr, H, L, col_tiles, layout_heads, sample_heads, kv_group, BLOCK_N
+    pid_n, bh, start, end, slot, k_row = key_tile(
+        items, order, heads_per_layout_head, B, H, L, col_tiles, kv_group, BLOCK_N, GROUP
     )
     dtype: gl.constexpr = q_desc.dtype
 
@@ -381,6 +392,8 @@ def _sm90_dkdvdq_kernel(
         (dk_desc, dv_desc),
         (k_all.index(0), v_all.index(0)),
         (DK32, DV32),
+        (PARTS, PARTS_V),
+        slot,
         kv_bar,
         bar,
         k_row,
@@ -396,15 +409,17 @@ def _sm90_dq_kernel(
     v_desc,
     do_desc,  # like q_desc
     dq_desc,  # like q_desc
+    PARTS,  # [slots, BLOCK_M, D] fp32: dQ of the parts of cut row lists, summed after
     LSE,
     DELTA,
-    row_ptr,
     row_idx,
+    items,  # the index's row work (index.Work): items and their order
+    order,
+    B,
+    heads_per_layout_head,
     H,
     L,
     row_tiles,
-    layout_heads,
-    sample_heads,
     kv_group,
     qk_scale,
     scale,
@@ -412,15 +427,14 @@ def _sm90_dq_kernel(
     BLOCK_M: gl.constexpr,
     BLOCK_N: gl.constexpr,
     CAUSAL: gl.constexpr,
+    GROUP: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    pid_m = gl.program_id(0)
-    bh = gl.program_id(1)
-    h = bh % H
-    row = ((bh // H) * sample_heads + h // (H // layout_heads)) * row_tiles + pid_m
-    start = gl.load(row_ptr + row)
-    end = gl.load(row_ptr + row + 1)
-    q_row = bh * L + pid_m * BLOCK_M
+    pid_m, b, h, start, end, slot = work_item(
+        items, order, heads_per_layout_head, B, row_tiles, H, GROUP
+    )
+    bh = b * H + h
+    q_row = (bh * L + pid_m * BLOCK_M).to(gl.int32)
     dtype: gl.constexpr = q_desc.dtype
 
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(
@@ -443,7 +457,7 @@ def _sm90_dq_kernel(
         mbarrier.init(bar.index(st), count=1)
 
     n = end - start
-    kv_base = ((bh // H) * (H // kv_group) + h // kv_group) * L
+    kv_base = ((b * (H // kv_group) + h // kv_group) * L).to(gl.int32)
     mbarrier.expect(q_bar, q_desc.block_type.nbytes + do_desc.block_type.nbytes)
     tma.async_copy_global_to_shared(q_desc, [q_row, 0], q_bar, q_smem)
     tma.async_copy_global_to_shared(do_desc, [q_row, 0], q_bar, do_smem)
@@ -487,66 +501,75 @@ def _sm90_dq_kernel(
     mbarrier.invalidate(q_bar)
     for st in gl.static_range(2):
         mbarrier.invalidate(bar.index(st))
-    q_smem.store((dq * scale).to(dtype))  # Q is read: its buffer takes dQ
-    fence_async_shared()
-    tma.async_copy_shared_to_global(dq_desc, [q_row, 0], q_smem)
-    tma.store_wait(pendings=0)
+    if slot >= 0:  # a part of a cut row list
+        store_rows((PARTS,), slot * BLOCK_M, (dq * scale,))
+    else:
+        q_smem.store((dq * scale).to(dtype))  # Q is read: its buffer takes dQ
+        fence_async_shared()
+        tma.async_copy_shared_to_global(dq_desc, [q_row, 0], q_smem)
+        tma.store_wait(pendings=0)
 
 
-@functools.cache
-def _shared_layout(rows: int, D: int, dtype: torch.dtype):
-    """The shared-memory layout of a ``[rows, D]`` tile (made once: making it costs more
-    host time than the rest of a descriptor)."""
-    dt = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16, torch.float32: gl.float32}[dtype]
-    return gl.NVMMASharedLayout.get_default_for([rows, D], dt)
+def _kv_grads(q, k, spare):
+    """Where the dK/dV kernels write: ``(dk, dv, dk32, dv32)``, the outputs themselves
+    with one kv head per query head, else each query head's fp32 share (summed over its
+    group by :func:`_sum_columns`); stand-ins (``k``, the fp32 ``spare``) for the
+    tensors not written."""
+    B, H, L, D = q.shape
+    if H == k.shape[1]:
+        return empty(k.shape, k.dtype, k.device), empty(k.shape, k.dtype, k.device), spare, spare
+    dk32, dv32 = (empty((B, H, L, D), torch.float32, q.device) for _ in range(2))
+    return k, k, dk32, dv32
 
 
-def _desc(t, rows):
-    """A TMA descriptor of contiguous ``t`` seen as ``[numel / D, D]`` in ``[rows, D]``
-    tiles."""
-    D = t.shape[-1]
-    n = t.numel() // D
-    lay = _shared_layout(rows, D, t.dtype)
-    return TensorDescriptor(t, [n, D], [D, 1], [rows, D], lay)
+def _sum_columns(parts, kv32, k, index, sched, *, grouped: bool):
+    """dK and dV from the dK/dV kernel's outputs: the cut column lists' parts summed into
+    their rows (``parts``: the two part buffers), the query heads' fp32 shares summed over
+    each kv head's group."""
+    kv = kv32[2:] if grouped else kv32[:2]
+    B, H, L, _ = kv[0].shape
+    for part, out in zip(parts, kv):
+        sum_parts(part, out, index.cols, sched, H, L, KEYS, 1.0)
+    if not grouped:
+        return kv
+    H_kv = k.shape[1]
+    return tuple(t.view(B, H_kv, H // H_kv, L, -1).sum(2).to(k.dtype) for t in kv)
 
 
-def _heads(index, samples: int) -> tuple[int, int]:
-    """The kernels' ``layout_heads`` (per sample) and ``sample_heads`` for an index of
-    ``samples`` list samples (1: shared by the batch; ``B``: block lists per sample)."""
-    per = index.heads // samples
-    return per, per if samples > 1 else 0
+def _column_work(index, sched: dict, D: int, spare):
+    """The dK/dV kernels' grid, part buffers and work arguments."""
+    grid = (index.cols.items.shape[0] * programs_per_list(sched),)
+    parts = tuple(part_slots(index.cols, sched, KEYS, D, spare) for _ in range(2))
+    work = (index.col_idx, index.cols.items, index.cols.order, sched["B"])
+    return grid, parts, work + (sched["heads_per_layout_head"],)
 
 
-def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
+def sm90_dkdv(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
     """dK and dV of contiguous inputs ``q [B, H, L, D]``, ``k, v [B, H_kv, L, D]`` (L a
     multiple of 128) over a compiled index of 128x128 tiles, each query tile of a column
-    list walked in two 64-row steps; ``samples`` as in :func:`_heads`. With grouped K/V
-    heads each query head's share is written in fp32 and summed over its group."""
+    list walked in two 64-row steps; ``sched``: :func:`~._common.schedule_args`. A column
+    list cut into parts runs as one program a part, each writing its share in fp32,
+    summed after; with grouped K/V heads each query head's share is written in fp32 and
+    summed over its group."""
     B, H, L, D = q.shape
     kv_group = H // k.shape[1]
-    if kv_group == 1:
-        dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
-        dk32 = dv32 = lse  # not written
-    else:
-        dk = dv = k  # not written
-        dk32, dv32 = (empty((B, H, L, D), torch.float32, q.device) for _ in range(2))
-    _sm90_dkdv_kernel[(L // KEYS, B * H)](
-        _desc(q, QUERIES),
-        _desc(k, KEYS),
-        _desc(v, KEYS),
-        _desc(grad_out, QUERIES),
-        _desc(dk, KEYS),
-        _desc(dv, KEYS),
-        dk32,
-        dv32,
+    out = _kv_grads(q, k, lse)
+    grid, parts, work = _column_work(index, sched, D, lse)
+    _sm90_dkdv_kernel[grid](
+        descriptor(q, QUERIES),
+        descriptor(k, KEYS),
+        descriptor(v, KEYS),
+        descriptor(grad_out, QUERIES),
+        descriptor(out[0], KEYS),
+        descriptor(out[1], KEYS),
+        *out[2:],
+        *parts,
         lse,
         delta,
-        index.col_ptr,
-        index.col_idx,
+        *work,
         H,
         L,
         index.col_tiles,
-        *_heads(index, samples),
         kv_group,
         scale * math.log2(math.e),
         scale,
@@ -555,16 +578,13 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1)
         BLOCK_N=KEYS,
         CAUSAL=causal,
         GROUPED=kv_group > 1,
+        GROUP=PROGRAM_GROUP,
         num_warps=WARPS,
     )
-    if kv_group > 1:
-        H_kv = k.shape[1]
-        dk = dk32.view(B, H_kv, kv_group, L, D).sum(2).to(k.dtype)
-        dv = dv32.view(B, H_kv, kv_group, L, D).sum(2).to(v.dtype)
-    return dk, dv
+    return _sum_columns(parts, out, k, index, sched, grouped=kv_group > 1)
 
 
-def sm90_dkdvdq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
+def sm90_dkdvdq(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
     """dQ, dK and dV of the inputs of :func:`sm90_dkdv` in one kernel: five matrix
     products a step instead of the seven of :func:`sm90_dkdv` with :func:`sm90_dq`, each
     step's dQ added into an fp32 buffer by a TMA reduction. Several programs add into
@@ -572,31 +592,25 @@ def sm90_dkdvdq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=
     do not)."""
     B, H, L, D = q.shape
     kv_group = H // k.shape[1]
-    if kv_group == 1:
-        dk, dv = empty(k.shape, k.dtype, k.device), empty(v.shape, v.dtype, v.device)
-        dk32 = dv32 = lse  # not written
-    else:
-        dk = dv = k  # not written
-        dk32, dv32 = (empty((B, H, L, D), torch.float32, q.device) for _ in range(2))
+    out = _kv_grads(q, k, lse)
+    grid, parts, work = _column_work(index, sched, D, lse)
     dq32 = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
-    _sm90_dkdvdq_kernel[(L // KEYS, B * H)](
-        _desc(q, QUERIES),
-        _desc(k, KEYS),
-        _desc(v, KEYS),
-        _desc(grad_out, QUERIES),
-        _desc(dk, KEYS),
-        _desc(dv, KEYS),
-        _desc(dq32, QUERIES),
-        dk32,
-        dv32,
+    _sm90_dkdvdq_kernel[grid](
+        descriptor(q, QUERIES),
+        descriptor(k, KEYS),
+        descriptor(v, KEYS),
+        descriptor(grad_out, QUERIES),
+        descriptor(out[0], KEYS),
+        descriptor(out[1], KEYS),
+        descriptor(dq32, QUERIES),
+        *out[2:],
+        *parts,
         lse,
         delta,
-        index.col_ptr,
-        index.col_idx,
+        *work,
         H,
         L,
         index.col_tiles,
-        *_heads(index, samples),
         kv_group,
         scale * math.log2(math.e),
         scale,
@@ -605,33 +619,36 @@ def sm90_dkdvdq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=
         BLOCK_N=KEYS,
         CAUSAL=causal,
         GROUPED=kv_group > 1,
+        GROUP=PROGRAM_GROUP,
         num_warps=WARPS,
     )
-    if kv_group > 1:
-        H_kv = k.shape[1]
-        dk = dk32.view(B, H_kv, kv_group, L, D).sum(2).to(k.dtype)
-        dv = dv32.view(B, H_kv, kv_group, L, D).sum(2).to(v.dtype)
+    dk, dv = _sum_columns(parts, out, k, index, sched, grouped=kv_group > 1)
     return (dq32 * scale).to(q.dtype), dk, dv
 
 
-def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
-    """dQ of the inputs of :func:`sm90_dkdv` over the same index."""
+def sm90_dq(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
+    """dQ of the inputs of :func:`sm90_dkdv` over the same index; a row list cut into
+    parts runs as one program a part, each writing its share in fp32, summed after."""
     B, H, L, D = q.shape
     dq = empty(q.shape, q.dtype, q.device)
-    _sm90_dq_kernel[(L // KEYS, B * H)](
-        _desc(q, KEYS),
-        _desc(k, KEYS),
-        _desc(v, KEYS),
-        _desc(grad_out, KEYS),
-        _desc(dq, KEYS),
+    parts = part_slots(index.rows, sched, KEYS, D, lse)
+    _sm90_dq_kernel[(index.rows.items.shape[0] * programs_per_list(sched),)](
+        descriptor(q, KEYS),
+        descriptor(k, KEYS),
+        descriptor(v, KEYS),
+        descriptor(grad_out, KEYS),
+        descriptor(dq, KEYS),
+        parts,
         lse,
         delta,
-        index.row_ptr,
         index.row_idx,
+        index.rows.items,
+        index.rows.order,
+        sched["B"],
+        sched["heads_per_layout_head"],
         H,
         L,
         index.row_tiles,
-        *_heads(index, samples),
         H // k.shape[1],
         scale * math.log2(math.e),
         scale,
@@ -639,46 +656,11 @@ def sm90_dq(q, k, v, grad_out, lse, delta, index, *, causal, scale, samples=1):
         BLOCK_M=KEYS,
         BLOCK_N=KEYS,
         CAUSAL=causal,
+        GROUP=PROGRAM_GROUP,
         num_warps=WARPS,
     )
+    sum_parts(parts, dq, index.rows, sched, H, L, KEYS, 1.0)
     return dq
-
-
-def compile_sm90(fn, signature: dict, constexprs: dict) -> dict:
-    """Compile the Gluon kernel ``fn`` for sm90 without a GPU (``signature``: argument
-    types, ``constexprs``: their values, ``num_warps`` among them): its shared memory in
-    bytes, and what ``ptxas -v`` reports of the machine code: registers a thread, the
-    bytes it spills to local memory, and how often it warns that it serialized the
-    ``wgmma`` pipeline (an accumulator read while its product may still run)."""
-    import triton
-    from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    src = GluonASTSource(fn, signature=signature, constexprs=constexprs)
-    options = dict(num_warps=constexprs["num_warps"])
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx = os.path.join(tmp, "kernel.ptx")
-        with open(ptx, "w") as f:
-            f.write(kernel.asm["ptx"])
-        report = subprocess.run(
-            [knobs.nvidia.ptxas.path, "-arch=sm_90a", "-v", ptx, "-o", os.devnull],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stderr
-    serialized = report.count("wgmma.mma_async instructions are serialized")
-    spills = re.findall(r"(\d+) bytes spill stores", report)
-    registers = re.findall(r"Used (\d+) registers", report)
-    if not (spills and registers):
-        raise RuntimeError(f"ptxas -v printed no register or spill counts:\n{report}")
-    return dict(
-        shared=kernel.metadata.shared,
-        spills=sum(map(int, spills)),
-        registers=max(map(int, registers)),
-        serialized=serialized,
-    )
 
 
 def compile_for_sm90(head_dims=(128,)) -> list[dict]:
@@ -690,12 +672,16 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
     common = dict(
         DK32="*fp32",
         DV32="*fp32",
+        PARTS="*fp32",
+        PARTS_V="*fp32",
         LSE="*fp32",
         DELTA="*fp32",
+        items="*i32",
+        order="*i32",
+        B="i32",
+        heads_per_layout_head="i32",
         H="i32",
         L="i32",
-        layout_heads="i32",
-        sample_heads="i32",
         kv_group="i32",
         qk_scale="fp32",
         scale="fp32",
@@ -704,10 +690,10 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
     for D in head_dims:
 
         def desc(rows, dtype=torch.bfloat16, D=D):
-            return mangle_type(_desc(torch.zeros(4 * KEYS, D, dtype=dtype), rows))
+            return mangle_type(descriptor(torch.zeros(4 * KEYS, D, dtype=dtype), rows))
 
         q64, t128, f64 = desc(QUERIES), desc(KEYS), desc(QUERIES, torch.float32)
-        columns = dict(col_ptr="*i32", col_idx="*i32", col_tiles="i32")
+        columns = dict(col_idx="*i32", col_tiles="i32")
         kv = dict(k_desc=t128, v_desc=t128, do_desc=q64, dk_desc=t128, dv_desc=t128)
         kernels = (
             ("dK/dV", _sm90_dkdv_kernel, dict(q_desc=q64, **kv, **columns), QUERIES),
@@ -721,7 +707,7 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
                 "dQ",
                 _sm90_dq_kernel,
                 dict(q_desc=t128, k_desc=t128, v_desc=t128, do_desc=t128, dq_desc=t128)
-                | dict(row_ptr="*i32", row_idx="*i32", row_tiles="i32"),
+                | dict(row_idx="*i32", row_tiles="i32"),
                 KEYS,
             ),
         )
@@ -730,9 +716,8 @@ def compile_for_sm90(head_dims=(128,)) -> list[dict]:
             grouping = "GROUPED" in fn.arg_names
             for causal, grouped in itertools.product((False, True), (False, True)[: 1 + grouping]):
                 sig = {a: types.get(a, "constexpr") for a in fn.arg_names}
-                consts = dict(
-                    HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=KEYS, CAUSAL=causal, num_warps=WARPS
-                )
+                consts = dict(HEAD_DIM=D, BLOCK_M=block_m, BLOCK_N=KEYS, CAUSAL=causal)
+                consts.update(GROUP=PROGRAM_GROUP, num_warps=WARPS)
                 if grouping:
                     consts["GROUPED"] = grouped
                 compiled = compile_sm90(fn, sig, consts)

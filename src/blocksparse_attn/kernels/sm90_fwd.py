@@ -42,35 +42,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 
 from ._common import empty, part_slots, programs_per_list
 from .configs import PROGRAM_GROUP
-from .sm90_bwd import _desc, compile_sm90
+from .sm90_common import compile_sm90, descriptor, work_item
 
 TILE = 128  # query tile per program, key tile per step: the layout block
 ROWS = 64  # query rows of each consumer warpgroup
-
-
-@gluon.jit
-def _work(items, order, heads_per_layout_head, batch, tiles, H, GROUP: gl.constexpr):
-    """This program's ``(tile, batch, head, start, end, slot)``: the schedule of
-    :func:`~._common._schedule` (work items longest first, in groups of ``GROUP``; the
-    ``k``-th program of an item serves its ``k``-th batch-head; ``slot`` is where a part of
-    a cut list writes, ``-1`` for a whole list)."""
-    rep = batch * heads_per_layout_head
-    pid = gl.program_id(0)
-    n_items = gl.num_programs(0) // rep
-    first = pid // (GROUP * rep) * GROUP
-    size = gl.minimum(n_items - first, GROUP)
-    r = pid - first * rep
-    k = r // size
-    item = items + 4 * gl.load(order + first + r % size).to(gl.int64)
-    list_id = gl.load(item)
-    start = gl.load(item + 1)
-    end = gl.load(item + 2)
-    part = gl.load(item + 3)
-    tile = list_id % tiles
-    h = list_id // tiles * heads_per_layout_head + k % heads_per_layout_head
-    b = k // heads_per_layout_head + h // H
-    slot = gl.where(part < 0, -1, part.to(gl.int64) * rep + k)
-    return tile, b, h % H, start, end, slot
 
 
 @gluon.jit
@@ -283,7 +258,7 @@ def _sm90_fwd_kernel(
     GROUP: gl.constexpr,
     num_warps: gl.constexpr,
 ):
-    tile, b, h, start, end, slot = _work(
+    tile, b, h, start, end, slot = work_item(
         items, order, heads_per_layout_head, B, row_tiles, H, GROUP
     )
     n = end - start
@@ -368,10 +343,10 @@ def sm90_forward(q, k, v, index, sched: dict, *, causal: bool, scale: float):
     part_stats = part_slots(index.rows, sched, 2, TILE, lse)
     grid = (index.rows.items.shape[0] * programs_per_list(sched),)
     _sm90_fwd_kernel[grid](
-        _desc(q, ROWS),
-        _desc(k, TILE),
-        _desc(v, TILE),
-        _desc(out, ROWS),
+        descriptor(q, ROWS),
+        descriptor(k, TILE),
+        descriptor(v, TILE),
+        descriptor(out, ROWS),
         lse,
         parts,
         part_stats,
@@ -408,7 +383,7 @@ def compile_forward_for_sm90(head_dims=(64, 128)) -> list[dict]:
     for D in head_dims:
 
         def desc(rows, D=D):
-            return mangle_type(_desc(torch.zeros(4 * TILE, D, dtype=torch.bfloat16), rows))
+            return mangle_type(descriptor(torch.zeros(4 * TILE, D, dtype=torch.bfloat16), rows))
 
         types = dict(q_desc=desc(ROWS), k_desc=desc(TILE), v_desc=desc(TILE), o_desc=desc(ROWS))
         types.update(LSE="*fp32", PARTS="*fp32", PART_STATS="*fp32", row_idx="*i32")
