@@ -75,9 +75,9 @@ def sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
     ``BLOCKSPARSE_ATTN_SM90`` not ``0``. The plans
     (:func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan`,
     :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan`) add what only a call
-    tells: contiguous, aligned inputs, no bias or mask, and for the backward no list cut
-    into parts. At head dim 64 the Hopper forward ran no faster than the Triton forward
-    (``benchmarks/NOTES.md``, v15), so it stays there."""
+    tells: contiguous, aligned inputs, no bias or mask. At head dim 64 the Hopper forward
+    ran no faster than the Triton forward (``benchmarks/NOTES.md``, v15), so it stays
+    there."""
     from ..kv_blocks import KVBlocks
 
     B, H, L, D = q.shape
