@@ -79,8 +79,12 @@ def synthetic_report():
                 density=0.1,
                 flex_over_this=2.0 / ms,
                 fa4_over_this=0.8 / ms,
+                graph_ms=ms / 2,
+                flex_over_this_graph=2.0 / ms,
+                fa4_over_this_graph=0.8 / ms,
             )
         )
+    rows[-1].update(graph_ms=None, graph_error="RuntimeError: capture failed")
     rows.append(
         dict(
             case.as_dict(),
@@ -176,7 +180,8 @@ def test_markdown_rendering():
     text = markdown(synthetic_report())
     assert "test card, torch 2.13.0, triton 3.6.0, 2026-11-26" in text
     row = "| random0.1 L8192 B2 H8 D128 block64 | bfloat16 | fwd+bwd | fused | 1.000 | 100 | 64 |"
-    assert row + " 2.00 | 0.80 |" in text
+    assert row + " 2.00 | 0.80 | 0.500 | 2.00 | 0.80 |" in text
+    assert "| 3.000 | 33 | 64 | 0.67 | 0.27 | RuntimeError: capture failed |" in text
     assert "RuntimeError: dense mask too large" in text
     assert (
         "| _bsa_fwd_kernel | bfloat16 | HEAD_DIM=128 CAUSAL=1 | DESC=1 num_warps=8 "
@@ -217,6 +222,33 @@ def test_flashattention4_rows_say_why_they_did_not_run(monkeypatch):
     ):
         row = time_backend("fa4", case, layout, "fwd", torch.bfloat16, device="cpu")
         assert row["ms"] is None and words in row["error"], row["error"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_rows_are_timed_eager_and_from_a_cuda_graph():
+    """On a GPU each backend's row has its eager time and its time replayed from a CUDA
+    graph (forward and forward+backward), and the ratios to FlexAttention come in both
+    kinds."""
+    from blocksparse_attn.tools.bench_suites import run
+
+    case = Case("random", 1024, 1, 2, 64, 64, density=0.3)
+    report = run([case], backends=("fused", "flex"), progress=False)
+    assert len(report["results"]) == 4
+    for r in report["results"]:
+        assert r["ms"] > 0 and r["graph_ms"] > 0, r
+        assert r["flex_over_this_graph"] > 0, r
+
+
+def test_cpu_rows_have_no_graph_time():
+    """On the CPU a row has its wall-clock time only: no CUDA graph, no graph ratio."""
+    from blocksparse_attn.tools.bench_suites import run
+
+    case = Case("random", 256, 1, 2, 32, 64, density=0.5)
+    report = run([case], backends=("reference",), modes=("fwd",), progress=False, device="cpu")
+    (row,) = report["results"]
+    assert row["ms"] > 0
+    assert "graph_ms" not in row and row["flex_over_this_graph"] is None
 
 
 def test_unsupported_backend_reason_is_recorded():

@@ -9,7 +9,9 @@ table.
 * every other line, ``{"record": "result", ...}``: one timed row. Case rows carry
   ``name, pattern, seq_len, batch, heads, head_dim, block, causal, density, dtype, mode,
   backend, ms, tflops, peak_mib, peak_total_mib, flex_over_this, fa4_over_this`` (``ms``
-  null and ``error`` set where a backend could not run); section rows carry ``suite``
+  null and ``error`` set where a backend could not run), and on a GPU ``graph_ms,
+  flex_over_this_graph, fa4_over_this_graph`` (the call replayed from a CUDA graph;
+  ``graph_error`` where it could not be captured); section rows carry ``suite``
   (``max_length``, ``index_cost``, ``matmul``, ``dynamic``, ``varlen``, ``decode``) and
   that section's fields.
 
@@ -31,20 +33,23 @@ def _cell(r: dict, key: str, fmt: str = "{:.3f}") -> str:
 
 def _case_cells(report: dict) -> list[list[str]]:
     """The case table's cells, one row per (case, dtype, mode, backend): name, dtype, mode,
-    backend, ms, TF, peak MiB, flex/this, fa4/this (a failed backend: its error in the ms
-    cell)."""
+    backend, ms, TF, peak MiB, flex/this, fa4/this, then the same three timings from a
+    CUDA graph (a failed backend: its error in the ms cell; a failed capture: its error
+    in the graph cell)."""
     out = []
     for r in report["results"]:
         if r.get("suite") in SECTIONS:
             continue
         head = [r["name"], r["dtype"], r["mode"], r["backend"]]
         if r["ms"] is None:
-            out.append(head + [r["error"], "", "", "", ""])
+            out.append(head + [r["error"], "", "", "", "", "", "", ""])
             continue
         ratios = [_cell(r, key, "{:.2f}") for key in ("flex_over_this", "fa4_over_this")]
         peak = "" if r["peak_mib"] is None else f"{r['peak_mib']:.0f}"
         tf = f"{r['tflops']:.0f}" if r["tflops"] >= 1 else f"{r['tflops']:.3f}"
-        out.append(head + [f"{r['ms']:.3f}", tf, peak, *ratios])
+        graph = [_cell(r, "graph_ms") or r.get("graph_error", "")]
+        graph += [_cell(r, k, "{:.2f}") for k in ("flex_over_this_graph", "fa4_over_this_graph")]
+        out.append(head + [f"{r['ms']:.3f}", tf, peak, *ratios, *graph])
     return out
 
 
@@ -52,13 +57,15 @@ def markdown(report: dict) -> str:
     env = report["env"]
     lines = [
         f"{env.get('gpu', 'CPU')}, torch {env['torch']}, triton {env['triton']}, "
-        f"{env['date']}. Median ms (do_bench on a GPU, wall clock on the CPU); "
-        "TF = effective TFLOP/s; "
+        f"{env['date']}. Median ms (do_bench on a GPU, wall clock on the CPU) of eager "
+        "calls, host work included; TF = effective TFLOP/s; "
         "'flex/this' = FlexAttention time over this backend's time; 'fa4/this' the same "
-        "for FlashAttention-4's block-sparse kernels.",
+        "for FlashAttention-4's block-sparse kernels; 'graph' = the same call replayed "
+        "from a CUDA graph (the GPU's time alone; GPU runs only).",
         "",
-        "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this | fa4/this |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| case | dtype | mode | backend | ms | TF | peak MiB | flex/this | fa4/this "
+        "| graph ms | flex/this graph | fa4/this graph |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += ["| " + " | ".join(cells) + " |" for cells in _case_cells(report)]
     search = [r for r in report["results"] if r.get("suite") == "max_length"]
@@ -314,6 +321,9 @@ def print_table(report: dict) -> None:
         "peak MiB",
         "flex/this",
         "fa4/this",
+        "graph ms",
+        "flex/this graph",
+        "fa4/this graph",
     ):
         table.add_column(col)
     for cells in _case_cells(report):

@@ -17,6 +17,17 @@ from .bench_harness import BACKENDS, MODES
 DENSITY_BACKENDS = ("fused", "fused_nondet", "flex", "fa4", "sdpa_cudnn")
 
 
+def _ratios(rows: list[dict], r: dict, key: str) -> None:
+    """``r``'s FlexAttention and FlashAttention-4 ratios by ``key`` (``ms``: eager calls,
+    ``graph_ms``: replayed from a CUDA graph): their time over ``r``'s, ``None`` where
+    either is missing."""
+    suffix = "" if key == "ms" else "_graph"
+    for peer in ("flex", "fa4"):
+        theirs = next((x.get(key) for x in rows if x["backend"] == peer), None)
+        ours = r.get(key)
+        r[f"{peer}_over_this{suffix}"] = theirs / ours if theirs and ours else None
+
+
 def run(
     cases: list[Case],
     backends=BACKENDS,
@@ -42,12 +53,10 @@ def run(
                 rows = [
                     harness.time_backend(b, case, layout, mode, dtype, device) for b in backends
                 ]
-                flex = next((r["ms"] for r in rows if r["backend"] == "flex"), None)
-                fa4 = next((r["ms"] for r in rows if r["backend"] == "fa4"), None)
                 for r in rows:
                     r.update(case.as_dict(), density=density)
-                    r["flex_over_this"] = (flex / r["ms"]) if flex and r["ms"] else None
-                    r["fa4_over_this"] = (fa4 / r["ms"]) if fa4 and r["ms"] else None
+                    for key in ("ms", "graph_ms"):
+                        _ratios(rows, r, key)
                 results.extend(rows)
                 if on_step is not None:
                     on_step(rows)
@@ -57,7 +66,10 @@ def run(
                     msg = (
                         f"[{n}/{total} {elapsed:.0f}s] {case.name} {mode} {rows[0]['dtype']}: "
                         + ", ".join(
-                            f"{r['backend']} {r['ms']:.3f} ms" if r["ms"] else f"{r['backend']} -"
+                            f"{r['backend']} {r['ms']:.3f} ms"
+                            + (f" ({r['graph_ms']:.3f} graph)" if r.get("graph_ms") else "")
+                            if r["ms"]
+                            else f"{r['backend']} -"
                             for r in rows
                         )
                     )
