@@ -536,37 +536,32 @@ def _sum_columns(parts, kv32, k, index, sched, *, grouped: bool):
     return tuple(t.view(B, H_kv, H // H_kv, L, -1).sum(2).to(k.dtype) for t in kv)
 
 
-def _column_work(index, sched: dict, D: int, spare):
-    """The dK/dV kernels' grid, part buffers and work arguments."""
-    grid = (index.cols.items.shape[0] * programs_per_list(sched),)
-    parts = tuple(part_slots(index.cols, sched, KEYS, D, spare) for _ in range(2))
-    work = (index.col_idx, index.cols.items, index.cols.order, sched["B"])
-    return grid, parts, work + (sched["heads_per_layout_head"],)
-
-
-def sm90_dkdv(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
-    """dK and dV of contiguous inputs ``q [B, H, L, D]``, ``k, v [B, H_kv, L, D]`` (L a
-    multiple of 128) over a compiled index of 128x128 tiles, each query tile of a column
-    list walked in two 64-row steps; ``sched``: :func:`~._common.schedule_args`. A column
-    list cut into parts runs as one program a part, each writing its share in fp32,
-    summed after; with grouped K/V heads each query head's share is written in fp32 and
-    summed over its group."""
+def _launch_columns(kernel, q, k, v, grad_out, lse, delta, index, sched, causal, scale, *dq):
+    """Launch a dK/dV kernel (``kernel``: :func:`_sm90_dkdv_kernel`, or
+    :func:`_sm90_dkdvdq_kernel` with ``dq``, its fp32 buffer) over the column work of
+    ``index``; returns dK and dV, the parts of cut lists summed and grouped heads' shares
+    summed over their group."""
     B, H, L, D = q.shape
     kv_group = H // k.shape[1]
     out = _kv_grads(q, k, lse)
-    grid, parts, work = _column_work(index, sched, D, lse)
-    _sm90_dkdv_kernel[grid](
+    parts = tuple(part_slots(index.cols, sched, KEYS, D, lse) for _ in range(2))
+    kernel[(index.cols.items.shape[0] * programs_per_list(sched),)](
         descriptor(q, QUERIES),
         descriptor(k, KEYS),
         descriptor(v, KEYS),
         descriptor(grad_out, QUERIES),
         descriptor(out[0], KEYS),
         descriptor(out[1], KEYS),
+        *(descriptor(t, QUERIES) for t in dq),
         *out[2:],
         *parts,
         lse,
         delta,
-        *work,
+        index.col_idx,
+        index.cols.items,
+        index.cols.order,
+        sched["B"],
+        sched["heads_per_layout_head"],
         H,
         L,
         index.col_tiles,
@@ -584,45 +579,26 @@ def sm90_dkdv(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
     return _sum_columns(parts, out, k, index, sched, grouped=kv_group > 1)
 
 
+def sm90_dkdv(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
+    """dK and dV of contiguous inputs ``q [B, H, L, D]``, ``k, v [B, H_kv, L, D]`` (L a
+    multiple of 128) over a compiled index of 128x128 tiles, each query tile of a column
+    list walked in two 64-row steps; ``sched``: :func:`~._common.schedule_args`. A column
+    list cut into parts runs as one program a part, each writing its share in fp32,
+    summed after; with grouped K/V heads each query head's share is written in fp32 and
+    summed over its group."""
+    args = (q, k, v, grad_out, lse, delta, index, sched, causal, scale)
+    return _launch_columns(_sm90_dkdv_kernel, *args)
+
+
 def sm90_dkdvdq(q, k, v, grad_out, lse, delta, index, sched, *, causal, scale):
     """dQ, dK and dV of the inputs of :func:`sm90_dkdv` in one kernel: five matrix
     products a step instead of the seven of :func:`sm90_dkdv` with :func:`sm90_dq`, each
     step's dQ added into an fp32 buffer by a TMA reduction. Several programs add into
     one query tile, in no fixed order: dQ's rounding varies from run to run (dK and dV
     do not)."""
-    B, H, L, D = q.shape
-    kv_group = H // k.shape[1]
-    out = _kv_grads(q, k, lse)
-    grid, parts, work = _column_work(index, sched, D, lse)
-    dq32 = torch.zeros((B, H, L, D), dtype=torch.float32, device=q.device)
-    _sm90_dkdvdq_kernel[grid](
-        descriptor(q, QUERIES),
-        descriptor(k, KEYS),
-        descriptor(v, KEYS),
-        descriptor(grad_out, QUERIES),
-        descriptor(out[0], KEYS),
-        descriptor(out[1], KEYS),
-        descriptor(dq32, QUERIES),
-        *out[2:],
-        *parts,
-        lse,
-        delta,
-        *work,
-        H,
-        L,
-        index.col_tiles,
-        kv_group,
-        scale * math.log2(math.e),
-        scale,
-        HEAD_DIM=D,
-        BLOCK_M=QUERIES,
-        BLOCK_N=KEYS,
-        CAUSAL=causal,
-        GROUPED=kv_group > 1,
-        GROUP=PROGRAM_GROUP,
-        num_warps=WARPS,
-    )
-    dk, dv = _sum_columns(parts, out, k, index, sched, grouped=kv_group > 1)
+    dq32 = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    args = (q, k, v, grad_out, lse, delta, index, sched, causal, scale, dq32)
+    dk, dv = _launch_columns(_sm90_dkdvdq_kernel, *args)
     return (dq32 * scale).to(q.dtype), dk, dv
 
 
