@@ -240,6 +240,28 @@ def test_rows_are_timed_eager_and_from_a_cuda_graph():
         assert r["flex_over_this_graph"] > 0, r
 
 
+def test_longest_sequence_search_asks_for_no_graph(monkeypatch):
+    """The longest-sequence search times eager steps only: a CUDA graph of its largest
+    steps would hold a second copy of their memory."""
+    from types import SimpleNamespace
+
+    from blocksparse_attn.tools import bench_harness
+    from blocksparse_attn.tools.bench_suites import max_length_search
+
+    asked = []
+
+    def fake_time_backend(backend, case, layout, mode, dtype, device="cuda", graph=True):
+        asked.append(graph)
+        return dict(backend=backend, ms=1.0, peak_total_mib=1.0)
+
+    monkeypatch.setattr(bench_harness, "time_backend", fake_time_backend)
+    memory = SimpleNamespace(total_memory=2**40)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: memory)
+    rows = max_length_search(backends=("fused",), start=65536, stop=131072, progress=False)
+    assert [r["seq_len"] for r in rows] == [65536, 131072]
+    assert asked == [False, False]
+
+
 def test_cpu_rows_have_no_graph_time():
     """On the CPU a row has its wall-clock time only: no CUDA graph, no graph ratio."""
     from blocksparse_attn.tools.bench_suites import run

@@ -219,7 +219,7 @@ def _median_ms(fn, reps: int = 7) -> float:
 
 
 def time_backend(
-    backend: str, case: Case, layout: torch.Tensor, mode: str, dtype, device="cuda"
+    backend: str, case: Case, layout: torch.Tensor, mode: str, dtype, device="cuda", graph=True
 ) -> dict:
     """Median ms, TFLOP/s and peak memory of one backend on one case (or its failure). On
     the CPU the median of a few wall-clock runs, and no memory figure.
@@ -228,7 +228,9 @@ def time_backend(
     issue a call than the GPU to run it, that is what it measures), and ``graph_ms`` the
     same call captured in a CUDA graph and replayed: the GPU's time alone, what a step
     replayed from a graph (``torch.compile``'s "reduce-overhead") would take. A backend
-    that cannot be captured keeps its ``ms`` and records ``graph_error``."""
+    that cannot be captured keeps its ``ms`` and records ``graph_error``. ``graph=False``
+    leaves the graph out (the longest-sequence search, whose graph would hold a second
+    copy of the step's memory)."""
     cuda = torch.device(device).type == "cuda"
     row = {"backend": backend, "mode": mode, "dtype": str(dtype).replace("torch.", "")}
     try:
@@ -260,12 +262,13 @@ def time_backend(
             peak_total = torch.cuda.max_memory_allocated() / 2**20
             peak = peak_total - base / 2**20
             ms = do_bench(step, warmup=25, rep=100, return_mode="median")
-            try:
-                row["graph_ms"] = graph_ms(
-                    step, lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")
-                )
-            except Exception as e:  # not capturable: the eager time stands alone
-                row["graph_error"] = error_text(e)
+            if graph:
+                try:
+                    row["graph_ms"] = graph_ms(
+                        step, lambda f: do_bench(f, warmup=25, rep=100, return_mode="median")
+                    )
+                except Exception as e:  # not capturable: the eager time stands alone
+                    row["graph_error"] = error_text(e)
         else:
             peak = peak_total = None
             ms = _median_ms(step)
