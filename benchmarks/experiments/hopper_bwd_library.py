@@ -6,7 +6,7 @@ random).
 For each case and backward (Hopper deterministic, Hopper ``deterministic=False``, Triton):
 the CUDA time of every kernel one ``torch.autograd.grad`` through
 ``block_sparse_attention`` runs (the backward alone, under ``torch.profiler``), and the
-wall time of such a call with its host work (mean of ``steps`` calls, synchronised at the
+wall time of such a call with its host work (mean of 20 calls, synchronised at the
 end). Writes ``$OUT/hopper_bwd_library.json``.
 
     python3 benchmarks/experiments/hopper_bwd_library.py
@@ -15,10 +15,10 @@ end). Writes ``$OUT/hopper_bwd_library.json``.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 from hopper_bwd import _kernel_ms, write_rows  # beside this script
+from varlen_profile import wall_ms
 
 from blocksparse_attn import BigBirdSparsityConfig, block_sparse_attention
 from blocksparse_attn.tools.bench_cases import pattern_layout
@@ -29,16 +29,6 @@ def _layout(pattern: str, L: int, H: int, density) -> torch.Tensor:
         config = BigBirdSparsityConfig(num_heads=H, block=128, num_random_blocks=3, seed=0)
         return config.make_layout(L)
     return pattern_layout(pattern, L, 128, density)
-
-
-def _wall_ms(step, steps: int = 20) -> float:
-    step()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - start) / steps * 1e3
 
 
 def main() -> None:
@@ -73,7 +63,7 @@ def main() -> None:
 
             grads[name] = step()
             row[f"{name}_kernels_ms"] = _kernel_ms(step, {"all": ""})["all"]
-            row[f"{name}_call_ms"] = _wall_ms(step)
+            row[f"{name}_call_ms"] = wall_ms(step, 20)  # warmed up by the profiled steps
         os.environ["BLOCKSPARSE_ATTN_SM90"] = "1"
         for name in ("hopper", "hopper_nondet"):
             row[f"{name}_max_diff"] = max(
