@@ -208,7 +208,8 @@ def test_report_files_and_plots(tmp_path):
 
 
 def test_flashattention4_rows_say_why_they_did_not_run(monkeypatch):
-    """FlashAttention-4's column: a block other than 128 and a token-causal case say so;
+    """FlashAttention-4's columns (its default and its deterministic backward): a block
+    other than 128 and a token-causal case say so;
     without ``flash_attn.cute`` the row names the missing package and where its wheels
     come from (nothing is timed, nothing raised)."""
     import sys
@@ -220,8 +221,9 @@ def test_flashattention4_rows_say_why_they_did_not_run(monkeypatch):
         (Case("dense", 256, 1, 2, 64, 128, causal=True), "mask_mod"),
         (Case("dense", 256, 1, 2, 64, 128), "fa4-wheels.sh"),
     ):
-        row = time_backend("fa4", case, layout, "fwd", torch.bfloat16, device="cpu")
-        assert row["ms"] is None and words in row["error"], row["error"]
+        for backend in ("fa4", "fa4_det"):
+            row = time_backend(backend, case, layout, "fwd", torch.bfloat16, device="cpu")
+            assert row["ms"] is None and words in row["error"], row["error"]
 
 
 @pytest.mark.gpu
@@ -626,7 +628,7 @@ def test_varlen_and_decode_suites_on_cpu_and_their_tables():
 
 def test_fused_nondet_backend_asks_for_the_faster_backward(monkeypatch):
     """``--backends fused_nondet`` is the fused backend with ``deterministic=False``; the
-    CLI offers every harness backend, all but that one by default."""
+    CLI offers every harness backend, all but that one and ``fa4_det`` by default."""
     from blocksparse_attn import functional
     from blocksparse_attn.tools import bench_harness, cli
 
@@ -647,4 +649,5 @@ def test_fused_nondet_backend_asks_for_the_faster_backward(monkeypatch):
         if a.dest == "backends"
     )
     assert tuple(action.choices) == bench_harness.BACKENDS
-    assert action.default == [b for b in bench_harness.BACKENDS if b != "fused_nondet"]
+    by_name = ("fused_nondet", "fa4_det")
+    assert action.default == [b for b in bench_harness.BACKENDS if b not in by_name]

@@ -19,6 +19,7 @@ BACKENDS = (
     "unfused",
     "flex",
     "fa4",
+    "fa4_det",  # FlashAttention-4 with its deterministic backward (asked for by name)
     "sdpa_cudnn",
     "sdpa_flash",
     "sdpa_mask",
@@ -100,8 +101,8 @@ def _attention_fn(backend: str, case: Case, layout: torch.Tensor, device):
         torch._dynamo.reset()
         flex = torch.compile(flex_attention, dynamic=False)
         return lambda q, k, v: flex(q, k, v, block_mask=bm, enable_gqa=group > 1)
-    if backend == "fa4":
-        return _fa4_fn(case, layout, device)
+    if backend in ("fa4", "fa4_det"):
+        return _fa4_fn(case, layout, device, deterministic=backend == "fa4_det")
     if backend in ("sdpa_cudnn", "sdpa_flash"):
         kind = SDPBackend.CUDNN_ATTENTION if backend == "sdpa_cudnn" else SDPBackend.FLASH_ATTENTION
 
@@ -137,24 +138,38 @@ def fa4_attention():
     return flash_attn_func, BlockSparseTensorsTorch
 
 
-def fa4_block_sparse(block_mask, causal: bool = False):
+def fa4_block_sparse(block_mask, causal: bool = False, deterministic: bool = False):
     """``fn(q, k, v) -> out`` running FlashAttention-4's block-sparse kernels (forward and
     backward) on a block-128 FlexAttention ``BlockMask``: its key lists for the forward,
     its query lists for the backward, partial tiles masked by ``causal`` (token-causal,
-    FlashAttention's own mask) and full tiles unmasked."""
+    FlashAttention's own mask) and full tiles unmasked. ``deterministic``: FlashAttention-4's
+    deterministic backward (dQ added by the key tiles in a fixed order, each waiting for
+    the one before on a semaphore; the order from its ``compute_dq_write_order``)."""
     flash_attn_func, BlockSparseTensorsTorch = fa4_attention()
     bm, size = block_mask, (128, 128)
     fwd = BlockSparseTensorsTorch(
         bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices, block_size=size
     )
+    order = {}
+    if deterministic:
+        from flash_attn.cute.block_sparsity import compute_dq_write_order_from_block_mask
+
+        partial, full = compute_dq_write_order_from_block_mask(bm, spt=False)
+        order = dict(dq_write_order=partial, dq_write_order_full=full, spt=False)
     bwd = BlockSparseTensorsTorch(
-        bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices, block_size=size
+        bm.q_num_blocks,
+        bm.q_indices,
+        bm.full_q_num_blocks,
+        bm.full_q_indices,
+        block_size=size,
+        **order,
     )
 
     def fn(q, k, v):  # FlashAttention's [B, L, H, D] as views of ours
         out, _ = flash_attn_func(
             *(t.transpose(1, 2) for t in (q, k, v)),
             causal=causal,
+            deterministic=deterministic,
             block_sparse_tensors=fwd,
             block_sparse_tensors_bwd=bwd,
         )
@@ -163,9 +178,10 @@ def fa4_block_sparse(block_mask, causal: bool = False):
     return fn
 
 
-def _fa4_fn(case: Case, layout: torch.Tensor, device):
+def _fa4_fn(case: Case, layout: torch.Tensor, device, deterministic: bool = False):
     """FlashAttention-4's block-sparse attention on the layout's block-128 lists, forward
-    and backward; raise with the reason where it cannot run the case."""
+    and backward (``deterministic``: its deterministic backward); raise with the reason
+    where it cannot run the case."""
     if case.block != 128:
         raise RuntimeError(
             f"FlashAttention-4 block sparsity is run at block 128 (block {case.block})"
@@ -178,7 +194,8 @@ def _fa4_fn(case: Case, layout: torch.Tensor, device):
     from ..flex_block_mask import layout_to_block_mask
 
     # every kept tile is full
-    return fa4_block_sparse(layout_to_block_mask(layout, case.block, device=device))
+    mask = layout_to_block_mask(layout, case.block, device=device)
+    return fa4_block_sparse(mask, deterministic=deterministic)
 
 
 def error_text(e: Exception) -> str:

@@ -13,8 +13,8 @@ from . import bench_harness as harness
 from .bench_cases import Case
 from .bench_harness import BACKENDS, MODES
 
-# the density sweep's comparison (fused_nondet where asked for)
-DENSITY_BACKENDS = ("fused", "fused_nondet", "flex", "fa4", "sdpa_cudnn")
+# the density sweep's comparison (fused_nondet and fa4_det where asked for)
+DENSITY_BACKENDS = ("fused", "fused_nondet", "flex", "fa4", "fa4_det", "sdpa_cudnn")
 
 
 def _ratios(rows: list[dict], r: dict, key: str) -> None:

@@ -162,12 +162,14 @@ def build_parser() -> argparse.ArgumentParser:
             "unfused",
             "flex",
             "fa4",
+            "fa4_det",
             "sdpa_cudnn",
             "sdpa_flash",
             "sdpa_mask",
         ],
         default=["fused", "unfused", "flex", "fa4", "sdpa_cudnn", "sdpa_flash", "sdpa_mask"],
-        help="default: all but fused_nondet (the fused backend with deterministic=False)",
+        help="default: all but fused_nondet (the fused backend with deterministic=False) and "
+        "fa4_det (FlashAttention-4 with its deterministic backward)",
     )
     p.add_argument(
         "--match",
