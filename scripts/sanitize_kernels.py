@@ -8,8 +8,9 @@ backward on sm90; the fused kernels through pointers and through tensor descript
 
     compute-sanitizer --tool memcheck --error-exitcode 1 python3 scripts/sanitize_kernels.py
 
-Run from the repository root with ``PYTHONPATH=src`` on a CUDA machine. Prints one line per
-case and exits non-zero if a result is not finite (the sanitizer reports memory errors).
+Run from the repository root with ``PYTHONPATH=src`` on a CUDA machine; name sections
+(``fused parts topk hopper varlen decode``) to run only those. Prints one line per case and
+exits non-zero if a result is not finite (the sanitizer reports memory errors).
 """
 
 from __future__ import annotations
@@ -103,7 +104,9 @@ def fused_case(case, dtype, modes) -> bool:
     return all(bool(torch.isfinite(r).all()) for r in results)
 
 
-def main() -> int:
+def _fused() -> int:
+    """Both fused kernels and the unfused operators on every case, fp16 and bf16 in turn,
+    the masks in both modes."""
     bad = 0
     for n, case in enumerate(CASES):
         for dtype in (torch.float16, torch.bfloat16)[n % 2 :][:1]:  # fp16 and bf16 in turn
@@ -113,16 +116,27 @@ def main() -> int:
                 print(
                     f"{case} {dtype} masks {modes}: {'ok' if finite else 'NOT FINITE'}", flush=True
                 )
-    # every list longer than half the mean cut into parts (partial results, merge kernels)
+    return bad
+
+
+def _parts() -> int:
+    """Every list longer than half the mean cut into parts (partial results, merge
+    kernels)."""
     from blocksparse_attn import index
 
+    bad = 0
     index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
     for case in (CASES[0], CASES[3]):
         finite = fused_case(case, torch.float16, ("add", "mul"))
         bad += not finite
         print(f"{case} lists in parts: {'ok' if finite else 'NOT FINITE'}", flush=True)
     index.PART_MIN, index.PART_OVER_MEAN = 64, 4
-    # top-k lists per sample, their index built by the Triton builder (block 128, 64-tiles)
+    return bad
+
+
+def _topk() -> int:
+    """Top-k lists per sample, their index built by the Triton builder (block 128,
+    64-tiles)."""
     from blocksparse_attn import topk_blocks
     from blocksparse_attn.index_dynamic import build_block_list_index
 
@@ -137,76 +151,90 @@ def main() -> int:
     grads = torch.autograd.grad(out.float().sum(), (q, k, v))
     torch.cuda.synchronize()
     finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
-    bad += not finite
     print(f"top-k lists, index by the Triton builder: {'ok' if finite else 'NOT FINITE'}")
-    # the Hopper backward (Gluon, sm90 only): empty query and key blocks, causal, shared
-    # and per-head layouts
-    if torch.cuda.get_device_capability() == (9, 0):
-        from blocksparse_attn import KVBlocks
-        from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
+    return int(not finite)
 
-        def hopper_case(label, q, k, v, layout, causal, deterministic=True) -> int:
-            """One step through the Hopper backward (the dK/dV/dQ kernel where not
-            ``deterministic``): 1 if it did not run or is not finite."""
-            taken = sm90_backward_plan(q, k, v, q, layout, block=128, causal=causal) is not None
-            q, k, v = (t.requires_grad_() for t in (q, k, v))
-            out = block_sparse_attention(
-                q, k, v, layout, block=128, causal=causal, deterministic=deterministic
-            )
-            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-            torch.cuda.synchronize()
-            ok = taken and all(bool(torch.isfinite(r).all()) for r in (out, *grads))
-            verdict = "ok" if ok else "NOT FINITE or not taken"
-            kind = "" if deterministic else ", dK/dV/dQ kernel"
-            print(f"Hopper backward ({label}{kind}): {verdict}", flush=True)
-            return int(not ok)
 
-        def inputs(heads, kv_heads):
-            return (
-                torch.randn(2, h, 384, 128, device="cuda", dtype=torch.bfloat16)
-                for h in (heads, kv_heads, kv_heads)
-            )
+def _hopper() -> int:
+    """The Gluon forward and backward (sm90 only): lists whole and cut into parts, empty
+    query and key blocks, causal, shared and per-head layouts, block lists per sample,
+    grouped K/V heads, both backwards."""
+    if torch.cuda.get_device_capability() != (9, 0):
+        print("Hopper kernels: not an sm90 GPU, skipped", flush=True)
+        return 0
+    bad = 0
+    from blocksparse_attn import KVBlocks
+    from blocksparse_attn.kernels.fused_bwd import sm90_backward_plan
 
-        # the Hopper forward, its lists whole and cut into parts (the merge kernel after
-        # it; the Hopper backward, which cuts the same lists)
-        from blocksparse_attn import index
+    def hopper_case(label, q, k, v, layout, causal, deterministic=True) -> int:
+        """One step through the Hopper backward (the dK/dV/dQ kernel where not
+        ``deterministic``): 1 if it did not run or is not finite."""
+        taken = sm90_backward_plan(q, k, v, q, layout, block=128, causal=causal) is not None
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        out = block_sparse_attention(
+            q, k, v, layout, block=128, causal=causal, deterministic=deterministic
+        )
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        torch.cuda.synchronize()
+        ok = taken and all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+        verdict = "ok" if ok else "NOT FINITE or not taken"
+        kind = "" if deterministic else ", dK/dV/dQ kernel"
+        print(f"Hopper backward ({label}{kind}): {verdict}", flush=True)
+        return int(not ok)
 
-        for cut in (False, True):
-            if cut:
-                index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
-            q, k, v = (
-                torch.randn(2, 3, 512, 128, device="cuda", dtype=torch.float16, requires_grad=True)
-                for _ in range(3)
-            )
-            lay = (torch.rand(3, 4, 4, device="cuda") < 0.5).long()
-            lay[:, 0], lay[1, 2] = 1, 0  # a global row, an empty one
-            out = block_sparse_attention(q, k, v, lay, block=128, causal=cut)
-            grads = torch.autograd.grad(out.float().sum(), (q, k, v))
-            torch.cuda.synchronize()
-            index.PART_MIN, index.PART_OVER_MEAN = 64, 4
-            ok = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
-            bad += not ok
-            label = "lists in parts" if cut else "lists whole"
-            print(f"Hopper forward ({label}): {'ok' if ok else 'NOT FINITE'}", flush=True)
-        for deterministic in (True, False):
-            for heads, causal in ((1, True), (3, False)):
-                lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
-                lay[0, 1], lay[:, :, 2] = 0, 0
-                label = f"{heads} layout heads, causal={causal}"
-                bad += hopper_case(label, *inputs(3, 3), lay, causal, deterministic)
-            # block lists per sample, grouped K/V heads, an empty list
-            lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
-            lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
-            label = "block lists per sample, GQA, causal"
-            lists = KVBlocks.from_layout(lay)
-            bad += hopper_case(label, *inputs(4, 2), lists, True, deterministic)
-            # lists cut into parts (a global row and column), grouped K/V heads
+    def inputs(heads, kv_heads):
+        return (
+            torch.randn(2, h, 384, 128, device="cuda", dtype=torch.bfloat16)
+            for h in (heads, kv_heads, kv_heads)
+        )
+
+    # the Hopper forward, its lists whole and cut into parts (the merge kernel after
+    # it; the Hopper backward, which cuts the same lists)
+    from blocksparse_attn import index
+
+    for cut in (False, True):
+        if cut:
             index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
-            lay = (torch.rand(2, 3, 3, device="cuda") < 0.4).long()
-            lay[:, 0], lay[:, :, 1], lay[1, 2] = 1, 1, 0
-            label = "lists cut into parts, GQA, causal"
-            bad += hopper_case(label, *inputs(4, 2), lay, True, deterministic)
-            index.PART_MIN, index.PART_OVER_MEAN = 64, 4
+        q, k, v = (
+            torch.randn(2, 3, 512, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+            for _ in range(3)
+        )
+        lay = (torch.rand(3, 4, 4, device="cuda") < 0.5).long()
+        lay[:, 0], lay[1, 2] = 1, 0  # a global row, an empty one
+        out = block_sparse_attention(q, k, v, lay, block=128, causal=cut)
+        grads = torch.autograd.grad(out.float().sum(), (q, k, v))
+        torch.cuda.synchronize()
+        index.PART_MIN, index.PART_OVER_MEAN = 64, 4
+        ok = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
+        bad += not ok
+        label = "lists in parts" if cut else "lists whole"
+        print(f"Hopper forward ({label}): {'ok' if ok else 'NOT FINITE'}", flush=True)
+    for deterministic in (True, False):
+        for heads, causal in ((1, True), (3, False)):
+            lay = (torch.rand(heads, 3, 3, device="cuda") < 0.5).long()
+            lay[0, 1], lay[:, :, 2] = 0, 0
+            label = f"{heads} layout heads, causal={causal}"
+            bad += hopper_case(label, *inputs(3, 3), lay, causal, deterministic)
+        # block lists per sample, grouped K/V heads, an empty list
+        lay = (torch.rand(2, 2, 3, 3, device="cuda") < 0.5).long()
+        lay[0, 0, 1], lay[1, :, :, 0] = 0, 1
+        label = "block lists per sample, GQA, causal"
+        lists = KVBlocks.from_layout(lay)
+        bad += hopper_case(label, *inputs(4, 2), lists, True, deterministic)
+        # lists cut into parts (a global row and column), grouped K/V heads
+        index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
+        lay = (torch.rand(2, 3, 3, device="cuda") < 0.4).long()
+        lay[:, 0], lay[:, :, 1], lay[1, 2] = 1, 1, 0
+        label = "lists cut into parts, GQA, causal"
+        bad += hopper_case(label, *inputs(4, 2), lay, True, deterministic)
+        index.PART_MIN, index.PART_OVER_MEAN = 64, 4
+    return bad
+
+
+def _varlen() -> int:
+    """Packed sequences (block lists compiled on the device): ragged lengths, chunked
+    prefill."""
+    bad = 0
     # packed sequences (block lists compiled on the device): ragged lengths, chunked prefill
     from blocksparse_attn import FixedSparsityConfig, block_sparse_attention_varlen
 
@@ -224,9 +252,17 @@ def main() -> int:
     finite = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
     bad += not finite
     print(f"varlen (3 sequences, GQA, D 40, bf16): {'ok' if finite else 'NOT FINITE'}", flush=True)
-    # one new token per sequence against a paged cache (its layout row gathered on the GPU)
-    from blocksparse_attn import block_sparse_decode
+    return bad
 
+
+def _decode() -> int:
+    """One new token per sequence against a paged cache and against a contiguous cache
+    of odd length."""
+    bad = 0
+    # one new token per sequence against a paged cache (its layout row gathered on the GPU)
+    from blocksparse_attn import FixedSparsityConfig, block_sparse_decode
+
+    config = FixedSparsityConfig(num_heads=2, block=16, num_local_blocks=2)
     pages = torch.randn(12, 32, 2, 64, device="cuda", dtype=torch.bfloat16)
     table = torch.randperm(12, device="cuda").view(3, 4).to(torch.int32)
     lens = torch.tensor([0, 57, 127], dtype=torch.int32, device="cuda")
@@ -254,8 +290,31 @@ def main() -> int:
         f"decode (contiguous, 140 tokens, block 48, D 40): {'ok' if finite else 'NOT FINITE'}",
         flush=True,
     )
+    return bad
+
+
+SECTIONS = {
+    "fused": _fused,
+    "parts": _parts,
+    "topk": _topk,
+    "hopper": _hopper,
+    "varlen": _varlen,
+    "decode": _decode,
+}
+
+
+def main(argv: list[str]) -> int:
+    unknown = [a for a in argv if a not in SECTIONS]
+    if unknown:
+        print(
+            f"sanitize_kernels: unknown sections {unknown}; expected some of "
+            f"{', '.join(SECTIONS)} (none: all)",
+            file=sys.stderr,
+        )
+        return 2
+    bad = sum(SECTIONS[name]() for name in (argv or SECTIONS))
     return 1 if bad else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
