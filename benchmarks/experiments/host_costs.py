@@ -24,7 +24,7 @@ import torch
 from blocksparse_attn import block_sparse_attention
 from blocksparse_attn.index import frozen, get_index
 from blocksparse_attn.kernels import fused_bwd, fused_fwd, sm90_fwd
-from blocksparse_attn.kernels._common import matrix_args, schedule_args
+from blocksparse_attn.kernels._common import schedule_args
 from blocksparse_attn.kernels.sm90_bwd import sm90_dkdv, sm90_dq
 from blocksparse_attn.kernels.sm90_common import descriptor
 from blocksparse_attn.kernels.sm90_fwd import _sm90_fwd_kernel, sm90_forward
@@ -178,21 +178,10 @@ row(
 
 
 def delta_launch():
-    fused_bwd._bsa_bwd_delta_kernel[(L // 64, B * H)](
-        O=matrix_args(out),
-        DO=matrix_args(grad_out),
-        DLSE=delta,
-        DELTA=delta,
-        H=H,
-        Lq=L,
-        HEAD_DIM=D,
-        BLOCK_D=D,
-        BLOCK_M=64,
-        HAS_DLSE=False,
-    )
+    fused_bwd.row_delta(out, grad_out)
 
 
-row("delta launch (Triton, 4 tensors by matrix_args)", delta_launch)
+row("row_delta (one Triton launch, 4 tensors by matrix_args)", delta_launch)
 
 
 class Identity(torch.autograd.Function):

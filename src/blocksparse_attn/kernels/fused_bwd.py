@@ -377,6 +377,26 @@ def _bsa_bwd_dq_kernel(
         _store_part(PARTS, slot, dq, BLOCK_M, BLOCK_D)
 
 
+def row_delta(out, grad_out, grad_lse=None):
+    """``delta = rowsum(dO * O) - dlse`` in fp32, ``[B, H, L_q]``, by
+    :func:`_bsa_bwd_delta_kernel` (``grad_lse``: the log-sum-exp's gradient, or none)."""
+    B, H, Lq, D = out.shape
+    delta = empty((B, H, Lq), torch.float32, out.device)
+    _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
+        O=matrix_args(out),
+        DO=matrix_args(grad_out),
+        DLSE=delta if grad_lse is None else grad_lse.float().contiguous(),
+        DELTA=delta,
+        H=H,
+        Lq=Lq,
+        HEAD_DIM=D,
+        BLOCK_D=max(16, triton.next_power_of_2(D)),
+        BLOCK_M=64,
+        HAS_DLSE=grad_lse is not None,
+    )
+    return delta
+
+
 def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     """The index of 128x128 tiles the Hopper backward (:mod:`.sm90_bwd`) walks, or
     ``None`` where the Triton kernels run.
@@ -441,19 +461,7 @@ def fused_attention_backward(
     B, H, Lq, D = q.shape
     Lk = k.shape[2]
     BLOCK_D = max(16, triton.next_power_of_2(D))
-    delta = empty((B, H, Lq), torch.float32, q.device)
-    _bsa_bwd_delta_kernel[(triton.cdiv(Lq, 64), B * H)](
-        O=matrix_args(out),
-        DO=matrix_args(grad_out),
-        DLSE=delta if grad_lse is None else grad_lse.float().contiguous(),
-        DELTA=delta,
-        H=H,
-        Lq=Lq,
-        HEAD_DIM=D,
-        BLOCK_D=BLOCK_D,
-        BLOCK_M=64,
-        HAS_DLSE=grad_lse is not None,
-    )
+    delta = row_delta(out, grad_out, grad_lse)
     stats = stats.contiguous()
     masked = rpe is not None or key_padding_mask is not None or attn_mask is not None
     hopper = None
