@@ -1,10 +1,11 @@
 """Experiment (Hopper, sm90): versions of ``kernels/sm90_bwd.py`` against the library's, in
 one process: each version's ``sm90_dkdvdq`` (the ``deterministic=False`` backward) on
 the same inputs, its largest difference from the library's dQ, dK and dV, its kernel's
-CUDA time (profiler) and its time replayed from a CUDA graph, every version timed twice
-in turn. ``VARIANTS``: ``name=path`` pairs, comma-separated, each a copy of that file
-(e.g. ``git show BRANCH:src/blocksparse_attn/kernels/sm90_bwd.py > /tmp/BRANCH.py``).
-Prints one JSON line a case.
+CUDA time (profiler) and its time replayed from a CUDA graph (the bench's ``graph_ms``
+with its median timer), every version timed twice in turn. ``VARIANTS``: ``name=path``
+pairs, comma-separated, each a copy of that file (e.g. ``git show
+BRANCH:src/blocksparse_attn/kernels/sm90_bwd.py > /tmp/BRANCH.py``). Prints one JSON line
+a case.
 
     VARIANTS=producer=/tmp/p.py,barrier=/tmp/b.py PYTHONPATH=src \\
         python3 benchmarks/experiments/sm90_bwd_variants.py
@@ -15,7 +16,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import statistics
 
 import torch
 from hopper_bwd import _kernel_ms  # beside this script
@@ -25,6 +25,7 @@ from blocksparse_attn.kernels import sm90_bwd
 from blocksparse_attn.kernels._common import schedule_args
 from blocksparse_attn.kernels.fused_fwd import fused_attention_forward
 from blocksparse_attn.tools.bench_cases import pattern_layout
+from blocksparse_attn.tools.bench_harness import gpu_median_ms, graph_ms
 
 CASES = [  # name, pattern, density, L, B, H, causal
     ("dense L8192 B4 H8", "dense", None, 8192, 4, 8, False),
@@ -46,24 +47,6 @@ def _variants() -> dict:
         spec.loader.exec_module(module)
         found[name] = module
     return found
-
-
-def _graph_ms(fn) -> float:
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    times = []
-    for _ in range(7):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(10):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 10)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -94,7 +77,7 @@ def main() -> None:
 
                 kernel = _kernel_ms(step, {"t": "_sm90_dkdvdq"})["t"]
                 row[f"{name}_kernel_ms_{turn}"] = kernel
-                row[f"{name}_graph_ms_{turn}"] = _graph_ms(step)
+                row[f"{name}_graph_ms_{turn}"] = graph_ms(step, gpu_median_ms)
         print(json.dumps(row), flush=True)
     print("card:", torch.cuda.get_device_name(), "torch", torch.__version__)
 
