@@ -138,3 +138,19 @@ def test_png_without_matplotlib_names_the_extra(monkeypatch, tmp_path):
             ]
         )
     assert "pip install 'blocksparse-attn[bench]'" in str(e.value)
+
+
+def test_sanitize_script_refuses_unknown_sections(capsys):
+    """``scripts/sanitize_kernels.py`` runs the sections named on its command line; a name it
+    does not know stops it before any kernel runs, listing the sections there are."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sanitize_kernels.py"
+    spec = importlib.util.spec_from_file_location("sanitize_kernels", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["hopper", "bogus"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown sections ['bogus']" in err
+    assert "fused, parts, topk, hopper, varlen, decode" in err
