@@ -4,6 +4,8 @@
 #   bash scripts/test.sh [pytest args]
 # Environment: VENV (default .venv) - where the environment goes.
 set -euo pipefail
+# no wheel cache: the CI machine's disk can be small, and the environment is built once
+export PIP_NO_CACHE_DIR=1
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 if [ ! -x "$VENV/bin/python" ]; then

@@ -2,6 +2,11 @@
 ``test_sm90_backward.py``): whether they can run here, the layouts, block lists and random
 problems the tests draw."""
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import HealthCheck, Phase, settings
@@ -18,6 +23,21 @@ def hopper() -> bool:
 
 
 needs_hopper = pytest.mark.skipif(not hopper(), reason="needs an sm90 GPU with Gluon")
+
+
+def compiled_in_a_new_process(module: str, function: str) -> list[dict]:
+    """What ``module.function()`` (a compile check of the Hopper kernels) returns, run in a
+    new Python process with Triton's interpreter off. In a process that has run interpreted
+    kernels, Triton 3.6 leaves ``triton.language.core``'s builtins bound to the
+    interpreter's builder (a ``@triton.jit`` helper called from an interpreted kernel
+    patches them and nothing restores them), and a compile there can fail; the new process
+    compiles as a user's program would."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    code = f"import json, {module} as m; print(json.dumps(m.{function}()))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    if run.returncode != 0:
+        raise AssertionError(f"{module}.{function}() failed (exit {run.returncode}):\n{run.stderr}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def layout_of(pattern: str, heads: int, nb: int) -> torch.Tensor:

@@ -13,6 +13,7 @@ from blocksparse_attn import KVBlocks, block_sparse_attention
 
 from attention_cases import assert_lse_close, assert_within_rule, poison, reference_lse, references
 from hopper_cases import (
+    compiled_in_a_new_process,
     counting,
     draw_problem,
     inputs,
@@ -28,9 +29,9 @@ def test_forward_compiles_for_sm90_without_spills():
     """The forward, head dims 64 and 128, causal or not, a positive scale or not, lowers
     to sm90 machine code here (no GPU needed), keeps every value in registers (``ptxas
     -v``: no spills, no serialized ``wgmma``) and fits an H100's shared memory per block."""
-    from blocksparse_attn.kernels.sm90_fwd import compile_forward_for_sm90
-
-    found = compile_forward_for_sm90()
+    found = compiled_in_a_new_process(
+        "blocksparse_attn.kernels.sm90_fwd", "compile_forward_for_sm90"
+    )
     assert {(r["head_dim"], r["causal"], r["positive_scale"]) for r in found} == {
         (D, causal, positive)
         for D in (64, 128)
