@@ -31,6 +31,12 @@ STRATEGIES, ORDERS = ("all_to_all", "kv_exchange"), ("contiguous", "balanced")
 
 B, H, HKV, L, D, BLOCK = 2, 8, 4, 256, 8, 16
 
+kernels_in_cpu_processes = pytest.mark.skipif(
+    not dist.is_available() or ON_GPU,
+    reason="CPU processes over gloo: the Triton kernels take CPU tensors only under Triton's "
+    "interpreter, which is off on a GPU machine (the NCCL tests run there)",
+)
+
 
 def layouts():
     nb = L // BLOCK
@@ -157,11 +163,7 @@ def _unfused(rank, P, init_file, gpu=False):
         dist.destroy_process_group()
 
 
-@pytest.mark.skipif(
-    not dist.is_available() or ON_GPU,
-    reason="CPU processes over gloo: the unfused kernels take CPU tensors only under Triton's "
-    "interpreter, which is off on a GPU machine (the NCCL test below runs there)",
-)
+@kernels_in_cpu_processes
 def test_key_exchange_on_the_unfused_backend(tmp_path):
     mp.spawn(_unfused, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
 
@@ -172,6 +174,74 @@ def test_key_exchange_on_the_unfused_backend(tmp_path):
 )
 def test_key_exchange_on_the_unfused_backend_with_nccl(tmp_path):
     mp.spawn(_unfused, args=(2, str(tmp_path / "rendezvous"), True), nprocs=2, join=True)
+
+
+def _visits_on_the_kernels(rank, P, init_file):
+    """``kv_exchange`` on the fused kernels (Triton's interpreter, fp32) with query blocks
+    that visit the ranks holding their keys: a global row (non-causal) and a last row that
+    attends every block before it (causal), a key padding mask; output, log-sum-exp and
+    gradients equal one process's."""
+    _join(rank, P, init_file)
+    try:
+        torch.manual_seed(0)
+        b, h, hkv, n, d, block = 1, 4, 2, 128, 16, 16
+        nb = n // block
+        q = torch.randn(b, h, n, d)
+        k, v = torch.randn(b, hkv, n, d), torch.randn(b, hkv, n, d)
+        kpm = torch.zeros(b, n)
+        kpm[0, 37:41] = -math.inf
+        grad_out = torch.randn(b, h, n, d)
+        window = torch.ones(nb, nb, dtype=torch.bool).triu(-1).tril(1)
+        window[:, :1] = window[:1, :] = True
+        causal = torch.ones(nb, nb, dtype=torch.bool).tril().triu(-1)
+        causal[-1] = True
+        for layout, is_causal in ((window.long(), False), (causal.long(), True)):
+            kw = dict(block=block, causal=is_causal, backend="fused", key_padding_mask=kpm)
+            leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+            out, lse = block_sparse_attention(*leaves, layout, return_lse=True, **kw)
+            want = (out, lse, *torch.autograd.grad(out, leaves, grad_out))
+            shards = [shard_sequence(t).requires_grad_() for t in (q, k, v)]
+            kw["key_padding_mask"] = shard_sequence(kpm, dim=1)
+            out, lse = context_parallel_attention(
+                *shards, layout, strategy="kv_exchange", return_lse=True, **kw
+            )
+            got = (out, lse, *torch.autograd.grad(out, shards, shard_sequence(grad_out)))
+            for what, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+                e = shard_sequence(e, dim=2)
+                assert torch.allclose(a, e, atol=1e-5), (is_causal, what, (a - e).abs().max())
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@kernels_in_cpu_processes
+def test_visiting_rows_on_the_fused_kernels(tmp_path):
+    mp.spawn(_visits_on_the_kernels, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True)
+
+
+def test_global_rows_visit_instead_of_fetching_every_key():
+    """Under ``kv_exchange`` a global query row visits the ranks holding its keys, so the
+    keys fetched are the window's edges and the global column, the same at every ``L``;
+    without the log-sum-exp (``visiting=False``, the unfused backend) the rank holding the
+    global row fetches every other shard."""
+    from blocksparse_attn.distributed import _bytes_kv_exchange, _key_plan
+
+    for nb, P in ((16, 2), (64, 2), (64, 4)):
+        window = torch.ones(1, 1, nb, nb, dtype=torch.bool).triu(-1).tril(1)
+        window[..., :, :1] = window[..., :1, :] = True
+        own = [shard_positions(nb, P, r) for r in range(P)]
+        plan = _key_plan(window, own, False, H, HKV, True)
+        assert plan.wide[0].tolist() == [0] and all(len(w) == 0 for w in plan.wide[1:])
+        assert [b.tolist() for b in plan.visits[0]] == [[]] + [[0]] * (P - 1)
+        per = nb // P
+        assert plan.needed[0].tolist() == [per]  # the next shard's first block
+        for r in range(1, P):  # the global column and the neighbours' edges
+            edges = [r * per - 1] + ([(r + 1) * per] if r < P - 1 else [])
+            assert plan.needed[r].tolist() == sorted({0, *edges})
+        fetching = _key_plan(window, own, False, H, HKV, False)
+        assert len(fetching.needed[0]) == nb - per and not fetching.visiting
+        args = (BLOCK, B, H, HKV, D, P)
+        assert _bytes_kv_exchange(plan, *args) < _bytes_kv_exchange(fetching, *args)
 
 
 def _module(rank, P, init_file):

@@ -19,17 +19,21 @@ Two strategies, both exact:
   shards each way (and as much again in the backward).
 * ``"kv_exchange"``: each rank keeps its queries and receives only the key/value blocks
   that its rows of the layout attend and that other ranks hold (for a window, the
-  neighbours' edges and the global blocks), then attends its shard's keys after them, so
-  the causal diagonal stays where it is. Communication follows the layout's cross-shard
-  blocks, not ``L``; the gradients of received blocks go back to their owners and are
-  summed there.
+  neighbours' edges and the global columns), then attends its shard's keys after them, so
+  the causal diagonal stays where it is. A query block that attends keys on many blocks
+  of few ranks (a global row) visits instead: its rows go to each rank holding keys it
+  attends, which returns a partial output and log-sum-exp, and the owner merges them with
+  its own by log-sum-exp (:func:`_key_plan` states the rule). Communication follows the
+  layout's cross-shard blocks, not ``L``; gradients go back the way their values came and
+  are summed at the owner. The unfused backend has no log-sum-exp: there every block
+  fetches.
 
-``"auto"`` picks the one that moves fewer bytes per rank by the counts above (``kv_exchange``
-when ``H`` or ``H_kv`` is not divisible by ``P``). The layout is read on the host (it is
-the same on every rank), once per layout tensor and again after an in-place edit; each
-rank's part of it is one cached tensor, so its compiled index is cached too. Shapes are
-compared across ranks before any other collective, so
-a mismatch raises on every rank instead of hanging.
+``"auto"`` picks the one whose busiest rank receives fewer bytes by the counts above
+(``kv_exchange`` when ``H`` or ``H_kv`` is not divisible by ``P``). The layout is read on
+the host (it is the same on every rank), once per layout tensor and again after an
+in-place edit; each rank's part of it is one cached tensor, so its compiled index is
+cached too. Shapes are compared across ranks before any other collective, so a mismatch
+raises on every rank instead of hanging.
 """
 
 from __future__ import annotations
@@ -273,14 +277,63 @@ def _bytes_all_to_all(B, H, Hkv, S, D, P) -> float:
     return 2 * (P - 1) / P * B * S * D * (2 * H + 2 * Hkv)  # q and out, k and v
 
 
-def _needed_blocks(grid: torch.Tensor, own: torch.Tensor, causal: bool) -> torch.Tensor:
-    """Key blocks outside this rank's blocks ``own`` that its query blocks attend (any head
-    or sample), ascending (with ``causal``, none after its last block)."""
-    cols = grid[..., own, :].reshape(-1, grid.shape[-1]).any(0)
-    cols[own] = False
-    if causal:
-        cols[int(own.max()) + 1 :] = False
-    return cols.nonzero().flatten()
+@dataclass(frozen=True)
+class _KeyPlan:
+    """What ``"kv_exchange"`` moves, the same on every rank (read off the layout). Per rank
+    ``r``: ``wide[r]``, its query blocks that visit the ranks holding their keys (global
+    block numbers, in ``r``'s shard order); ``needed[r]``, the key blocks on other ranks
+    that its other query blocks attend, ascending; ``visits[r][p]``, the wide blocks of
+    ``r`` that attend keys rank ``p`` holds (none for ``p == r``), in ``r``'s shard order."""
+
+    wide: list
+    needed: list
+    visits: list
+    key: tuple  # what it was read for: (H, H_kv, visiting), for the caches built on it
+
+    @property
+    def visiting(self) -> bool:
+        return any(len(w) for w in self.wide)
+
+
+def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _KeyPlan:
+    """Which query blocks fetch the keys they attend and which visit the keys' ranks. A
+    query block visits (its rows go to each rank holding keys it attends, that rank returns
+    a partial output and log-sum-exp, merged by log-sum-exp) when that moves fewer bytes
+    than fetching: ``H x (ranks visited) < H_kv x (key blocks on other ranks)`` (a query
+    row and its output against a key and a value row; the backward mirrors both). A
+    global row over ``P`` ranks visits ``P - 1`` ranks instead of fetching every other
+    shard; a window row fetches its neighbour's edge. ``visiting=False`` (a backend without
+    the log-sum-exp) fetches for every block."""
+    P, nb = len(own), grid.shape[-1]
+    owner = torch.empty(nb, dtype=torch.long)
+    for p, blocks in enumerate(own):
+        owner[blocks] = p
+    wide, needed, visits = [], [], []
+    for r in range(P):
+        attends = grid[..., own[r], :].reshape(-1, len(own[r]), nb).any(0)  # [my blocks, nb]
+        if causal:
+            attends &= torch.arange(nb)[None, :] <= own[r][:, None]
+        remote = attends.clone()
+        remote[:, own[r]] = False
+        touches = torch.stack([remote[:, own[p]].any(1) for p in range(P)])  # [P, my blocks]
+        visit = visiting & (H * touches.sum(0) < Hkv * remote.sum(1))
+        wide.append(own[r][visit])
+        needed.append(remote[~visit].any(0).nonzero().flatten())
+        visits.append([own[r][visit & touches[p]] if p != r else own[r][:0] for p in range(P)])
+    return _KeyPlan(wide, needed, visits, (H, Hkv, visiting))
+
+
+def _bytes_kv_exchange(plan: _KeyPlan, block, B, H, Hkv, D, P) -> float:
+    """Bytes (per element) the busiest rank receives under ``"kv_exchange"``, forward and
+    backward: keys and values it fetches (their gradients go back), the queries that visit
+    it, and the partial outputs and log-sum-exps its own visits return."""
+    most = 0.0
+    for r in range(P):
+        fetched = len(plan.needed[r]) * 2 * Hkv * D
+        visitors = sum(len(plan.visits[p][r]) for p in range(P)) * H * D
+        returned = sum(len(v) for v in plan.visits[r]) * H * (D + 1)
+        most = max(most, 2 * block * B * (fetched + visitors + returned))
+    return most
 
 
 @dataclass(frozen=True)
@@ -381,13 +434,14 @@ def context_parallel_attention(
             "'all_to_all'",
         )
     own = [shard_positions(nb, P, r, order) for r in range(P)]  # each rank's blocks
-    needed = _cached(
+    visiting = backend != "unfused"  # visits merge partial results by their log-sum-exp
+    plan = _cached(
         layout,
-        ("cp-needed", P, order, causal),
-        lambda: [_needed_blocks(grid, own[r], causal) for r in range(P)],
+        ("cp-plan", P, order, causal, H, Hkv, visiting),
+        lambda: _key_plan(grid, own, causal, H, Hkv, visiting),
     )
     if strategy == "auto":
-        exchanged = max(len(n) for n in needed) * block * B * D * 2 * Hkv * 2  # fwd + bwd
+        exchanged = _bytes_kv_exchange(plan, block, B, H, Hkv, D, P)
         by_heads = _bytes_all_to_all(B, H, Hkv, S, D, P) if divisible else float("inf")
         strategy = "kv_exchange" if exchanged <= by_heads else "all_to_all"
     kw = dict(block=block, scale=scale, causal=causal, backend=backend, return_lse=return_lse)
@@ -395,7 +449,7 @@ def context_parallel_attention(
     masks = (key_padding_mask, key_padding_mask_mode, rpe)
     if strategy == "all_to_all":
         return _by_heads(q, k, v, layout, grid, shards, masks, kw, block_sparse_attention)
-    return _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, block_sparse_attention)
+    return _by_key_blocks(q, k, v, layout, grid, plan, shards, masks, kw, block_sparse_attention)
 
 
 def _by_heads(q, k, v, layout, grid, shards, masks, kw, attend):
@@ -439,10 +493,10 @@ def _by_heads(q, k, v, layout, grid, shards, masks, kw, attend):
     return out, _AllToAll.apply(lse.unsqueeze(-1), 2, 1, group).squeeze(-1)
 
 
-def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
+def _by_key_blocks(q, k, v, layout, grid, plan, shards, masks, kw, attend):
     block = kw["block"]
     P, rank, group, own = shards.P, shards.rank, shards.group, shards.own
-    kpm, kpm_mode, rpe = masks
+    kpm_shard, kpm_mode, rpe = masks
     dev = q.device
     nb = grid.shape[-1]
     owner = torch.empty(nb, dtype=torch.long)
@@ -450,11 +504,14 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     for p, blocks in enumerate(own):
         owner[blocks] = p
         local_block[blocks] = torch.arange(len(blocks))
+    visiting = plan.visiting  # the same on every rank: all take part in the visits
+    wide = torch.zeros(nb, dtype=torch.bool)
+    wide[plan.wide[rank]] = True
 
     # what I send to each rank: the token rows (in my shard) of the blocks it needs; what
     # I receive from each
-    send = [_block_tokens(local_block[n[owner[n] == rank]], block, dev) for n in needed]
-    mine = needed[rank]
+    send = [_block_tokens(local_block[n[owner[n] == rank]], block, dev) for n in plan.needed]
+    mine = plan.needed[rank]
     received = torch.cat([mine[owner[mine] == p] for p in range(P)])  # by sender, ascending
     sizes = [int((owner[mine] == p).sum()) * block for p in range(P)]
     k_in, v_in = (_Exchange.apply(t, send, sizes, group) for t in (k, v))
@@ -463,8 +520,10 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
     vv = torch.cat([v_in, v], 2)
     here = torch.cat([received, own[rank]])
     ascending, place = here.sort()  # the key blocks here in sequence order, and their places
-    if kpm is not None:
-        kpm = unshard_sequence(kpm, group, dim=1, order=shards.order)  # sequence order
+    kpm = None
+    if kpm_shard is not None:
+        kpm = unshard_sequence(kpm_shard, group, dim=1, order=shards.order)  # sequence order
+    local_kw = dict(kw, return_lse=True) if visiting else kw
     # causal: each contiguous run of my blocks attends the keys before it and its own
     # (bottom-right aligned); otherwise all my rows attend every key here at once
     runs = _runs(own[rank]) if kw["causal"] else [own[rank]]
@@ -480,11 +539,13 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
             position = _block_tokens(keys, block, dev)
 
         def local(run=run, keys=keys):  # the run's rows, the columns of its keys
-            mine = grid[..., run, :][..., keys]
-            return _as_layout(mine, dev)
+            mine = grid[..., run, :].clone()
+            if visiting:  # visiting rows attend only my keys here; other ranks do the rest
+                mine[..., wide[run], :] &= owner == rank
+            return _as_layout(mine[..., keys], dev)
 
         key = ("cp-blocks", P, rank, shards.order, kw["causal"], int(run[0]), str(dev))
-        lay = _cached(layout, key, local)
+        lay = _cached(layout, (*key, *plan.key), local)
         result = attend(
             q[:, :, rows],
             keys_here,
@@ -493,15 +554,117 @@ def _by_key_blocks(q, k, v, layout, grid, needed, shards, masks, kw, attend):
             key_padding_mask=None if kpm is None else kpm[:, position],
             key_padding_mask_mode=kpm_mode,
             rpe=None if rpe is None else rpe[..., rows, :].index_select(-1, position),
-            **kw,
+            **local_kw,
         )
-        out, lse = result if kw["return_lse"] else (result, None)
+        out, lse = result if local_kw["return_lse"] else (result, None)
         outs.append(out)
         lses.append(lse)
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
-    if not kw["return_lse"]:
-        return out
-    return out, lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+    lse = None if lses[0] is None else lses[0] if len(lses) == 1 else torch.cat(lses, 2)
+    if visiting:
+        part_out, part_lse = _visit(
+            q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block
+        )
+        rows = [_block_tokens(local_block[b], block, dev) for b in plan.visits[rank]]
+        out, lse = _merge(
+            out,
+            lse,
+            _block_tokens(local_block[plan.wide[rank]], block, dev),
+            torch.cat(rows),
+            part_out,
+            part_lse,
+        )
+    return (out, lse) if kw["return_lse"] else out
+
+
+def _visit(q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block):
+    """The visits: each rank sends the rows of its wide query blocks to the ranks holding
+    keys they attend, attends the rows that visit it against its own keys, and sends the
+    partial outputs and log-sum-exps back. Returns the partials of this rank's visits
+    ``[B, H, n, D]`` and ``[B, H, n]``, rows in the order of ``plan.visits[rank]``. Every
+    rank takes part in every exchange (forward and backward), with or without rows."""
+    block = kw["block"]
+    P, rank, group, own = shards.P, shards.rank, shards.group, shards.own
+    kpm_shard, kpm_mode, rpe = masks
+    dev = q.device
+    send = [_block_tokens(local_block[b], block, dev) for b in plan.visits[rank]]
+    arriving = [plan.visits[p][rank] for p in range(P)]  # the blocks of my visitors' rows
+    sizes = [len(a) * block for a in arriving]
+    q_in = _Exchange.apply(q, send, sizes, group)
+    rpe_in = None
+    if rpe is not None:  # each visit's rows of the bias, the columns of the keys it visits
+        parts = [
+            rpe.index_select(-2, rows).index_select(-1, _block_tokens(own[p], block, dev))
+            for p, rows in enumerate(send)
+        ]
+        counts = [len(rows) for rows in send]
+        ranges = [torch.arange(a, a + n, device=dev) for a, n in zip(_starts(counts), counts)]
+        rpe_in = _Exchange.apply(torch.cat(parts, -2), ranges, sizes, group)
+    rows_in = torch.cat(arriving)
+    if len(rows_in):
+
+        def visited():  # my visitors' rows, the columns of my keys
+            part = grid[..., rows_in, :][..., own[rank]]
+            if kw["causal"]:  # another rank's row: my keys wholly before it or after it
+                part = part & (own[rank][None, :] < rows_in[:, None])
+            return _as_layout(part, dev)
+
+        key = ("cp-visited", P, rank, shards.order, kw["causal"], str(dev), *plan.key)
+        out_in, lse_in = attend(
+            q_in.contiguous(),
+            k,
+            v,
+            _cached(layout, key, visited),
+            key_padding_mask=kpm_shard,
+            key_padding_mask_mode=kpm_mode,
+            rpe=None if rpe_in is None else rpe_in.contiguous(),
+            **dict(kw, causal=False, return_lse=True),
+        )
+    else:  # no visitors: empty results that still carry the graph back to the exchanges
+        out_in = q_in if rpe_in is None else q_in + rpe_in.sum() * 0
+        lse_in = out_in[..., 0]
+    # the log-sum-exp's dtype on every rank, visited or not (as the attention returns it)
+    lse_in = lse_in.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+    back = [torch.arange(a, a + n, device=dev) for a, n in zip(_starts(sizes), sizes)]
+    counts = [len(rows) for rows in send]
+    part_out = _Exchange.apply(out_in, back, counts, group)
+    part_lse = _Exchange.apply(lse_in.unsqueeze(-1), back, counts, group).squeeze(-1)
+    return part_out, part_lse
+
+
+def _starts(sizes: list) -> list:
+    return [sum(sizes[:p]) for p in range(len(sizes))]
+
+
+def _merge(out, lse, wide_rows, part_rows, part_out, part_lse):
+    """``out`` ``[B, H, S, D]`` and ``lse`` ``[B, H, S]`` with the partial results
+    ``part_out``, ``part_lse`` of rows ``part_rows`` merged into rows ``wide_rows`` (every
+    ``part_rows`` entry one of them) by log-sum-exp, in fp32 (fp64 for fp64 inputs). A
+    row no key reached keeps output 0 and log-sum-exp -inf."""
+    S = out.shape[2]
+    slot = torch.full((S,), -1, dtype=torch.long, device=out.device)
+    slot[wide_rows] = torch.arange(len(wide_rows), device=out.device)
+    at = slot[part_rows]  # each partial's row among the wide rows
+    fp = torch.float64 if out.dtype == torch.float64 else torch.float32
+    own_out = out.index_select(2, wide_rows).to(fp)
+    own_lse = lse.index_select(2, wide_rows)
+    shift = own_lse.detach().index_reduce(2, at, part_lse.detach(), "amax")
+    shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
+    total = torch.exp(own_lse - shift).index_add(
+        2, at, torch.exp(part_lse - shift.index_select(2, at))
+    )
+    reached = total > 0
+    merged_lse = torch.where(
+        reached, shift + torch.log(torch.where(reached, total, 1.0)), -torch.inf
+    )
+    safe = torch.where(reached, merged_lse, 0.0)
+    merged = (torch.exp(own_lse - safe)[..., None] * own_out).index_add(
+        2, at, torch.exp(part_lse - safe.index_select(2, at))[..., None] * part_out.to(fp)
+    )
+    return (
+        out.index_copy(2, wide_rows, merged.to(out.dtype)),
+        lse.index_copy(2, wide_rows, merged_lse),
+    )
 
 
 def _take_blocks(k, v, at, block):
