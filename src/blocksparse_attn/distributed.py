@@ -310,16 +310,19 @@ def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _Key
         owner[blocks] = p
     wide, needed, visits = [], [], []
     for r in range(P):
-        attends = grid[..., own[r], :].reshape(-1, len(own[r]), nb).any(0)  # [my blocks, nb]
+        n = len(own[r])
+        # the kept (query, key) block pairs of my rows, in any head or sample
+        row, col = grid[..., own[r], :].reshape(-1, n, nb).any(0).nonzero(as_tuple=True)
         if causal:
-            attends &= torch.arange(nb)[None, :] <= own[r][:, None]
-        remote = attends.clone()
-        remote[:, own[r]] = False
-        touches = torch.stack([remote[:, own[p]].any(1) for p in range(P)])  # [P, my blocks]
-        visit = visiting & (H * touches.sum(0) < Hkv * remote.sum(1))
+            keep = col <= own[r][row]
+            row, col = row[keep], col[keep]
+        on = torch.bincount(row * P + owner[col], minlength=n * P).view(n, P).T  # [P, n]
+        on[r] = 0  # my own keys need no exchange
+        visit = visiting & (H * (on > 0).sum(0) < Hkv * on.sum(0))
+        fetched = ~visit[row] & (owner[col] != r)
         wide.append(own[r][visit])
-        needed.append(remote[~visit].any(0).nonzero().flatten())
-        visits.append([own[r][visit & touches[p]] if p != r else own[r][:0] for p in range(P)])
+        needed.append(col[fetched].unique())
+        visits.append([own[r][visit & (on[p] > 0)] for p in range(P)])
     return _KeyPlan(wide, needed, visits, (H, Hkv, visiting))
 
 
