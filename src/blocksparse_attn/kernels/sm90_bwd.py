@@ -94,6 +94,16 @@ def start_column(descs, smems, kv_bar, bar, k_row, entries, n, q_base, BLOCK_M: 
 
 
 @gluon.jit
+def row_stats(lse_row, delta_row, offs_m):
+    """The log-sum-exp in base 2 and ``delta = rowsum(dO * O)`` of query rows ``offs_m``
+    of one batch-head (``lse_row``, ``delta_row``: its first rows); a row that sees no key
+    (log-sum-exp -inf) gets +inf, so its probabilities are 0."""
+    lse2 = gl.load(lse_row + offs_m) * 1.4426950408889634
+    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)
+    return lse2, gl.load(delta_row + offs_m)
+
+
+@gluon.jit
 def store_rows(ptrs, row, tiles):
     """Store the fp32 ``tiles`` (of one layout) at rows ``row`` (int64) onward of the
     ``[rows, D]`` tensors ``ptrs``."""
@@ -211,9 +221,7 @@ def _sm90_dkdv_kernel(
         stage = i % 2
         r = gl.load(col_idx + start + i // 2) * 2 + stage
         offs_m = r * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_vec)
-        lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
-        delta = gl.load(DELTA + bh * L + offs_m)
+        lse2, delta = row_stats(LSE + bh * L, DELTA + bh * L, offs_m)
         mbarrier.wait(bar.index(stage), (i // 2) & 1)
         q_t = q_smem.index(stage)
         do_t = do_smem.index(stage)
@@ -351,9 +359,7 @@ def _sm90_dkdvdq_kernel(
         p_smem = p_all.index(pin)
         ds_smem = ds_all.index(pin)
         offs_m = r * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_vec)
-        lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
-        lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
-        delta = gl.load(DELTA + bh * L + offs_m)
+        lse2, delta = row_stats(LSE + bh * L, DELTA + bh * L, offs_m)
         mbarrier.wait(bar.index(stage), (i // 2) & 1)
         q_t = q_smem.index(stage)
         do_t = do_smem.index(stage)
@@ -469,9 +475,7 @@ def _sm90_dq_kernel(
         load_pair(k_desc, v_desc, k_smem, v_smem, bar, 1, kv_base + j1 * BLOCK_N)
 
     offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_vec)
-    lse2 = gl.load(LSE + bh * L + offs_m) * 1.4426950408889634
-    lse2 = gl.where(lse2 == float("-inf"), float("inf"), lse2)  # rows that see no key
-    delta = gl.load(DELTA + bh * L + offs_m)
+    lse2, delta = row_stats(LSE + bh * L, DELTA + bh * L, offs_m)
     dq = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=q_layout)
     s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
     mbarrier.wait(q_bar, 0)
