@@ -38,6 +38,7 @@ raises on every rank instead of hanging.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -174,13 +175,34 @@ class _AllToAll(torch.autograd.Function):
 
 
 def _all_to_all(x, split, cat, group):
-    # one all_to_all_single over the parts stacked on a leading dim: every backend has it
-    # (gloo in some torch releases has no list all_to_all)
-    P = dist.get_world_size(group)
-    inputs = torch.stack(x.chunk(P, split))
-    outputs = torch.empty_like(inputs)
-    dist.all_to_all_single(outputs, inputs, group=group)
-    return torch.cat(outputs.unbind(0), cat)
+    """``x`` (4-D; ``(split, cat)`` is ``(1, 2)`` or ``(2, 1)``) cut in ``P`` along
+    ``split``, part ``p`` to rank ``p``, and what arrives from rank ``p`` placed at part
+    ``p`` along ``cat``. Every ``x[b, j]`` of a part and every ``out[b, j]`` of what arrives
+    is contiguous, so each travels as its own send and receive (one batch of point-to-point
+    operations), straight from ``x`` and straight into place: only this rank's own part is
+    copied."""
+    P, rank = dist.get_world_size(group), dist.get_rank(group)
+    x = x.contiguous()
+    n = x.shape[split] // P
+    shape = list(x.shape)
+    shape[split], shape[cat] = n, shape[cat] * P
+    out = x.new_empty(shape)
+    ops = []
+    for p in range(P):
+        part = x.narrow(split, p * n, n)  # what rank p gets
+        into = out.narrow(cat, p * x.shape[cat], x.shape[cat])  # where rank p's part goes
+        if p == rank:
+            into.copy_(part)
+            continue
+        peer = dist.get_global_rank(group, p) if group is not None else p
+        for b, j in itertools.product(range(part.shape[0]), range(part.shape[1])):
+            tag = b * part.shape[1] + j
+            ops.append(dist.P2POp(dist.isend, part[b, j], peer, group, tag))
+            ops.append(dist.P2POp(dist.irecv, into[b, j], peer, group, tag))
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+    return out
 
 
 def _exchange_rows(x, send, sizes, group):
