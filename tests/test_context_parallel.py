@@ -223,7 +223,8 @@ def test_global_rows_visit_instead_of_fetching_every_key():
     """Under ``kv_exchange`` a global query row visits the ranks holding its keys, so the
     keys fetched are the window's edges and the global column, the same at every ``L``;
     without the log-sum-exp (``visiting=False``, the unfused backend) the rank holding the
-    global row fetches every other shard."""
+    global row fetches every other shard. Rows that share their fetched blocks (a dense or
+    causal layout) fetch."""
     from blocksparse_attn.distributed import _bytes_kv_exchange, _key_plan
 
     for nb, P in ((16, 2), (64, 2), (64, 4)):
@@ -242,6 +243,10 @@ def test_global_rows_visit_instead_of_fetching_every_key():
         assert len(fetching.needed[0]) == nb - per and not fetching.visiting
         args = (BLOCK, B, H, HKV, D, P)
         assert _bytes_kv_exchange(plan, *args) < _bytes_kv_exchange(fetching, *args)
+        # a dense or causal layout's rows share every fetched block: they fetch
+        dense = torch.ones(1, 1, nb, nb, dtype=torch.bool)
+        for causal in (False, True):
+            assert not _key_plan(dense, own, causal, H, HKV, True).visiting
 
 
 def _module(rank, P, init_file):

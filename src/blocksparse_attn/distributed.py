@@ -321,11 +321,13 @@ def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _Key
     """Which query blocks fetch the keys they attend and which visit the keys' ranks. A
     query block visits (its rows go to each rank holding keys it attends, that rank returns
     a partial output and log-sum-exp, merged by log-sum-exp) when that moves fewer bytes
-    than fetching: ``H x (ranks visited) < H_kv x (key blocks on other ranks)`` (a query
-    row and its output against a key and a value row; the backward mirrors both). A
-    global row over ``P`` ranks visits ``P - 1`` ranks instead of fetching every other
-    shard; a window row fetches its neighbour's edge. ``visiting=False`` (a backend without
-    the log-sum-exp) fetches for every block."""
+    than its share of fetching: ``H x (ranks visited) < H_kv x (its share of the key
+    blocks on other ranks)``, where a fetched block is shared by this rank's query blocks
+    that attend it (a query row and its output against a key and a value row; the backward
+    mirrors both). So a global row over ``P`` ranks visits ``P - 1`` ranks instead of
+    fetching every other shard, a window row fetches its neighbour's edge, and the rows of
+    a dense or causal layout fetch (each fetched block serves them all). ``visiting=False``
+    (a backend without the log-sum-exp) fetches for every block."""
     P, nb = len(own), grid.shape[-1]
     owner = torch.empty(nb, dtype=torch.long)
     for p, blocks in enumerate(own):
@@ -340,8 +342,12 @@ def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _Key
             row, col = row[keep], col[keep]
         on = torch.bincount(row * P + owner[col], minlength=n * P).view(n, P).T  # [P, n]
         on[r] = 0  # my own keys need no exchange
-        visit = visiting & (H * (on > 0).sum(0) < Hkv * on.sum(0))
-        fetched = ~visit[row] & (owner[col] != r)
+        remote = owner[col] != r
+        sharing = torch.bincount(col[remote], minlength=nb)  # my query blocks on each key
+        share = torch.zeros(n, dtype=torch.float64)
+        share.index_add_(0, row[remote], 1.0 / sharing[col[remote]].double())
+        visit = visiting & (H * (on > 0).sum(0) < Hkv * share)
+        fetched = ~visit[row] & remote
         wide.append(own[r][visit])
         needed.append(col[fetched].unique())
         visits.append([own[r][visit & (on[p] > 0)] for p in range(P)])
