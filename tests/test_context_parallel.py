@@ -1,7 +1,7 @@
 """Context parallelism over gloo (CPU processes): each strategy's output, log-sum-exp and
 gradient shards, in both shard orders, equal the single-process result, for window+global,
-BigBird, causal fixed and random layouts with grouped K/V heads, a key padding mask and
-rpe; shards round-trip; the balanced order evens causal work; and every rank
+BigBird, causal fixed, random and per-sample layouts with grouped K/V heads, a key padding
+mask and rpe; shards round-trip; the balanced order evens causal work; and every rank
 raises, none hangs, on bad input."""
 
 import itertools
@@ -44,6 +44,9 @@ def layouts():
     window[:, :1] = window[:1, :] = True  # one global block
     g = torch.Generator().manual_seed(5)
     random = torch.rand(HKV, nb, nb, generator=g) < 0.2
+    per_sample = torch.rand(B, HKV, nb, nb, generator=g) < 0.2
+    per_sample[0, 0, nb // 2 + 1] = True  # a global row in one sample and head
+    per_sample[1, :, :, 3] = True  # a global column in the other sample
     return {
         "window_global": (window.long(), False),
         "bigbird": (BigBirdSparsityConfig(H, BLOCK, seed=3).make_layout(L), False),
@@ -54,6 +57,7 @@ def layouts():
             True,
         ),
         "random": (random.long(), True),
+        "per_sample": (per_sample.long(), False),
     }
 
 
