@@ -44,7 +44,7 @@ def layouts():
     window[:, :1] = window[:1, :] = True  # one global block
     g = torch.Generator().manual_seed(5)
     random = torch.rand(HKV, nb, nb, generator=g) < 0.2
-    per_sample = torch.rand(B, HKV, nb, nb, generator=g) < 0.2
+    per_sample = torch.rand(B, HKV, nb, nb, generator=g) < 0.03
     per_sample[0, 0, nb // 2 + 1] = True  # a global row in one sample and head
     per_sample[1, :, :, 3] = True  # a global column in the other sample
     return {
