@@ -316,6 +316,10 @@ def _bad(rank, P, init_file, errors):
             context_parallel_attention(q, q, q, layout, block=BLOCK, order=order)
         except (ValueError, RuntimeError) as e:
             errors[rank + 3 * P] = str(e)
+        try:  # rank 1 says causal, rank 0 not: their exchanges would differ
+            context_parallel_attention(q, q, q, layout, block=BLOCK, causal=rank == 1)
+        except (ValueError, RuntimeError) as e:
+            errors[rank + 5 * P] = str(e)
         try:  # balanced halves of a shard are not whole blocks: 64 rows of block 128
             coarse = torch.ones(2, 2, dtype=torch.long)
             context_parallel_attention(q, q, q, coarse, block=128, order="balanced")
@@ -335,6 +339,7 @@ def test_bad_input_raises_on_every_rank(tmp_path):
     assert all("'kv_exchange' or 'auto' when H (3)" in errors[i] for i in (4, 5))
     assert all("the same shard order on every rank" in errors[i] for i in (6, 7))
     assert all("balanced shards of whole blocks" in errors[i] for i in (8, 9))
+    assert all("the same block, causal, strategy" in errors[i] for i in (10, 11))
 
 
 def test_unknown_shard_order_is_an_error():

@@ -250,8 +250,10 @@ class _Exchange(torch.autograd.Function):
 
 def _check_across_ranks(where, P, group, local: list) -> None:
     """Every rank's ``[passed its local checks, B, H, H_kv, S, D, layout heads, nb,
-    layout checksum, shard order]``, compared before anything else is exchanged, so that every rank
-    raises (the failing rank its own error, the others this one) instead of hanging."""
+    layout checksum, shard order, block, causal, strategy, unfused backend, key padding
+    mask given, rpe given, return_lse]``, compared before anything else is exchanged, so
+    that every rank raises (the failing rank its own error, the others this one) instead
+    of hanging in a collective another rank does not run."""
     # NCCL moves only CUDA tensors; gloo (and mixed backends) take host ones
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
@@ -268,9 +270,11 @@ def _check_across_ranks(where, P, group, local: list) -> None:
         raise bad_argument(
             where,
             "q, k, v, layout",
-            "shards of one shape, the same layout and the same shard order on every rank",
-            f"per rank [B, H, H_kv, shard length, D]: {shapes} (layouts compared too)",
-            "shard the sequence evenly (shard_sequence) and pass the same layout everywhere.",
+            "shards of one shape, the same layout and the same block, causal, strategy, "
+            "backend, masks (given or not), return_lse and the same shard order on every rank",
+            f"per rank [B, H, H_kv, shard length, D]: {shapes} (the rest compared too)",
+            "shard the sequence evenly (shard_sequence) and pass the same layout and "
+            "arguments everywhere.",
         )
 
 
@@ -425,7 +429,7 @@ def context_parallel_attention(
     where = "context_parallel_attention"
     P, rank = _group_size_rank(where, group)
     # local checks first, then one collective that tells every rank whether all passed
-    error, summary = None, [0.0] * 9
+    error, summary = None, [0.0] * 16  # as long as a full summary, for the all-gather
     try:
         if strategy not in STRATEGIES:
             raise bad_argument(
@@ -438,7 +442,10 @@ def context_parallel_attention(
         grid = _cached(layout, ("cp-grid",), lambda: _host_grid(where, layout))
         B, H, S, D = q.shape
         summary = [B, H, k.shape[1], S, D, *grid.shape[1:3], _checksum(layout, grid)]
-        summary.append(ORDERS.index(order))
+        summary += [ORDERS.index(order), block, causal, STRATEGIES.index(strategy)]
+        # what decides which collectives run: the same everywhere, or a rank would wait
+        summary += [backend == "unfused", key_padding_mask is not None, rpe is not None]
+        summary.append(return_lse)
     except (ValueError, TypeError) as e:
         error = e
     _check_across_ranks(where, P, group, [error is None, *summary])
