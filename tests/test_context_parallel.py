@@ -11,11 +11,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from blocksparse_attn import (
     BigBirdSparsityConfig,
     FixedSparsityConfig,
     block_sparse_attention,
+    reference_attention,
 )
 from blocksparse_attn.distributed import (
     context_parallel_attention,
@@ -25,7 +28,7 @@ from blocksparse_attn.distributed import (
     unshard_sequence,
 )
 
-from helpers import ON_GPU
+from helpers import EXPLORE, ON_GPU, examples
 
 STRATEGIES, ORDERS = ("all_to_all", "kv_exchange"), ("contiguous", "balanced")
 
@@ -407,3 +410,52 @@ def test_key_blocks_in_one_run_are_a_view():
         kt, vt = _take_blocks(k, v, at, 4)
         assert torch.equal(kt, gathered(k, at)) and torch.equal(vt, gathered(v, at))
         assert (kt.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()) == view
+
+
+@settings(max_examples=examples(25), deadline=None, derandomize=not EXPLORE, database=None)
+@given(data=st.data())
+def test_partials_merged_by_log_sum_exp_equal_the_whole(data):
+    """What a visiting row's owner does (``distributed._merge``): its own partial result
+    over its keys merged with partials over the other ranks' keys (a group of key blocks
+    each, empty ones among them) equals attention over all keys, in output, log-sum-exp and
+    gradients (fp64, any layout: rows that see no key anywhere stay 0 and -inf, NaN-free)."""
+    from blocksparse_attn.distributed import _merge
+
+    nb, block, groups = data.draw(st.integers(2, 6)), 4, data.draw(st.integers(2, 4))
+    b, h, d, n = data.draw(st.integers(1, 2)), 2, 4, nb * 4
+    seed = data.draw(st.integers(0, 2**16))
+    g = torch.Generator().manual_seed(seed)
+    density = data.draw(st.sampled_from((0.2, 0.5, 0.9)))
+    layout = (torch.rand(h, nb, nb, generator=g) < density).long()
+    group = torch.randint(0, groups, (nb,), generator=g)  # the rank holding each key block
+    wide = torch.rand(nb, generator=g) < 0.5  # the query blocks that visit
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+    grad_out, grad_lse = torch.randn(b, h, n, d, generator=g), torch.randn(b, h, n, generator=g)
+
+    def loss(out, lse):  # the log-sum-exp's gradient too, where it is finite
+        finite = lse.isfinite()
+        return (out * grad_out).sum() + torch.where(finite, lse * grad_lse, 0).sum()
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out, lse = reference_attention(*leaves, layout, block=block, return_lse=True)
+    want = (out, lse, *torch.autograd.grad(loss(out, lse), leaves))
+
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    own = layout.clone()
+    own[:, wide] *= (group == 0).long()  # visiting rows attend only the keys of group 0 here
+    out, lse = reference_attention(*leaves, own, block=block, return_lse=True)
+    rows = (wide.nonzero().flatten()[:, None] * block + torch.arange(block)).flatten()
+    parts = []  # the visiting rows against each other group's keys
+    for other in range(1, groups if len(rows) else 1):
+        part = layout[:, wide] * (group == other).long()
+        visit = leaves[0].index_select(2, rows)
+        parts.append(reference_attention(visit, *leaves[1:], part, block=block, return_lse=True))
+    part_rows = rows.repeat(groups - 1)
+    part_out = torch.cat([p[0] for p in parts], 2) if parts else out[:, :, :0]
+    part_lse = torch.cat([p[1] for p in parts], 2) if parts else lse[:, :, :0]
+    out, lse = _merge(out, lse, rows, part_rows, part_out, part_lse)
+    got = (out, lse, *torch.autograd.grad(loss(out, lse), leaves))
+    for what, a, e in zip(("out", "lse", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a.isfinite(), e.isfinite()), what
+        finite = e.isfinite()
+        assert torch.allclose(a[finite], e[finite], atol=1e-10), (what, (a - e).abs().max())

@@ -686,7 +686,7 @@ def _merge(out, lse, wide_rows, part_rows, part_out, part_lse):
     fp = torch.float64 if out.dtype == torch.float64 else torch.float32
     own_out = out.index_select(2, wide_rows).to(fp)
     own_lse = lse.index_select(2, wide_rows)
-    shift = own_lse.detach().index_reduce(2, at, part_lse.detach(), "amax")
+    shift = own_lse.detach().scatter_reduce(2, at.expand_as(part_lse), part_lse.detach(), "amax")
     shift = torch.where(shift.isfinite(), shift, torch.zeros_like(shift))
     total = torch.exp(own_lse - shift).index_add(
         2, at, torch.exp(part_lse - shift.index_select(2, at))
