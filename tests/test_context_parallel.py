@@ -459,3 +459,51 @@ def test_partials_merged_by_log_sum_exp_equal_the_whole(data):
         assert torch.equal(a.isfinite(), e.isfinite()), what
         finite = e.isfinite()
         assert torch.allclose(a[finite], e[finite], atol=1e-10), (what, (a - e).abs().max())
+
+
+@settings(max_examples=examples(50), deadline=None, derandomize=not EXPLORE, database=None)
+@given(data=st.data())
+def test_key_plan_covers_every_kept_block(data):
+    """``kv_exchange``'s plan on random layouts, 2-4 ranks, both orders, causal or not:
+    every kept (query block, key block on another rank) pair is reached once, by fetching
+    the key block (the query block does not visit) or by the query block's visit to the
+    key's rank; nothing is fetched or visited that no pair needs."""
+    from blocksparse_attn.distributed import _key_plan
+
+    P = data.draw(st.integers(2, 4))
+    order = data.draw(st.sampled_from(ORDERS))
+    nb = 2 * P * data.draw(st.integers(1, 3))
+    causal = data.draw(st.booleans())
+    heads, hkv = data.draw(st.sampled_from(((1, 1), (2, 1), (2, 2))))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    density = data.draw(st.sampled_from((0.05, 0.2, 0.6)))
+    grid = torch.rand(1, heads, nb, nb, generator=g) < density
+    grid[..., data.draw(st.integers(0, nb - 1)), :] = data.draw(st.booleans())  # a global row
+    own = [shard_positions(nb, P, r, order) for r in range(P)]
+    owner = torch.empty(nb, dtype=torch.long)
+    for p, blocks in enumerate(own):
+        owner[blocks] = p
+    plan = _key_plan(grid, own, causal, 2 * hkv, hkv, data.draw(st.booleans()))
+    kept = grid.any((0, 1))
+    if causal:
+        kept &= torch.ones(nb, nb, dtype=torch.bool).tril()
+    for r in range(P):
+        wide = set(plan.wide[r].tolist())
+        fetched = set(plan.needed[r].tolist())
+        visited = {p: set(plan.visits[r][p].tolist()) for p in range(P)}
+        assert not (fetched & set(own[r].tolist())) and not visited[r]
+        assert all(visited[p] <= wide for p in range(P))
+        used = set()
+        for i in own[r].tolist():
+            for j in kept[i].nonzero().flatten().tolist():
+                if owner[j] == r:
+                    continue
+                if i in wide:
+                    assert i in visited[int(owner[j])], (r, i, j)
+                else:
+                    assert j in fetched, (r, i, j)
+                    used.add(j)
+        assert used == fetched  # no block fetched that no narrow row attends
+        for p in range(P):  # each visit reaches a key it needs
+            for i in visited[p]:
+                assert bool((kept[i] & (owner == p)).any()), (r, p, i)
