@@ -251,9 +251,10 @@ class _Exchange(torch.autograd.Function):
 def _check_across_ranks(where, P, group, local: list) -> None:
     """Every rank's ``[passed its local checks, B, H, H_kv, S, D, layout heads, nb,
     layout checksum, shard order, block, causal, strategy, unfused backend, key padding
-    mask given, rpe given, return_lse]``, compared before anything else is exchanged, so
-    that every rank raises (the failing rank its own error, the others this one) instead
-    of hanging in a collective another rank does not run."""
+    mask given, rpe's batch and head sizes (0 without one), return_lse]``, compared
+    before anything else is exchanged, so that every rank raises (the failing rank its own
+    error, the others this one) instead of hanging in a collective another rank does not
+    run."""
     # NCCL moves only CUDA tensors; gloo (and mixed backends) take host ones
     nccl = dist.get_backend(group) == "nccl"
     device = torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu"
@@ -429,7 +430,7 @@ def context_parallel_attention(
     where = "context_parallel_attention"
     P, rank = _group_size_rank(where, group)
     # local checks first, then one collective that tells every rank whether all passed
-    error, summary = None, [0.0] * 16  # as long as a full summary, for the all-gather
+    error, summary = None, [0.0] * 17  # as long as a full summary, for the all-gather
     try:
         if strategy not in STRATEGIES:
             raise bad_argument(
@@ -444,7 +445,8 @@ def context_parallel_attention(
         summary = [B, H, k.shape[1], S, D, *grid.shape[1:3], _checksum(layout, grid)]
         summary += [ORDERS.index(order), block, causal, STRATEGIES.index(strategy)]
         # what decides which collectives run: the same everywhere, or a rank would wait
-        summary += [backend == "unfused", key_padding_mask is not None, rpe is not None]
+        bias = tuple(rpe.shape[:2]) if isinstance(rpe, torch.Tensor) else (0, 0)
+        summary += [backend == "unfused", key_padding_mask is not None, *bias]
         summary.append(return_lse)
     except (ValueError, TypeError) as e:
         error = e
