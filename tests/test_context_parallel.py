@@ -229,7 +229,7 @@ def test_visiting_rows_on_the_fused_kernels(tmp_path):
 def test_global_rows_visit_instead_of_fetching_every_key():
     """Under ``kv_exchange`` a global query row visits the ranks holding its keys, so the
     keys fetched are the window's edges and the global column, the same at every ``L``;
-    without the log-sum-exp (``visiting=False``, the unfused backend) the rank holding the
+    without the log-sum-exp (``can_visit=False``, the unfused backend) the rank holding the
     global row fetches every other shard. Rows that share their fetched blocks (a dense or
     causal layout) fetch."""
     from blocksparse_attn.distributed import _bytes_kv_exchange, _key_plan

@@ -205,6 +205,13 @@ def _all_to_all(x, split, cat, group):
     return out
 
 
+def _ranges(sizes: list, device) -> list:
+    """Consecutive index ranges of ``sizes[0]``, ``sizes[1]``, ... rows: where each
+    sender's rows lie in a buffer of what arrived, in rank order."""
+    ends = list(itertools.accumulate(sizes))
+    return [torch.arange(e - n, e, device=device) for n, e in zip(sizes, ends)]
+
+
 def _exchange_rows(x, send, sizes, group):
     """Rows ``send[p]`` of ``x [B, h, n, D]`` (dim 2) to rank ``p``; ``sizes[p]`` rows
     arrive from rank ``p``: ``[B, h, sum(sizes), D]`` in rank order. One uneven
@@ -237,11 +244,7 @@ class _Exchange(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        rows = [torch.arange(n, device=grad.device) for n in ctx.sizes]
-        offsets = [0]
-        for n in ctx.sizes:
-            offsets.append(offsets[-1] + n)
-        back = [r + o for r, o in zip(rows, offsets)]  # every received row, to its sender
+        back = _ranges(ctx.sizes, grad.device)  # every received row, to its sender
         returned = _exchange_rows(grad.contiguous(), back, [len(r) for r in ctx.send], ctx.group)
         dx = grad.new_zeros(ctx.shape)
         dx.index_add_(2, torch.cat(ctx.send), returned)
@@ -315,14 +318,25 @@ class _KeyPlan:
     wide: list
     needed: list
     visits: list
-    key: tuple  # what it was read for: (H, H_kv, visiting), for the caches built on it
+    key: tuple  # what it was read for: (H, H_kv, can_visit), for the caches built on it
 
     @property
     def visiting(self) -> bool:
         return any(len(w) for w in self.wide)
 
 
-def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _KeyPlan:
+def _places(own: list, nb: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of the ``nb`` blocks, the rank that holds it and its place in that rank's
+    shard (``own``: each rank's blocks in its shard's order)."""
+    owner = torch.empty(nb, dtype=torch.long)
+    local_block = torch.empty(nb, dtype=torch.long)
+    for p, blocks in enumerate(own):
+        owner[blocks] = p
+        local_block[blocks] = torch.arange(len(blocks))
+    return owner, local_block
+
+
+def _key_plan(grid, own, causal: bool, H: int, Hkv: int, can_visit: bool) -> _KeyPlan:
     """Which query blocks fetch the keys they attend and which visit the keys' ranks. A
     query block visits (its rows go to each rank holding keys it attends, that rank returns
     a partial output and log-sum-exp, merged by log-sum-exp) when that moves fewer bytes
@@ -331,12 +345,10 @@ def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _Key
     that attend it (a query row and its output against a key and a value row; the backward
     mirrors both). So a global row over ``P`` ranks visits ``P - 1`` ranks instead of
     fetching every other shard, a window row fetches its neighbour's edge, and the rows of
-    a dense or causal layout fetch (each fetched block serves them all). ``visiting=False``
+    a dense or causal layout fetch (each fetched block serves them all). ``can_visit=False``
     (a backend without the log-sum-exp) fetches for every block."""
     P, nb = len(own), grid.shape[-1]
-    owner = torch.empty(nb, dtype=torch.long)
-    for p, blocks in enumerate(own):
-        owner[blocks] = p
+    owner, _ = _places(own, nb)
     wide, needed, visits = [], [], []
     for r in range(P):
         n = len(own[r])
@@ -351,12 +363,12 @@ def _key_plan(grid, own, causal: bool, H: int, Hkv: int, visiting: bool) -> _Key
         sharing = torch.bincount(col[remote], minlength=nb)  # my query blocks on each key
         share = torch.zeros(n, dtype=torch.float64)
         share.index_add_(0, row[remote], 1.0 / sharing[col[remote]].double())
-        visit = visiting & (H * (on > 0).sum(0) < Hkv * share)
+        visit = can_visit & (H * (on > 0).sum(0) < Hkv * share)
         fetched = ~visit[row] & remote
         wide.append(own[r][visit])
         needed.append(col[fetched].unique())
         visits.append([own[r][visit & (on[p] > 0)] for p in range(P)])
-    return _KeyPlan(wide, needed, visits, (H, Hkv, visiting))
+    return _KeyPlan(wide, needed, visits, (H, Hkv, can_visit))
 
 
 def _bytes_kv_exchange(plan: _KeyPlan, block, B, H, Hkv, D, P) -> float:
@@ -474,11 +486,11 @@ def context_parallel_attention(
             "'all_to_all'",
         )
     own = [shard_positions(nb, P, r, order) for r in range(P)]  # each rank's blocks
-    visiting = backend != "unfused"  # visits merge partial results by their log-sum-exp
+    can_visit = backend != "unfused"  # visits merge partial results by their log-sum-exp
     plan = _cached(
         layout,
-        ("cp-plan", P, order, causal, H, Hkv, visiting),
-        lambda: _key_plan(grid, own, causal, H, Hkv, visiting),
+        ("cp-plan", P, order, causal, H, Hkv, can_visit),
+        lambda: _key_plan(grid, own, causal, H, Hkv, can_visit),
     )
     if strategy == "auto":
         exchanged = _bytes_kv_exchange(plan, block, B, H, Hkv, D, P)
@@ -539,11 +551,7 @@ def _by_key_blocks(q, k, v, layout, grid, plan, shards, masks, kw, attend):
     kpm_shard, kpm_mode, rpe = masks
     dev = q.device
     nb = grid.shape[-1]
-    owner = torch.empty(nb, dtype=torch.long)
-    local_block = torch.empty(nb, dtype=torch.long)  # its place in its owner's shard
-    for p, blocks in enumerate(own):
-        owner[blocks] = p
-        local_block[blocks] = torch.arange(len(blocks))
+    owner, local_block = _places(own, nb)
     visiting = plan.visiting  # the same on every rank: all take part in the visits
     wide = torch.zeros(nb, dtype=torch.bool)
     wide[plan.wide[rank]] = True
@@ -602,32 +610,27 @@ def _by_key_blocks(q, k, v, layout, grid, plan, shards, masks, kw, attend):
     out = outs[0] if len(outs) == 1 else torch.cat(outs, 2)
     lse = None if lses[0] is None else lses[0] if len(lses) == 1 else torch.cat(lses, 2)
     if visiting:
-        part_out, part_lse = _visit(
+        part_rows, part_out, part_lse = _visit(
             q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block
         )
-        rows = [_block_tokens(local_block[b], block, dev) for b in plan.visits[rank]]
-        out, lse = _merge(
-            out,
-            lse,
-            _block_tokens(local_block[plan.wide[rank]], block, dev),
-            torch.cat(rows),
-            part_out,
-            part_lse,
-        )
+        wide_rows = _block_tokens(local_block[plan.wide[rank]], block, dev)
+        out, lse = _merge(out, lse, wide_rows, part_rows, part_out, part_lse)
     return (out, lse) if kw["return_lse"] else out
 
 
 def _visit(q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block):
     """The visits: each rank sends the rows of its wide query blocks to the ranks holding
     keys they attend, attends the rows that visit it against its own keys, and sends the
-    partial outputs and log-sum-exps back. Returns the partials of this rank's visits
-    ``[B, H, n, D]`` and ``[B, H, n]``, rows in the order of ``plan.visits[rank]``. Every
+    partial outputs and log-sum-exps back. Returns the rows (in this rank's shard) of its
+    visits, in the order of ``plan.visits[rank]``, and their partials ``[B, H, n, D]``
+    and ``[B, H, n]``. Every
     rank takes part in every exchange (forward and backward), with or without rows."""
     block = kw["block"]
     P, rank, group, own = shards.P, shards.rank, shards.group, shards.own
     kpm_shard, kpm_mode, rpe = masks
     dev = q.device
     send = [_block_tokens(local_block[b], block, dev) for b in plan.visits[rank]]
+    counts = [len(rows) for rows in send]
     arriving = [plan.visits[p][rank] for p in range(P)]  # the blocks of my visitors' rows
     sizes = [len(a) * block for a in arriving]
     q_in = _Exchange.apply(q, send, sizes, group)
@@ -637,9 +640,7 @@ def _visit(q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block):
             rpe.index_select(-2, rows).index_select(-1, _block_tokens(own[p], block, dev))
             for p, rows in enumerate(send)
         ]
-        counts = [len(rows) for rows in send]
-        ranges = [torch.arange(a, a + n, device=dev) for a, n in zip(_starts(counts), counts)]
-        rpe_in = _Exchange.apply(torch.cat(parts, -2), ranges, sizes, group)
+        rpe_in = _Exchange.apply(torch.cat(parts, -2), _ranges(counts, dev), sizes, group)
     rows_in = torch.cat(arriving)
     if len(rows_in):
 
@@ -665,15 +666,10 @@ def _visit(q, k, v, layout, grid, plan, shards, masks, kw, attend, local_block):
         lse_in = out_in[..., 0]
     # the log-sum-exp's dtype on every rank, visited or not (as the attention returns it)
     lse_in = lse_in.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    back = [torch.arange(a, a + n, device=dev) for a, n in zip(_starts(sizes), sizes)]
-    counts = [len(rows) for rows in send]
+    back = _ranges(sizes, dev)
     part_out = _Exchange.apply(out_in, back, counts, group)
     part_lse = _Exchange.apply(lse_in.unsqueeze(-1), back, counts, group).squeeze(-1)
-    return part_out, part_lse
-
-
-def _starts(sizes: list) -> list:
-    return [sum(sizes[:p]) for p in range(len(sizes))]
+    return torch.cat(send), part_out, part_lse
 
 
 def _merge(out, lse, wide_rows, part_rows, part_out, part_lse):
