@@ -41,10 +41,16 @@ kernels_in_cpu_processes = pytest.mark.skipif(
 )
 
 
+def window_global(nb: int) -> torch.Tensor:
+    """A bool ``[nb, nb]`` layout: a window of one block each side, block 0 global."""
+    window = torch.ones(nb, nb, dtype=torch.bool).triu(-1).tril(1)
+    window[:, :1] = window[:1, :] = True
+    return window
+
+
 def layouts():
     nb = L // BLOCK
-    window = torch.ones(nb, nb, dtype=torch.bool).triu(-1).tril(1)
-    window[:, :1] = window[:1, :] = True  # one global block
+    window = window_global(nb)
     g = torch.Generator().manual_seed(5)
     random = torch.rand(HKV, nb, nb, generator=g) < 0.2
     per_sample = torch.rand(B, HKV, nb, nb, generator=g) < 0.03
@@ -198,8 +204,7 @@ def _visits_on_the_kernels(rank, P, init_file):
         kpm = torch.zeros(b, n)
         kpm[0, 37:41] = -math.inf
         grad_out = torch.randn(b, h, n, d)
-        window = torch.ones(nb, nb, dtype=torch.bool).triu(-1).tril(1)
-        window[:, :1] = window[:1, :] = True
+        window = window_global(nb)
         causal = torch.ones(nb, nb, dtype=torch.bool).tril().triu(-1)
         causal[-1] = True
         for layout, is_causal in ((window.long(), False), (causal.long(), True)):
@@ -235,8 +240,7 @@ def test_global_rows_visit_instead_of_fetching_every_key():
     from blocksparse_attn.distributed import _bytes_kv_exchange, _key_plan
 
     for nb, P in ((16, 2), (64, 2), (64, 4)):
-        window = torch.ones(1, 1, nb, nb, dtype=torch.bool).triu(-1).tril(1)
-        window[..., :, :1] = window[..., :1, :] = True
+        window = window_global(nb)[None, None]
         own = [shard_positions(nb, P, r) for r in range(P)]
         plan = _key_plan(window, own, False, H, HKV, True)
         assert plan.wide[0].tolist() == [0] and all(len(w) == 0 for w in plan.wide[1:])
