@@ -67,17 +67,24 @@ def sm90_switched_off() -> bool:
 _GLUON_REASONS: list[str] | None = None
 
 
-def sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
+# Head dims each Hopper direction takes; the others run the Triton kernels. Measured in
+# ``benchmarks/NOTES.md``: the forward at head dim 64 ran no faster than Triton's (v15).
+SM90_FORWARD_HEAD_DIMS = (128,)
+SM90_BACKWARD_HEAD_DIMS = (128,)
+
+
+def sm90_domain(
+    q: torch.Tensor, k: torch.Tensor, layout, block: int, head_dims: tuple[int, ...] = (128,)
+) -> bool:
     """Whether the Hopper kernels (``kernels/sm90_fwd.py``, ``kernels/sm90_bwd.py``) cover
     inputs of these shapes, dtypes, device and layout kind: an sm90 GPU with Gluon,
-    fp16/bf16, head dim 128, block 128, equal query and key lengths that are multiples of
-    128, any grouping of K/V heads, a layout ``[H_l, nb, nb]`` or block lists, and
-    ``BLOCKSPARSE_ATTN_SM90`` not ``0``. The plans
+    fp16/bf16, a head dim in ``head_dims``, block 128, equal query and key lengths that
+    are multiples of 128, any grouping of K/V heads, a layout ``[H_l, nb, nb]`` or block
+    lists, and ``BLOCKSPARSE_ATTN_SM90`` not ``0``. The plans
     (:func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan`,
     :func:`~blocksparse_attn.kernels.fused_bwd.sm90_backward_plan`) add what only a call
-    tells: contiguous, aligned inputs, no bias or mask. At head dim 64 the Hopper forward
-    ran no faster than the Triton forward (``benchmarks/NOTES.md``, v15), so it stays
-    there."""
+    tells: contiguous, aligned inputs, no bias or mask, and pass their direction's head
+    dims (:data:`SM90_FORWARD_HEAD_DIMS`, :data:`SM90_BACKWARD_HEAD_DIMS`)."""
     from ..kv_blocks import KVBlocks
 
     B, H, L, D = q.shape
@@ -85,7 +92,7 @@ def sm90_domain(q: torch.Tensor, k: torch.Tensor, layout, block: int) -> bool:
         sm90_switched_off()
         or not q.is_cuda
         or q.dtype not in (torch.float16, torch.bfloat16)
-        or D != 128
+        or D not in head_dims
         or block != 128
         or L % 128
         or k.shape[2] != L

@@ -408,10 +408,10 @@ def sm90_backward_plan(q, k, v, grad_out, layout, *, block: int, causal: bool):
     caller checks those). Lists long enough to be cut into parts run a program a part,
     as in the Triton kernels (v17). ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton kernels
     everywhere."""
-    from .availability import sm90_domain
+    from . import availability
 
     if not (
-        sm90_domain(q, k, layout, block)
+        availability.sm90_domain(q, k, layout, block, availability.SM90_BACKWARD_HEAD_DIMS)
         and all(t.is_contiguous() for t in (q, k, v, grad_out))
         and descriptors_allowed(q, k, v, grad_out)
     ):

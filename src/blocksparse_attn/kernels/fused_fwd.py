@@ -299,11 +299,11 @@ def sm90_forward_plan(q, k, v, layout, block: int, masked: bool) -> bool:
     128, block 128, equal lengths that are multiples of 128, a layout or block lists),
     contiguous aligned inputs, and no bias or mask. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the
     Triton forward everywhere. Measured in ``benchmarks/NOTES.md`` (v15)."""
-    from .availability import sm90_domain
+    from . import availability
 
     return (
         not masked
-        and sm90_domain(q, k, layout, block)
+        and availability.sm90_domain(q, k, layout, block, availability.SM90_FORWARD_HEAD_DIMS)
         and all(t.is_contiguous() for t in (q, k, v))
         and descriptors_allowed(q, k, v)
     )
