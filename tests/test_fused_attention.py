@@ -316,6 +316,53 @@ def test_two_dimensional_layout_is_compiled_once():
         torch.testing.assert_close(out, outs[4], atol=2e-5, rtol=1e-4)
 
 
+def test_autotuning_key_holds_the_launch_size():
+    """Every autotuned kernel keys its tuning on ``GRID_CLASS``, the bit length of its
+    program count, which :func:`~blocksparse_attn.kernels._common.launch` passes: a choice
+    made on a short sequence is not reused on one with many more programs."""
+    from blocksparse_attn.kernels import blocksparse_matmul, fused_bwd, fused_fwd
+    from blocksparse_attn.kernels._common import grid_class
+
+    kernels = [fused_fwd._bsa_fwd_kernel, fused_bwd._bsa_bwd_dkdv_kernel]
+    kernels += [fused_bwd._bsa_bwd_dq_kernel, blocksparse_matmul._sdd_kernel]
+    kernels += [blocksparse_matmul._dsd_kernel, blocksparse_matmul._dds_kernel]
+    for kernel in kernels:
+        assert "GRID_CLASS" in kernel.keys and "GRID_CLASS" in kernel.fn.arg_names, kernel
+    assert [grid_class(g) for g in ((1,), (2,), (3,), (1023,), (1024,), (8, 4, 2))] == [
+        1,
+        2,
+        2,
+        10,
+        11,
+        7,
+    ]
+
+
+@pytest.mark.gpu
+def test_gpu_tuning_choices_per_launch_size(monkeypatch):
+    """A short and a long call with the same kernel flags record two tuning choices, one
+    for each launch's size class, each under the class of its own program count."""
+    from blocksparse_attn.kernels import _common
+
+    monkeypatch.setattr(_common, "_TUNED", {})
+    launched = []
+    real = _common.launch
+    monkeypatch.setattr(
+        _common, "launch", lambda k, grid, *a: launched.append((k, grid)) or real(k, grid, *a)
+    )
+    monkeypatch.setattr("blocksparse_attn.kernels.fused_fwd.launch", _common.launch)
+    for L in (256, 8192):
+        q = torch.randn(1, 2, L, 64, device="cuda", dtype=torch.float16)
+        layout = torch.ones(1, L // 64, L // 64, dtype=torch.long)
+        block_sparse_attention(q, q, q, layout, block=64, backend="fused")
+    grids = [grid for kernel, grid in launched if kernel.fn.__name__ == "_bsa_fwd_kernel"]
+    chosen = [t["key"] for t in _common.tuned_options() if t["kernel"] == "_bsa_fwd_kernel"]
+    assert [k["GRID_CLASS"] for k in chosen] == [_common.grid_class(g) for g in grids]
+    assert len({k["GRID_CLASS"] for k in chosen}) == 2
+    flags = [{n: v for n, v in k.items() if n != "GRID_CLASS"} for k in chosen]
+    assert flags[1:] == flags[:1]  # the same kernel flags: only the size class differs
+
+
 def test_noncontiguous_inputs(monkeypatch):
     poison(monkeypatch)
     x = torch.randn(2, 64, 3, 3, 16, device=DEVICE)  # [B, L, 3, H, D] packed qkv

@@ -15,6 +15,7 @@ sum apart (their sum rounds to the maximum when it is that large).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -430,6 +431,12 @@ def schedule_args(layout, index, B: int, H: int) -> dict:
     return dict(B=B // per_sample, heads_per_layout_head=per_sample * H // index.heads)
 
 
+def grid_class(grid: tuple[int, ...]) -> int:
+    """The size class of a launch in the autotuner's key: the bit length of its number of
+    programs (1 for one program, 11 for 1024-2047)."""
+    return math.prod(grid).bit_length()
+
+
 _TUNED: dict[tuple, dict] = {}  # (kernel, dtype, device, tuning key) -> launch options
 
 
@@ -441,7 +448,13 @@ def launch(kernel, grid, kwargs: dict, config: dict | None = None):
     the first argument's dtype and device); later launches with that key go straight to
     the compiled function with the chosen options. Triton's ``Autotuner.run`` rebuilds its
     key from every argument on each call, which costs more host time than a short kernel
-    runs (``benchmarks/NOTES.md``, v3)."""
+    runs (``benchmarks/NOTES.md``, v3).
+
+    Every launched kernel takes ``GRID_CLASS``, the bit length of its program count, in
+    its tuning key: a configuration chosen on a short sequence is not reused on a long
+    one, whose best configuration differs (``benchmarks/NOTES.md``, v20), and a new
+    sequence length re-tunes only when its program count doubles or halves."""
+    kwargs = dict(kwargs, GRID_CLASS=grid_class(grid))
     if kwargs.get("ALLOW_DESC") or (config or {}).get("DESC"):
         _ensure_allocator()
     if config is not None:

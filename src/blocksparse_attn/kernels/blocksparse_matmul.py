@@ -21,8 +21,8 @@ from ._common import _dot, empty, input_precision, launch, upcast_dots
 from .configs import launch_configs, matmul_tile
 
 
-@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_K"])
-@triton.jit
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_K", "GRID_CLASS"])
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _sdd_kernel(
     A,
     B,
@@ -45,6 +45,7 @@ def _sdd_kernel(
     BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     t = tl.program_id(0)
     z = tl.program_id(1).to(tl.int64)
@@ -66,8 +67,8 @@ def _sdd_kernel(
     )
 
 
-@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_N"])
-@triton.jit
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_N", "GRID_CLASS"])
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _dsd_kernel(
     S,
     D,
@@ -93,6 +94,7 @@ def _dsd_kernel(
     BLOCK_N: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     """Row-block ``rb`` of ``op(S) @ op(D)``: the sum over the row's sparse blocks."""
     r = tl.program_id(0)
@@ -119,8 +121,8 @@ def _dsd_kernel(
     )
 
 
-@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_M"])
-@triton.jit
+@triton.autotune(configs=launch_configs("matmul"), key=["BLOCK", "BLOCK_M", "GRID_CLASS"])
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _dds_kernel(
     D,
     S,
@@ -146,6 +148,7 @@ def _dds_kernel(
     BLOCK_M: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     """Column-block ``cb`` of ``op(D) @ op(S)``: the sum over the column's sparse blocks."""
     r = tl.program_id(0)

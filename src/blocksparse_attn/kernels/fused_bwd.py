@@ -57,6 +57,7 @@ _KEY = [
     "HAS_KPM",
     "HAS_AM",
     "ALLOW_DESC",
+    "GRID_CLASS",
 ]
 _PRUNE = {"early_config_prune": prune_descriptors}
 
@@ -126,7 +127,7 @@ def _score_gradient(p, dp, delta, guard):
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY, prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _bsa_bwd_dkdv_kernel(
     Q,  # Q, K, V, DO, DK, DV: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
@@ -171,6 +172,7 @@ def _bsa_bwd_dkdv_kernel(
     GROUP: tl.constexpr,
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     col_ptr, col_idx, col_bits, col_partial = COLS
     col, pid_n, b, h, start, end, slot = _schedule(
@@ -246,7 +248,7 @@ def _bsa_bwd_dkdv_kernel(
 
 
 @triton.autotune(configs=launch_configs("bwd"), key=_KEY + ["STORE_DS"], prune_configs_by=_PRUNE)
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _bsa_bwd_dq_kernel(
     Q,  # Q, K, V, DO, DQ: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
@@ -291,6 +293,7 @@ def _bsa_bwd_dq_kernel(
     GROUP: tl.constexpr,
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     row_ptr, row_idx, row_bits, row_partial = ROWS
     row, pid_m, b, h, start, end, slot = _schedule(

@@ -58,6 +58,7 @@ _KEY = [
     "HAS_AM",
     "LEAD",
     "ALLOW_DESC",
+    "GRID_CLASS",
 ]
 
 
@@ -66,7 +67,7 @@ _KEY = [
     key=_KEY,
     prune_configs_by={"early_config_prune": prune_descriptors},
 )
-@triton.jit
+@triton.jit(do_not_specialize=["GRID_CLASS"])
 def _bsa_fwd_kernel(
     Q,  # Q, K, V, O: (pointer, stride_b, stride_h, stride_row), see _matrix
     K,
@@ -108,6 +109,7 @@ def _bsa_fwd_kernel(
     GROUP: tl.constexpr,
     ALLOW_DESC: tl.constexpr,
     DESC: tl.constexpr,
+    GRID_CLASS,  # the launch's size class, for the autotuner's key only (_common.launch)
 ):
     row_ptr, row_idx, row_bits, row_partial, row_lead = ROWS
     row, pid_m, b, h, start, end, slot = _schedule(
