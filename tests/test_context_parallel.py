@@ -80,6 +80,19 @@ def _join(rank, P, init_file, gpu=False):
     )
 
 
+def assert_shards_equal(got, want, tol, label):
+    """This rank's output, log-sum-exp and gradient shards (as many as ``got`` holds, in the
+    order out, lse, dq, dk, dv, drpe) equal the single-process ones within ``tol``; a
+    log-sum-exp is -inf at the same rows."""
+    for what, a, e in zip(("out", "lse", "dq", "dk", "dv", "drpe"), got, want):
+        ok = torch.allclose(a, e, atol=tol) or (
+            what == "lse"
+            and torch.equal(torch.isinf(a), torch.isinf(e))
+            and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=tol)
+        )
+        assert ok, f"{label} {what}: {(a - e).abs().max()}"
+
+
 def _exact(rank, P, init_file, gpu=False):
     """Every strategy against one process's result: fp64 on the reference backend over
     gloo, or fp32 on the fused kernels over NCCL (one GPU per rank)."""
@@ -123,15 +136,7 @@ def _exact(rank, P, init_file, gpu=False):
                     full[5][:, :, rows],
                 )
                 got = (out, lse, *grads)
-                for what, a, e in zip(("out", "lse", "dq", "dk", "dv", "drpe"), got, mine):
-                    ok = torch.allclose(a, e, atol=tol) or (
-                        what == "lse"
-                        and torch.equal(torch.isinf(a), torch.isinf(e))
-                        and torch.allclose(a[a.isfinite()], e[e.isfinite()], atol=tol)
-                    )
-                    assert ok, (
-                        f"{name} {strategy} {order} {what} rank {rank}: {(a - e).abs().max()}"
-                    )
+                assert_shards_equal(got, mine, tol, f"{name} {strategy} {order} rank {rank}")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -442,7 +447,7 @@ def test_partials_merged_by_log_sum_exp_equal_the_whole(data):
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     out, lse = reference_attention(*leaves, layout, block=block, return_lse=True)
-    want = (out, lse, *torch.autograd.grad(loss(out, lse), leaves))
+    want = (out, lse, *torch.autograd.grad(loss(out, lse, grad_out, grad_lse), leaves))
 
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     own = layout.clone()
@@ -511,3 +516,116 @@ def test_key_plan_covers_every_kept_block(data):
         for p in range(P):  # each visit reaches a key it needs
             for i in visited[p]:
                 assert bool((kept[i] & (owner == p)).any()), (r, p, i)
+
+
+def _problem_equals_one_process(rank, P, spec):
+    """One drawn problem (``spec``, the same on every rank) through
+    ``context_parallel_attention`` on the reference backend in fp64 against the whole
+    sequence in one process: output, log-sum-exp and the gradients of a loss of both."""
+    g = torch.Generator().manual_seed(spec["seed"])
+    b, hkv, group, d, block = (spec[n] for n in ("B", "Hkv", "group", "D", "block"))
+    h, L, order = hkv * group, P * spec["blocks_per_rank"] * block, spec["order"]
+    nb = L // block
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, v = randn(b, h, L, d), randn(b, hkv, L, d), randn(b, hkv, L, d)
+    lead = (b,) if spec["per_sample"] else ()
+    layout = torch.rand(*lead, spec["layout_heads"], nb, nb, generator=g) < spec["density"]
+    if spec["global_row"] is not None:
+        layout[..., spec["global_row"] % nb, :] = True
+    if spec["global_col"] is not None:
+        layout[..., spec["global_col"] % nb] = True
+    layout = layout.long()
+    kpm, kw = None, {}
+    if spec["kpm"]:
+        hidden = torch.rand(b, L, generator=g) < 0.3
+        add = spec["kpm"] == "add"
+        kpm = torch.where(hidden, -math.inf if add else 0.0, 0.0 if add else 1.0).double()
+        kw["key_padding_mask_mode"] = spec["kpm"]
+    rpe = 0.1 * randn(1, h, L, L) if spec["rpe"] else None
+    grad_out, grad_lse = randn(b, h, L, d), randn(b, h, L)
+
+    def loss(out, lse, go, gl):  # the log-sum-exp's gradient too, where it is finite
+        return (out * go).sum() + torch.where(lse.isfinite(), lse * gl, 0).sum()
+
+    kw.update(block=block, causal=spec["causal"], backend="reference", return_lse=True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v) + ((rpe,) if spec["rpe"] else ())]
+    out, lse = block_sparse_attention(
+        *leaves[:3], layout, key_padding_mask=kpm, rpe=leaves[3] if spec["rpe"] else None, **kw
+    )
+    want = (out, lse, *torch.autograd.grad(loss(out, lse, grad_out, grad_lse), leaves))
+    rows = shard_positions(L, P, rank, order)
+    mine = [shard_sequence(t, order=order) for t in want[:5]]
+    mine += [want[5][:, :, rows]] if spec["rpe"] else []
+
+    shards = [shard_sequence(t, order=order).requires_grad_() for t in (q, k, v)]
+    rpe_rows = rpe[:, :, rows].clone().requires_grad_() if spec["rpe"] else None
+    out, lse = context_parallel_attention(
+        *shards,
+        layout,
+        strategy=spec["strategy"],
+        order=order,
+        key_padding_mask=None if kpm is None else shard_sequence(kpm, dim=1, order=order),
+        rpe=rpe_rows,
+        **kw,
+    )
+    leaves = shards + ([rpe_rows] if spec["rpe"] else [])
+    mine_grads = [shard_sequence(t, order=order) for t in (grad_out, grad_lse)]
+    got = (out, lse, *torch.autograd.grad(loss(out, lse, *mine_grads), leaves))
+    assert_shards_equal(got, mine, 1e-9, f"{spec} rank {rank}")
+
+
+def _problems(rank, P, init_file, specs):
+    _join(rank, P, init_file)
+    try:
+        for spec in specs:
+            _problem_equals_one_process(rank, P, spec)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@st.composite
+def problem_specs(draw, P):
+    """A context-parallel problem for ``P`` ranks: sizes, grouped heads, a random layout
+    (per head or per sample, with a global row or column or not), causal or not, a key
+    padding mask in either mode or none, rpe or none, a strategy (``all_to_all`` only
+    where the heads divide among the ranks) and a shard order."""
+    hkv = draw(st.sampled_from((1, P)))
+    group = draw(st.sampled_from((1, 2)))
+    strategies = ("kv_exchange", "auto") + (("all_to_all",) if hkv % P == 0 else ())
+    order = draw(st.sampled_from(ORDERS))
+    return dict(
+        seed=draw(st.integers(0, 2**16)),
+        B=draw(st.integers(1, 2)),
+        Hkv=hkv,
+        group=group,
+        D=draw(st.sampled_from((4, 8))),
+        block=draw(st.sampled_from((4, 8))),
+        blocks_per_rank=draw(st.sampled_from((2, 4) if order == "balanced" else (1, 2, 3))),
+        per_sample=draw(st.booleans()),
+        layout_heads=draw(st.sampled_from((1, hkv * group))),
+        density=draw(st.sampled_from((0.1, 0.3, 0.7))),
+        global_row=draw(st.none() | st.integers(0, 63)),
+        global_col=draw(st.none() | st.integers(0, 63)),
+        causal=draw(st.booleans()),
+        kpm=draw(st.sampled_from((None, "add", "mul"))),
+        rpe=draw(st.booleans()),
+        strategy=draw(st.sampled_from(strategies)),
+        order=order,
+    )
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed not available")
+@settings(max_examples=examples(4), deadline=None, derandomize=not EXPLORE, database=None)
+@given(data=st.data())
+def test_random_problems_equal_one_process(tmp_path_factory, data):
+    """Property-based, end to end over gloo: each example draws 2 or 3 ranks and four
+    problems (:func:`problem_specs`), run in one set of processes; on every rank the
+    output, log-sum-exp and gradient shards equal the single-process result in fp64."""
+    P = data.draw(st.integers(2, 3))
+    specs = [data.draw(problem_specs(P)) for _ in range(4)]
+    init_file = tmp_path_factory.mktemp("rendezvous") / "file"
+    mp.spawn(_problems, args=(P, str(init_file), specs), nprocs=P, join=True)
