@@ -192,11 +192,11 @@ def _hopper() -> int:
     # it; the Hopper backward, which cuts the same lists)
     from blocksparse_attn import index
 
-    for cut in (False, True):
+    for cut, D in ((False, 128), (True, 128), (False, 64)):
         if cut:
             index.PART_MIN, index.PART_OVER_MEAN = 1, 0.5
         q, k, v = (
-            torch.randn(2, 3, 512, 128, device="cuda", dtype=torch.float16, requires_grad=True)
+            torch.randn(2, 3, 512, D, device="cuda", dtype=torch.float16, requires_grad=True)
             for _ in range(3)
         )
         lay = (torch.rand(3, 4, 4, device="cuda") < 0.5).long()
@@ -207,7 +207,7 @@ def _hopper() -> int:
         index.PART_MIN, index.PART_OVER_MEAN = 64, 4
         ok = all(bool(torch.isfinite(r).all()) for r in (out, *grads))
         bad += not ok
-        label = "lists in parts" if cut else "lists whole"
+        label = f"lists in parts, head dim {D}" if cut else f"lists whole, head dim {D}"
         print(f"Hopper forward ({label}): {'ok' if ok else 'NOT FINITE'}", flush=True)
     for deterministic in (True, False):
         for heads, causal in ((1, True), (3, False)):

@@ -1,6 +1,6 @@
 """The fused forward's Gluon kernel for Hopper (``kernels/sm90_fwd.py``): it compiles for
 sm90 on any machine (head dims 64 and 128); on an sm90 GPU it is the forward of the inputs
-``sm90_forward_plan`` accepts (head dim 128), equal to the fp64 reference (output and
+``sm90_forward_plan`` accepts (head dims 128 and 64), equal to the fp64 reference (output and
 log-sum-exp) and to the Triton forward, deterministic, lists cut into parts merged, and
 every other input keeps the Triton forward."""
 
@@ -65,12 +65,14 @@ def check_forward(monkeypatch, q, k, v, layout, kw, hopper=True):
     [("dense", False), ("block_causal", True), ("random", False), ("random", True)],
 )
 @pytest.mark.parametrize("H,Hkv,layout_heads", [(3, 3, 1), (4, 2, 2), (4, 1, 4)])
-def test_hopper_forward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads):
+@pytest.mark.parametrize("D", [128, 64])
+def test_hopper_forward_matches_fp64(monkeypatch, dtype, pattern, causal, H, Hkv, layout_heads, D):
     """Dense, block-causal and random layouts (empty query and key blocks), token-causal or
-    not, one kv head per query head or grouped ones, shared or per-head layouts."""
+    not, one kv head per query head or grouped ones, shared or per-head layouts, head dims
+    128 and 64."""
     L = 640
     layout = layout_of(pattern, layout_heads, L // 128).cuda()
-    q, k, v = inputs(2, H, Hkv, L, 128, dtype)
+    q, k, v = inputs(2, H, Hkv, L, D, dtype)
     check_forward(monkeypatch, q, k, v, layout, dict(block=128, causal=causal))
 
 
@@ -157,8 +159,9 @@ def test_hopper_forward_equals_triton_and_is_deterministic(monkeypatch):
 @pytest.mark.gpu
 def test_hopper_forward_plan_keeps_triton_elsewhere():
     """Inputs the Hopper forward does not cover keep the Triton forward: a mask or rpe,
-    head dims 64 (measured no faster) and 96, block 64, rectangular lengths, non-contiguous
-    inputs, fp32; the covered cases (head dim 128, grouped heads, block lists) take it."""
+    head dim 96, block lists at head dim 64 (the Triton backward's index serves the step),
+    block 64, rectangular lengths, non-contiguous inputs, fp32; the covered cases (head
+    dims 128 and 64, grouped heads, block lists at 128) take it."""
     from blocksparse_attn.kernels.fused_fwd import sm90_forward_plan
 
     def plan(H=2, Hkv=2, Lq=512, Lk=512, D=128, block=128, dtype=torch.bfloat16, **kw):
@@ -173,7 +176,7 @@ def test_hopper_forward_plan_keeps_triton_elsewhere():
 
     assert plan() and plan(Hkv=1)
     assert not plan(masked=True)
-    assert not plan(D=64)
+    assert plan(D=64)
     assert not plan(D=96)
     assert not plan(block=64)
     assert not plan(Lk=640)
@@ -181,3 +184,4 @@ def test_hopper_forward_plan_keeps_triton_elsewhere():
     assert not plan(dtype=torch.float32)
     lists = KVBlocks.from_layout(torch.ones(1, 2, 4, 4, dtype=torch.long, device="cuda"))
     assert plan(layout=lists)
+    assert not plan(layout=lists, D=64)

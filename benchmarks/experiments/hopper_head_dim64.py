@@ -2,13 +2,14 @@
 the Triton kernels (``SM90_FORWARD_HEAD_DIMS``, ``SM90_BACKWARD_HEAD_DIMS`` in
 ``kernels/availability.py``).
 
-Each case runs three ways in one process: both directions on the Triton kernels (the
-library's choice at head dim 64), the Gluon backward behind the Triton forward, and both
-directions on the Gluon kernels; each way with the deterministic backward and with
-``deterministic=False``, timed as ``bench`` times them (eager ``ms`` and ``graph_ms``, CUDA
-graph replay). Before timing, the gradients of each way are compared with the first way's
-on a small problem (largest absolute difference). Prints one JSON line a row and writes
-``$OUT/hopper_head_dim64.json``.
+Each case runs up to four ways in one process: both directions on the Triton kernels, the
+Gluon forward before the Triton backward (the library's choice at head dim 64 since v20),
+the Gluon backward behind the Triton forward, and both directions on the Gluon kernels;
+each way with the deterministic backward and with ``deterministic=False``, timed as
+``bench`` times them (eager ``ms`` and ``graph_ms``, CUDA graph replay). Before timing, the
+gradients of each way are compared with the first way's on a small problem (largest
+absolute difference). ``WAYS`` (comma-separated names) runs only those. Prints one JSON
+line a row and writes ``$OUT/hopper_head_dim64.json``.
 
     PYTHONPATH=src python3 benchmarks/experiments/hopper_head_dim64.py [name part ...]
 """
@@ -34,9 +35,12 @@ CASES = [
 ]
 WAYS = {  # name: (forward head dims, backward head dims) the Gluon kernels take
     "triton": ((128,), (128,)),
+    "gluon_fwd": ((64, 128), (128,)),
     "gluon_bwd": ((128,), (64, 128)),
     "gluon_both": ((64, 128), (64, 128)),
 }
+if os.environ.get("WAYS"):
+    WAYS = {name: WAYS[name] for name in os.environ["WAYS"].split(",")}
 
 
 def _use(way: str) -> None:
@@ -58,7 +62,7 @@ def _gradients(way: str, deterministic: bool) -> list[torch.Tensor]:
 def main(match: list[str]) -> None:
     rows = []
     for deterministic in (True, False):
-        first = _gradients("triton", deterministic)
+        first = _gradients(next(iter(WAYS)), deterministic)
         for way in WAYS:
             grads = _gradients(way, deterministic)
             diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(first, grads))
@@ -71,7 +75,8 @@ def main(match: list[str]) -> None:
             _use(way)
             for backend in ("fused", "fused_nondet"):
                 for mode in ("fwd", "fwd+bwd"):
-                    if mode == "fwd" and (backend == "fused_nondet" or way == "gluon_bwd"):
+                    same_forward = way in ("gluon_bwd", "gluon_both")  # as triton, gluon_fwd
+                    if mode == "fwd" and (backend == "fused_nondet" or same_forward):
                         continue  # the same forward as another row
                     r = time_backend(backend, case, layout, mode, torch.bfloat16)
                     row = dict(case=case.name, way=way, backend=backend, mode=mode)

@@ -68,8 +68,9 @@ _GLUON_REASONS: list[str] | None = None
 
 
 # Head dims each Hopper direction takes; the others run the Triton kernels. Measured in
-# ``benchmarks/NOTES.md``: the forward at head dim 64 ran no faster than Triton's (v15).
-SM90_FORWARD_HEAD_DIMS = (128,)
+# ``benchmarks/NOTES.md``, v20: at head dim 64 the Gluon forward is at parity with Triton's
+# on dense layouts and faster on sparse ones; the Gluon backward is not faster there.
+SM90_FORWARD_HEAD_DIMS = (64, 128)
 SM90_BACKWARD_HEAD_DIMS = (128,)
 
 

@@ -298,13 +298,21 @@ def row_statistics_lse(stats: torch.Tensor) -> torch.Tensor:
 def sm90_forward_plan(q, k, v, layout, block: int, masked: bool) -> bool:
     """Whether the Hopper forward (:mod:`.sm90_fwd`) runs these inputs: the Hopper
     kernels' domain (:func:`~.availability.sm90_domain`: an sm90 GPU, fp16/bf16, head dim
-    128, block 128, equal lengths that are multiples of 128, a layout or block lists),
-    contiguous aligned inputs, and no bias or mask. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the
-    Triton forward everywhere. Measured in ``benchmarks/NOTES.md`` (v15)."""
+    64 or 128, block 128, equal lengths that are multiples of 128, a layout or block
+    lists; block lists only at head dims the Hopper backward takes), contiguous aligned
+    inputs, and no bias or mask. ``BLOCKSPARSE_ATTN_SM90=0`` keeps the Triton forward
+    everywhere. Measured in ``benchmarks/NOTES.md`` (v15, v20)."""
+    from ..kv_blocks import KVBlocks
     from . import availability
 
+    # block lists are indexed each step: where the Triton backward follows (a head dim the
+    # Hopper backward does not take), a forward on its tiles shares that step's index
+    lists_alone = isinstance(layout, KVBlocks) and (
+        q.shape[-1] not in availability.SM90_BACKWARD_HEAD_DIMS
+    )
     return (
         not masked
+        and not lists_alone
         and availability.sm90_domain(q, k, layout, block, availability.SM90_FORWARD_HEAD_DIMS)
         and all(t.is_contiguous() for t in (q, k, v))
         and descriptors_allowed(q, k, v)

@@ -6,7 +6,7 @@ A program holds a 128-query tile (or a part of its row list, for a list cut into
 and runs three partitions (``warp_specialize``):
 
 * a producer warp loads K and V of each listed key tile through TMA into a shared-memory
-  ring (3 stages at head dim 128, 4 at 64; the library runs head dim 128 only), K and V
+  ring (3 stages at head dim 128, 4 at 64), K and V
   each on their own barrier, a stage at a time once both consumers let it go;
 * two consumer warpgroups, 64 query rows each, take turns to issue their matrix products
   (an mbarrier per warpgroup passes the turn): a warpgroup issues tile ``i``'s scores and
@@ -21,7 +21,7 @@ cut list writes its unnormalised result and row statistics for the Triton merge 
 
 Where this kernel runs and where the Triton forward does is decided by
 :func:`~blocksparse_attn.kernels.fused_fwd.sm90_forward_plan` (measured in
-``benchmarks/NOTES.md``, v15). This module imports Gluon: load it only where that plan
+``benchmarks/NOTES.md``, v15 and v20). This module imports Gluon: load it only where that plan
 says it runs.
 """
 
@@ -331,7 +331,7 @@ def stages(head_dim: int) -> int:
 
 def sm90_forward(q, k, v, index, sched: dict, *, causal: bool, scale: float):
     """Forward of contiguous ``[B, H, L, D]`` inputs (``L`` a multiple of 128, head dim 64
-    or 128; the library's plan takes 128 only) over an index of 128x128 tiles;
+    or 128) over an index of 128x128 tiles;
     ``sched``: :func:`~._common.schedule_args`.
     Returns ``(out, lse, parts, part_stats)``: the output, the log-sum-exp ``[B, H, L]``
     (natural log, ``-inf`` for rows with nothing to attend), and the buffers the parts of
