@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from blocksparse_attn import KVBlocks, block_sparse_attention, reference_attention
 
-from attention_cases import assert_lse_close, assert_within_rule, poison
+from attention_cases import assert_lse_close, assert_within_rule, poison, recomputation_floor
 from helpers import DEVICE, EXPLORE, ON_GPU, examples
 
 pytestmark = pytest.mark.interpreter
@@ -235,6 +235,8 @@ def test_backend_matches_fp64_reference(monkeypatch, backend, dtype, data):
         )
     else:
         grads = torch.autograd.grad(out, leaves, grad_out, allow_unused=True)
+    # the fused backward recomputes the probabilities (attention_cases.recomputation_floor)
+    recomputed = recomputation_floor(q, k, kw) if backend == "fused" else 0.0
     for name, g, r, lo in zip(names, grads, ref_grads, low_grads):
         assert g is not None and g.shape == r.shape, name
-        assert_within_rule(f"d{name}", g, r, lo)
+        assert_within_rule(f"d{name}", g, r, lo, relative_floor=recomputed)
