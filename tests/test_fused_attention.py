@@ -342,15 +342,14 @@ def test_autotuning_key_holds_the_launch_size():
 def test_gpu_tuning_choices_per_launch_size(monkeypatch):
     """A short and a long call with the same kernel flags record two tuning choices, one
     for each launch's size class, each under the class of its own program count."""
-    from blocksparse_attn.kernels import _common
+    from blocksparse_attn.kernels import _common, fused_fwd
 
     monkeypatch.setattr(_common, "_TUNED", {})
     launched = []
-    real = _common.launch
+    real = fused_fwd.launch
     monkeypatch.setattr(
-        _common, "launch", lambda k, grid, *a: launched.append((k, grid)) or real(k, grid, *a)
+        fused_fwd, "launch", lambda k, grid, *a: launched.append((k, grid)) or real(k, grid, *a)
     )
-    monkeypatch.setattr("blocksparse_attn.kernels.fused_fwd.launch", _common.launch)
     for L in (256, 8192):
         q = torch.randn(1, 2, L, 64, device="cuda", dtype=torch.float16)
         layout = torch.ones(1, L // 64, L // 64, dtype=torch.long)

@@ -73,9 +73,10 @@ def main(match: list[str]) -> None:
         layout = case.layout()
         for way in WAYS:
             _use(way)
+            # these forwards are those of triton and gluon_fwd: timed there
+            same_forward = way in ("gluon_bwd", "gluon_both")
             for backend in ("fused", "fused_nondet"):
                 for mode in ("fwd", "fwd+bwd"):
-                    same_forward = way in ("gluon_bwd", "gluon_both")  # as triton, gluon_fwd
                     if mode == "fwd" and (backend == "fused_nondet" or same_forward):
                         continue  # the same forward as another row
                     r = time_backend(backend, case, layout, mode, torch.bfloat16)
